@@ -1,0 +1,233 @@
+//! CPU feature detection and the kernel table, chosen once per process.
+//!
+//! [`Kernels::get`] picks the widest ISA the CPU supports (AVX-512 VNNI, AVX2, NEON + dotprod,
+//! NEON, scalar) on first use and caches it in a `OnceLock`; `TERNMUX_ISA=scalar|avx2|avx512|
+//! neon|neon-dotprod` forces one. A forced ISA the CPU lacks is reported on stderr once and the
+//! detected one is used instead (never an illegal instruction). AMX is never used: on these
+//! machines CPUID reports it while executing it raises SIGILL (CRATES.md).
+
+use std::fmt;
+use std::sync::OnceLock;
+
+/// A row kernel: exact super-block sums for one weight row and `n_act` activation rows.
+///
+/// Arguments: `(w_row, q, k, n_act, sums)`; see `reference` for the contract.
+pub type TernaryRowFn = unsafe fn(&[u8], &[i8], usize, usize, &mut [i32]);
+/// An f32 dot product.
+pub type DotF32Fn = unsafe fn(&[f32], &[f32]) -> f32;
+/// f16 bytes → f32 conversion.
+pub type F16ToF32Fn = unsafe fn(&[u8], &mut [f32]);
+
+/// Instruction-set families with a kernel implementation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable scalar twins (the definition).
+    Scalar,
+    /// x86-64 AVX2 (+ FMA, F16C for the float kernels).
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL/VNNI.
+    Avx512,
+    /// AArch64 NEON without dotprod.
+    Neon,
+    /// AArch64 NEON with the dotprod extension.
+    NeonDotprod,
+}
+
+impl Isa {
+    /// Every ISA, widest first within each architecture.
+    pub const ALL: [Isa; 5] = [
+        Isa::Avx512,
+        Isa::Avx2,
+        Isa::NeonDotprod,
+        Isa::Neon,
+        Isa::Scalar,
+    ];
+
+    /// Name accepted by `TERNMUX_ISA`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+            Isa::NeonDotprod => "neon-dotprod",
+        }
+    }
+
+    /// Parses a `TERNMUX_ISA` value.
+    pub fn parse(s: &str) -> Option<Isa> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name() == s.trim().to_ascii_lowercase())
+    }
+
+    /// Whether this CPU can run the ISA's kernels.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.supported()
+                    && std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDotprod => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One ISA's kernels. Obtain with [`Kernels::get`] or [`Kernels::for_isa`]; a table only exists
+/// for an ISA the running CPU supports, which is what makes calling its entries sound.
+#[derive(Debug)]
+pub struct Kernels {
+    isa: Isa,
+    pub(crate) tq2_0: TernaryRowFn,
+    pub(crate) tq1_0: TernaryRowFn,
+    pub(crate) i2_s: TernaryRowFn,
+    pub(crate) dot_f32: DotF32Fn,
+    pub(crate) f16_to_f32: F16ToF32Fn,
+}
+
+/// Scalar f16 → f32 conversion (the `half` crate; it uses F16C/FP16 itself when present).
+fn f16_to_f32_scalar(bytes: &[u8], out: &mut [f32]) {
+    crate::dequant::dequantize_row_f16(bytes, out);
+}
+
+static SCALAR: Kernels = Kernels {
+    isa: Isa::Scalar,
+    tq2_0: crate::reference::dot_tq2_0,
+    tq1_0: crate::reference::dot_tq1_0,
+    i2_s: crate::reference::dot_i2_s,
+    dot_f32: crate::reference::dot_f32,
+    f16_to_f32: f16_to_f32_scalar,
+};
+
+#[cfg(target_arch = "x86_64")]
+static AVX2: Kernels = Kernels {
+    isa: Isa::Avx2,
+    tq2_0: crate::x86_64::avx2::dot_tq2_0,
+    tq1_0: crate::x86_64::avx2::dot_tq1_0,
+    i2_s: crate::x86_64::avx2::dot_i2_s,
+    dot_f32: crate::x86_64::avx2::dot_f32,
+    f16_to_f32: crate::x86_64::avx2::f16_to_f32,
+};
+
+#[cfg(target_arch = "x86_64")]
+static AVX512: Kernels = Kernels {
+    isa: Isa::Avx512,
+    tq2_0: crate::x86_64::avx512::dot_tq2_0,
+    tq1_0: crate::x86_64::avx512::dot_tq1_0,
+    i2_s: crate::x86_64::avx512::dot_i2_s,
+    dot_f32: crate::x86_64::avx512::dot_f32,
+    f16_to_f32: crate::x86_64::avx2::f16_to_f32,
+};
+
+#[cfg(target_arch = "aarch64")]
+static NEON: Kernels = Kernels {
+    isa: Isa::Neon,
+    tq2_0: crate::aarch64::neon::plain::dot_tq2_0,
+    tq1_0: crate::aarch64::neon::plain::dot_tq1_0,
+    i2_s: crate::aarch64::neon::plain::dot_i2_s,
+    dot_f32: crate::aarch64::neon::dot_f32,
+    f16_to_f32: f16_to_f32_scalar,
+};
+
+#[cfg(target_arch = "aarch64")]
+static NEON_DOTPROD: Kernels = Kernels {
+    isa: Isa::NeonDotprod,
+    tq2_0: crate::aarch64::neon::dotprod::dot_tq2_0,
+    tq1_0: crate::aarch64::neon::dotprod::dot_tq1_0,
+    i2_s: crate::aarch64::neon::dotprod::dot_i2_s,
+    dot_f32: crate::aarch64::neon::dot_f32,
+    f16_to_f32: f16_to_f32_scalar,
+};
+
+impl Kernels {
+    /// The kernels of `isa`, or `None` if this CPU (or this build's architecture) lacks it.
+    pub fn for_isa(isa: Isa) -> Option<&'static Kernels> {
+        if !isa.supported() {
+            return None;
+        }
+        match isa {
+            Isa::Scalar => Some(&SCALAR),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Some(&AVX2),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Some(&AVX512),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => Some(&NEON),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDotprod => Some(&NEON_DOTPROD),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
+    /// The widest ISA this CPU supports.
+    pub fn detect() -> &'static Kernels {
+        Isa::ALL
+            .into_iter()
+            .find_map(Kernels::for_isa)
+            .unwrap_or(&SCALAR)
+    }
+
+    /// Every ISA this CPU supports (for tests and benchmarks).
+    pub fn available() -> Vec<&'static Kernels> {
+        Isa::ALL.into_iter().filter_map(Kernels::for_isa).collect()
+    }
+
+    /// The process-wide choice: `TERNMUX_ISA` if set and supported, else [`Kernels::detect`].
+    pub fn get() -> &'static Kernels {
+        static CHOSEN: OnceLock<&'static Kernels> = OnceLock::new();
+        CHOSEN.get_or_init(|| {
+            let detected = Kernels::detect();
+            let Ok(want) = std::env::var("TERNMUX_ISA") else {
+                return detected;
+            };
+            match Isa::parse(&want) {
+                Some(isa) => Kernels::for_isa(isa).unwrap_or_else(|| {
+                    eprintln!(
+                        "ternmux: TERNMUX_ISA={want} is not supported by this CPU; using {}",
+                        detected.isa
+                    );
+                    detected
+                }),
+                None => {
+                    eprintln!(
+                        "ternmux: TERNMUX_ISA={want} is not one of scalar, avx2, avx512, neon, \
+                         neon-dotprod; using {}",
+                        detected.isa
+                    );
+                    detected
+                }
+            }
+        })
+    }
+
+    /// Which ISA these kernels use.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+}

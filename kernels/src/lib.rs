@@ -1,0 +1,71 @@
+//! CPU compute kernels for ternmux: ternary (TQ1_0, TQ2_0, I2_S) × int8 matrix products that
+//! never multiply by a weight, and float/quantized (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K,
+//! Q6_K) matrix products for embeddings and output heads.
+//!
+//! This crate knows nothing of files, models or devices: inputs are packed weight bytes and
+//! activations, outputs are f32. Layout (after memchr):
+//!
+//! * [`blocks`] — on-disk block layouts with compile-time size checks.
+//! * [`reference`] — the scalar twins, the definition every fast kernel must equal.
+//! * `x86_64::{avx2, avx512}`, `aarch64::neon` — ISA kernels sharing the twins' signature.
+//! * [`dispatch`] — CPU detection once per process; `TERNMUX_ISA` forces an ISA.
+//! * [`act`] — int8 activation quantization: per token (bitnet.cpp) or per 256-block (Q8_K).
+//! * [`ternary`], [`matmul`] — validated matrices and the parallel (rayon) products.
+//! * [`dequant`] — row dequantizers of every format.
+//!
+//! Exactness classes: every ternary kernel is **bit-exact** with its scalar twin (exact integer
+//! super-block sums, then one shared f32 order); the float kernels are **≤ ε** (lane-parallel f32
+//! sums), with the bound written next to their tests.
+//!
+//! ```
+//! use ternmux_kernels::{Kernels, act::{ActQuant, QuantizedActs}};
+//! use ternmux_kernels::ternary::{TernaryFormat, TernaryMatrix};
+//! let k = 256;
+//! // Two I2_S rows of all-zero weights (code 1 = 0b01 in every 2-bit field), scale 0.5 in the tail.
+//! let mut bytes = vec![0b0101_0101u8; 2 * k / 4];
+//! let mut tail = [0u8; 32];
+//! tail[..4].copy_from_slice(&0.5f32.to_le_bytes());
+//! bytes.extend_from_slice(&tail);
+//! let w = TernaryMatrix::new(TernaryFormat::I2S, &bytes, 2, k).unwrap();
+//! let mut acts = QuantizedActs::new(ActQuant::PerToken);
+//! acts.quantize(&vec![1.0; k], k).unwrap();
+//! let mut out = [1.0f32; 2];
+//! Kernels::get().ternary_matmul(&w, &acts, &mut out).unwrap();
+//! assert_eq!(out, [0.0, 0.0]);
+//! ```
+#![deny(missing_docs)]
+
+pub mod act;
+pub mod blocks;
+pub mod dequant;
+pub mod dispatch;
+pub mod matmul;
+pub mod pack;
+pub mod reference;
+pub mod ternary;
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
+
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
+
+pub use dispatch::{Isa, Kernels};
+
+/// Why a kernel call was refused (shapes and lengths; kernels have no other failure).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// A length, shape or value range did not fit the operation; the message has the numbers.
+    Shape(String),
+}
+
+impl std::fmt::Display for KernelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelError::Shape(m) => write!(f, "kernel: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for KernelError {}

@@ -1,0 +1,295 @@
+//! Safe matrix products: ternary × int8 activations and float/quantized × f32 activations.
+//!
+//! Shapes are validated once here (typed errors); the row kernels then run over independent
+//! output rows in parallel with rayon. Each output depends only on its own row and the
+//! activations, so results are identical for every thread count.
+//!
+//! Layout: activations are `B × K` row-major (one row per token), outputs `B × N` row-major.
+
+use crate::KernelError;
+use crate::act::QuantizedActs;
+use crate::dequant::FloatFormat;
+use crate::dispatch::Kernels;
+use crate::ternary::{MAX_BATCH, TernaryFormat, TernaryMatrix, combine};
+use rayon::prelude::*;
+
+/// Below this much work (weight bytes × activation rows) a product runs on the calling thread:
+/// rayon's fork/join costs a few microseconds, more than a small matrix takes.
+const PARALLEL_MIN_WORK: usize = 256 * 1024;
+
+/// Output pointer shared by row tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: `OutPtr` is only used by `for_row_ranges` tasks, each writing a disjoint set of rows.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above: no two tasks write the same element, and nothing reads during the product.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `idx` must be in bounds of the output slice, and no other task may access element `idx`.
+    #[inline(always)]
+    unsafe fn write(self, idx: usize, v: f32) {
+        // SAFETY: guaranteed by the caller (bounds and exclusivity).
+        unsafe { *self.0.add(idx) = v }
+    }
+}
+
+/// Runs `f(r0, r1)` over `[0, n)` split into row ranges, in parallel when the work is large.
+fn for_row_ranges(n: usize, work: usize, f: impl Fn(usize, usize) + Sync) {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || work < PARALLEL_MIN_WORK || n < 2 {
+        f(0, n);
+        return;
+    }
+    let chunk = n.div_ceil(threads * 4).max(4);
+    (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| f(c * chunk, ((c + 1) * chunk).min(n)));
+}
+
+/// A validated, borrowed matrix of non-ternary weights (`rows` outputs × `cols` inputs).
+#[derive(Clone, Copy, Debug)]
+pub struct FloatMatrix<'a> {
+    format: FloatFormat,
+    data: &'a [u8],
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> FloatMatrix<'a> {
+    /// Wraps `data` (exactly `rows · row_bytes(cols)` long) without copying.
+    pub fn new(
+        format: FloatFormat,
+        data: &'a [u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, KernelError> {
+        if cols == 0 || cols % format.block_elems() != 0 {
+            return Err(KernelError::Shape(format!(
+                "{} needs a row length divisible by {}, got {cols}",
+                format.name(),
+                format.block_elems()
+            )));
+        }
+        let want = rows.checked_mul(format.row_bytes(cols)).ok_or_else(|| {
+            KernelError::Shape(format!(
+                "{rows} x {cols} {} matrix overflows usize",
+                format.name()
+            ))
+        })?;
+        if data.len() != want {
+            return Err(KernelError::Shape(format!(
+                "{rows} x {cols} {} matrix needs {want} bytes, got {}",
+                format.name(),
+                data.len()
+            )));
+        }
+        Ok(FloatMatrix {
+            format,
+            data,
+            rows,
+            cols,
+        })
+    }
+    /// Storage format.
+    pub fn format(&self) -> FloatFormat {
+        self.format
+    }
+    /// Output rows (N).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Row length (K).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes of row `r`.
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let rb = self.format.row_bytes(self.cols);
+        &self.data[r * rb..(r + 1) * rb]
+    }
+}
+
+/// Elements dequantized at a time by the float kernels (a multiple of every block size).
+const FLOAT_CHUNK: usize = 256;
+
+impl Kernels {
+    /// Exact super-block sums of one row (safe wrapper over the ISA kernel, for tests).
+    pub fn ternary_row_sums(
+        &self,
+        format: TernaryFormat,
+        w_row: &[u8],
+        q: &[i8],
+        k: usize,
+        n_act: usize,
+        sums: &mut [i32],
+    ) -> Result<(), KernelError> {
+        if k == 0 || k % format.k_multiple() != 0 || w_row.len() < format.row_bytes(k) {
+            return Err(KernelError::Shape(format!(
+                "{} row of {k} weights needs {} bytes, got {}",
+                format.name(),
+                format.row_bytes(k),
+                w_row.len()
+            )));
+        }
+        if n_act > MAX_BATCH || q.len() < n_act * k || sums.len() < n_act * k.div_ceil(256) {
+            return Err(KernelError::Shape(format!(
+                "row kernel needs n_act <= {MAX_BATCH} and buffers of {} activations, {} sums",
+                n_act * k,
+                n_act * k.div_ceil(256)
+            )));
+        }
+        if q[..n_act * k].contains(&i8::MIN) {
+            return Err(KernelError::Shape(
+                "activation value -128 is outside [-127, 127]".into(),
+            ));
+        }
+        let f = self.row_fn(format);
+        // SAFETY: `self` exists only for an ISA this CPU supports (`Kernels::for_isa`); lengths
+        // were checked above and the kernels index their slices with bounds checks.
+        unsafe { f(w_row, q, k, n_act, sums) };
+        Ok(())
+    }
+
+    fn row_fn(&self, format: TernaryFormat) -> crate::dispatch::TernaryRowFn {
+        match format {
+            TernaryFormat::Tq2_0 => self.tq2_0,
+            TernaryFormat::Tq1_0 => self.tq1_0,
+            TernaryFormat::I2S => self.i2_s,
+        }
+    }
+
+    /// `out[t·N + r] = Σ_k W[r, k] · act[t, k]` for a ternary `W` (GEMV when one row of
+    /// activations, GEMM otherwise). Bit-exact across ISAs (see [`crate::ternary`]).
+    ///
+    /// ```
+    /// use ternmux_kernels::{Kernels, act::{ActQuant, QuantizedActs}, ternary::{TernaryFormat, TernaryMatrix}};
+    /// // One TQ2_0 row whose 256 codes are all 2 (weight +1), scale d = 1.0.
+    /// let mut row = vec![0b1010_1010u8; 64];
+    /// row.extend_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+    /// let w = TernaryMatrix::new(TernaryFormat::Tq2_0, &row, 1, 256).unwrap();
+    /// let mut acts = QuantizedActs::new(ActQuant::PerToken);
+    /// acts.quantize(&vec![0.5f32; 256], 256).unwrap();
+    /// let mut out = [0.0f32];
+    /// Kernels::get().ternary_matmul(&w, &acts, &mut out).unwrap();
+    /// assert!((out[0] - 128.0).abs() < 1e-3);
+    /// ```
+    pub fn ternary_matmul(
+        &self,
+        w: &TernaryMatrix<'_>,
+        acts: &QuantizedActs,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let (n, k, b) = (w.rows(), w.cols(), acts.rows());
+        if acts.k() != k {
+            return Err(KernelError::Shape(format!(
+                "activation rows have {} values but the matrix has {k} columns",
+                acts.k()
+            )));
+        }
+        if out.len() != n * b {
+            return Err(KernelError::Shape(format!(
+                "output needs {} values ({b} x {n}), got {}",
+                n * b,
+                out.len()
+            )));
+        }
+        let f = self.row_fn(w.format());
+        let nsb = w.superblocks();
+        let (q, scales, flavor) = (acts.q(), acts.scales(), acts.flavor());
+        let ptr = OutPtr(out.as_mut_ptr());
+        let work = n * w.format().row_bytes(k) * b.max(1);
+        for_row_ranges(n, work, |r0, r1| {
+            let mut sums = vec![0i32; MAX_BATCH * nsb];
+            for t0 in (0..b).step_by(MAX_BATCH) {
+                let nt = MAX_BATCH.min(b - t0);
+                let qt = &q[t0 * k..(t0 + nt) * k];
+                for r in r0..r1 {
+                    let row = w.row(r);
+                    // SAFETY: `self` exists only for an ISA this CPU supports; `row` holds one
+                    // validated row, `qt` nt·k activations in [-127, 127] (QuantizedActs'
+                    // invariant), `sums` nt·nsb slots; the kernels bounds-check their indexing.
+                    unsafe { f(row, qt, k, nt, &mut sums) };
+                    combine(w, row, flavor, scales, t0, nt, &sums, |t, v| {
+                        // SAFETY: (t0 + t) < b and r < n, so the index is < b·n = out.len();
+                        // row r belongs to this task alone.
+                        unsafe { ptr.write((t0 + t) * n + r, v) }
+                    });
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// `out[t·N + r] = Σ_k W[r, k] · x[t, k]` for float or quantized (F32, F16, BF16, Q8_0, Q4_0,
+    /// Q4_1, Q4_K, Q5_K, Q6_K) `W`, dequantizing 256 weights at a time on the fly; f32 activations.
+    ///
+    /// Exactness: ≤ ε (the f32 sum order depends on the ISA's lane count).
+    pub fn float_matmul(
+        &self,
+        w: &FloatMatrix<'_>,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let (n, k) = (w.rows(), w.cols());
+        if x.len() % k != 0 {
+            return Err(KernelError::Shape(format!(
+                "activation length {} is not a multiple of the matrix's {k} columns",
+                x.len()
+            )));
+        }
+        let b = x.len() / k;
+        if out.len() != n * b {
+            return Err(KernelError::Shape(format!(
+                "output needs {} values ({b} x {n}), got {}",
+                n * b,
+                out.len()
+            )));
+        }
+        let fmt = w.format();
+        let ptr = OutPtr(out.as_mut_ptr());
+        let work = n * fmt.row_bytes(k) * b.max(1);
+        for_row_ranges(n, work, |r0, r1| {
+            let mut buf = [0.0f32; FLOAT_CHUNK];
+            let mut acc = vec![0.0f32; b];
+            for r in r0..r1 {
+                let row = w.row(r);
+                acc.fill(0.0);
+                for c0 in (0..k).step_by(FLOAT_CHUNK) {
+                    let len = FLOAT_CHUNK.min(k - c0);
+                    let bytes = &row[fmt.row_bytes(c0)..fmt.row_bytes(c0 + len)];
+                    let wbuf = &mut buf[..len];
+                    match fmt {
+                        // SAFETY: `self` exists only for an ISA this CPU supports.
+                        FloatFormat::F16 => unsafe { (self.f16_to_f32)(bytes, wbuf) },
+                        _ => fmt.dequantize(bytes, wbuf),
+                    }
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: as above; `dot_f32` reads min(len) elements of both slices.
+                        *a += unsafe { (self.dot_f32)(wbuf, &x[t * k + c0..t * k + c0 + len]) };
+                    }
+                }
+                for (t, &a) in acc.iter().enumerate() {
+                    // SAFETY: t < b and r < n, so the index is < out.len(); row r is this task's.
+                    unsafe { ptr.write(t * n + r, a) }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// [`Kernels::ternary_matmul`] with the process-wide kernel choice.
+pub fn ternary_matmul(
+    w: &TernaryMatrix<'_>,
+    acts: &QuantizedActs,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    Kernels::get().ternary_matmul(w, acts, out)
+}
+
+/// [`Kernels::float_matmul`] with the process-wide kernel choice.
+pub fn float_matmul(w: &FloatMatrix<'_>, x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
+    Kernels::get().float_matmul(w, x, out)
+}

@@ -1,0 +1,274 @@
+//! AVX2 ternary kernels (bit-exact with `reference`: integer arithmetic only).
+//!
+//! Per 256-element super-block, the packed weights are decoded once into eight vectors of 32 `i8`
+//! in {−1, 0, +1}, in natural element order, shared by every activation row of the batch:
+//! * TQ2_0: `((byte >> 2l) & 3) − 1` (bytes `32c..32c+32`, plane l → elements `128c + 32l ..`).
+//! * TQ1_0: trit n of a byte is `q = b·3^n mod 256` (built by byte adds, `q + q + q`), then
+//!   `t = (3q) >> 8` is 0, 1 or 2 as `q < 86`, `86 ≤ q < 171`, `q ≥ 171` — two compares.
+//! * I2_S: `((byte >> (6 − 2g)) & 3) − 1`, group 0 in the high bits.
+//!
+//! Weights then act on the int8 activations through `sign_epi8` (select: keep, negate or zero) —
+//! multiplication-free. The horizontal add uses `maddubs` with a vector of ones (an add of byte
+//! pairs, measured faster than unpack-and-add), accumulating at most 16 products of |q| ≤ 127 per
+//! i16 lane (≤ 2 032), then `madd` with ones widens to i32: no saturation is possible.
+
+use core::arch::x86_64::*;
+
+/// Loads 32 bytes (unaligned).
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn load32(bytes: &[u8]) -> __m256i {
+    let bytes = &bytes[..32];
+    // SAFETY: `bytes` has exactly 32 readable bytes; loadu has no alignment requirement.
+    unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
+}
+
+/// Loads 32 activations (unaligned).
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn load32_i8(q: &[i8]) -> __m256i {
+    let q = &q[..32];
+    // SAFETY: `q` has exactly 32 readable bytes; loadu has no alignment requirement.
+    unsafe { _mm256_loadu_si256(q.as_ptr().cast()) }
+}
+
+/// Loads 16 bytes (unaligned).
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn load16(bytes: &[u8]) -> __m128i {
+    let bytes = &bytes[..16];
+    // SAFETY: `bytes` has exactly 16 readable bytes; loadu has no alignment requirement.
+    unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }
+}
+
+/// Sum of the eight i32 lanes.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// 2-bit codes in the low bits of each byte (other bits ignored) → weights {−1, 0, +1}.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn codes_to_w(v: __m256i) -> __m256i {
+    _mm256_sub_epi8(
+        _mm256_and_si256(v, _mm256_set1_epi8(3)),
+        _mm256_set1_epi8(1),
+    )
+}
+
+/// `3·x mod 256` per byte, by two adds.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn times3(x: __m256i) -> __m256i {
+    _mm256_add_epi8(_mm256_add_epi8(x, x), x)
+}
+
+/// `3·x mod 256` per byte, 128-bit.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn times3_128(x: __m128i) -> __m128i {
+    _mm_add_epi8(_mm_add_epi8(x, x), x)
+}
+
+/// A TQ1_0 fixed-point byte `q` → weight `(3q >> 8) − 1` by two unsigned threshold compares.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn trit_to_w(q: __m256i) -> __m256i {
+    let s = _mm256_xor_si256(q, _mm256_set1_epi8(-128)); // unsigned order as signed: q − 128
+    let ge86 = _mm256_cmpgt_epi8(s, _mm256_set1_epi8((86i32 - 128 - 1) as i8));
+    let ge171 = _mm256_cmpgt_epi8(s, _mm256_set1_epi8((171i32 - 128 - 1) as i8));
+    // −1 − (−1 if q ≥ 86) − (−1 if q ≥ 171)
+    _mm256_sub_epi8(_mm256_sub_epi8(_mm256_set1_epi8(-1), ge86), ge171)
+}
+
+/// Decodes one 66-byte TQ2_0 block to 256 weights in element order.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn decode_tq2_0(blk: &[u8]) -> [__m256i; 8] {
+    let c0 = load32(&blk[0..32]);
+    let c1 = load32(&blk[32..64]);
+    [
+        codes_to_w(c0),
+        codes_to_w(_mm256_srli_epi16::<2>(c0)),
+        codes_to_w(_mm256_srli_epi16::<4>(c0)),
+        codes_to_w(_mm256_srli_epi16::<6>(c0)),
+        codes_to_w(c1),
+        codes_to_w(_mm256_srli_epi16::<2>(c1)),
+        codes_to_w(_mm256_srli_epi16::<4>(c1)),
+        codes_to_w(_mm256_srli_epi16::<6>(c1)),
+    ]
+}
+
+/// Decodes one 54-byte TQ1_0 block to 256 weights in element order.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn decode_tq1_0(blk: &[u8]) -> [__m256i; 8] {
+    // qs[0..32): trit n of byte m is element 32n + m.
+    let a0 = load32(&blk[0..32]);
+    let a1 = times3(a0);
+    let a2 = times3(a1);
+    let a3 = times3(a2);
+    let a4 = times3(a3);
+    // qs[32..48): trit n of byte m is element 160 + 16n + m; pair planes (n, n+1) in one vector.
+    let v = load16(&blk[32..48]);
+    let z0 = _mm256_set_m128i(times3_128(v), v); // planes 0 | 1: elements 160..192
+    let z1 = times3(times3(z0)); // planes 2 | 3: 192..224
+    let z2 = times3(times3(z1)); // plane 4 (low half): 224..240
+    // qh[0..4): trit n of byte j is element 240 + 4n + j: lanes 4n..4n+4 hold qh·3^n.
+    let h = _mm_set1_epi32(i32::from_le_bytes([blk[48], blk[49], blk[50], blk[51]]));
+    let h3 = times3_128(h);
+    let h9 = times3_128(h3);
+    let h27 = times3_128(h9);
+    let hq = _mm_blend_epi32::<0b1000>(
+        _mm_blend_epi32::<0b0100>(_mm_blend_epi32::<0b0010>(h, h3), h9),
+        h27,
+    );
+    let z2 = _mm256_inserti128_si256::<1>(z2, hq); // 224..240 | 240..256
+    [
+        trit_to_w(a0),
+        trit_to_w(a1),
+        trit_to_w(a2),
+        trit_to_w(a3),
+        trit_to_w(a4),
+        trit_to_w(z0),
+        trit_to_w(z1),
+        trit_to_w(z2),
+    ]
+}
+
+/// Decodes 32 bytes of I2_S (one 128-element group) to 128 weights in element order.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn decode_i2_s_group(bytes: &[u8]) -> [__m256i; 4] {
+    let c = load32(bytes);
+    [
+        codes_to_w(_mm256_srli_epi16::<6>(c)),
+        codes_to_w(_mm256_srli_epi16::<4>(c)),
+        codes_to_w(_mm256_srli_epi16::<2>(c)),
+        codes_to_w(c),
+    ]
+}
+
+/// Exact `Σ w·q` over `32·N` elements: sign-select, then ones-maddubs horizontal adds.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn block_sum<const N: usize>(w: &[__m256i; N], q: &[i8]) -> i32 {
+    let q = &q[..32 * N];
+    let ones8 = _mm256_set1_epi8(1);
+    let mut acc = _mm256_setzero_si256();
+    for (j, &wj) in w.iter().enumerate() {
+        let x = load32_i8(&q[32 * j..]);
+        acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(ones8, _mm256_sign_epi8(x, wj)));
+    }
+    hsum_i32(_mm256_madd_epi16(acc, _mm256_set1_epi16(1)))
+}
+
+/// TQ2_0 super-block sums; same contract as `reference::dot_tq2_0`.
+///
+/// # Safety
+/// The CPU must support AVX2. Slice lengths are checked by indexing.
+#[target_feature(enable = "avx2")]
+pub unsafe fn dot_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mut [i32]) {
+    let nsb = k / 256;
+    for b in 0..nsb {
+        let w = decode_tq2_0(&w_row[b * 66..b * 66 + 66]);
+        for t in 0..n_act {
+            sums[t * nsb + b] = block_sum(&w, &q[t * k + b * 256..]);
+        }
+    }
+}
+
+/// TQ1_0 super-block sums; same contract as `reference::dot_tq1_0`.
+///
+/// # Safety
+/// The CPU must support AVX2. Slice lengths are checked by indexing.
+#[target_feature(enable = "avx2")]
+pub unsafe fn dot_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mut [i32]) {
+    let nsb = k / 256;
+    for b in 0..nsb {
+        let w = decode_tq1_0(&w_row[b * 54..b * 54 + 54]);
+        for t in 0..n_act {
+            sums[t * nsb + b] = block_sum(&w, &q[t * k + b * 256..]);
+        }
+    }
+}
+
+/// I2_S super-block sums; same contract as `reference::dot_i2_s`.
+///
+/// # Safety
+/// The CPU must support AVX2. Slice lengths are checked by indexing.
+#[target_feature(enable = "avx2")]
+pub unsafe fn dot_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mut [i32]) {
+    let nsb = k.div_ceil(256);
+    let full = k / 256;
+    for b in 0..full {
+        let lo = decode_i2_s_group(&w_row[b * 64..]);
+        let hi = decode_i2_s_group(&w_row[b * 64 + 32..]);
+        let w = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
+        for t in 0..n_act {
+            sums[t * nsb + b] = block_sum(&w, &q[t * k + b * 256..]);
+        }
+    }
+    if nsb > full {
+        let w = decode_i2_s_group(&w_row[full * 64..]);
+        for t in 0..n_act {
+            sums[t * nsb + full] = block_sum(&w, &q[t * k + full * 256..]);
+        }
+    }
+}
+
+/// f32 dot product with four FMA accumulators (≤ ε class: lane order differs from the twin).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, accj) in acc.iter_mut().enumerate() {
+            let (x, y) = (&a[i + 8 * j..i + 8 * j + 8], &b[i + 8 * j..i + 8 * j + 8]);
+            // SAFETY: both slices hold exactly 8 readable f32; loadu has no alignment requirement.
+            let (vx, vy) = unsafe { (_mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(y.as_ptr())) };
+            *accj = _mm256_fmadd_ps(vx, vy, *accj);
+        }
+        i += 32;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+    let mut total = _mm_cvtss_f32(s);
+    for j in i..n {
+        total += a[j] * b[j];
+    }
+    total
+}
+
+/// Converts `out.len()` little-endian f16 values from `bytes` with F16C.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn f16_to_f32(bytes: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    let bytes = &bytes[..2 * n];
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = load16(&bytes[2 * i..]);
+        let dst = &mut out[i..i + 8];
+        // SAFETY: `dst` holds exactly 8 writable f32; storeu has no alignment requirement.
+        unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_cvtph_ps(h)) };
+        i += 8;
+    }
+    for j in i..n {
+        out[j] = half::f16::from_le_bytes([bytes[2 * j], bytes[2 * j + 1]]).to_f32();
+    }
+}

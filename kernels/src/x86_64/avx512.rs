@@ -1,0 +1,203 @@
+//! AVX-512 (F, BW, VL, VNNI) ternary kernels (bit-exact with `reference`).
+//!
+//! TQ2_0 and I2_S decode a 64-byte super-block with 512-bit registers: the block is duplicated
+//! per 256-bit half (`[C0 | C0]`, `[C1 | C1]`) and shifted by a different count per half
+//! (`srlv_epi16`), which yields the 2-bit codes of 64 consecutive elements per register. Each
+//! register becomes two masks — `pos` (bit 1 set) and `neg` (code 0) — shared by the whole batch.
+//! AVX-512 has no `vpsignb`, so an activation vector is applied by selection:
+//! `maskz_mov(pos, q)`, then `mask_sub(neg, 0 − q)`; VNNI `dpbusd` with a vector of ones then adds
+//! groups of four bytes into i32 lanes (a horizontal add, no weight multiply).
+//!
+//! TQ1_0's base-3 packing has 48 + 4 byte regions that do not fill a 512-bit register; it uses the
+//! AVX2 decoder and 256-bit `sign` + VNNI `dpbusd` (AVX-512 VL), saving the i16 widening step.
+
+use super::avx2::{decode_tq1_0, hsum_i32, load32_i8};
+use core::arch::x86_64::*;
+
+const FEATURES: &str = "avx2,avx512f,avx512bw,avx512vl,avx512vnni";
+
+/// Loads 64 bytes (unaligned).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn load64(bytes: &[u8]) -> __m512i {
+    let bytes = &bytes[..64];
+    // SAFETY: `bytes` has exactly 64 readable bytes; loadu has no alignment requirement.
+    unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) }
+}
+
+/// Loads 64 activations (unaligned).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn load64_i8(q: &[i8]) -> __m512i {
+    let q = &q[..64];
+    // SAFETY: `q` has exactly 64 readable bytes; loadu has no alignment requirement.
+    unsafe { _mm512_loadu_si512(q.as_ptr().cast()) }
+}
+
+/// Selection masks of 64 weights: `pos` where the code has bit 1 set, `neg` where it is 0.
+#[derive(Clone, Copy)]
+struct Masks {
+    pos: __mmask64,
+    neg: __mmask64,
+}
+
+/// Codes in bits [1:0] of each byte of `s` (higher bits ignored) → masks.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn masks(s: __m512i) -> Masks {
+    Masks {
+        pos: _mm512_test_epi8_mask(s, _mm512_set1_epi8(2)),
+        neg: _mm512_testn_epi8_mask(s, _mm512_set1_epi8(3)),
+    }
+}
+
+/// Per-half shift counts for `srlv_epi16`: `lo` in the low 256 bits, `hi` in the high 256 bits.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn counts(lo: i16, hi: i16) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi))
+}
+
+/// Decodes 64 bytes laid out as two 32-byte chunks whose planes are selected by `shifts`
+/// (four shift counts, one per 32-element plane in element order) into four mask pairs.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn decode_two_chunks(raw: __m512i, shifts: [i16; 4]) -> [Masks; 4] {
+    let c0 = _mm512_shuffle_i64x2::<0x44>(raw, raw); // [C0 | C0]
+    let c1 = _mm512_shuffle_i64x2::<0xEE>(raw, raw); // [C1 | C1]
+    let s01 = counts(shifts[0], shifts[1]);
+    let s23 = counts(shifts[2], shifts[3]);
+    [
+        masks(_mm512_srlv_epi16(c0, s01)),
+        masks(_mm512_srlv_epi16(c0, s23)),
+        masks(_mm512_srlv_epi16(c1, s01)),
+        masks(_mm512_srlv_epi16(c1, s23)),
+    ]
+}
+
+/// Exact `Σ w·q` over `64·N` elements given as selection masks.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn block_sum_masks<const N: usize>(m: &[Masks; N], q: &[i8]) -> i32 {
+    let q = &q[..64 * N];
+    let ones = _mm512_set1_epi8(1);
+    let zero = _mm512_setzero_si512();
+    let mut acc = _mm512_setzero_si512();
+    for (j, mj) in m.iter().enumerate() {
+        let x = load64_i8(&q[64 * j..]);
+        let v = _mm512_mask_sub_epi8(_mm512_maskz_mov_epi8(mj.pos, x), mj.neg, zero, x);
+        acc = _mm512_dpbusd_epi32(acc, ones, v);
+    }
+    _mm512_reduce_add_epi32(acc)
+}
+
+/// Exact `Σ w·q` over 256 elements with weights as i8 vectors (256-bit sign + VNNI).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn block_sum_sign(w: &[__m256i; 8], q: &[i8]) -> i32 {
+    let q = &q[..256];
+    let ones = _mm256_set1_epi8(1);
+    let mut acc = _mm256_setzero_si256();
+    for (j, &wj) in w.iter().enumerate() {
+        let x = load32_i8(&q[32 * j..]);
+        acc = _mm256_dpbusd_epi32(acc, ones, _mm256_sign_epi8(x, wj));
+    }
+    hsum_i32(acc)
+}
+
+/// TQ2_0 super-block sums; same contract as `reference::dot_tq2_0`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI. Slice lengths are checked by indexing.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mut [i32]) {
+    let nsb = k / 256;
+    for b in 0..nsb {
+        // Chunk c holds plane l of elements 128c + 32l + m at shift 2l.
+        let m = decode_two_chunks(load64(&w_row[b * 66..]), [0, 2, 4, 6]);
+        for t in 0..n_act {
+            sums[t * nsb + b] = block_sum_masks(&m, &q[t * k + b * 256..]);
+        }
+    }
+}
+
+/// TQ1_0 super-block sums; same contract as `reference::dot_tq1_0`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI. Slice lengths are checked by indexing.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mut [i32]) {
+    let nsb = k / 256;
+    for b in 0..nsb {
+        let w = decode_tq1_0(&w_row[b * 54..b * 54 + 54]);
+        for t in 0..n_act {
+            sums[t * nsb + b] = block_sum_sign(&w, &q[t * k + b * 256..]);
+        }
+    }
+}
+
+/// I2_S super-block sums; same contract as `reference::dot_i2_s`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI. Slice lengths are checked by indexing.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mut [i32]) {
+    let nsb = k.div_ceil(256);
+    let full = k / 256;
+    // Group g of a 128-element chunk sits at shift 6 − 2g.
+    const SHIFTS: [i16; 4] = [6, 4, 2, 0];
+    for b in 0..full {
+        let m = decode_two_chunks(load64(&w_row[b * 64..]), SHIFTS);
+        for t in 0..n_act {
+            sums[t * nsb + b] = block_sum_masks(&m, &q[t * k + b * 256..]);
+        }
+    }
+    if nsb > full {
+        let half = &w_row[full * 64..full * 64 + 32];
+        // SAFETY: `half` has exactly 32 readable bytes; loadu has no alignment requirement.
+        let c = unsafe { _mm256_loadu_si256(half.as_ptr().cast()) };
+        let c = _mm512_broadcast_i64x4(c);
+        let m = [
+            masks(_mm512_srlv_epi16(c, counts(6, 4))),
+            masks(_mm512_srlv_epi16(c, counts(2, 0))),
+        ];
+        for t in 0..n_act {
+            sums[t * nsb + full] = block_sum_masks(&m, &q[t * k + full * 256..]);
+        }
+    }
+}
+
+/// f32 dot product with four 16-lane FMA accumulators (≤ ε class).
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (j, accj) in acc.iter_mut().enumerate() {
+            let (x, y) = (
+                &a[i + 16 * j..i + 16 * j + 16],
+                &b[i + 16 * j..i + 16 * j + 16],
+            );
+            // SAFETY: both slices hold exactly 16 readable f32; loadu has no alignment requirement.
+            let (vx, vy) = unsafe { (_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(y.as_ptr())) };
+            *accj = _mm512_fmadd_ps(vx, vy, *accj);
+        }
+        i += 64;
+    }
+    let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    let mut total = _mm512_reduce_add_ps(s);
+    for j in i..n {
+        total += a[j] * b[j];
+    }
+    total
+}
+
+/// The feature list these kernels need, for messages.
+pub fn features() -> &'static str {
+    FEATURES
+}

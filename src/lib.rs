@@ -1,0 +1,1 @@
+//! ternmux (placeholder while the kernels crate builds).
