@@ -1,0 +1,42 @@
+//! The one error type of the library.
+//!
+//! Messages are lower-case, carry no trailing period, start with the subsystem (`gguf:`,
+//! `quant:`, `kernel:`, `io:`) and put the offending value next to the limit it broke.
+
+use std::path::PathBuf;
+
+/// Every fallible public function returns `Result<T, Error>`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("io: {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A GGUF file is malformed, hostile, or uses something ternmux cannot compute.
+    #[error("gguf: {0}")]
+    Gguf(String),
+    /// A tensor cannot be encoded, decoded or converted as asked.
+    #[error("quant: {0}")]
+    Quant(String),
+    /// A kernel refused its inputs (shapes, lengths).
+    #[error("{0}")]
+    Kernel(#[from] ternmux_kernels::KernelError),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// `Result` with the library's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
