@@ -79,7 +79,7 @@ impl QuantizedActs {
         q: Vec<i8>,
         scales: Vec<f32>,
     ) -> Result<Self, KernelError> {
-        if k == 0 || q.len() % k != 0 {
+        if k == 0 || !q.len().is_multiple_of(k) {
             return Err(KernelError::Shape(format!(
                 "activation length {} is not a multiple of k = {k}",
                 q.len()
@@ -89,7 +89,7 @@ impl QuantizedActs {
         let want = match flavor {
             ActQuant::PerToken => rows,
             ActQuant::Q8K => {
-                if k % QK_K != 0 {
+                if !k.is_multiple_of(QK_K) {
                     return Err(KernelError::Shape(format!(
                         "q8_k activations need k divisible by 256, got {k}"
                     )));
@@ -119,13 +119,13 @@ impl QuantizedActs {
 
     /// Quantizes `x` (`rows * k` values, row-major) in place of the previous contents.
     pub fn quantize(&mut self, x: &[f32], k: usize) -> Result<(), KernelError> {
-        if k == 0 || x.len() % k != 0 {
+        if k == 0 || !x.len().is_multiple_of(k) {
             return Err(KernelError::Shape(format!(
                 "activation length {} is not a multiple of k = {k}",
                 x.len()
             )));
         }
-        if self.flavor == ActQuant::Q8K && k % QK_K != 0 {
+        if self.flavor == ActQuant::Q8K && !k.is_multiple_of(QK_K) {
             return Err(KernelError::Shape(format!(
                 "q8_k activations need k divisible by 256, got {k}"
             )));

@@ -65,7 +65,7 @@ impl<'a> FloatMatrix<'a> {
         rows: usize,
         cols: usize,
     ) -> Result<Self, KernelError> {
-        if cols == 0 || cols % format.block_elems() != 0 {
+        if cols == 0 || !cols.is_multiple_of(format.block_elems()) {
             return Err(KernelError::Shape(format!(
                 "{} needs a row length divisible by {}, got {cols}",
                 format.name(),
@@ -125,7 +125,7 @@ impl Kernels {
         n_act: usize,
         sums: &mut [i32],
     ) -> Result<(), KernelError> {
-        if k == 0 || k % format.k_multiple() != 0 || w_row.len() < format.row_bytes(k) {
+        if k == 0 || !k.is_multiple_of(format.k_multiple()) || w_row.len() < format.row_bytes(k) {
             return Err(KernelError::Shape(format!(
                 "{} row of {k} weights needs {} bytes, got {}",
                 format.name(),
@@ -197,7 +197,7 @@ impl Kernels {
         }
         let f = self.row_fn(w.format());
         let nsb = w.superblocks();
-        let (q, scales, flavor) = (acts.q(), acts.scales(), acts.flavor());
+        let q = acts.q();
         let ptr = OutPtr(out.as_mut_ptr());
         let work = n * w.format().row_bytes(k) * b.max(1);
         for_row_ranges(n, work, |r0, r1| {
@@ -211,7 +211,7 @@ impl Kernels {
                     // validated row, `qt` nt·k activations in [-127, 127] (QuantizedActs'
                     // invariant), `sums` nt·nsb slots; the kernels bounds-check their indexing.
                     unsafe { f(row, qt, k, nt, &mut sums) };
-                    combine(w, row, flavor, scales, t0, nt, &sums, |t, v| {
+                    combine(w, row, acts, t0, nt, &sums, |t, v| {
                         // SAFETY: (t0 + t) < b and r < n, so the index is < b·n = out.len();
                         // row r belongs to this task alone.
                         unsafe { ptr.write((t0 + t) * n + r, v) }
@@ -233,7 +233,7 @@ impl Kernels {
         out: &mut [f32],
     ) -> Result<(), KernelError> {
         let (n, k) = (w.rows(), w.cols());
-        if x.len() % k != 0 {
+        if !x.len().is_multiple_of(k) {
             return Err(KernelError::Shape(format!(
                 "activation length {} is not a multiple of the matrix's {k} columns",
                 x.len()

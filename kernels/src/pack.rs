@@ -91,10 +91,10 @@ mod tests {
         pack_tq1_0(&codes, f16::ONE, &mut b1);
         let mut bi = [0u8; 64];
         pack_i2_s_row(&codes, &mut bi);
-        for e in 0..256 {
-            assert_eq!(code_tq2_0(&b2, e), codes[e]);
-            assert_eq!(code_tq1_0(&b1, e), codes[e]);
-            assert_eq!(code_i2_s(&bi, e), codes[e]);
+        for (e, &c) in codes.iter().enumerate() {
+            assert_eq!(code_tq2_0(&b2, e), c);
+            assert_eq!(code_tq1_0(&b1, e), c);
+            assert_eq!(code_i2_s(&bi, e), c);
         }
     }
 }

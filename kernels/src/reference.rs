@@ -72,8 +72,8 @@ fn dot_blocks(k: usize, q: &[i8], n_act: usize, sums: &mut [i32], code: impl Fn(
         for b in 0..nsb {
             let end = ((b + 1) * QK_K).min(k);
             let mut acc = 0i32;
-            for j in b * QK_K..end {
-                acc = apply(code(j), qt[j], acc);
+            for (j, &qj) in qt.iter().enumerate().take(end).skip(b * QK_K) {
+                acc = apply(code(j), qj, acc);
             }
             sums[t * nsb + b] = acc;
         }

@@ -108,7 +108,7 @@ impl<'a> TernaryMatrix<'a> {
         rows: usize,
         cols: usize,
     ) -> Result<Self, KernelError> {
-        if cols == 0 || cols % format.k_multiple() != 0 {
+        if cols == 0 || !cols.is_multiple_of(format.k_multiple()) {
             return Err(KernelError::Shape(format!(
                 "{} needs a row length divisible by {}, got {cols}",
                 format.name(),
@@ -197,14 +197,14 @@ impl<'a> TernaryMatrix<'a> {
 pub fn combine(
     m: &TernaryMatrix<'_>,
     row: &[u8],
-    act_flavor: crate::act::ActQuant,
-    act_scales: &[f32],
+    acts: &crate::act::QuantizedActs,
     t0: usize,
     n_act: usize,
     sums: &[i32],
     mut out: impl FnMut(usize, f32),
 ) {
     use crate::act::ActQuant;
+    let (act_flavor, act_scales) = (acts.flavor(), acts.scales());
     let nsb = m.superblocks();
     let per_row = m.cols / QK_K; // Q8K scales per activation row (Q8K requires cols % 256 == 0)
     for t in 0..n_act {

@@ -952,12 +952,12 @@ fn resolve_type(
         ids::I2_S => {
             // bitnet.cpp I2_S: n/4 packed bytes + 32-byte tail. Upstream: the removed
             // IQ4_NL_4_4 (18 bytes per 32). Decide by the byte range the file gives the tensor.
-            let i2s = if ne0 % 128 == 0 {
+            let i2s = if ne0.is_multiple_of(128) {
                 Some(elems / 4 + 32)
             } else {
                 None
             };
-            let iq4 = if ne0 % 32 == 0 {
+            let iq4 = if ne0.is_multiple_of(32) {
                 elems.checked_mul(18).map(|b| b / 32)
             } else {
                 None
@@ -998,7 +998,7 @@ fn resolve_type(
                 Ok((Ok(t), size))
             }
             None if info.block_elems > 0 => {
-                if ne0 % info.block_elems != 0 {
+                if !ne0.is_multiple_of(info.block_elems) {
                     return Err(shape_err("block size"));
                 }
                 let size = (elems / info.block_elems)

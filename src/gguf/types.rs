@@ -50,14 +50,14 @@ impl GgmlType {
     pub fn tensor_bytes(self, ne0: u64, elems: u64) -> Option<u64> {
         match self {
             GgmlType::Ternary(TernaryFormat::I2S) => {
-                if ne0 % 128 != 0 {
+                if !ne0.is_multiple_of(128) {
                     return None;
                 }
                 (elems / 4).checked_add(32)
             }
             _ => {
                 let info = TypeInfo::of(self.id());
-                if ne0 % info.block_elems != 0 {
+                if !ne0.is_multiple_of(info.block_elems) {
                     return None;
                 }
                 (elems / info.block_elems).checked_mul(info.block_bytes)

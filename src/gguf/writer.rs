@@ -178,7 +178,7 @@ impl<'a> GgufWriter<'a> {
 
     /// Sets `general.alignment` (a power of two, multiple of 8).
     pub fn set_alignment(&mut self, alignment: u32) -> Result<()> {
-        if alignment == 0 || !alignment.is_power_of_two() || alignment % 8 != 0 {
+        if alignment == 0 || !alignment.is_power_of_two() || !alignment.is_multiple_of(8) {
             return Err(Error::Gguf(format!(
                 "alignment {alignment} is not a power of two and a multiple of 8"
             )));

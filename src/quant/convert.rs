@@ -54,7 +54,7 @@ pub fn ternary_codes_valid(t: TernaryFormat, bytes: &[u8], rows: usize, cols: us
 }
 
 fn check_len(t: TernaryFormat, bytes: &[u8], rows: usize, cols: usize) -> Result<()> {
-    if cols == 0 || cols % t.k_multiple() != 0 {
+    if cols == 0 || !cols.is_multiple_of(t.k_multiple()) {
         return Err(Error::Quant(format!(
             "{} needs a row length divisible by {}, got {cols}",
             t.name(),
@@ -104,7 +104,7 @@ pub fn convert_ternary(
             i % cols
         )));
     }
-    if cols % to.k_multiple() != 0 {
+    if !cols.is_multiple_of(to.k_multiple()) {
         return Err(Error::Quant(format!(
             "cannot convert to {}: rows of {cols} weights are not a multiple of {}",
             to.name(),

@@ -84,7 +84,7 @@ pub fn tensor_bytes(ty: GgmlType, rows: usize, cols: usize) -> Result<usize> {
         GgmlType::Float(f) => f.block_elems(),
         GgmlType::Ternary(t) => t.k_multiple(),
     };
-    if cols == 0 || cols % multiple != 0 {
+    if cols == 0 || !cols.is_multiple_of(multiple) {
         return Err(Error::Quant(format!(
             "{} needs a row length divisible by {multiple}, got {cols}",
             ty.name()
