@@ -475,6 +475,14 @@ fn malformed_headers_give_typed_errors() {
             .zeros(64),
         &["negative as int64"],
     );
+    // Found by cargo fuzz (crash-55d3e49d): a zero dimension made the element count 0 while the
+    // row count (product of the other dimensions) overflowed later.
+    expect_err(
+        Raw::header(3, 1, 0)
+            .tensor("t", &[0, 1 << 40, 1 << 40], 0, 0)
+            .zeros(64),
+        &["element count overflows"],
+    );
     expect_err(
         Raw::header(3, 1, 0)
             .tensor("t", &[8], 0, 16)

@@ -834,7 +834,9 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
             )));
         }
         let mut dims = [1u64; 4];
-        let mut elems: u64 = 1;
+        // The product of the non-zero dimensions must fit: then every partial product (rows,
+        // elements, bytes of any sub-view) fits too, even when a zero dimension makes the total 0.
+        let mut nonzero_product: u64 = 1;
         for i in 0..n_dims as usize {
             let d = cur.u64("tensor dimension")?;
             if d > i64::MAX as u64 {
@@ -843,13 +845,14 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
                 )));
             }
             dims[i] = d;
-            elems = elems.checked_mul(d).ok_or_else(|| {
+            nonzero_product = nonzero_product.checked_mul(d.max(1)).ok_or_else(|| {
                 Error::Gguf(format!(
                     "tensor {name:?}: element count overflows (dims {:?})",
                     &dims[..=i]
                 ))
             })?;
         }
+        let elems: u64 = dims.iter().product();
         let type_id = cur.u32("tensor type")?;
         let offset = cur.u64("tensor offset")?;
         if offset % alignment != 0 {
