@@ -578,3 +578,42 @@ fn byte_flips_never_panic() {
     }
     assert!(accepted > 0, "flips inside tensor data should still parse");
 }
+
+/// Every crash cargo fuzz ever found (fuzz/regressions/) and the whole fuzz corpus parse to a
+/// file or an error — never a panic.
+#[test]
+fn fuzz_regressions_and_corpus_replay() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut n = 0;
+    for dir in ["fuzz/regressions", "fuzz/corpus/gguf_reader"] {
+        for entry in std::fs::read_dir(format!("{root}/{dir}")).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            if let Ok(f) = GgufFile::from_bytes(bytes) {
+                for t in f.tensors() {
+                    let (rows, cols) = t.rows_cols();
+                    if let (Ok(ty), Ok(d)) = (t.ggml_type(), f.tensor_data(t)) {
+                        if rows.saturating_mul(cols) <= 1 << 16 {
+                            let _ = ternmux::quant::decode(ty, d, rows, cols);
+                        }
+                    }
+                }
+                let _ = ternmux::gguf::Report::new(&f, "replay").to_string();
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "no fuzz inputs found");
+}
+
+/// Found by cargo fuzz (crash-c773c993): a tensor whose offset lies past the end but is not the
+/// last in offset order overflowed `data_start + offset`.
+#[test]
+fn regression_offset_past_end_on_a_middle_tensor() {
+    let e = Raw::header(3, 2, 0)
+        .tensor("a", &[8], 0, 0x07ff_ffff_ffff_ff00)
+        .tensor("b", &[8], 0, 0x0fff_ffff_ffff_ff00)
+        .pad_to(32)
+        .zeros(64)
+        .err();
+    assert!(e.contains("past the end"), "{e}");
+}

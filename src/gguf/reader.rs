@@ -892,12 +892,19 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
 
     let mut tensors = Vec::with_capacity(pending.len());
     for (i, p) in pending.into_iter().enumerate() {
-        let avail = limit[i].checked_sub(p.offset).ok_or_else(|| {
-            Error::Gguf(format!(
-                "tensor {:?}: offset {} is past the end of the data ({data_len} bytes)",
-                p.name, p.offset
-            ))
-        })?;
+        // Every offset must lie inside the data (checked for each tensor, not only the last in
+        // offset order): then `data_start + offset + size` cannot overflow.
+        let in_data = p.offset <= data_len;
+        let avail = limit[i]
+            .min(data_len)
+            .checked_sub(p.offset)
+            .filter(|_| in_data)
+            .ok_or_else(|| {
+                Error::Gguf(format!(
+                    "tensor {:?}: offset {} is past the end of the data ({data_len} bytes)",
+                    p.name, p.offset
+                ))
+            })?;
         let (ggml_type, size) =
             resolve_type(&p.name, p.type_id, p.dims[0], p.elems, avail, alignment)?;
         if size > avail {
