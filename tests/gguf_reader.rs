@@ -610,7 +610,7 @@ fn fuzz_regressions_and_corpus_replay() {
 #[test]
 fn regression_offset_past_end_on_a_middle_tensor() {
     let e = Raw::header(3, 2, 0)
-        .tensor("a", &[8], 0, 0xffff_ffff_ffff_ff00)
+        .tensor("a", &[8], 0, 0xffff_ffff_ffff_ffc0)
         .tensor("b", &[8], 0, 0xffff_ffff_ffff_ffe0)
         .pad_to(32)
         .zeros(64)
