@@ -24,6 +24,19 @@ pub enum Error {
     /// A tensor cannot be encoded, decoded or converted as asked.
     #[error("quant: {0}")]
     Quant(String),
+    /// A sequence would grow past its context size.
+    #[error(
+        "context: {needed} positions are needed but the context holds {limit}; start a new session or raise the context size"
+    )]
+    Context {
+        /// Positions the request needs.
+        needed: usize,
+        /// Positions the cache holds.
+        limit: usize,
+    },
+    /// The tokenizer's metadata is missing or malformed, or text cannot be tokenized.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// A kernel refused its inputs (shapes, lengths).
     #[error("{0}")]
     Kernel(#[from] ternmux_kernels::KernelError),

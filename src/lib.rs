@@ -25,7 +25,10 @@
 pub mod convert;
 pub mod error;
 pub mod gguf;
+pub mod model;
 pub mod quant;
+pub mod sampling;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use ternmux_kernels as kernels;

@@ -591,10 +591,10 @@ fn fuzz_regressions_and_corpus_replay() {
             if let Ok(f) = GgufFile::from_bytes(bytes) {
                 for t in f.tensors() {
                     let (rows, cols) = t.rows_cols();
-                    if let (Ok(ty), Ok(d)) = (t.ggml_type(), f.tensor_data(t)) {
-                        if rows.saturating_mul(cols) <= 1 << 16 {
-                            let _ = ternmux::quant::decode(ty, d, rows, cols);
-                        }
+                    if let (Ok(ty), Ok(d)) = (t.ggml_type(), f.tensor_data(t))
+                        && rows.saturating_mul(cols) <= 1 << 16
+                    {
+                        let _ = ternmux::quant::decode(ty, d, rows, cols);
                     }
                 }
                 let _ = ternmux::gguf::Report::new(&f, "replay").to_string();
@@ -616,4 +616,29 @@ fn regression_offset_past_end_on_a_middle_tensor() {
         .zeros(64)
         .err();
     assert!(e.contains("past the end"), "{e}");
+}
+
+/// Found by cargo fuzz (crash-04a1ec7b): a tensor with no rows but a huge row length is valid
+/// (0 elements), and computing its row size overflowed while decoding.
+#[test]
+fn regression_empty_tensor_with_huge_rows() {
+    let raw = Raw::header(3, 1, 0)
+        .tensor("t", &[1 << 62, 0], 0, 0)
+        .pad_to(32)
+        .zeros(32)
+        .0
+        .clone();
+    let f = GgufFile::from_bytes(raw).unwrap();
+    let t = f.tensor("t").unwrap();
+    let (rows, cols) = t.rows_cols();
+    assert_eq!((rows, cols), (0, 1 << 62));
+    let d = ternmux::quant::decode(
+        t.ggml_type().unwrap(),
+        f.tensor_data(t).unwrap(),
+        rows,
+        cols,
+    )
+    .unwrap();
+    assert!(d.is_empty());
+    let _ = ternmux::gguf::Report::new(&f, "x").to_string();
 }

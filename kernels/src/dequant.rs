@@ -53,9 +53,10 @@ impl FloatFormat {
             FloatFormat::Q6K => 210,
         }
     }
-    /// Bytes of one row of `k` elements (`k` must be a multiple of [`Self::block_elems`]).
+    /// Bytes of one row of `k` elements (`k` must be a multiple of [`Self::block_elems`]);
+    /// saturates instead of overflowing, so an absurd `k` fails the length check that follows.
     pub fn row_bytes(self, k: usize) -> usize {
-        k / self.block_elems() * self.block_bytes()
+        (k / self.block_elems()).saturating_mul(self.block_bytes())
     }
     /// Lower-case name as ggml spells it.
     pub fn name(self) -> &'static str {

@@ -17,7 +17,14 @@
 //! Integer bound: `|sumi_b| ≤ 256 · 127 < 2^15`, and for I2_S per-token the running sum is at most
 //! `127 · K`, exactly representable in f32 for `K ≤ 132 104` (we require `K ≤ 65 536`). Hence
 //! `(float)Σcode·q − (float)Σq` in bitnet.cpp equals our `(float)Σw·q`: bit-exact with its
-//! arithmetic.
+//! arithmetic (`tests/bitnet_parity.rs` checks it against bitnet.cpp's formula written out).
+//!
+//! Agreement with llama.cpp (TQ1_0/TQ2_0 × Q8_K): our order is its scalar `vec_dot_tq*_q8_K`
+//! order (`sumf += (float)sumi · (d_y · d_x)` block by block), so we equal its scalar build bit
+//! for bit. Its AVX2 build accumulates `sumi · d` in 8 float lanes and sums them at the end; the
+//! difference from ours is then bounded by the reassociation error
+//! `|Δ| ≤ γ_{nb+3} · Σ_b |sumi_b · d_b · a_b|` with `γ_n = n·2^-24 / (1 − n·2^-24)` — about
+//! `(nb + 3) · 6e-8` relative to the magnitude sum, e.g. ≤ 7.7e-7 of it for K = 2560.
 
 use crate::KernelError;
 use crate::blocks::{I2S_BLOCK, I2S_TAIL, QK_K, read_f16};
@@ -63,11 +70,12 @@ impl TernaryFormat {
         }
     }
 
-    /// Packed bytes of one row of `k` weights (for I2_S, without the tensor's 32-byte tail).
+    /// Packed bytes of one row of `k` weights (for I2_S, without the tensor's 32-byte tail);
+    /// saturates instead of overflowing, so an absurd `k` fails the length check that follows.
     pub fn row_bytes(self, k: usize) -> usize {
         match self {
-            TernaryFormat::Tq2_0 => k / QK_K * 66,
-            TernaryFormat::Tq1_0 => k / QK_K * 54,
+            TernaryFormat::Tq2_0 => (k / QK_K).saturating_mul(66),
+            TernaryFormat::Tq1_0 => (k / QK_K).saturating_mul(54),
             TernaryFormat::I2S => k / 4,
         }
     }

@@ -25,7 +25,8 @@ use ternmux_kernels::ternary::TernaryFormat;
 pub fn ternary_codes(t: TernaryFormat, bytes: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>> {
     check_len(t, bytes, rows, cols)?;
     let rb = t.row_bytes(cols);
-    let mut codes = Vec::with_capacity(rows * cols);
+    let mut codes =
+        Vec::with_capacity(rows.saturating_mul(cols).min(bytes.len().saturating_mul(5)));
     for r in 0..rows {
         let row = &bytes[r * rb..(r + 1) * rb];
         for j in 0..cols {

@@ -42,6 +42,9 @@ pub fn decode(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Result<Ve
         )));
     }
     let mut out = vec![0f32; rows * cols];
+    if out.is_empty() {
+        return Ok(out);
+    }
     match ty {
         GgmlType::Float(f) => {
             let rb = f.row_bytes(cols);

@@ -1,0 +1,381 @@
+//! Models: configuration from metadata, validated weights, the forward pass, and generation.
+//!
+//! ```
+//! use ternmux::model::{GenerateOptions, Model};
+//! let model = Model::open(concat!(env!("CARGO_MANIFEST_DIR"), "/models/bitllama2c-stories3M-TQ2_0.gguf"))?;
+//! let opts = GenerateOptions { max_tokens: 12, ..GenerateOptions::default() };
+//! // Tokens arrive as they are produced; return `false` from the callback to stop early.
+//! let out = model.generate("Once upon a time", &opts, |piece| {
+//!     print!("{piece}");
+//!     true
+//! })?;
+//! println!("\n{:.1} tok/s decode", out.timings.decode_tok_s());
+//! assert_eq!(out.tokens.len(), 12);
+//! # Ok::<(), ternmux::Error>(())
+//! ```
+
+mod config;
+mod forward;
+pub mod ops;
+mod weights;
+
+pub use config::{Arch, Config, FfnAct};
+pub use forward::{KvCache, KvType, Logits};
+pub use weights::{Layer, Linear, TensorRef, Weights};
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::{Tokenizer, Utf8Stream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A loaded model: the mapped file, its configuration, validated weights and tokenizer.
+pub struct Model {
+    pub(crate) file: GgufFile,
+    /// Hyper-parameters.
+    pub config: Config,
+    pub(crate) weights: Weights,
+    /// The tokenizer built from the file's metadata.
+    pub tokenizer: Tokenizer,
+    load_time: Duration,
+}
+
+impl Model {
+    /// Maps a GGUF file and prepares it for inference (metadata and validation only: no tensor
+    /// data is read or copied).
+    pub fn open(path: impl AsRef<Path>) -> Result<Model> {
+        let start = Instant::now();
+        let file = GgufFile::open(path)?;
+        let mut m = Model::from_file(file)?;
+        m.load_time = start.elapsed();
+        Ok(m)
+    }
+
+    /// Prepares an already opened file.
+    pub fn from_file(file: GgufFile) -> Result<Model> {
+        let start = Instant::now();
+        let config = Config::from_gguf(&file)?;
+        let weights = Weights::load(&file, &config)?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        if tokenizer.len() > config.n_vocab {
+            return Err(Error::Gguf(format!(
+                "tokenizer has {} tokens but the model's vocabulary is {}",
+                tokenizer.len(),
+                config.n_vocab
+            )));
+        }
+        Ok(Model {
+            file,
+            config,
+            weights,
+            tokenizer,
+            load_time: start.elapsed(),
+        })
+    }
+
+    /// The mapped file.
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+    /// The validated weights.
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+    /// Time spent opening and validating.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// Starts generating from `prompt`: tokenizes it, runs the prompt as one batch (prefill) and
+    /// returns an iterator over the generated tokens.
+    pub fn stream(&self, prompt: &str, opts: &GenerateOptions) -> Result<TokenStream<'_>> {
+        let tokens = self
+            .tokenizer
+            .encode(prompt, opts.add_special, opts.parse_special);
+        self.stream_tokens(&tokens, opts)
+    }
+
+    /// As [`Model::stream`], from token ids.
+    pub fn stream_tokens(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<TokenStream<'_>> {
+        if prompt.is_empty() {
+            return Err(Error::Tokenizer(
+                "the prompt is empty and the vocabulary adds no BOS token".into(),
+            ));
+        }
+        let n_ctx = if opts.n_ctx == 0 {
+            self.config.n_ctx_train.min(4096)
+        } else {
+            opts.n_ctx
+        };
+        if prompt.len() > n_ctx {
+            return Err(Error::Context {
+                needed: prompt.len(),
+                limit: n_ctx,
+            });
+        }
+        let mut cache = KvCache::new(self, n_ctx, opts.kv_type);
+        let start = Instant::now();
+        let logits = self.forward(&mut cache, prompt, Logits::Last)?;
+        let prefill = start.elapsed();
+        Ok(TokenStream {
+            model: self,
+            cache,
+            sampler: Sampler::new(opts.sampling.clone()),
+            history: prompt.to_vec(),
+            utf8: Utf8Stream::new(&self.tokenizer),
+            logits: Some(logits),
+            produced: Vec::new(),
+            max_tokens: opts.max_tokens,
+            stop: opts.stop.clone(),
+            held: String::new(),
+            finished: None,
+            timings: Timings {
+                load: self.load_time,
+                prompt_tokens: prompt.len(),
+                prefill,
+                decode_tokens: 0,
+                decode: Duration::ZERO,
+            },
+        })
+    }
+
+    /// Generates text for `prompt`, calling `on_text` with each piece as soon as it is known
+    /// (return `false` to stop). Returns the whole generation with its timings.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let mut stream = self.stream(prompt, opts)?;
+        let mut text = String::new();
+        while let Some(piece) = stream.next() {
+            let piece = piece?;
+            text.push_str(&piece.text);
+            if !on_text(&piece.text) {
+                stream.finished = Some(StopReason::Cancelled);
+                break;
+            }
+        }
+        let tail = stream.flush();
+        if !tail.is_empty() {
+            on_text(&tail);
+            text.push_str(&tail);
+        }
+        Ok(Generation {
+            text,
+            tokens: stream.produced.clone(),
+            stop: stream.finished.unwrap_or(StopReason::MaxTokens),
+            timings: stream.timings.clone(),
+        })
+    }
+}
+
+/// Options of one generation.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// How to choose each token.
+    pub sampling: SamplingParams,
+    /// Context size in positions (0: the model's training context, at most 4096).
+    pub n_ctx: usize,
+    /// KV cache precision.
+    pub kv_type: KvType,
+    /// Stop when any of these strings is produced (it is not included in the output).
+    pub stop: Vec<String>,
+    /// Add BOS/EOS as the vocabulary asks.
+    pub add_special: bool,
+    /// Match control tokens written in the prompt (chat templates).
+    pub parse_special: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            n_ctx: 0,
+            kv_type: KvType::F16,
+            stop: Vec::new(),
+            add_special: true,
+            parse_special: false,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// `max_tokens` reached.
+    MaxTokens,
+    /// An end-of-generation token.
+    EndOfGeneration,
+    /// A stop string.
+    StopString,
+    /// The context is full.
+    ContextFull,
+    /// The caller stopped it.
+    Cancelled,
+}
+
+/// Where time went.
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    /// Opening and validating the model.
+    pub load: Duration,
+    /// Prompt tokens processed.
+    pub prompt_tokens: usize,
+    /// Time for the prompt (one batched pass).
+    pub prefill: Duration,
+    /// Tokens generated after the first.
+    pub decode_tokens: usize,
+    /// Time generating them.
+    pub decode: Duration,
+}
+
+impl Timings {
+    /// Prompt tokens per second.
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+    /// Generated tokens per second (each needs one forward pass).
+    pub fn decode_tok_s(&self) -> f64 {
+        self.decode_tokens as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+/// A finished generation.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// The text produced.
+    pub text: String,
+    /// The token ids produced.
+    pub tokens: Vec<u32>,
+    /// Why it ended.
+    pub stop: StopReason,
+    /// Timings.
+    pub timings: Timings,
+}
+
+/// One generated token and the text it completed (possibly empty while a UTF-8 character or a
+/// possible stop string is incomplete).
+#[derive(Clone, Debug)]
+pub struct Piece {
+    /// Token id.
+    pub id: u32,
+    /// Text released by this token.
+    pub text: String,
+}
+
+/// Generated tokens, one forward pass per item.
+pub struct TokenStream<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    sampler: Sampler,
+    history: Vec<u32>,
+    utf8: Utf8Stream<'m>,
+    logits: Option<Vec<f32>>,
+    produced: Vec<u32>,
+    max_tokens: usize,
+    stop: Vec<String>,
+    held: String,
+    finished: Option<StopReason>,
+    timings: Timings,
+}
+
+impl TokenStream<'_> {
+    /// Timings so far.
+    pub fn timings(&self) -> &Timings {
+        &self.timings
+    }
+    /// Why the stream ended, once it has.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.finished
+    }
+    /// Text held back (an incomplete UTF-8 character or a possible stop-string prefix), released
+    /// at the end.
+    pub fn flush(&mut self) -> String {
+        if self.finished == Some(StopReason::StopString) {
+            return String::new();
+        }
+        let mut s = std::mem::take(&mut self.held);
+        s.push_str(&self.utf8.finish());
+        s
+    }
+
+    /// Releases what cannot be the start of a stop string; ends the stream on a stop string.
+    fn release(&mut self, text: String) -> String {
+        self.held.push_str(&text);
+        if self.stop.is_empty() {
+            return std::mem::take(&mut self.held);
+        }
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            self.finished = Some(StopReason::StopString);
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            return out;
+        }
+        // Hold back the longest suffix that is a prefix of some stop string.
+        let mut keep = 0;
+        for s in &self.stop {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.held.ends_with(&s[..i]) {
+                    keep = keep.max(i);
+                }
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        out
+    }
+}
+
+impl Iterator for TokenStream<'_> {
+    type Item = Result<Piece>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.finished.is_some() || self.produced.len() >= self.max_tokens {
+            self.finished.get_or_insert(StopReason::MaxTokens);
+            return None;
+        }
+        let logits = match self.logits.take() {
+            Some(l) => l,
+            None => {
+                if self.cache.len() >= self.cache.capacity() {
+                    self.finished = Some(StopReason::ContextFull);
+                    return None;
+                }
+                let start = Instant::now();
+                let last = *self.history.last()?;
+                let r = self.model.forward(&mut self.cache, &[last], Logits::Last);
+                self.timings.decode += start.elapsed();
+                self.timings.decode_tokens += 1;
+                match r {
+                    Ok(l) => l,
+                    Err(e) => {
+                        self.finished = Some(StopReason::Cancelled);
+                        return Some(Err(e));
+                    }
+                }
+            }
+        };
+        let id = self.sampler.sample(&logits, &self.history);
+        self.history.push(id);
+        self.produced.push(id);
+        if self.model.tokenizer.is_eog(id) {
+            self.finished = Some(StopReason::EndOfGeneration);
+            return None;
+        }
+        let text = self.utf8.push(id);
+        let text = self.release(text);
+        Some(Ok(Piece { id, text }))
+    }
+}
