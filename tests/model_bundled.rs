@@ -41,3 +41,134 @@ fn greedy_text_equals_llama_cpp_tq2_0() {
     eprintln!("{text}");
     assert!(text.starts_with(EXPECTED), "got: {text}");
 }
+
+#[test]
+fn greedy_text_equals_llama_cpp_tq1_0() {
+    let m = Model::open(model("bitllama2c-stories3M-TQ1_0.gguf")).unwrap();
+    let text = greedy_from_bos(&m, 80);
+    assert!(text.starts_with(EXPECTED), "got: {text}");
+}
+
+#[test]
+fn greedy_text_equals_llama_cpp_i2_s_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stories-i2s.gguf");
+    ternmux::convert::convert_file(
+        model("bitllama2c-stories3M-TQ2_0.gguf").as_ref(),
+        &out,
+        ternmux::kernels::ternary::TernaryFormat::I2S,
+    )
+    .unwrap();
+    let m = Model::open(&out).unwrap();
+    let text = greedy_from_bos(&m, 80);
+    assert!(text.starts_with(EXPECTED), "got: {text}");
+}
+
+#[test]
+fn prompt_continuation_and_stop_strings() {
+    let m = Model::open(model("bitllama2c-stories3M-TQ2_0.gguf")).unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 60,
+        stop: vec![" Lily".into()],
+        ..GenerateOptions::default()
+    };
+    let mut streamed = String::new();
+    let g = m
+        .generate("Once upon a time", &opts, |p| {
+            streamed.push_str(p);
+            true
+        })
+        .unwrap();
+    assert_eq!(g.text, streamed);
+    assert_eq!(g.stop, ternmux::model::StopReason::StopString);
+    assert_eq!(g.text, ", there was a little girl named");
+    assert!(g.timings.prompt_tokens == 5 && g.timings.decode_tokens > 0);
+    // A continuation keeps the space that starts its first word.
+    let g = m
+        .generate(
+            "Once upon a time, there was a little girl named",
+            &GenerateOptions {
+                max_tokens: 1,
+                ..GenerateOptions::default()
+            },
+            |_| true,
+        )
+        .unwrap();
+    assert_eq!(g.text, " Lily");
+}
+
+#[test]
+fn same_seed_same_text() {
+    let m = Model::open(model("bitllama2c-stories3M-TQ2_0.gguf")).unwrap();
+    let mut opts = GenerateOptions {
+        max_tokens: 30,
+        ..GenerateOptions::default()
+    };
+    opts.sampling.temperature = 0.8;
+    opts.sampling.seed = 42;
+    let a = m
+        .generate("Once upon a time", &opts, |_| true)
+        .unwrap()
+        .text;
+    let b = m
+        .generate("Once upon a time", &opts, |_| true)
+        .unwrap()
+        .text;
+    opts.sampling.seed = 43;
+    let c = m
+        .generate("Once upon a time", &opts, |_| true)
+        .unwrap()
+        .text;
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn context_limit_is_a_clear_error() {
+    let m = Model::open(model("bitllama2c-stories3M-TQ2_0.gguf")).unwrap();
+    let opts = GenerateOptions {
+        n_ctx: 4,
+        ..GenerateOptions::default()
+    };
+    let e = m
+        .stream("Once upon a time", &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("5 positions") && e.contains("holds 4"), "{e}");
+    // Generation stops (without error) when the context fills up.
+    let opts = GenerateOptions {
+        n_ctx: 8,
+        max_tokens: 100,
+        ..GenerateOptions::default()
+    };
+    let g = m.generate("Once upon a time", &opts, |_| true).unwrap();
+    assert_eq!(g.stop, ternmux::model::StopReason::ContextFull);
+}
+
+#[test]
+fn batched_prefill_equals_token_by_token() {
+    use ternmux::model::{KvCache, KvType, Logits};
+    let m = Model::open(model("bitllama2c-stories3M-TQ2_0.gguf")).unwrap();
+    let toks = m
+        .tokenizer
+        .encode("Once upon a time there was a dog", true, false);
+    let mut c1 = KvCache::new(&m, 64, KvType::F32);
+    let batched = m.forward(&mut c1, &toks, Logits::All).unwrap();
+    let mut c2 = KvCache::new(&m, 64, KvType::F32);
+    let v = m.config.n_vocab;
+    for (i, &t) in toks.iter().enumerate() {
+        let one = m.forward(&mut c2, &[t], Logits::Last).unwrap();
+        let b = &batched[i * v..(i + 1) * v];
+        let max_diff = one
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let scale = b.iter().fold(0f32, |a, x| a.max(x.abs()));
+        assert!(
+            max_diff <= 1e-4 * scale.max(1.0),
+            "token {i}: max diff {max_diff} (scale {scale})"
+        );
+    }
+}

@@ -24,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a prompt, streaming it as it is produced; ends with a timing line.
+    Run(RunArgs),
     /// Print a GGUF file's architecture, metadata, tensor table and totals per type.
     Inspect {
         /// The GGUF file.
@@ -39,6 +41,50 @@ enum Command {
         #[arg(long, value_enum)]
         to: Target,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The GGUF model.
+    #[arg(
+        short = 'm',
+        long = "model",
+        default_value = "models/bitllama2c-stories3M-TQ2_0.gguf"
+    )]
+    model: PathBuf,
+    /// The prompt (empty: start from BOS alone).
+    #[arg(short = 'p', long = "prompt", default_value = "")]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n_predict: usize,
+    /// Temperature (0 = greedy).
+    #[arg(long = "temp", default_value_t = 0.0)]
+    temp: f32,
+    /// Top-k (0 = off).
+    #[arg(long = "top-k", default_value_t = 40)]
+    top_k: usize,
+    /// Top-p (1 = off).
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    top_p: f32,
+    /// Min-p (0 = off).
+    #[arg(long = "min-p", default_value_t = 0.05)]
+    min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed.
+    #[arg(long = "seed", default_value_t = 0x5EED)]
+    seed: u64,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+    /// Context size (0: the model's, at most 4096).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    ctx: usize,
+    /// Stop at this string (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -83,8 +129,73 @@ impl From<ternmux::Error> for Failure {
     }
 }
 
+fn run_model(a: RunArgs, out: &mut impl Write) -> Result<(), Failure> {
+    use ternmux::model::{GenerateOptions, Model};
+    use ternmux::sampling::SamplingParams;
+    if let Some(n) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .map_err(|e| Failure {
+                error: ternmux::Error::Quant(format!("thread pool: {e}")),
+                hint: None,
+            })?;
+    }
+    let model = Model::open(&a.model)?;
+    let opts = GenerateOptions {
+        max_tokens: a.n_predict,
+        sampling: SamplingParams {
+            temperature: a.temp,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repeat_penalty: a.repeat_penalty,
+            seed: a.seed,
+            ..SamplingParams::default()
+        },
+        n_ctx: a.ctx,
+        stop: a.stop,
+        ..GenerateOptions::default()
+    };
+    write!(out, "{}", a.prompt).map_err(io_failure)?;
+    out.flush().map_err(io_failure)?;
+    let mut io_err = None;
+    let g = model.generate(&a.prompt, &opts, |piece| {
+        let r = out.write_all(piece.as_bytes()).and_then(|()| out.flush());
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                io_err = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = io_err {
+        return Err(io_failure(e));
+    }
+    writeln!(out).map_err(io_failure)?;
+    let t = &g.timings;
+    eprintln!(
+        "ternmux: {} ({}, {} threads, kernels {}): load {:.1} ms · prompt {} tok in {:.1} ms ({:.1} tok/s) · \
+         generated {} tok, decode {:.1} tok/s · stop: {:?}",
+        a.model.display(),
+        model.config.arch_name,
+        rayon::current_num_threads(),
+        ternmux::kernels::Kernels::get().isa(),
+        t.load.as_secs_f64() * 1e3,
+        t.prompt_tokens,
+        t.prefill.as_secs_f64() * 1e3,
+        t.prefill_tok_s(),
+        g.tokens.len(),
+        t.decode_tok_s(),
+        g.stop
+    );
+    Ok(())
+}
+
 fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
     match cli.command {
+        Command::Run(a) => run_model(a, out)?,
         Command::Inspect { file } => {
             let g = GgufFile::open(&file)?;
             write!(out, "{}", Report::new(&g, file.display().to_string())).map_err(io_failure)?;
@@ -132,9 +243,13 @@ fn main() -> ExitCode {
         }) if source.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(f) => {
             eprintln!("ternmux: {}", f.error);
+            let top = f.error.to_string();
             let mut src = std::error::Error::source(&f.error);
             while let Some(s) = src {
-                eprintln!("  caused by: {s}");
+                let text = s.to_string();
+                if !top.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                }
                 src = s.source();
             }
             if let Some(h) = f.hint {

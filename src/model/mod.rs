@@ -123,7 +123,15 @@ impl Model {
             cache,
             sampler: Sampler::new(opts.sampling.clone()),
             history: prompt.to_vec(),
-            utf8: Utf8Stream::new(&self.tokenizer),
+            // Output starts the text only when the prompt holds no text token (e.g. BOS alone).
+            utf8: if prompt
+                .iter()
+                .all(|&t| self.tokenizer.token_bytes(t, false).is_empty())
+            {
+                Utf8Stream::new(&self.tokenizer)
+            } else {
+                Utf8Stream::continuing(&self.tokenizer)
+            },
             logits: Some(logits),
             produced: Vec::new(),
             max_tokens: opts.max_tokens,

@@ -397,12 +397,22 @@ pub struct Utf8Stream<'t> {
 }
 
 impl<'t> Utf8Stream<'t> {
-    /// A new stream (the next text token is the first of the output).
+    /// A new stream whose first text token starts the text: SPM's space prefix on it is
+    /// dropped, as llama.cpp's detokenizer does.
     pub fn new(tok: &'t Tokenizer) -> Self {
         Utf8Stream {
             tok,
             pending: Vec::new(),
             first: true,
+        }
+    }
+
+    /// A new stream that continues existing text (a prompt): every space is kept.
+    pub fn continuing(tok: &'t Tokenizer) -> Self {
+        Utf8Stream {
+            tok,
+            pending: Vec::new(),
+            first: false,
         }
     }
 
