@@ -28,6 +28,7 @@ pub mod gguf;
 pub mod model;
 pub mod quant;
 pub mod sampling;
+pub mod synth;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

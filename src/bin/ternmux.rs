@@ -31,6 +31,26 @@ enum Command {
         /// The GGUF file.
         file: PathBuf,
     },
+    /// Measure prefill and decode speed on a model (like llama-bench): a random prompt of
+    /// `--prompt-tokens`, then `--gen-tokens` decoded one at a time.
+    Bench(BenchArgs),
+    /// Write a synthetic model: random ternary weights at a real shape, with a working tokenizer.
+    Synth {
+        /// Output GGUF file.
+        output: PathBuf,
+        /// Architecture: bitnet, bitnet-b1.58 or llama.
+        #[arg(long, default_value = "bitnet-b1.58")]
+        arch: String,
+        /// Shape preset: 2b, 0.7b, 3b, 8b, tiny.
+        #[arg(long, default_value = "2b")]
+        shape: String,
+        /// Ternary format of the linear layers.
+        #[arg(long, value_enum, default_value = "tq2_0")]
+        format: Target,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Rewrite the ternary tensors of a GGUF file in another ternary format (others are copied).
     Convert {
         /// Input GGUF file.
@@ -85,6 +105,36 @@ struct RunArgs {
     /// Stop at this string (repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The GGUF model.
+    #[arg(
+        short = 'm',
+        long = "model",
+        default_value = "models/bitllama2c-stories3M-TQ2_0.gguf"
+    )]
+    model: PathBuf,
+    /// Prompt length in tokens (processed as one batch).
+    #[arg(short = 'p', long = "prompt-tokens", default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to decode after the prompt.
+    #[arg(short = 'n', long = "gen-tokens", default_value_t = 32)]
+    gen_tokens: usize,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+    /// Repetitions (the best of each is reported).
+    #[arg(short = 'r', long = "reps", default_value_t = 3)]
+    reps: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Write the prompt's token ids and the logits after it to this file (u32 count, u32 ids,
+    /// u32 vocab, f32 logits; little-endian), for comparison with another engine.
+    #[arg(long = "logits-out")]
+    logits_out: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -193,12 +243,134 @@ fn run_model(a: RunArgs, out: &mut impl Write) -> Result<(), Failure> {
     Ok(())
 }
 
+fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
+    if let Some(n) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .map_err(|e| Failure {
+                error: ternmux::Error::Quant(format!("thread pool: {e}")),
+                hint: None,
+            })?;
+    }
+    Ok(())
+}
+
+fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
+    use ternmux::model::{KvCache, KvType, Logits, Model};
+    set_threads(a.threads)?;
+    let model = Model::open(&a.model)?;
+    let n_vocab = model.config.n_vocab as u64;
+    // A fixed pseudo-random prompt (llama-bench also uses random tokens).
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let prompt: Vec<u32> = (0..a.prompt_tokens.max(1))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n_vocab) as u32
+        })
+        .collect();
+    let n_ctx = prompt.len() + a.gen_tokens + 1;
+    let (mut best_pp, mut best_tg) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..a.reps.max(1) {
+        let mut cache = KvCache::new(&model, n_ctx, KvType::F16);
+        let t = std::time::Instant::now();
+        let mut logits = model.forward(&mut cache, &prompt, Logits::Last)?;
+        best_pp = best_pp.min(t.elapsed().as_secs_f64());
+        if let Some(path) = &a.logits_out {
+            let mut buf = Vec::with_capacity(8 + 4 * (prompt.len() + logits.len()));
+            buf.extend_from_slice(&(prompt.len() as u32).to_le_bytes());
+            prompt
+                .iter()
+                .for_each(|t| buf.extend_from_slice(&t.to_le_bytes()));
+            buf.extend_from_slice(&(logits.len() as u32).to_le_bytes());
+            logits
+                .iter()
+                .for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
+            std::fs::write(path, buf).map_err(|e| ternmux::Error::Io {
+                path: path.clone(),
+                source: e,
+            })?;
+        }
+        let t = std::time::Instant::now();
+        for _ in 0..a.gen_tokens {
+            let next = ternmux::sampling::argmax(&logits);
+            logits = model.forward(&mut cache, &[next], Logits::Last)?;
+        }
+        if a.gen_tokens > 0 {
+            best_tg = best_tg.min(t.elapsed().as_secs_f64());
+        }
+    }
+    let pp = prompt.len() as f64 / best_pp;
+    let tg = if a.gen_tokens > 0 {
+        a.gen_tokens as f64 / best_tg
+    } else {
+        0.0
+    };
+    let threads = rayon::current_num_threads();
+    let isa = ternmux::kernels::Kernels::get().isa();
+    if a.json {
+        writeln!(
+            out,
+            "{{\"engine\":\"ternmux\",\"model\":{:?},\"threads\":{threads},\"isa\":\"{isa}\",\"prompt_tokens\":{},\"gen_tokens\":{},\"prefill_tok_s\":{pp:.3},\"decode_tok_s\":{tg:.3}}}",
+            a.model.display().to_string(),
+            prompt.len(),
+            a.gen_tokens
+        )
+        .map_err(io_failure)?;
+    } else {
+        writeln!(
+            out,
+            "model: {} ({}), {threads} threads, kernels {isa}, best of {}",
+            a.model.display(),
+            model.config.arch_name,
+            a.reps.max(1)
+        )
+        .map_err(io_failure)?;
+        writeln!(out, "prefill pp{:<5} {pp:>9.2} tok/s", prompt.len()).map_err(io_failure)?;
+        writeln!(out, "decode  tg{:<5} {tg:>9.2} tok/s", a.gen_tokens).map_err(io_failure)?;
+    }
+    Ok(())
+}
+
 fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
     match cli.command {
+        Command::Bench(a) => bench_model(a, out)?,
         Command::Run(a) => run_model(a, out)?,
         Command::Inspect { file } => {
             let g = GgufFile::open(&file)?;
             write!(out, "{}", Report::new(&g, file.display().to_string())).map_err(io_failure)?;
+        }
+        Command::Synth {
+            output,
+            arch,
+            shape,
+            format,
+            seed,
+        } => {
+            let shape = ternmux::synth::Shape::preset(&shape).ok_or_else(|| Failure {
+                error: ternmux::Error::Gguf(format!("unknown shape preset {shape:?}")),
+                hint: Some("use one of: 2b, 0.7b, 3b, 8b, tiny"),
+            })?;
+            let spec = ternmux::synth::SynthSpec {
+                arch,
+                shape,
+                format: format.into(),
+                seed,
+            };
+            let start = std::time::Instant::now();
+            let bytes = ternmux::synth::write_synthetic(&spec, &output)?;
+            writeln!(
+                out,
+                "wrote {} ({} bytes, {} {}) in {:.1?}",
+                output.display(),
+                bytes,
+                spec.arch,
+                spec.format.name(),
+                start.elapsed()
+            )
+            .map_err(io_failure)?;
         }
         Command::Convert { input, output, to } => {
             let to = TernaryFormat::from(to);
