@@ -192,10 +192,10 @@ pub fn write_synthetic(spec: &SynthSpec, path: &Path) -> Result<u64> {
         )));
     }
     if s.n_vocab < 512
-        || s.n_embd % 256 != 0
-        || s.n_ff % 256 != 0
-        || s.n_embd % s.n_head != 0
-        || s.n_head % s.n_head_kv != 0
+        || !s.n_embd.is_multiple_of(256)
+        || !s.n_ff.is_multiple_of(256)
+        || !s.n_embd.is_multiple_of(s.n_head)
+        || !s.n_head.is_multiple_of(s.n_head_kv)
     {
         return Err(Error::Gguf(format!(
             "shape {s:?} does not fit ternary blocks of 256 and its head counts"
