@@ -1,0 +1,48 @@
+//! Our tokenizers against llama.cpp's own tokenizer test cases (`test-tokenizer-0`): the
+//! vocabulary GGUFs and their `.inp` (strings) / `.out` (llama.cpp's ids) files, fetched from
+//! the pinned llama-cpp-python sdist by `scripts/fetch_vocabs.py` into `target/vocab/` (or
+//! `TERNMUX_VOCAB_DIR`). ASCII, Unicode, emoji, whitespace runs, numbers and code.
+//!
+//! In CI (`CI=true`) missing files fail the run; elsewhere the test says it was skipped and why.
+
+use ternmux::gguf::GgufFile;
+use ternmux::tokenizer::Tokenizer;
+
+fn vocab_dir() -> Option<String> {
+    let dir = std::env::var("TERNMUX_VOCAB_DIR")
+        .unwrap_or_else(|_| format!("{}/target/vocab", env!("CARGO_MANIFEST_DIR")));
+    if std::path::Path::new(&format!("{dir}/ggml-vocab-llama-spm.gguf")).exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "tokenizer vocabularies missing in {dir}: run scripts/fetch_vocabs.py"
+    );
+    eprintln!("SKIPPED: llama.cpp vocabularies not found in {dir} (run scripts/fetch_vocabs.py)");
+    None
+}
+
+fn check(dir: &str, name: &str) -> usize {
+    let f = GgufFile::open(format!("{dir}/{name}")).unwrap();
+    let t = Tokenizer::from_gguf(&f).unwrap();
+    let inp = std::fs::read_to_string(format!("{dir}/{name}.inp")).unwrap();
+    let out = std::fs::read_to_string(format!("{dir}/{name}.out")).unwrap();
+    let cases: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+    let want: Vec<&str> = out.split('\n').collect();
+    assert!(cases.len() >= 40 && want.len() >= cases.len(), "unexpected test file layout");
+    for (i, case) in cases.iter().enumerate() {
+        let ids: Vec<u32> = want[i].split_whitespace().map(|x| x.parse().unwrap()).collect();
+        assert_eq!(t.encode(case, false, false), ids, "{name} case {i}: {case:?}");
+        // Decoding gives the text back (SPM drops the space prefix it added).
+        assert_eq!(t.decode(&ids), *case, "{name} decode case {i}");
+    }
+    cases.len()
+}
+
+#[test]
+fn spm_matches_llama_cpp_on_llama_vocab() {
+    if let Some(dir) = vocab_dir() {
+        let n = check(&dir, "ggml-vocab-llama-spm.gguf");
+        eprintln!("{n} llama.cpp cases agree");
+    }
+}
