@@ -29,10 +29,20 @@ fn check(dir: &str, name: &str) -> usize {
     let out = std::fs::read_to_string(format!("{dir}/{name}.out")).unwrap();
     let cases: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
     let want: Vec<&str> = out.split('\n').collect();
-    assert!(cases.len() >= 40 && want.len() >= cases.len(), "unexpected test file layout");
+    assert!(
+        cases.len() >= 40 && want.len() >= cases.len(),
+        "unexpected test file layout"
+    );
     for (i, case) in cases.iter().enumerate() {
-        let ids: Vec<u32> = want[i].split_whitespace().map(|x| x.parse().unwrap()).collect();
-        assert_eq!(t.encode(case, false, false), ids, "{name} case {i}: {case:?}");
+        let ids: Vec<u32> = want[i]
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert_eq!(
+            t.encode(case, false, false),
+            ids,
+            "{name} case {i}: {case:?}"
+        );
         // Decoding gives the text back (SPM drops the space prefix it added).
         assert_eq!(t.decode(&ids), *case, "{name} decode case {i}");
     }
@@ -44,5 +54,42 @@ fn spm_matches_llama_cpp_on_llama_vocab() {
     if let Some(dir) = vocab_dir() {
         let n = check(&dir, "ggml-vocab-llama-spm.gguf");
         eprintln!("{n} llama.cpp cases agree");
+    }
+}
+
+#[test]
+fn bpe_llama3_matches_llama_cpp() {
+    if let Some(dir) = vocab_dir() {
+        let n = check(&dir, "ggml-vocab-llama-bpe.gguf");
+        eprintln!("{n} llama.cpp cases agree (llama-bpe)");
+    }
+}
+
+#[test]
+fn bpe_gpt2_matches_llama_cpp() {
+    if let Some(dir) = vocab_dir() {
+        let n = check(&dir, "ggml-vocab-gpt-2.gguf");
+        eprintln!("{n} llama.cpp cases agree (gpt-2)");
+    }
+}
+
+#[test]
+fn llama3_specials_and_bos() {
+    if let Some(dir) = vocab_dir() {
+        let f = GgufFile::open(format!("{dir}/ggml-vocab-llama-bpe.gguf")).unwrap();
+        let t = Tokenizer::from_gguf(&f).unwrap();
+        // BOS added; control tokens parsed only when asked.
+        let ids = t.encode("<|start_header_id|>user<|end_header_id|>", true, true);
+        assert_eq!(ids[..2], [128000, 128006]);
+        assert_eq!(ids[ids.len() - 1], 128007);
+        let plain = t.encode("<|eot_id|>", false, false);
+        assert!(
+            plain.len() > 1,
+            "control text must not be matched without parse_special"
+        );
+        assert!(t.is_eog(128009) && t.is_eog(128001));
+        // Decoding a UTF-8 character split across tokens.
+        let ids = t.encode("héllo 🦙 wörld", false, false);
+        assert_eq!(t.decode(&ids), "héllo 🦙 wörld");
     }
 }

@@ -1,12 +1,13 @@
 //! Tokenizers built from GGUF metadata (FORMATS.md 5), matching llama.cpp's `llama-vocab.cpp`
-//! token for token: SentencePiece-style (`llama`). GPT-2 byte-level BPE (`gpt2`) vocabularies
-//! are refused with a clear error until that tokenizer lands.
+//! token for token: SentencePiece-style (`llama`) and GPT-2 byte-level BPE (`gpt2`) with the
+//! `llama3`/`llama-bpe`, `gpt-2`, `default` and other pre-tokenizer regex lists.
 //!
 //! Special tokens (control, user-defined, unknown) are split out of the raw text first, longest
 //! match first; control and unknown tokens only when the caller asks to parse specials (a prompt
 //! template), user-defined ones always. Decoding returns bytes; [`Utf8Stream`] turns a token
 //! stream into text that never splits a UTF-8 character across two chunks.
 
+mod bpe;
 mod spm;
 
 use crate::error::{Error, Result};
@@ -48,10 +49,11 @@ impl TokenType {
 
 /// Which algorithm the vocabulary uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Kind {
     /// SentencePiece (`tokenizer.ggml.model = llama`).
     Spm,
+    /// GPT-2 byte-level BPE (`gpt2`).
+    Bpe,
 }
 
 /// A tokenizer: vocabulary, special tokens and the algorithm.
@@ -70,6 +72,7 @@ pub struct Tokenizer {
     add_bos: bool,
     add_eos: bool,
     add_space_prefix: bool,
+    bpe: Option<bpe::Bpe>,
 }
 
 fn opt_id(file: &GgufFile, key: &str) -> Option<u32> {
@@ -84,13 +87,7 @@ impl Tokenizer {
             .ok_or_else(|| Error::Tokenizer("missing key tokenizer.ggml.model".into()))?;
         let kind = match model {
             "llama" => Kind::Spm,
-            "gpt2" => {
-                return Err(Error::Tokenizer(
-                    "GPT-2 byte-level BPE vocabularies (tokenizer.ggml.model = gpt2) are not supported yet; \
-                     SentencePiece (llama) vocabularies are"
-                        .into(),
-                ));
-            }
+            "gpt2" => Kind::Bpe,
             other => {
                 return Err(Error::Tokenizer(format!(
                     "tokenizer model {other:?} is not supported (supported: llama, gpt2)"
@@ -145,8 +142,18 @@ impl Tokenizer {
                 other => Ok(other),
             }
         };
-        let Kind::Spm = kind;
-        let (def_bos, def_eos, def_add_bos, def_space) = (Some(1), Some(2), true, true);
+        let pre = file.get_str("tokenizer.ggml.pre");
+        let (def_bos, def_eos, def_unk, def_add_bos, def_space) = match kind {
+            Kind::Spm => (Some(1), Some(2), Some(0), true, true),
+            // llama3-style vocabularies add BOS; GPT-2 ones do not.
+            Kind::Bpe => (
+                None,
+                None,
+                None,
+                matches!(pre, Some("llama3" | "llama-v3" | "llama-bpe")),
+                false,
+            ),
+        };
         let bos = check(
             opt_id(file, "tokenizer.ggml.bos_token_id").or(def_bos),
             "tokenizer.ggml.bos_token_id",
@@ -156,7 +163,7 @@ impl Tokenizer {
             "tokenizer.ggml.eos_token_id",
         )?;
         let unk = check(
-            opt_id(file, "tokenizer.ggml.unknown_token_id").or(Some(0)),
+            opt_id(file, "tokenizer.ggml.unknown_token_id").or(def_unk),
             "tokenizer.ggml.unknown_token_id",
         )?;
         let mut eog: Vec<u32> = Vec::new();
@@ -189,6 +196,10 @@ impl Tokenizer {
         }
         eog.sort_unstable();
         eog.dedup();
+        let bpe = match kind {
+            Kind::Bpe => Some(bpe::Bpe::new(file, &index, pre)?),
+            Kind::Spm => None,
+        };
         let add_bos = file
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.as_bool())
@@ -228,9 +239,14 @@ impl Tokenizer {
             add_bos,
             add_eos,
             add_space_prefix,
+            bpe,
         })
     }
 
+    /// A note about how the vocabulary was interpreted (e.g. an unknown pre-tokenizer name).
+    pub fn warning(&self) -> Option<&str> {
+        self.bpe.as_ref().and_then(|b| b.warning.as_deref())
+    }
     /// The algorithm.
     pub fn kind(&self) -> Kind {
         self.kind
@@ -282,13 +298,17 @@ impl Tokenizer {
                     prev_special = true;
                 }
                 Fragment::Text(t) => {
-                    let Kind::Spm = self.kind;
-                    let mut s = String::with_capacity(t.len() + 3);
-                    if self.add_space_prefix && prev_special {
-                        s.push(' ');
+                    match &self.bpe {
+                        Some(b) => b.encode(self, t, &mut out),
+                        None => {
+                            let mut s = String::with_capacity(t.len() + 3);
+                            if self.add_space_prefix && prev_special {
+                                s.push(' ');
+                            }
+                            s.push_str(t);
+                            spm::encode(self, &s.replace(' ', "\u{2581}"), &mut out);
+                        }
                     }
-                    s.push_str(t);
-                    spm::encode(self, &s.replace(' ', "\u{2581}"), &mut out);
                     prev_special = false;
                 }
             }
@@ -343,7 +363,10 @@ impl Tokenizer {
             }
             TokenType::UserDefined => text.as_bytes().to_vec(),
             TokenType::Byte => parse_byte_token(text).map(|b| vec![b]).unwrap_or_default(),
-            TokenType::Normal | TokenType::Undefined => text.replace('\u{2581}', " ").into_bytes(),
+            TokenType::Normal | TokenType::Undefined => match &self.bpe {
+                Some(b) => b.token_bytes(text),
+                None => text.replace('\u{2581}', " ").into_bytes(),
+            },
         }
     }
 
