@@ -31,6 +31,27 @@ enum Command {
         /// The GGUF file.
         file: PathBuf,
     },
+    /// Chat with a model interactively, in its chat format (one message per line; Ctrl-D ends).
+    Chat {
+        /// The GGUF model.
+        #[arg(short = 'm', long = "model")]
+        model: PathBuf,
+        /// A system message.
+        #[arg(short = 's', long = "system")]
+        system: Option<String>,
+        /// Most tokens per reply.
+        #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
+        n_predict: usize,
+        /// Temperature (0 = greedy).
+        #[arg(long = "temp", default_value_t = 0.7)]
+        temp: f32,
+        /// Random seed.
+        #[arg(long = "seed", default_value_t = 0x5EED)]
+        seed: u64,
+        /// Worker threads (default: all cores).
+        #[arg(short = 't', long = "threads")]
+        threads: Option<usize>,
+    },
     /// Measure prefill and decode speed on a model (like llama-bench): a random prompt of
     /// `--prompt-tokens`, then `--gen-tokens` decoded one at a time.
     Bench(BenchArgs),
@@ -334,8 +355,80 @@ fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
     Ok(())
 }
 
+fn chat(
+    model: PathBuf,
+    system: Option<String>,
+    n: usize,
+    temp: f32,
+    seed: u64,
+    threads: Option<usize>,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    use std::io::BufRead;
+    set_threads(threads)?;
+    let model = ternmux::model::Model::open(&model)?;
+    let mut opts = ternmux::model::GenerateOptions {
+        max_tokens: n,
+        ..Default::default()
+    };
+    opts.sampling.temperature = temp;
+    opts.sampling.seed = seed;
+    let mut chat = ternmux::chat::Chat::new(&model, opts);
+    if let Some(s) = system {
+        chat.system(&s);
+    }
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    eprintln!(
+        "ternmux: chatting with {} ({} format); one message per line, Ctrl-D to end",
+        model.config.arch_name,
+        match chat.format() {
+            ternmux::chat::ChatFormat::Bitnet => "BitNet 2B-4T",
+            ternmux::chat::ChatFormat::Template(_) => "GGUF template",
+            ternmux::chat::ChatFormat::Plain => "plain",
+        }
+    );
+    let stdin = std::io::stdin();
+    loop {
+        if interactive {
+            write!(out, "> ").map_err(io_failure)?;
+            out.flush().map_err(io_failure)?;
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line).map_err(io_failure)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let t = std::time::Instant::now();
+        let reply = chat.say(line, |p| {
+            out.write_all(p.as_bytes())
+                .and_then(|()| out.flush())
+                .is_ok()
+        })?;
+        writeln!(out).map_err(io_failure)?;
+        eprintln!(
+            "[{} new prompt tokens, {} generated, {:.1?}, stop: {:?}]",
+            reply.new_prompt_tokens,
+            reply.tokens,
+            t.elapsed(),
+            reply.stop
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
     match cli.command {
+        Command::Chat {
+            model,
+            system,
+            n_predict,
+            temp,
+            seed,
+            threads,
+        } => chat(model, system, n_predict, temp, seed, threads, out)?,
         Command::Bench(a) => bench_model(a, out)?,
         Command::Run(a) => run_model(a, out)?,
         Command::Inspect { file } => {

@@ -122,6 +122,10 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+    /// Keeps only the first `len` positions (reuse of a shared prompt prefix).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(KvStore::bytes).sum()
