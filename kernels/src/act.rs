@@ -51,10 +51,14 @@ pub struct QuantizedActs {
     scales: Vec<f32>,
 }
 
-/// Round half to even, as ggml's `nearest_int` (valid for |x| < 2^22, which covers every use here).
+/// Round half to even, exactly as ggml's `nearest_int`: adding 1.5·2^23 leaves the rounded
+/// integer in the low mantissa bits (valid for |x| < 2^22, which covers every use here: values
+/// are at most 127 in magnitude before clamping). Branch-free and vectorizable, unlike a
+/// `round_ties_even` call on targets without SSE4.1.
 #[inline(always)]
 fn nearest_int(x: f32) -> i32 {
-    x.round_ties_even() as i32
+    let v = x + 12_582_912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
 impl QuantizedActs {
@@ -186,10 +190,9 @@ impl QuantizedActs {
 
 /// bitnet.cpp `quantize_row_i8_s`: returns `s`; writes `q = clamp(round_half_even(x * s))`.
 pub fn quantize_row_per_token(x: &[f32], q: &mut [i8]) -> f32 {
-    let mut max = 0.00001f64;
-    for &v in x {
-        max = max.max(f64::from(v.abs()));
-    }
+    // max over f32 then widened: equal to bitnet.cpp's max over f64(|x|), exactly.
+    let amax = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    let max = f64::from(amax).max(0.00001);
     let s = (127.0 / max) as f32;
     for (qi, &v) in q.iter_mut().zip(x) {
         *qi = nearest_int(v * s).clamp(-127, 127) as i8;

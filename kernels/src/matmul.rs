@@ -202,6 +202,7 @@ impl Kernels {
         let work = n * w.format().row_bytes(k) * b.max(1);
         for_row_ranges(n, work, |r0, r1| {
             let mut sums = vec![0i32; MAX_BATCH * nsb];
+            let mut scales = vec![0f32; nsb];
             for t0 in (0..b).step_by(MAX_BATCH) {
                 let nt = MAX_BATCH.min(b - t0);
                 let qt = &q[t0 * k..(t0 + nt) * k];
@@ -211,7 +212,8 @@ impl Kernels {
                     // validated row, `qt` nt·k activations in [-127, 127] (QuantizedActs'
                     // invariant), `sums` nt·nsb slots; the kernels bounds-check their indexing.
                     unsafe { f(row, qt, k, nt, &mut sums) };
-                    combine(w, row, acts, t0, nt, &sums, |t, v| {
+                    w.block_scales(row, &mut scales);
+                    combine(w, &scales, acts, t0, nt, &sums, |t, v| {
                         // SAFETY: (t0 + t) < b and r < n, so the index is < b·n = out.len();
                         // row r belongs to this task alone.
                         unsafe { ptr.write((t0 + t) * n + r, v) }

@@ -186,6 +186,17 @@ impl<'a> TernaryMatrix<'a> {
     pub fn superblocks(&self) -> usize {
         self.cols.div_ceil(QK_K)
     }
+    /// Writes the f16 block scales `d_b` of a TQ row into `out` (one per super-block); I2_S rows
+    /// have none and leave `out` untouched.
+    #[inline]
+    pub fn block_scales(&self, row: &[u8], out: &mut [f32]) {
+        if self.format != TernaryFormat::I2S {
+            for (b, d) in out.iter_mut().enumerate().take(self.superblocks()) {
+                *d = self.block_scale(row, b);
+            }
+        }
+    }
+
     /// f16 block scale `d_b` of a TQ row (1.0 for I2_S).
     #[inline(always)]
     pub fn block_scale(&self, row: &[u8], b: usize) -> f32 {
@@ -199,12 +210,13 @@ impl<'a> TernaryMatrix<'a> {
 
 /// Turns one row's exact super-block sums into outputs for `n_act` activation rows.
 ///
-/// `sums[t * nsb + b]` is super-block b of activation row `t0 + t`; `out[t]` receives the result.
+/// `sums[t * nsb + b]` is super-block b of activation row `t0 + t`; `block_scales` holds the
+/// row's `d_b` ([`TernaryMatrix::block_scales`], unused for I2_S); `out[t]` receives the result.
 /// The f32 order is the one in the module table; every ISA shares it.
 #[inline]
 pub fn combine(
     m: &TernaryMatrix<'_>,
-    row: &[u8],
+    block_scales: &[f32],
     acts: &crate::act::QuantizedActs,
     t0: usize,
     n_act: usize,
@@ -235,16 +247,16 @@ pub fn combine(
             }
             (_, ActQuant::PerToken) => {
                 let mut acc = 0.0f32;
-                for (b, &x) in s.iter().enumerate() {
-                    acc += x as f32 * m.block_scale(row, b);
+                for (&x, &d) in s.iter().zip(block_scales) {
+                    acc += x as f32 * d;
                 }
                 acc / act_scales[t0 + t]
             }
             (_, ActQuant::Q8K) => {
                 let a = &act_scales[(t0 + t) * per_row..(t0 + t + 1) * per_row];
                 let mut acc = 0.0f32;
-                for (b, &x) in s.iter().enumerate() {
-                    acc += x as f32 * (m.block_scale(row, b) * a[b]);
+                for ((&x, &d), &ab) in s.iter().zip(block_scales).zip(a) {
+                    acc += x as f32 * (d * ab);
                 }
                 acc
             }

@@ -154,10 +154,11 @@ pub(crate) fn decode_i2_s_group(bytes: &[u8]) -> [__m256i; 4] {
     ]
 }
 
-/// Exact `Σ w·q` over `32·N` elements: sign-select, then ones-maddubs horizontal adds.
+/// `Σ w·q` over `32·N` elements as eight i32 partial sums (exact): sign-select, then
+/// ones-maddubs horizontal adds, widened once with ones-madd.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn block_sum<const N: usize>(w: &[__m256i; N], q: &[i8]) -> i32 {
+fn block_acc<const N: usize>(w: &[__m256i; N], q: &[i8]) -> __m256i {
     let q = &q[..32 * N];
     let ones8 = _mm256_set1_epi8(1);
     let mut acc = _mm256_setzero_si256();
@@ -165,8 +166,86 @@ fn block_sum<const N: usize>(w: &[__m256i; N], q: &[i8]) -> i32 {
         let x = load32_i8(&q[32 * j..]);
         acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(ones8, _mm256_sign_epi8(x, wj)));
     }
-    hsum_i32(_mm256_madd_epi16(acc, _mm256_set1_epi16(1)))
+    _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
 }
+
+/// Horizontal sums of four i32x8 vectors at once (a transposing hadd tree: 5 instructions for
+/// four sums instead of ~6 each).
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn reduce4(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> [i32; 4] {
+    let abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    let s = _mm_add_epi32(
+        _mm256_castsi256_si128(abcd),
+        _mm256_extracti128_si256::<1>(abcd),
+    );
+    let mut out = [0i32; 4];
+    // SAFETY: `out` is 16 writable bytes; storeu has no alignment requirement.
+    unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), s) };
+    out
+}
+
+/// The loop shared by every row kernel: per super-block `decode`, then exact sums for each
+/// activation row, reduced four at a time — across four activation rows (batches), or across
+/// four consecutive super-blocks (a single row). `$acc` yields an unreduced vector, `$reduce4`
+/// and `$reduce1` turn those into i32 sums.
+macro_rules! drive {
+    ($nsb:expr, $n_act:expr, $k:expr, $q:expr, $sums:expr,
+     |$b:ident| $decode:expr, |$w:ident, $qq:ident| $acc:expr, $reduce4:path, $reduce1:path) => {{
+        let (nsb, n_act, k, q, sums): (usize, usize, usize, &[i8], &mut [i32]) =
+            ($nsb, $n_act, $k, $q, $sums);
+        // Sums of activation row t live at sums[t * nsb + b] (the callers' super-block count).
+        let stride = nsb;
+        if n_act == 1 {
+            let mut b0 = 0;
+            while b0 + 4 <= nsb {
+                let mut v = [None; 4];
+                for (i, vi) in v.iter_mut().enumerate() {
+                    let $b = b0 + i;
+                    let $w = $decode;
+                    let $qq = &q[(b0 + i) * 256..];
+                    *vi = Some($acc);
+                }
+                let r = match v {
+                    [Some(a), Some(b), Some(c), Some(d)] => $reduce4(a, b, c, d),
+                    _ => [0; 4],
+                };
+                sums[b0..b0 + 4].copy_from_slice(&r);
+                b0 += 4;
+            }
+            for bb in b0..nsb {
+                let $b = bb;
+                let $w = $decode;
+                let $qq = &q[bb * 256..];
+                sums[bb] = $reduce1($acc);
+            }
+        } else {
+            for bb in 0..nsb {
+                let $b = bb;
+                let $w = $decode;
+                let mut t = 0;
+                while t + 4 <= n_act {
+                    let acc_t = |t: usize| {
+                        let $qq = &q[t * k + bb * 256..];
+                        let $w = &$w;
+                        $acc
+                    };
+                    let r = $reduce4(acc_t(t), acc_t(t + 1), acc_t(t + 2), acc_t(t + 3));
+                    for (i, ri) in r.iter().enumerate() {
+                        sums[(t + i) * stride + bb] = *ri;
+                    }
+                    t += 4;
+                }
+                for tt in t..n_act {
+                    let $qq = &q[tt * k + bb * 256..];
+                    let $w = &$w;
+                    sums[tt * stride + bb] = $reduce1($acc);
+                }
+            }
+        }
+    }};
+}
+pub(crate) use drive;
 
 /// TQ2_0 super-block sums; same contract as `reference::dot_tq2_0`.
 ///
@@ -174,13 +253,17 @@ fn block_sum<const N: usize>(w: &[__m256i; N], q: &[i8]) -> i32 {
 /// The CPU must support AVX2. Slice lengths are checked by indexing.
 #[target_feature(enable = "avx2")]
 pub unsafe fn dot_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mut [i32]) {
-    let nsb = k / 256;
-    for b in 0..nsb {
-        let w = decode_tq2_0(&w_row[b * 66..b * 66 + 66]);
-        for t in 0..n_act {
-            sums[t * nsb + b] = block_sum(&w, &q[t * k + b * 256..]);
-        }
-    }
+    drive!(
+        k / 256,
+        n_act,
+        k,
+        q,
+        sums,
+        |b| decode_tq2_0(&w_row[b * 66..b * 66 + 66]),
+        |w, qq| block_acc(&w, qq),
+        reduce4,
+        hsum_i32
+    );
 }
 
 /// TQ1_0 super-block sums; same contract as `reference::dot_tq1_0`.
@@ -189,13 +272,17 @@ pub unsafe fn dot_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &m
 /// The CPU must support AVX2. Slice lengths are checked by indexing.
 #[target_feature(enable = "avx2")]
 pub unsafe fn dot_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mut [i32]) {
-    let nsb = k / 256;
-    for b in 0..nsb {
-        let w = decode_tq1_0(&w_row[b * 54..b * 54 + 54]);
-        for t in 0..n_act {
-            sums[t * nsb + b] = block_sum(&w, &q[t * k + b * 256..]);
-        }
-    }
+    drive!(
+        k / 256,
+        n_act,
+        k,
+        q,
+        sums,
+        |b| decode_tq1_0(&w_row[b * 54..b * 54 + 54]),
+        |w, qq| block_acc(&w, qq),
+        reduce4,
+        hsum_i32
+    );
 }
 
 /// I2_S super-block sums; same contract as `reference::dot_i2_s`.
@@ -206,18 +293,33 @@ pub unsafe fn dot_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &m
 pub unsafe fn dot_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mut [i32]) {
     let nsb = k.div_ceil(256);
     let full = k / 256;
-    for b in 0..full {
+    let decode = |b: usize| {
         let lo = decode_i2_s_group(&w_row[b * 64..]);
         let hi = decode_i2_s_group(&w_row[b * 64 + 32..]);
-        let w = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
-        for t in 0..n_act {
-            sums[t * nsb + b] = block_sum(&w, &q[t * k + b * 256..]);
+        [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
+    };
+    if nsb == full {
+        drive!(
+            full,
+            n_act,
+            k,
+            q,
+            sums,
+            |b| decode(b),
+            |w, qq| block_acc(&w, qq),
+            reduce4,
+            hsum_i32
+        );
+    } else {
+        for b in 0..full {
+            let w = decode(b);
+            for t in 0..n_act {
+                sums[t * nsb + b] = hsum_i32(block_acc(&w, &q[t * k + b * 256..]));
+            }
         }
-    }
-    if nsb > full {
         let w = decode_i2_s_group(&w_row[full * 64..]);
         for t in 0..n_act {
-            sums[t * nsb + full] = block_sum(&w, &q[t * k + full * 256..]);
+            sums[t * nsb + full] = hsum_i32(block_acc(&w, &q[t * k + full * 256..]));
         }
     }
 }

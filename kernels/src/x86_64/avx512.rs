@@ -11,7 +11,7 @@
 //! TQ1_0's base-3 packing has 48 + 4 byte regions that do not fill a 512-bit register; it uses the
 //! AVX2 decoder and 256-bit `sign` + VNNI `dpbusd` (AVX-512 VL), saving the i16 widening step.
 
-use super::avx2::{decode_tq1_0, hsum_i32, load32_i8};
+use super::avx2::{decode_tq1_0, drive, hsum_i32, load32_i8, reduce4};
 use core::arch::x86_64::*;
 
 const FEATURES: &str = "avx2,avx512f,avx512bw,avx512vl,avx512vnni";
@@ -75,10 +75,10 @@ fn decode_two_chunks(raw: __m512i, shifts: [i16; 4]) -> [Masks; 4] {
     ]
 }
 
-/// Exact `Σ w·q` over `64·N` elements given as selection masks.
+/// `Σ w·q` over `64·N` elements given as selection masks, as sixteen i32 partial sums.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-fn block_sum_masks<const N: usize>(m: &[Masks; N], q: &[i8]) -> i32 {
+fn block_acc_masks<const N: usize>(m: &[Masks; N], q: &[i8]) -> __m512i {
     let q = &q[..64 * N];
     let ones = _mm512_set1_epi8(1);
     let zero = _mm512_setzero_si512();
@@ -88,13 +88,35 @@ fn block_sum_masks<const N: usize>(m: &[Masks; N], q: &[i8]) -> i32 {
         let v = _mm512_mask_sub_epi8(_mm512_maskz_mov_epi8(mj.pos, x), mj.neg, zero, x);
         acc = _mm512_dpbusd_epi32(acc, ones, v);
     }
-    _mm512_reduce_add_epi32(acc)
+    acc
 }
 
-/// Exact `Σ w·q` over 256 elements with weights as i8 vectors (256-bit sign + VNNI).
+/// Sum of sixteen i32 lanes.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-fn block_sum_sign(w: &[__m256i; 8], q: &[i8]) -> i32 {
+fn hsum512(a: __m512i) -> i32 {
+    _mm512_reduce_add_epi32(a)
+}
+
+/// Folds a 512-bit accumulator to 256 bits (exact integer adds).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn fold256(a: __m512i) -> __m256i {
+    _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64::<1>(a))
+}
+
+/// Horizontal sums of four 512-bit accumulators at once.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn reduce4_512(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> [i32; 4] {
+    reduce4(fold256(a), fold256(b), fold256(c), fold256(d))
+}
+
+/// `Σ w·q` over 256 elements with weights as i8 vectors (256-bit sign + VNNI), as eight i32
+/// partial sums.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn block_acc_sign(w: &[__m256i; 8], q: &[i8]) -> __m256i {
     let q = &q[..256];
     let ones = _mm256_set1_epi8(1);
     let mut acc = _mm256_setzero_si256();
@@ -102,7 +124,7 @@ fn block_sum_sign(w: &[__m256i; 8], q: &[i8]) -> i32 {
         let x = load32_i8(&q[32 * j..]);
         acc = _mm256_dpbusd_epi32(acc, ones, _mm256_sign_epi8(x, wj));
     }
-    hsum_i32(acc)
+    acc
 }
 
 /// TQ2_0 super-block sums; same contract as `reference::dot_tq2_0`.
@@ -111,14 +133,18 @@ fn block_sum_sign(w: &[__m256i; 8], q: &[i8]) -> i32 {
 /// The CPU must support AVX-512 F, BW, VL and VNNI. Slice lengths are checked by indexing.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mut [i32]) {
-    let nsb = k / 256;
-    for b in 0..nsb {
-        // Chunk c holds plane l of elements 128c + 32l + m at shift 2l.
-        let m = decode_two_chunks(load64(&w_row[b * 66..]), [0, 2, 4, 6]);
-        for t in 0..n_act {
-            sums[t * nsb + b] = block_sum_masks(&m, &q[t * k + b * 256..]);
-        }
-    }
+    // Chunk c holds plane l of elements 128c + 32l + m at shift 2l.
+    drive!(
+        k / 256,
+        n_act,
+        k,
+        q,
+        sums,
+        |b| decode_two_chunks(load64(&w_row[b * 66..]), [0, 2, 4, 6]),
+        |m, qq| block_acc_masks(&m, qq),
+        reduce4_512,
+        hsum512
+    );
 }
 
 /// TQ1_0 super-block sums; same contract as `reference::dot_tq1_0`.
@@ -127,13 +153,17 @@ pub unsafe fn dot_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &m
 /// The CPU must support AVX-512 F, BW, VL and VNNI. Slice lengths are checked by indexing.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mut [i32]) {
-    let nsb = k / 256;
-    for b in 0..nsb {
-        let w = decode_tq1_0(&w_row[b * 54..b * 54 + 54]);
-        for t in 0..n_act {
-            sums[t * nsb + b] = block_sum_sign(&w, &q[t * k + b * 256..]);
-        }
-    }
+    drive!(
+        k / 256,
+        n_act,
+        k,
+        q,
+        sums,
+        |b| decode_tq1_0(&w_row[b * 54..b * 54 + 54]),
+        |w, qq| block_acc_sign(&w, qq),
+        reduce4,
+        hsum_i32
+    );
 }
 
 /// I2_S super-block sums; same contract as `reference::dot_i2_s`.
@@ -146,13 +176,27 @@ pub unsafe fn dot_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mu
     let full = k / 256;
     // Group g of a 128-element chunk sits at shift 6 − 2g.
     const SHIFTS: [i16; 4] = [6, 4, 2, 0];
+    if nsb == full {
+        drive!(
+            full,
+            n_act,
+            k,
+            q,
+            sums,
+            |b| decode_two_chunks(load64(&w_row[b * 64..]), SHIFTS),
+            |m, qq| block_acc_masks(&m, qq),
+            reduce4_512,
+            hsum512
+        );
+        return;
+    }
     for b in 0..full {
         let m = decode_two_chunks(load64(&w_row[b * 64..]), SHIFTS);
         for t in 0..n_act {
-            sums[t * nsb + b] = block_sum_masks(&m, &q[t * k + b * 256..]);
+            sums[t * nsb + b] = hsum512(block_acc_masks(&m, &q[t * k + b * 256..]));
         }
     }
-    if nsb > full {
+    {
         let half = &w_row[full * 64..full * 64 + 32];
         // SAFETY: `half` has exactly 32 readable bytes; loadu has no alignment requirement.
         let c = unsafe { _mm256_loadu_si256(half.as_ptr().cast()) };
@@ -162,7 +206,7 @@ pub unsafe fn dot_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mu
             masks(_mm512_srlv_epi16(c, counts(2, 0))),
         ];
         for t in 0..n_act {
-            sums[t * nsb + full] = block_sum_masks(&m, &q[t * k + full * 256..]);
+            sums[t * nsb + full] = hsum512(block_acc_masks(&m, &q[t * k + full * 256..]));
         }
     }
 }
