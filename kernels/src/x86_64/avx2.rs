@@ -202,7 +202,8 @@ macro_rules! drive {
                 let mut v = [None; 4];
                 for (i, vi) in v.iter_mut().enumerate() {
                     let $b = b0 + i;
-                    let $w = $decode;
+                    let decoded = $decode;
+                    let $w = &decoded;
                     let $qq = &q[(b0 + i) * 256..];
                     *vi = Some($acc);
                 }
@@ -215,19 +216,20 @@ macro_rules! drive {
             }
             for bb in b0..nsb {
                 let $b = bb;
-                let $w = $decode;
+                let decoded = $decode;
+                let $w = &decoded;
                 let $qq = &q[bb * 256..];
                 sums[bb] = $reduce1($acc);
             }
         } else {
             for bb in 0..nsb {
                 let $b = bb;
-                let $w = $decode;
+                let decoded = $decode;
                 let mut t = 0;
                 while t + 4 <= n_act {
                     let acc_t = |t: usize| {
                         let $qq = &q[t * k + bb * 256..];
-                        let $w = &$w;
+                        let $w = &decoded;
                         $acc
                     };
                     let r = $reduce4(acc_t(t), acc_t(t + 1), acc_t(t + 2), acc_t(t + 3));
@@ -238,7 +240,7 @@ macro_rules! drive {
                 }
                 for tt in t..n_act {
                     let $qq = &q[tt * k + bb * 256..];
-                    let $w = &$w;
+                    let $w = &decoded;
                     sums[tt * stride + bb] = $reduce1($acc);
                 }
             }
@@ -260,7 +262,7 @@ pub unsafe fn dot_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &m
         q,
         sums,
         |b| decode_tq2_0(&w_row[b * 66..b * 66 + 66]),
-        |w, qq| block_acc(&w, qq),
+        |w, qq| block_acc(w, qq),
         reduce4,
         hsum_i32
     );
@@ -279,7 +281,7 @@ pub unsafe fn dot_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &m
         q,
         sums,
         |b| decode_tq1_0(&w_row[b * 54..b * 54 + 54]),
-        |w, qq| block_acc(&w, qq),
+        |w, qq| block_acc(w, qq),
         reduce4,
         hsum_i32
     );
@@ -306,7 +308,7 @@ pub unsafe fn dot_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mu
             q,
             sums,
             |b| decode(b),
-            |w, qq| block_acc(&w, qq),
+            |w, qq| block_acc(w, qq),
             reduce4,
             hsum_i32
         );

@@ -141,7 +141,7 @@ pub unsafe fn dot_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &m
         q,
         sums,
         |b| decode_two_chunks(load64(&w_row[b * 66..]), [0, 2, 4, 6]),
-        |m, qq| block_acc_masks(&m, qq),
+        |m, qq| block_acc_masks(m, qq),
         reduce4_512,
         hsum512
     );
@@ -160,7 +160,7 @@ pub unsafe fn dot_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &m
         q,
         sums,
         |b| decode_tq1_0(&w_row[b * 54..b * 54 + 54]),
-        |w, qq| block_acc_sign(&w, qq),
+        |w, qq| block_acc_sign(w, qq),
         reduce4,
         hsum_i32
     );
@@ -184,7 +184,7 @@ pub unsafe fn dot_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, sums: &mu
             q,
             sums,
             |b| decode_two_chunks(load64(&w_row[b * 64..]), SHIFTS),
-            |m, qq| block_acc_masks(&m, qq),
+            |m, qq| block_acc_masks(m, qq),
             reduce4_512,
             hsum512
         );
