@@ -51,16 +51,23 @@ def llama_bench(model, threads, prompt, tg, reps):
     llm = Llama(model_path=model, n_ctx=len(prompt) + tg + 8, n_batch=max(512, len(prompt)), n_ubatch=max(512, len(prompt)),
                 n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False, use_mmap=True)
     best_pp, best_tg, first_logits = float("inf"), float("inf"), None
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        # With logits_all=False llama-cpp-python no longer copies logits into `scores`: read the
+        # last token's logits from the context.
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).astype(np.float32)
+
     for _ in range(reps):
         llm.reset()
         t = time.perf_counter()
         llm.eval(prompt)
         best_pp = min(best_pp, time.perf_counter() - t)
         if first_logits is None:
-            first_logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            first_logits = last_logits()
         t = time.perf_counter()
         for _ in range(tg):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(last_logits()))
             llm.eval([nxt])
         best_tg = min(best_tg, time.perf_counter() - t)
     del llm
