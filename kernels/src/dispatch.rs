@@ -13,6 +13,10 @@ use std::sync::OnceLock;
 ///
 /// Arguments: `(w_row, q, k, n_act, sums)`; see `reference` for the contract.
 pub type TernaryRowFn = unsafe fn(&[u8], &[i8], usize, usize, &mut [i32]);
+/// A per-token row kernel: `(w_row, q, k, n_act, out)` writes, per activation row, the TQ
+/// block-scaled sum `Σ_b d_b · sumi_b` or the I2_S integer sum `Σ w·q` (see
+/// `reference::tok_row`).
+pub type TokRowFn = unsafe fn(&[u8], &[i8], usize, usize, &mut [f32]);
 /// An f32 dot product.
 pub type DotF32Fn = unsafe fn(&[f32], &[f32]) -> f32;
 /// f16 bytes → f32 conversion.
@@ -106,6 +110,8 @@ pub struct Kernels {
     pub(crate) tq2_0: TernaryRowFn,
     pub(crate) tq1_0: TernaryRowFn,
     pub(crate) i2_s: TernaryRowFn,
+    /// Fast per-token kernels (TQ2_0, TQ1_0, I2_S); `None` → super-block sums + `combine`.
+    pub(crate) tok: Option<[TokRowFn; 3]>,
     pub(crate) dot_f32: DotF32Fn,
     pub(crate) f16_to_f32: F16ToF32Fn,
 }
@@ -120,6 +126,7 @@ static SCALAR: Kernels = Kernels {
     tq2_0: crate::reference::dot_tq2_0,
     tq1_0: crate::reference::dot_tq1_0,
     i2_s: crate::reference::dot_i2_s,
+    tok: None,
     dot_f32: crate::reference::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
 };
@@ -130,6 +137,11 @@ static AVX2: Kernels = Kernels {
     tq2_0: crate::x86_64::avx2::dot_tq2_0,
     tq1_0: crate::x86_64::avx2::dot_tq1_0,
     i2_s: crate::x86_64::avx2::dot_i2_s,
+    tok: Some([
+        crate::x86_64::avx2::tok_tq2_0,
+        crate::x86_64::avx2::tok_tq1_0,
+        crate::x86_64::avx2::tok_i2_s,
+    ]),
     dot_f32: crate::x86_64::avx2::dot_f32,
     f16_to_f32: crate::x86_64::avx2::f16_to_f32,
 };
@@ -140,6 +152,11 @@ static AVX512: Kernels = Kernels {
     tq2_0: crate::x86_64::avx512::dot_tq2_0,
     tq1_0: crate::x86_64::avx512::dot_tq1_0,
     i2_s: crate::x86_64::avx512::dot_i2_s,
+    tok: Some([
+        crate::x86_64::avx512::tok_tq2_0,
+        crate::x86_64::avx512::tok_tq1_0,
+        crate::x86_64::avx512::tok_i2_s,
+    ]),
     dot_f32: crate::x86_64::avx512::dot_f32,
     f16_to_f32: crate::x86_64::avx2::f16_to_f32,
 };
@@ -150,6 +167,7 @@ static NEON: Kernels = Kernels {
     tq2_0: crate::aarch64::neon::plain::dot_tq2_0,
     tq1_0: crate::aarch64::neon::plain::dot_tq1_0,
     i2_s: crate::aarch64::neon::plain::dot_i2_s,
+    tok: None,
     dot_f32: crate::aarch64::neon::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
 };
@@ -160,6 +178,7 @@ static NEON_DOTPROD: Kernels = Kernels {
     tq2_0: crate::aarch64::neon::dotprod::dot_tq2_0,
     tq1_0: crate::aarch64::neon::dotprod::dot_tq1_0,
     i2_s: crate::aarch64::neon::dotprod::dot_i2_s,
+    tok: None,
     dot_f32: crate::aarch64::neon::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
 };

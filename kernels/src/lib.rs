@@ -13,9 +13,11 @@
 //! * [`ternary`], [`matmul`] — validated matrices and the parallel (rayon) products.
 //! * [`dequant`] — row dequantizers of every format.
 //!
-//! Exactness classes: every ternary kernel is **bit-exact** with its scalar twin (exact integer
-//! super-block sums, then one shared f32 order); the float kernels are **≤ ε** (lane-parallel f32
-//! sums), with the bound written next to their tests.
+//! Exactness classes: integer work is always exact. I2_S results and everything with Q8_K
+//! activations are **bit-exact** with the scalar twin on every ISA (and I2_S with bitnet.cpp's
+//! arithmetic); TQ1_0/TQ2_0 with per-token activations on AVX2/AVX-512 accumulate in float lanes
+//! like llama.cpp and are **≤ ε** of the twin; the float kernels are **≤ ε**. The bounds are
+//! derived next to the tests.
 //!
 //! ```
 //! use ternmux_kernels::{Kernels, act::{ActQuant, QuantizedActs}};

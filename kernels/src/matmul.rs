@@ -161,7 +161,9 @@ impl Kernels {
     }
 
     /// `out[t·N + r] = Σ_k W[r, k] · act[t, k]` for a ternary `W` (GEMV when one row of
-    /// activations, GEMM otherwise). Bit-exact across ISAs (see [`crate::ternary`]).
+    /// activations, GEMM otherwise). Exactness (see [`crate::ternary`]): bit-exact across ISAs for
+    /// I2_S and for Q8_K activations; TQ formats with per-token activations use the ISA's
+    /// float lanes on AVX2/AVX-512 (≤ ε of the scalar twin, bound in the tests).
     ///
     /// ```
     /// use ternmux_kernels::{Kernels, act::{ActQuant, QuantizedActs}, ternary::{TernaryFormat, TernaryMatrix}};
@@ -195,6 +197,12 @@ impl Kernels {
                 out.len()
             )));
         }
+        if acts.flavor() == crate::act::ActQuant::PerToken
+            && let Some(tok) = self.tok
+        {
+            self.ternary_matmul_tok(tok, w, acts, out);
+            return Ok(());
+        }
         let f = self.row_fn(w.format());
         let nsb = w.superblocks();
         let q = acts.q();
@@ -222,6 +230,77 @@ impl Kernels {
             }
         });
         Ok(())
+    }
+
+    /// The per-token fast path: one vector accumulator per activation row, reduced once per row.
+    fn ternary_matmul_tok(
+        &self,
+        tok: [crate::dispatch::TokRowFn; 3],
+        w: &TernaryMatrix<'_>,
+        acts: &QuantizedActs,
+        out: &mut [f32],
+    ) {
+        let (n, k, b) = (w.rows(), w.cols(), acts.rows());
+        let f = tok[format_index(w.format())];
+        let (q, scales, w_s) = (acts.q(), acts.scales(), w.tensor_scale());
+        let i2s = w.format() == TernaryFormat::I2S;
+        let ptr = OutPtr(out.as_mut_ptr());
+        let work = n * w.format().row_bytes(k) * b.max(1);
+        for_row_ranges(n, work, |r0, r1| {
+            let mut buf = [0f32; MAX_BATCH];
+            for t0 in (0..b).step_by(MAX_BATCH) {
+                let nt = MAX_BATCH.min(b - t0);
+                let qt = &q[t0 * k..(t0 + nt) * k];
+                for r in r0..r1 {
+                    // SAFETY: `self` exists only for an ISA this CPU supports; `w.row(r)` holds one
+                    // validated row, `qt` nt·k activations in [-127, 127]; kernels bounds-check.
+                    unsafe { f(w.row(r), qt, k, nt, &mut buf[..nt]) };
+                    for (t, &v) in buf[..nt].iter().enumerate() {
+                        // bitnet.cpp's order for I2_S: sumi / s · w_s.
+                        let y = if i2s {
+                            v / scales[t0 + t] * w_s
+                        } else {
+                            v / scales[t0 + t]
+                        };
+                        // SAFETY: (t0 + t) < b and r < n, so the index is < out.len(); row r is
+                        // this task's alone.
+                        unsafe { ptr.write((t0 + t) * n + r, y) }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Per-token row products of one row (safe wrapper over the fast kernel, or the scalar
+    /// twin where this ISA has none), for tests: see `reference::tok_row`.
+    pub fn ternary_row_tok(
+        &self,
+        format: TernaryFormat,
+        w_row: &[u8],
+        q: &[i8],
+        k: usize,
+        n_act: usize,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let mut sums = vec![0i32; n_act * k.div_ceil(256)];
+        self.ternary_row_sums(format, w_row, q, k, n_act, &mut sums)?; // validates every length
+        if out.len() < n_act {
+            return Err(KernelError::Shape(format!(
+                "need {n_act} outputs, got {}",
+                out.len()
+            )));
+        }
+        match self.tok {
+            // SAFETY: as in `ternary_row_sums`: supported ISA, lengths validated above.
+            Some(tok) => unsafe { tok[format_index(format)](w_row, q, k, n_act, out) },
+            None => crate::reference::tok_row(format, w_row, q, k, n_act, out),
+        }
+        Ok(())
+    }
+
+    /// Whether this ISA has fast per-token kernels (TQ results then follow its lane order).
+    pub fn has_tok_kernels(&self) -> bool {
+        self.tok.is_some()
     }
 
     /// `out[t·N + r] = Σ_k W[r, k] · x[t, k]` for float or quantized (F32, F16, BF16, Q8_0, Q4_0,
@@ -279,6 +358,14 @@ impl Kernels {
             }
         });
         Ok(())
+    }
+}
+
+fn format_index(f: TernaryFormat) -> usize {
+    match f {
+        TernaryFormat::Tq2_0 => 0,
+        TernaryFormat::Tq1_0 => 1,
+        TernaryFormat::I2S => 2,
     }
 }
 

@@ -107,3 +107,38 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     }
     acc
 }
+
+/// Per-token row product (scalar twin of the `*_tok` kernels): for each activation row, TQ
+/// formats give `Σ_b d_b · sumi_b` in block order (f32), I2_S the exact integer `Σ w·q` as f32.
+/// The caller divides by the token scale (and multiplies by I2_S's `w_s`).
+pub fn tok_row(
+    format: crate::ternary::TernaryFormat,
+    w_row: &[u8],
+    q: &[i8],
+    k: usize,
+    n_act: usize,
+    out: &mut [f32],
+) {
+    use crate::ternary::TernaryFormat;
+    let nsb = k.div_ceil(QK_K);
+    let mut sums = vec![0i32; nsb * n_act];
+    match format {
+        TernaryFormat::Tq2_0 => dot_tq2_0(w_row, q, k, n_act, &mut sums),
+        TernaryFormat::Tq1_0 => dot_tq1_0(w_row, q, k, n_act, &mut sums),
+        TernaryFormat::I2S => dot_i2_s(w_row, q, k, n_act, &mut sums),
+    }
+    let bb = format.row_bytes(QK_K);
+    for (t, o) in out.iter_mut().enumerate().take(n_act) {
+        let s = &sums[t * nsb..(t + 1) * nsb];
+        *o = match format {
+            TernaryFormat::I2S => s.iter().map(|&x| i64::from(x)).sum::<i64>() as f32,
+            _ => {
+                let mut acc = 0.0f32;
+                for (b, &x) in s.iter().enumerate() {
+                    acc += x as f32 * crate::blocks::read_f16(w_row, b * bb + bb - 2);
+                }
+                acc
+            }
+        };
+    }
+}

@@ -1,11 +1,19 @@
 //! Ternary weight matrices and the arithmetic contract every ternary kernel follows.
 //!
 //! A ternary matrix has `rows = N` output rows of `cols = K` weights in one of three packings
-//! ([`TernaryFormat`]). Every ISA kernel computes, for one weight row and up to [`MAX_BATCH`]
-//! activation rows, the **exact integer** dot product `Σ w·q` (w ∈ {−1, 0, +1}, q ∈ [−127, 127])
-//! of each 256-element super-block (I2_S: the last super-block may hold 128 elements). Those
-//! integers are then scaled in one fixed f32 order shared by all ISAs ([`combine`]), so every ISA's
-//! output is **bit-exact** with the scalar twin:
+//! ([`TernaryFormat`]). There are two kernel families:
+//!
+//! * **Super-block kernels** (every ISA): for one weight row and up to [`MAX_BATCH`] activation
+//!   rows, the **exact integer** dot product `Σ w·q` (w ∈ {−1, 0, +1}, q ∈ [−127, 127]) of each
+//!   256-element super-block (I2_S: the last may hold 128 elements), then scaled in one fixed f32
+//!   order shared by all ISAs ([`combine`]) — **bit-exact** with the scalar twin. Used for Q8_K
+//!   activations and on ISAs without per-token kernels.
+//! * **Per-token kernels** (AVX2, AVX-512): one vector accumulator per activation row, reduced
+//!   once per row. I2_S accumulates exact integers (**bit-exact**, the same result as below);
+//!   TQ1_0/TQ2_0 accumulate `sumi · d_b` in 8 or 16 float lanes, llama.cpp's structure
+//!   (**≤ ε** of the twin: `|Δ| ≤ γ_{nsb+8} · Σ_j |w_j · q_j|`, enforced by the tests).
+//!
+//! The f32 orders of the super-block path:
 //!
 //! | weights | activations | per super-block b (in order) | result |
 //! |---|---|---|---|

@@ -376,3 +376,140 @@ pub unsafe fn f16_to_f32(bytes: &[u8], out: &mut [f32]) {
         out[j] = half::f16::from_le_bytes([bytes[2 * j], bytes[2 * j + 1]]).to_f32();
     }
 }
+
+/// The per-token row loop: activation rows in tiles of 8, each with a vector accumulator that
+/// lives across super-blocks (`$update` folds one super-block's unreduced integer vector into it)
+/// and is reduced once per row (`$finish`). Weights are decoded once per tile.
+macro_rules! tok_drive {
+    ($nb:expr, $n_act:expr, $k:expr, $q:expr, $out:expr, $zero:expr,
+     |$b:ident| $decode:expr, |$w:ident, $qq:ident| $acc:expr,
+     |$a:ident, $x:ident, $bi:ident| $update:expr, $finish:path) => {{
+        // `$bi` is bound to the decoded super-block (for its scale).
+        let (nb, n_act, k, q, out): (usize, usize, usize, &[i8], &mut [f32]) =
+            ($nb, $n_act, $k, $q, $out);
+        let mut t0 = 0;
+        while t0 < n_act {
+            let nt = (n_act - t0).min(8);
+            let mut accs = [$zero; 8];
+            for bb in 0..nb {
+                let $b = bb;
+                let decoded = $decode;
+                for (i, slot) in accs.iter_mut().enumerate().take(nt) {
+                    let $qq = &q[(t0 + i) * k + bb * 256..];
+                    let $w = &decoded;
+                    let $x = $acc;
+                    let $a = *slot;
+                    let $bi = &decoded;
+                    *slot = $update;
+                }
+            }
+            for (i, slot) in accs.iter().enumerate().take(nt) {
+                out[t0 + i] = $finish(*slot);
+            }
+            t0 += nt;
+        }
+    }};
+}
+pub(crate) use tok_drive;
+
+/// A TQ block's f16 scale, widened with F16C.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+pub(crate) fn block_d(w_row: &[u8], at: usize) -> f32 {
+    let h = u16::from_le_bytes([w_row[at], w_row[at + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(h as i16)))
+}
+
+/// Sum of eight f32 lanes.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s)))
+}
+
+/// Integer lanes of a row total as f32 (exact: |Σ| ≤ 127 · 65 536 < 2^24).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn hsum_i32_f32(v: __m256i) -> f32 {
+    hsum_i32(v) as f32
+}
+
+/// Per-token TQ2_0 row products (≤ ε class: 8 float lanes accumulate `sumi · d_b`).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. Slice lengths are checked by indexing.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tok_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
+    tok_drive!(
+        k / 256,
+        n_act,
+        k,
+        q,
+        out,
+        _mm256_setzero_ps(),
+        |b| (
+            decode_tq2_0(&w_row[b * 66..b * 66 + 66]),
+            _mm256_set1_ps(block_d(w_row, b * 66 + 64))
+        ),
+        |w, qq| block_acc(&w.0, qq),
+        |a, x, d| _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), d.1, a),
+        hsum_ps
+    );
+}
+
+/// Per-token TQ1_0 row products (≤ ε class).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. Slice lengths are checked by indexing.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tok_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
+    tok_drive!(
+        k / 256,
+        n_act,
+        k,
+        q,
+        out,
+        _mm256_setzero_ps(),
+        |b| (
+            decode_tq1_0(&w_row[b * 54..b * 54 + 54]),
+            _mm256_set1_ps(block_d(w_row, b * 54 + 52))
+        ),
+        |w, qq| block_acc(&w.0, qq),
+        |a, x, d| _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), d.1, a),
+        hsum_ps
+    );
+}
+
+/// Per-token I2_S row totals `Σ w·q` (exact integers: bit-exact with the twin).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C. Slice lengths are checked by indexing.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tok_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
+    let full = k / 256;
+    let decode = |b: usize| {
+        let lo = decode_i2_s_group(&w_row[b * 64..]);
+        let hi = decode_i2_s_group(&w_row[b * 64 + 32..]);
+        [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
+    };
+    tok_drive!(
+        full,
+        n_act,
+        k,
+        q,
+        out,
+        _mm256_setzero_si256(),
+        |b| decode(b),
+        |w, qq| block_acc(w, qq),
+        |a, x, _b| _mm256_add_epi32(a, x),
+        hsum_i32_f32
+    );
+    if k % 256 != 0 {
+        let w = decode_i2_s_group(&w_row[full * 64..]);
+        for (t, o) in out.iter_mut().enumerate().take(n_act) {
+            *o += hsum_i32(block_acc(&w, &q[t * k + full * 256..])) as f32;
+        }
+    }
+}

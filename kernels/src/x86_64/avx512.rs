@@ -11,7 +11,7 @@
 //! TQ1_0's base-3 packing has 48 + 4 byte regions that do not fill a 512-bit register; it uses the
 //! AVX2 decoder and 256-bit `sign` + VNNI `dpbusd` (AVX-512 VL), saving the i16 widening step.
 
-use super::avx2::{decode_tq1_0, drive, hsum_i32, load32_i8, reduce4};
+use super::avx2::{block_d, decode_tq1_0, drive, hsum_i32, hsum_ps, load32_i8, reduce4, tok_drive};
 use core::arch::x86_64::*;
 
 const FEATURES: &str = "avx2,avx512f,avx512bw,avx512vl,avx512vnni";
@@ -244,4 +244,98 @@ pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 /// The feature list these kernels need, for messages.
 pub fn features() -> &'static str {
     FEATURES
+}
+
+/// Per-token TQ2_0 row products (≤ ε class: 16 float lanes accumulate `sumi · d_b`).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL, VNNI, FMA and F16C. Slice lengths are checked.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn tok_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
+    tok_drive!(
+        k / 256,
+        n_act,
+        k,
+        q,
+        out,
+        _mm512_setzero_ps(),
+        |b| (
+            decode_two_chunks(load64(&w_row[b * 66..]), [0, 2, 4, 6]),
+            _mm512_set1_ps(block_d(w_row, b * 66 + 64))
+        ),
+        |w, qq| block_acc_masks(&w.0, qq),
+        |a, x, d| _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), d.1, a),
+        hsum512_ps
+    );
+}
+
+/// Per-token TQ1_0 row products (≤ ε class; 256-bit sign + VNNI, 8 float lanes).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL, VNNI, FMA and F16C. Slice lengths are checked.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn tok_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
+    tok_drive!(
+        k / 256,
+        n_act,
+        k,
+        q,
+        out,
+        _mm256_setzero_ps(),
+        |b| (
+            decode_tq1_0(&w_row[b * 54..b * 54 + 54]),
+            _mm256_set1_ps(block_d(w_row, b * 54 + 52))
+        ),
+        |w, qq| block_acc_sign(&w.0, qq),
+        |a, x, d| _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), d.1, a),
+        hsum_ps
+    );
+}
+
+/// Per-token I2_S row totals `Σ w·q` (exact integers: bit-exact with the twin).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL, VNNI, FMA and F16C. Slice lengths are checked.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn tok_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
+    const SHIFTS: [i16; 4] = [6, 4, 2, 0];
+    let full = k / 256;
+    tok_drive!(
+        full,
+        n_act,
+        k,
+        q,
+        out,
+        _mm512_setzero_si512(),
+        |b| decode_two_chunks(load64(&w_row[b * 64..]), SHIFTS),
+        |m, qq| block_acc_masks(m, qq),
+        |a, x, _b| _mm512_add_epi32(a, x),
+        hsum512_f32
+    );
+    if k % 256 != 0 {
+        let half = &w_row[full * 64..full * 64 + 32];
+        // SAFETY: `half` has exactly 32 readable bytes; loadu has no alignment requirement.
+        let c = _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(half.as_ptr().cast()) });
+        let m = [
+            masks(_mm512_srlv_epi16(c, counts(6, 4))),
+            masks(_mm512_srlv_epi16(c, counts(2, 0))),
+        ];
+        for (t, o) in out.iter_mut().enumerate().take(n_act) {
+            *o += hsum512(block_acc_masks(&m, &q[t * k + full * 256..])) as f32;
+        }
+    }
+}
+
+/// Sum of sixteen f32 lanes.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn hsum512_ps(v: __m512) -> f32 {
+    _mm512_reduce_add_ps(v)
+}
+
+/// Integer lanes of a row total as f32 (exact: |Σ| ≤ 127 · 65 536 < 2^24).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn hsum512_f32(v: __m512i) -> f32 {
+    _mm512_reduce_add_epi32(v) as f32
 }
