@@ -6,7 +6,7 @@
 //! activations, outputs are f32. Layout (after memchr):
 //!
 //! * [`blocks`] — on-disk block layouts with compile-time size checks.
-//! * [`reference`] — the scalar twins, the definition every fast kernel must equal.
+//! * [`reference`](mod@reference) — the scalar twins, the definition every fast kernel must equal.
 //! * `x86_64::{avx2, avx512}`, `aarch64::neon` — ISA kernels sharing the twins' signature.
 //! * [`dispatch`] — CPU detection once per process; `TERNMUX_ISA` forces an ISA.
 //! * [`act`] — int8 activation quantization: per token (bitnet.cpp) or per 256-block (Q8_K).

@@ -506,7 +506,7 @@ pub unsafe fn tok_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut
         |a, x, _b| _mm256_add_epi32(a, x),
         hsum_i32_f32
     );
-    if k % 256 != 0 {
+    if !k.is_multiple_of(256) {
         let w = decode_i2_s_group(&w_row[full * 64..]);
         for (t, o) in out.iter_mut().enumerate().take(n_act) {
             *o += hsum_i32(block_acc(&w, &q[t * k + full * 256..])) as f32;

@@ -312,7 +312,7 @@ pub unsafe fn tok_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut
         |a, x, _b| _mm512_add_epi32(a, x),
         hsum512_f32
     );
-    if k % 256 != 0 {
+    if !k.is_multiple_of(256) {
         let half = &w_row[full * 64..full * 64 + 32];
         // SAFETY: `half` has exactly 32 readable bytes; loadu has no alignment requirement.
         let c = _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(half.as_ptr().cast()) });
