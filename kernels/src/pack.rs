@@ -59,6 +59,21 @@ pub fn pack_i2_s_row(codes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// Packs a whole `rows × cols` I2_S tensor: every row, then the 32-byte tail whose first four
+/// bytes hold the f32 scale `w_s` (`out` is `rows · cols / 4 + 32` bytes).
+pub fn pack_i2_s_tensor(codes: &[u8], rows: usize, cols: usize, w_s: f32, out: &mut [u8]) {
+    let rb = cols / 4;
+    for r in 0..rows {
+        pack_i2_s_row(
+            &codes[r * cols..(r + 1) * cols],
+            &mut out[r * rb..(r + 1) * rb],
+        );
+    }
+    let at = rows * rb;
+    out[at..at + 32].fill(0);
+    out[at..at + 4].copy_from_slice(&w_s.to_le_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

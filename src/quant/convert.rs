@@ -17,7 +17,7 @@
 use crate::error::{Error, Result};
 use half::f16;
 use ternmux_kernels::blocks::{QK_K, read_f16};
-use ternmux_kernels::pack::{pack_i2_s_row, pack_tq1_0, pack_tq2_0};
+use ternmux_kernels::pack::{pack_i2_s_tensor, pack_tq1_0, pack_tq2_0};
 use ternmux_kernels::reference::{code_i2_s, code_tq1_0, code_tq2_0};
 use ternmux_kernels::ternary::TernaryFormat;
 
@@ -185,15 +185,7 @@ pub fn convert_ternary(
                 }
                 scale.map_or(0.0, f16::to_f32)
             };
-            let rb = cols / 4;
-            for r in 0..rows {
-                pack_i2_s_row(
-                    &codes[r * cols..(r + 1) * cols],
-                    &mut out[r * rb..(r + 1) * rb],
-                );
-            }
-            let at = rows * rb;
-            out[at..at + 4].copy_from_slice(&w_s.to_le_bytes());
+            pack_i2_s_tensor(&codes, rows, cols, w_s, &mut out);
         }
     }
     Ok(out)

@@ -16,7 +16,7 @@ use crate::gguf::GgmlType;
 use half::f16;
 use ternmux_kernels::blocks::{QK_K, QK8_0};
 use ternmux_kernels::dequant::FloatFormat;
-use ternmux_kernels::pack::{pack_i2_s_row, pack_tq1_0, pack_tq2_0};
+use ternmux_kernels::pack::{pack_i2_s_tensor, pack_tq1_0, pack_tq2_0};
 use ternmux_kernels::ternary::TernaryFormat;
 
 /// Encodes `rows × cols` f32 values (row-major) as `ty`.
@@ -91,15 +91,7 @@ pub fn encode(ty: GgmlType, x: &[f32], rows: usize, cols: usize) -> Result<Vec<u
                     }
                 })
                 .collect();
-            let rb = cols / 4;
-            for r in 0..rows {
-                pack_i2_s_row(
-                    &codes[r * cols..(r + 1) * cols],
-                    &mut out[r * rb..(r + 1) * rb],
-                );
-            }
-            let at = rows * rb;
-            out[at..at + 4].copy_from_slice(&w_s.to_le_bytes());
+            pack_i2_s_tensor(&codes, rows, cols, w_s, &mut out);
         }
     }
     Ok(out)
