@@ -201,7 +201,7 @@ impl From<ternmux::Error> for Failure {
 }
 
 fn run_model(a: RunArgs, out: &mut impl Write) -> Result<(), Failure> {
-    use ternmux::model::{GenerateOptions, Model};
+    use ternmux::model::GenerateOptions;
     use ternmux::sampling::SamplingParams;
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new()
@@ -212,7 +212,7 @@ fn run_model(a: RunArgs, out: &mut impl Write) -> Result<(), Failure> {
                 hint: None,
             })?;
     }
-    let model = Model::open(&a.model)?;
+    let model = open_model(&a.model)?;
     let opts = GenerateOptions {
         max_tokens: a.n_predict,
         sampling: SamplingParams {
@@ -264,6 +264,23 @@ fn run_model(a: RunArgs, out: &mut impl Write) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Opens a model with a progress bar on stderr (hidden when stderr is not a terminal).
+fn open_model(path: &std::path::Path) -> Result<ternmux::model::Model, Failure> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let bar = ProgressBar::with_draw_target(Some(3), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{spinner} opening {prefix} [{bar:20}] {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    bar.set_prefix(format!("{} ({:.1} MB)", path.display(), size as f64 / 1e6));
+    let model = ternmux::model::Model::open_with_progress(path, |stage| {
+        bar.set_message(stage.describe());
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    Ok(model?)
+}
+
 fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
     if let Some(n) = threads {
         rayon::ThreadPoolBuilder::new()
@@ -278,9 +295,9 @@ fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
 }
 
 fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
-    use ternmux::model::{KvCache, KvType, Logits, Model};
+    use ternmux::model::{KvCache, KvType, Logits};
     set_threads(a.threads)?;
-    let model = Model::open(&a.model)?;
+    let model = open_model(&a.model)?;
     let n_vocab = model.config.n_vocab as u64;
     // A fixed pseudo-random prompt (llama-bench also uses random tokens).
     let mut x = 0x2545_F491_4F6C_DD1Du64;
@@ -366,7 +383,7 @@ fn chat(
 ) -> Result<(), Failure> {
     use std::io::BufRead;
     set_threads(threads)?;
-    let model = ternmux::model::Model::open(&model)?;
+    let model = open_model(&model)?;
     let mut opts = ternmux::model::GenerateOptions {
         max_tokens: n,
         ..Default::default()

@@ -45,18 +45,33 @@ impl Model {
     /// Maps a GGUF file and prepares it for inference (metadata and validation only: no tensor
     /// data is read or copied).
     pub fn open(path: impl AsRef<Path>) -> Result<Model> {
+        Model::open_with_progress(path, |_| {})
+    }
+
+    /// As [`Model::open`], reporting each stage as it starts (for a progress display).
+    pub fn open_with_progress(
+        path: impl AsRef<Path>,
+        mut stage: impl FnMut(LoadStage),
+    ) -> Result<Model> {
         let start = Instant::now();
+        stage(LoadStage::Mapping);
         let file = GgufFile::open(path)?;
-        let mut m = Model::from_file(file)?;
+        let mut m = Model::prepare(file, &mut stage)?;
         m.load_time = start.elapsed();
         Ok(m)
     }
 
     /// Prepares an already opened file.
     pub fn from_file(file: GgufFile) -> Result<Model> {
+        Model::prepare(file, &mut |_| {})
+    }
+
+    fn prepare(file: GgufFile, stage: &mut impl FnMut(LoadStage)) -> Result<Model> {
         let start = Instant::now();
+        stage(LoadStage::Validating);
         let config = Config::from_gguf(&file)?;
         let weights = Weights::load(&file, &config)?;
+        stage(LoadStage::Tokenizer);
         let tokenizer = Tokenizer::from_gguf(&file)?;
         if tokenizer.len() > config.n_vocab {
             return Err(Error::Gguf(format!(
@@ -177,6 +192,28 @@ impl Model {
             stop: stream.finished.unwrap_or(StopReason::MaxTokens),
             timings: stream.timings.clone(),
         })
+    }
+}
+
+/// The stages of [`Model::open_with_progress`], in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadStage {
+    /// Mapping the file and parsing its header, metadata and tensor table.
+    Mapping,
+    /// Reading the configuration and checking every tensor the graph needs.
+    Validating,
+    /// Building the tokenizer from the vocabulary.
+    Tokenizer,
+}
+
+impl LoadStage {
+    /// A short description.
+    pub fn describe(self) -> &'static str {
+        match self {
+            LoadStage::Mapping => "mapping file",
+            LoadStage::Validating => "checking tensors",
+            LoadStage::Tokenizer => "building tokenizer",
+        }
     }
 }
 
