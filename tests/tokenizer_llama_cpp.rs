@@ -93,3 +93,43 @@ fn llama3_specials_and_bos() {
         assert_eq!(t.decode(&ids), "héllo 🦙 wörld");
     }
 }
+
+/// ids recorded from llama-cpp-python 0.3.36 `Llama.tokenize` by scripts/make_tokenizer_fixtures.py:
+/// ASCII, Unicode, emoji, whitespace runs, numbers, code, contractions and special-token texts,
+/// each with and without BOS and special-token parsing.
+#[test]
+fn ids_equal_llama_cpp_tokenize_fixtures() {
+    let Some(dir) = vocab_dir() else { return };
+    let path = format!(
+        "{}/tests/fixtures/tokenizer_ids.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut n = 0;
+    for (vocab, cases) in fx["vocabs"].as_object().unwrap() {
+        let f = GgufFile::open(format!("{dir}/{vocab}")).unwrap();
+        let t = Tokenizer::from_gguf(&f).unwrap();
+        for c in cases.as_array().unwrap() {
+            let text = c["text"].as_str().unwrap();
+            let (add, special) = (
+                c["add_special"].as_bool().unwrap(),
+                c["parse_special"].as_bool().unwrap(),
+            );
+            let want: Vec<u32> = c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(
+                t.encode(text, add, special),
+                want,
+                "{vocab}: {text:?} add_special={add} parse_special={special}"
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 150, "only {n} fixture cases");
+    eprintln!("{n} llama-cpp-python tokenize cases agree");
+}
