@@ -19,6 +19,8 @@ pub type TernaryRowFn = unsafe fn(&[u8], &[i8], usize, usize, &mut [i32]);
 pub type TokRowFn = unsafe fn(&[u8], &[i8], usize, usize, &mut [f32]);
 /// An f32 dot product.
 pub type DotF32Fn = unsafe fn(&[f32], &[f32]) -> f32;
+/// `Σ f16(w_i) · x_i` from f16 bytes.
+pub type DotF16Fn = unsafe fn(&[u8], &[f32]) -> f32;
 /// f16 bytes → f32 conversion.
 pub type F16ToF32Fn = unsafe fn(&[u8], &mut [f32]);
 
@@ -114,6 +116,8 @@ pub struct Kernels {
     pub(crate) tok: Option<[TokRowFn; 3]>,
     pub(crate) dot_f32: DotF32Fn,
     pub(crate) f16_to_f32: F16ToF32Fn,
+    /// Fused f16 dot product for single-token heads; `None` → convert, then `dot_f32`.
+    pub(crate) dot_f16: Option<DotF16Fn>,
 }
 
 /// Scalar f16 → f32 conversion (the `half` crate; it uses F16C/FP16 itself when present).
@@ -129,6 +133,7 @@ static SCALAR: Kernels = Kernels {
     tok: None,
     dot_f32: crate::reference::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
+    dot_f16: None,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -144,6 +149,7 @@ static AVX2: Kernels = Kernels {
     ]),
     dot_f32: crate::x86_64::avx2::dot_f32,
     f16_to_f32: crate::x86_64::avx2::f16_to_f32,
+    dot_f16: Some(crate::x86_64::avx2::dot_f16),
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -159,6 +165,7 @@ static AVX512: Kernels = Kernels {
     ]),
     dot_f32: crate::x86_64::avx512::dot_f32,
     f16_to_f32: crate::x86_64::avx2::f16_to_f32,
+    dot_f16: Some(crate::x86_64::avx512::dot_f16),
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -170,6 +177,7 @@ static NEON: Kernels = Kernels {
     tok: None,
     dot_f32: crate::aarch64::neon::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
+    dot_f16: None,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -181,6 +189,7 @@ static NEON_DOTPROD: Kernels = Kernels {
     tok: None,
     dot_f32: crate::aarch64::neon::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
+    dot_f16: None,
 };
 
 impl Kernels {

@@ -331,6 +331,18 @@ impl Kernels {
         let fmt = w.format();
         let ptr = OutPtr(out.as_mut_ptr());
         let work = n * fmt.row_bytes(k) * b.max(1);
+        if let (FloatFormat::F16, 1, Some(dot_f16)) = (fmt, b, self.dot_f16) {
+            // One token: a fused widening dot product reads each weight once, with no buffer.
+            for_row_ranges(n, work, |r0, r1| {
+                for r in r0..r1 {
+                    // SAFETY: `self` exists only for an ISA this CPU supports; the row holds k f16.
+                    let v = unsafe { dot_f16(w.row(r), x) };
+                    // SAFETY: r < n = out.len() (b = 1); row r is this task's alone.
+                    unsafe { ptr.write(r, v) }
+                }
+            });
+            return Ok(());
+        }
         for_row_ranges(n, work, |r0, r1| {
             let mut buf = [0.0f32; FLOAT_CHUNK];
             let mut acc = vec![0.0f32; b];

@@ -513,3 +513,35 @@ pub unsafe fn tok_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut
         }
     }
 }
+
+/// `Σ f16(w_i) · x_i` straight from f16 bytes: F16C widening fused with FMA, four accumulators
+/// (≤ ε class). Used for single-token products with F16 heads, where converting into a buffer
+/// first would cost a second pass.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
+    let n = x.len().min(w.len() / 2);
+    let (w, x) = (&w[..2 * n], &x[..n]);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (j, accj) in acc.iter_mut().enumerate() {
+            let h = load16(&w[2 * (i + 8 * j)..]);
+            let xs = &x[i + 8 * j..i + 8 * j + 8];
+            // SAFETY: `xs` holds exactly 8 readable f32; loadu has no alignment requirement.
+            let vx = unsafe { _mm256_loadu_ps(xs.as_ptr()) };
+            *accj = _mm256_fmadd_ps(_mm256_cvtph_ps(h), vx, *accj);
+        }
+        i += 32;
+    }
+    let mut total = hsum_ps(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    for j in i..n {
+        total += half::f16::from_le_bytes([w[2 * j], w[2 * j + 1]]).to_f32() * x[j];
+    }
+    total
+}

@@ -339,3 +339,39 @@ fn hsum512_ps(v: __m512) -> f32 {
 fn hsum512_f32(v: __m512i) -> f32 {
     _mm512_reduce_add_epi32(v) as f32
 }
+
+/// `Σ f16(w_i) · x_i` straight from f16 bytes with 512-bit widening and FMA (≤ ε class).
+///
+/// # Safety
+/// The CPU must support AVX-512 F and F16C.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
+    let n = x.len().min(w.len() / 2);
+    let (w, x) = (&w[..2 * n], &x[..n]);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (j, accj) in acc.iter_mut().enumerate() {
+            let hb = &w[2 * (i + 16 * j)..2 * (i + 16 * j) + 32];
+            let xs = &x[i + 16 * j..i + 16 * j + 16];
+            // SAFETY: `hb` holds 32 readable bytes and `xs` 16 readable f32; loadu has no
+            // alignment requirement.
+            let (h, vx) = unsafe {
+                (
+                    _mm256_loadu_si256(hb.as_ptr().cast()),
+                    _mm512_loadu_ps(xs.as_ptr()),
+                )
+            };
+            *accj = _mm512_fmadd_ps(_mm512_cvtph_ps(h), vx, *accj);
+        }
+        i += 64;
+    }
+    let mut total = _mm512_reduce_add_ps(_mm512_add_ps(
+        _mm512_add_ps(acc[0], acc[1]),
+        _mm512_add_ps(acc[2], acc[3]),
+    ));
+    for j in i..n {
+        total += half::f16::from_le_bytes([w[2 * j], w[2 * j + 1]]).to_f32() * x[j];
+    }
+    total
+}
