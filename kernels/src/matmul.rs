@@ -298,6 +298,37 @@ impl Kernels {
         Ok(())
     }
 
+    /// `Σ f16(w_i) · x_i` for little-endian f16 bytes `w` (reads `min(x.len(), w.len() / 2)`
+    /// elements); F16C + FMA where available (≤ ε class), for f16 KV caches.
+    pub fn dot_f16(&self, w: &[u8], x: &[f32]) -> f32 {
+        match self.dot_f16 {
+            // SAFETY: `self` exists only for an ISA this CPU supports; the kernel reads
+            // min(x.len(), w.len() / 2) elements, checked by slicing.
+            Some(f) => unsafe { f(w, x) },
+            None => {
+                let mut acc = 0.0f32;
+                for (c, &v) in w.chunks_exact(2).zip(x) {
+                    acc += crate::blocks::f16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])) * v;
+                }
+                acc
+            }
+        }
+    }
+
+    /// `out_i += a · f16(w_i)` for little-endian f16 bytes `w` (`out.len()` elements).
+    pub fn axpy_f16(&self, a: f32, w: &[u8], out: &mut [f32]) {
+        let mut buf = [0f32; 64];
+        for (o, c) in out.chunks_mut(64).zip(w.chunks(128)) {
+            let b = &mut buf[..o.len()];
+            // SAFETY: `self` exists only for an ISA this CPU supports; `c` holds 2·b.len() bytes
+            // (checked by the converter's slicing).
+            unsafe { (self.f16_to_f32)(c, b) };
+            for (x, &y) in o.iter_mut().zip(b.iter()) {
+                *x += a * y;
+            }
+        }
+    }
+
     /// Whether this ISA has fast per-token kernels (TQ results then follow its lane order).
     pub fn has_tok_kernels(&self) -> bool {
         self.tok.is_some()

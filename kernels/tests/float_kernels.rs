@@ -126,3 +126,33 @@ fn float_shape_errors_are_reported() {
             .is_err()
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The f16 vector kernels used by the f16 KV cache, every ISA, against f64.
+    #[test]
+    fn f16_dot_and_axpy_within_bound(
+        hs in prop::collection::vec(-8.0f32..8.0, 1..300),
+        xs in prop::collection::vec(-8.0f32..8.0, 300),
+        a in -3.0f32..3.0,
+    ) {
+        let n = hs.len();
+        let w: Vec<u8> = hs.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
+        let wv: Vec<f64> = hs.iter().map(|&v| f64::from(f16::from_f32(v).to_f32())).collect();
+        let x = &xs[..n];
+        let exact: f64 = wv.iter().zip(x).map(|(p, &q)| p * f64::from(q)).sum();
+        let mag: f64 = wv.iter().zip(x).map(|(p, &q)| (p * f64::from(q)).abs()).sum();
+        for kern in Kernels::available() {
+            let got = f64::from(kern.dot_f16(&w, x));
+            prop_assert!((got - exact).abs() <= gamma(n + 2) * mag + 1e-30, "{} dot_f16 {} vs {}", kern.isa(), got, exact);
+            let mut out: Vec<f32> = x.to_vec();
+            kern.axpy_f16(a, &w, &mut out);
+            for i in 0..n {
+                let e = f64::from(x[i]) + f64::from(a) * wv[i];
+                let tol = 2.0 * U * (f64::from(x[i]).abs() + (f64::from(a) * wv[i]).abs()) + 1e-30;
+                prop_assert!((f64::from(out[i]) - e).abs() <= tol, "{} axpy_f16 [{}] {} vs {}", kern.isa(), i, out[i], e);
+            }
+        }
+    }
+}

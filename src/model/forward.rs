@@ -61,9 +61,7 @@ impl KvStore {
         let n = out.len();
         match self {
             KvStore::F16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[at..at + n]) {
-                    *o += a * x.to_f32();
-                }
+                Kernels::get().axpy_f16(a, bytemuck::cast_slice(&v[at..at + n]), out)
             }
             KvStore::F32(v) => {
                 for (o, x) in out.iter_mut().zip(&v[at..at + n]) {
