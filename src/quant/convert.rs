@@ -15,6 +15,7 @@
 //! Code 3 (corrupt 2-bit data) is refused: it has no meaning in the target formats.
 
 use crate::error::{Error, Result};
+use crate::gguf::GgmlType;
 use half::f16;
 use ternmux_kernels::blocks::{QK_K, read_f16};
 use ternmux_kernels::pack::{pack_i2_s_tensor, pack_tq1_0, pack_tq2_0};
@@ -23,7 +24,7 @@ use ternmux_kernels::ternary::TernaryFormat;
 
 /// Every code (0, 1, 2; 3 only in corrupt 2-bit data) of a ternary tensor, row-major.
 pub fn ternary_codes(t: TernaryFormat, bytes: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>> {
-    check_len(t, bytes, rows, cols)?;
+    super::check_tensor_len(GgmlType::Ternary(t), bytes, rows, cols)?;
     let rb = t.row_bytes(cols);
     let mut codes =
         Vec::with_capacity(rows.saturating_mul(cols).min(bytes.len().saturating_mul(5)));
@@ -52,27 +53,6 @@ pub fn ternary_codes_valid(t: TernaryFormat, bytes: &[u8], rows: usize, cols: us
             i % cols
         ))),
     }
-}
-
-fn check_len(t: TernaryFormat, bytes: &[u8], rows: usize, cols: usize) -> Result<()> {
-    if cols == 0 || !cols.is_multiple_of(t.k_multiple()) {
-        return Err(Error::Quant(format!(
-            "{} needs a row length divisible by {}, got {cols}",
-            t.name(),
-            t.k_multiple()
-        )));
-    }
-    let want = t
-        .tensor_bytes(rows, cols)
-        .ok_or_else(|| Error::Quant(format!("{rows} x {cols} {} tensor overflows", t.name())))?;
-    if bytes.len() != want {
-        return Err(Error::Quant(format!(
-            "{rows} x {cols} {} tensor needs {want} bytes, got {}",
-            t.name(),
-            bytes.len()
-        )));
-    }
-    Ok(())
 }
 
 /// Rewrites a `rows × cols` ternary tensor from `from` to `to` (see the module docs for when this

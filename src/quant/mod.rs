@@ -33,14 +33,7 @@ use ternmux_kernels::ternary::TernaryFormat;
 /// # Ok::<(), ternmux::Error>(())
 /// ```
 pub fn decode(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Result<Vec<f32>> {
-    let want = tensor_bytes(ty, rows, cols)?;
-    if bytes.len() != want {
-        return Err(Error::Quant(format!(
-            "{} tensor of {rows} x {cols} needs {want} bytes, got {}",
-            ty.name(),
-            bytes.len()
-        )));
-    }
+    check_tensor_len(ty, bytes, rows, cols)?;
     let mut out = vec![0f32; rows * cols];
     if out.is_empty() {
         return Ok(out);
@@ -76,6 +69,19 @@ pub fn i2s_scale(bytes: &[u8], rows: usize, cols: usize) -> f32 {
         Some(b) => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         None => 0.0,
     }
+}
+
+/// Checks that `bytes` is exactly a `rows × cols` tensor of `ty`.
+pub fn check_tensor_len(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Result<()> {
+    let want = tensor_bytes(ty, rows, cols)?;
+    if bytes.len() != want {
+        return Err(Error::Quant(format!(
+            "{} tensor of {rows} x {cols} needs {want} bytes, got {}",
+            ty.name(),
+            bytes.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Bytes of a `rows × cols` tensor of `ty`, or an error naming the shape constraint.

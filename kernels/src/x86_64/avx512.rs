@@ -14,8 +14,6 @@
 use super::avx2::{block_d, decode_tq1_0, drive, hsum_i32, hsum_ps, load32_i8, reduce4, tok_drive};
 use core::arch::x86_64::*;
 
-const FEATURES: &str = "avx2,avx512f,avx512bw,avx512vl,avx512vnni";
-
 /// Loads 64 bytes (unaligned).
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
@@ -239,11 +237,6 @@ pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         total += a[j] * b[j];
     }
     total
-}
-
-/// The feature list these kernels need, for messages.
-pub fn features() -> &'static str {
-    FEATURES
 }
 
 /// Per-token TQ2_0 row products (≤ ε class: 16 float lanes accumulate `sumi · d_b`).
