@@ -125,25 +125,13 @@ impl Kernels {
         n_act: usize,
         sums: &mut [i32],
     ) -> Result<(), KernelError> {
-        if k == 0 || !k.is_multiple_of(format.k_multiple()) || w_row.len() < format.row_bytes(k) {
+        check_row_args(format, w_row, q, k, n_act)?;
+        if sums.len() < n_act * k.div_ceil(256) {
             return Err(KernelError::Shape(format!(
-                "{} row of {k} weights needs {} bytes, got {}",
-                format.name(),
-                format.row_bytes(k),
-                w_row.len()
+                "row kernel needs {} sums, got {}",
+                n_act * k.div_ceil(256),
+                sums.len()
             )));
-        }
-        if n_act > MAX_BATCH || q.len() < n_act * k || sums.len() < n_act * k.div_ceil(256) {
-            return Err(KernelError::Shape(format!(
-                "row kernel needs n_act <= {MAX_BATCH} and buffers of {} activations, {} sums",
-                n_act * k,
-                n_act * k.div_ceil(256)
-            )));
-        }
-        if q[..n_act * k].contains(&i8::MIN) {
-            return Err(KernelError::Shape(
-                "activation value -128 is outside [-127, 127]".into(),
-            ));
         }
         let f = self.row_fn(format);
         // SAFETY: `self` exists only for an ISA this CPU supports (`Kernels::for_isa`); lengths
@@ -282,8 +270,7 @@ impl Kernels {
         n_act: usize,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
-        let mut sums = vec![0i32; n_act * k.div_ceil(256)];
-        self.ternary_row_sums(format, w_row, q, k, n_act, &mut sums)?; // validates every length
+        check_row_args(format, w_row, q, k, n_act)?;
         if out.len() < n_act {
             return Err(KernelError::Shape(format!(
                 "need {n_act} outputs, got {}",
@@ -402,6 +389,41 @@ impl Kernels {
         });
         Ok(())
     }
+}
+
+/// Validates one row kernel call: row length and bytes, batch size, activation buffer and range.
+fn check_row_args(
+    format: TernaryFormat,
+    w_row: &[u8],
+    q: &[i8],
+    k: usize,
+    n_act: usize,
+) -> Result<(), KernelError> {
+    if k == 0
+        || !k.is_multiple_of(format.k_multiple())
+        || k > crate::ternary::MAX_K
+        || w_row.len() < format.row_bytes(k)
+    {
+        return Err(KernelError::Shape(format!(
+            "{} row of {k} weights needs {} bytes, got {}",
+            format.name(),
+            format.row_bytes(k),
+            w_row.len()
+        )));
+    }
+    if n_act > MAX_BATCH || q.len() < n_act * k {
+        return Err(KernelError::Shape(format!(
+            "row kernel needs n_act <= {MAX_BATCH} and {} activations, got {n_act} rows, {} values",
+            n_act * k,
+            q.len()
+        )));
+    }
+    if q[..n_act * k].contains(&i8::MIN) {
+        return Err(KernelError::Shape(
+            "activation value -128 is outside [-127, 127]".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn format_index(f: TernaryFormat) -> usize {
