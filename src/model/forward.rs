@@ -47,22 +47,16 @@ impl KvStore {
             KvStore::F32(v) => v[at..at + src.len()].copy_from_slice(src),
         }
     }
-    fn dot(&self, at: usize, q: &[f32]) -> f32 {
+    fn dot(&self, kern: &Kernels, at: usize, q: &[f32]) -> f32 {
         match self {
-            KvStore::F16(v) => v[at..at + q.len()]
-                .iter()
-                .zip(q)
-                .map(|(a, b)| a.to_f32() * b)
-                .sum(),
+            KvStore::F16(v) => kern.dot_f16(bytemuck::cast_slice(&v[at..at + q.len()]), q),
             KvStore::F32(v) => v[at..at + q.len()].iter().zip(q).map(|(a, b)| a * b).sum(),
         }
     }
-    fn axpy(&self, at: usize, a: f32, out: &mut [f32]) {
+    fn axpy(&self, kern: &Kernels, at: usize, a: f32, out: &mut [f32]) {
         let n = out.len();
         match self {
-            KvStore::F16(v) => {
-                Kernels::get().axpy_f16(a, bytemuck::cast_slice(&v[at..at + n]), out)
-            }
+            KvStore::F16(v) => kern.axpy_f16(a, bytemuck::cast_slice(&v[at..at + n]), out),
             KvStore::F32(v) => {
                 for (o, x) in out.iter_mut().zip(&v[at..at + n]) {
                     *o += a * x;
@@ -283,6 +277,7 @@ impl Model {
             }
             // Causal GQA attention: query head h reads KV head h / group.
             let (kc, vc) = (&cache.k[li], &cache.v[li]);
+            let kern = Kernels::get();
             let work = t_n * c.n_head * (pos0 + t_n) * hd;
             let head_job = |(idx, out): (usize, &mut [f32])| {
                 let (t, head) = (idx / c.n_head, idx % c.n_head);
@@ -290,12 +285,12 @@ impl Model {
                 let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
                 let n_pos = pos0 + t + 1;
                 let mut scores: Vec<f32> = (0..n_pos)
-                    .map(|p| kc.dot(p * kvd + kvh * hd, qh) * kq_scale)
+                    .map(|p| kc.dot(kern, p * kvd + kvh * hd, qh) * kq_scale)
                     .collect();
                 ops::softmax(&mut scores);
                 out.fill(0.0);
                 for (p, &a) in scores.iter().enumerate() {
-                    vc.axpy(p * kvd + kvh * hd, a, out);
+                    vc.axpy(kern, p * kvd + kvh * hd, a, out);
                 }
             };
             if work > 1 << 16 {
