@@ -151,22 +151,23 @@ pub struct Reply {
 }
 
 impl<'m> Chat<'m> {
-    /// A new conversation (`opts.n_ctx` 0 means the model's context, at most 4096).
-    pub fn new(model: &'m Model, opts: GenerateOptions) -> Chat<'m> {
+    /// A new conversation (`opts.n_ctx` 0 means the model's context, at most 4096). Fails when
+    /// the model's device cannot hold the KV cache.
+    pub fn new(model: &'m Model, opts: GenerateOptions) -> crate::Result<Chat<'m>> {
         let n_ctx = if opts.n_ctx == 0 {
             model.config.n_ctx_train.min(4096)
         } else {
             opts.n_ctx
         };
-        Chat {
+        Ok(Chat {
             model,
             format: ChatFormat::for_model(model),
             messages: Vec::new(),
-            cache: KvCache::new(model, n_ctx, opts.kv_type),
+            cache: KvCache::new(model, n_ctx, opts.kv_type)?,
             cached: Vec::new(),
             sampler: Sampler::new(opts.sampling.clone()),
             opts,
-        }
+        })
     }
 
     /// The chat format in use.

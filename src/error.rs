@@ -37,6 +37,10 @@ pub enum Error {
     /// The tokenizer's metadata is missing or malformed, or text cannot be tokenized.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A compute device cannot be used or failed (OpenCL: no library, platform or device; a
+    /// build log; an exhausted or lost device).
+    #[error("device: {0}")]
+    Device(String),
     /// A kernel refused its inputs (shapes, lengths).
     #[error("{0}")]
     Kernel(#[from] ternmux_kernels::KernelError),

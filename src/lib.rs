@@ -22,6 +22,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod chat;
 pub mod convert;
 pub mod error;

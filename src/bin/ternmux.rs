@@ -51,7 +51,12 @@ enum Command {
         /// Worker threads (default: all cores).
         #[arg(short = 't', long = "threads")]
         threads: Option<usize>,
+        /// Where to run: auto (best OpenCL GPU, else CPU), cpu, opencl, opencl:N.
+        #[arg(short = 'd', long = "device", default_value = "auto")]
+        device: ternmux::backend::Device,
     },
+    /// List the OpenCL devices (the N of `--device opencl:N`), or say why there are none.
+    Devices,
     /// Measure prefill and decode speed on a model (like llama-bench): a random prompt of
     /// `--prompt-tokens`, then `--gen-tokens` decoded one at a time.
     Bench(BenchArgs),
@@ -126,6 +131,9 @@ struct RunArgs {
     /// Stop at this string (repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
+    /// Where to run: auto (best OpenCL GPU, else CPU), cpu, opencl, opencl:N.
+    #[arg(short = 'd', long = "device", default_value = "auto")]
+    device: ternmux::backend::Device,
 }
 
 #[derive(clap::Args)]
@@ -152,6 +160,9 @@ struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Where to run: auto (best OpenCL GPU, else CPU), cpu, opencl, opencl:N.
+    #[arg(short = 'd', long = "device", default_value = "auto")]
+    device: ternmux::backend::Device,
     /// Write the prompt's token ids and the logits after it to this file (u32 count, u32 ids,
     /// u32 vocab, f32 logits; little-endian), for comparison with another engine.
     #[arg(long = "logits-out")]
@@ -212,7 +223,7 @@ fn run_model(a: RunArgs, out: &mut impl Write) -> Result<(), Failure> {
                 hint: None,
             })?;
     }
-    let model = open_model(&a.model)?;
+    let model = open_model(&a.model, a.device)?;
     let opts = GenerateOptions {
         max_tokens: a.n_predict,
         sampling: SamplingParams {
@@ -264,8 +275,12 @@ fn run_model(a: RunArgs, out: &mut impl Write) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Opens a model with a progress bar on stderr (hidden when stderr is not a terminal).
-fn open_model(path: &std::path::Path) -> Result<ternmux::model::Model, Failure> {
+/// Opens a model with a progress bar on stderr (hidden when stderr is not a terminal), places
+/// it on `device` and says on stderr where it runs (and why, when not where asked).
+fn open_model(
+    path: &std::path::Path,
+    device: ternmux::backend::Device,
+) -> Result<ternmux::model::Model, Failure> {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
     let bar = ProgressBar::with_draw_target(Some(3), ProgressDrawTarget::stderr());
     if let Ok(style) = ProgressStyle::with_template("{spinner} opening {prefix} [{bar:20}] {msg}") {
@@ -277,8 +292,16 @@ fn open_model(path: &std::path::Path) -> Result<ternmux::model::Model, Failure> 
         bar.set_message(stage.describe());
         bar.inc(1);
     });
+    let mut model = model?;
+    bar.set_message("placing on the device");
+    let placed = model.place(device);
     bar.finish_and_clear();
-    Ok(model?)
+    placed?;
+    if let Some(note) = model.device_note() {
+        eprintln!("ternmux: {note}");
+    }
+    eprintln!("ternmux: device {}", model.placement().describe());
+    Ok(model)
 }
 
 fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
@@ -297,7 +320,7 @@ fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
 fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
     use ternmux::model::{KvCache, KvType, Logits};
     set_threads(a.threads)?;
-    let model = open_model(&a.model)?;
+    let model = open_model(&a.model, a.device)?;
     let n_vocab = model.config.n_vocab as u64;
     // A fixed pseudo-random prompt (llama-bench also uses random tokens).
     let mut x = 0x2545_F491_4F6C_DD1Du64;
@@ -312,7 +335,7 @@ fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
     let n_ctx = prompt.len() + a.gen_tokens + 1;
     let (mut best_pp, mut best_tg) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..a.reps.max(1) {
-        let mut cache = KvCache::new(&model, n_ctx, KvType::F16);
+        let mut cache = KvCache::new(&model, n_ctx, KvType::F16)?;
         let t = std::time::Instant::now();
         let mut logits = model.forward(&mut cache, &prompt, Logits::Last)?;
         best_pp = best_pp.min(t.elapsed().as_secs_f64());
@@ -360,9 +383,10 @@ fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
     } else {
         writeln!(
             out,
-            "model: {} ({}), {threads} threads, kernels {isa}, best of {}",
+            "model: {} ({}), {}, best of {}",
             a.model.display(),
             model.config.arch_name,
+            model.placement().describe(),
             a.reps.max(1)
         )
         .map_err(io_failure)?;
@@ -372,6 +396,7 @@ fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn chat(
     model: PathBuf,
     system: Option<String>,
@@ -379,18 +404,19 @@ fn chat(
     temp: f32,
     seed: u64,
     threads: Option<usize>,
+    device: ternmux::backend::Device,
     out: &mut impl Write,
 ) -> Result<(), Failure> {
     use std::io::BufRead;
     set_threads(threads)?;
-    let model = open_model(&model)?;
+    let model = open_model(&model, device)?;
     let mut opts = ternmux::model::GenerateOptions {
         max_tokens: n,
         ..Default::default()
     };
     opts.sampling.temperature = temp;
     opts.sampling.seed = seed;
-    let mut chat = ternmux::chat::Chat::new(&model, opts);
+    let mut chat = ternmux::chat::Chat::new(&model, opts)?;
     if let Some(s) = system {
         chat.system(&s);
     }
@@ -445,7 +471,17 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             temp,
             seed,
             threads,
-        } => chat(model, system, n_predict, temp, seed, threads, out)?,
+            device,
+        } => chat(model, system, n_predict, temp, seed, threads, device, out)?,
+        Command::Devices => match ternmux::backend::opencl::list_devices() {
+            Ok(devs) => {
+                for d in devs {
+                    writeln!(out, "opencl:{}  {d}  OpenCL {}", d.index, d.version.trim())
+                        .map_err(io_failure)?;
+                }
+            }
+            Err(why) => writeln!(out, "{why}").map_err(io_failure)?,
+        },
         Command::Bench(a) => bench_model(a, out)?,
         Command::Run(a) => run_model(a, out)?,
         Command::Inspect { file } => {

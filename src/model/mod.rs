@@ -23,6 +23,8 @@ pub use config::{Arch, Config, FfnAct};
 pub use forward::{KvCache, KvType, Logits};
 pub use weights::{Layer, Linear, TensorRef, Weights};
 
+use crate::backend::opencl::ClWeights;
+use crate::backend::{Device, Placement};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::sampling::{Sampler, SamplingParams};
@@ -39,13 +41,71 @@ pub struct Model {
     /// The tokenizer built from the file's metadata.
     pub tokenizer: Tokenizer,
     load_time: Duration,
+    pub(crate) placement: Placement,
+    device_weights: Option<ClWeights>,
+    device_note: Option<String>,
 }
 
 impl Model {
-    /// Maps a GGUF file and prepares it for inference (metadata and validation only: no tensor
-    /// data is read or copied).
+    /// Maps a GGUF file and prepares it for inference on the CPU (metadata and validation only:
+    /// no tensor data is read or copied). [`Model::open_on`] chooses a device.
     pub fn open(path: impl AsRef<Path>) -> Result<Model> {
         Model::open_with_progress(path, |_| {})
+    }
+
+    /// As [`Model::open`], then places the model on `device` ([`Device::resolve`]): on an
+    /// OpenCL device its weights are copied to device memory. When OpenCL cannot be used the
+    /// model runs on the CPU and [`Model::device_note`] says why.
+    ///
+    /// ```
+    /// use ternmux::backend::Device;
+    /// use ternmux::model::Model;
+    /// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/bitllama2c-stories3M-TQ2_0.gguf");
+    /// let model = Model::open_on(path, Device::Cpu)?;
+    /// assert!(model.placement().describe().starts_with("cpu"));
+    /// # Ok::<(), ternmux::Error>(())
+    /// ```
+    pub fn open_on(path: impl AsRef<Path>, device: Device) -> Result<Model> {
+        let mut m = Model::open(path)?;
+        m.place(device)?;
+        Ok(m)
+    }
+
+    /// Moves the model to `device` (see [`Model::open_on`]). Existing KV caches belong to the
+    /// old placement: make new ones.
+    pub fn place(&mut self, device: Device) -> Result<()> {
+        let (placement, note) = device.resolve();
+        self.place_on(placement)?;
+        self.device_note = note;
+        Ok(())
+    }
+
+    /// Moves the model to an already resolved placement (copies weights to an OpenCL device).
+    pub fn place_on(&mut self, placement: Placement) -> Result<()> {
+        self.device_weights = match &placement {
+            Placement::Cpu => None,
+            Placement::OpenCl(dev) => Some(ClWeights::upload(dev.clone(), self)?),
+        };
+        self.placement = placement;
+        self.device_note = None;
+        Ok(())
+    }
+
+    /// Where the model runs.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// Why the model is not where it was asked to be (e.g. OpenCL missing), if so.
+    pub fn device_note(&self) -> Option<&str> {
+        self.device_note.as_deref()
+    }
+
+    /// The weights' device copies, when the model runs on OpenCL.
+    pub fn device_weights(&self) -> Result<&ClWeights> {
+        self.device_weights
+            .as_ref()
+            .ok_or_else(|| Error::Device("the model is not placed on an OpenCL device".into()))
     }
 
     /// As [`Model::open`], reporting each stage as it starts (for a progress display).
@@ -86,6 +146,9 @@ impl Model {
             weights,
             tokenizer,
             load_time: start.elapsed(),
+            placement: Placement::Cpu,
+            device_weights: None,
+            device_note: None,
         })
     }
 
@@ -129,7 +192,7 @@ impl Model {
                 limit: n_ctx,
             });
         }
-        let mut cache = KvCache::new(self, n_ctx, opts.kv_type);
+        let mut cache = KvCache::new(self, n_ctx, opts.kv_type)?;
         let start = Instant::now();
         let logits = self.forward(&mut cache, prompt, Logits::Last)?;
         let prefill = start.elapsed();

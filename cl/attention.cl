@@ -1,0 +1,89 @@
+// RoPE, the device-resident f16 KV cache, and causal grouped-query attention.
+
+// Rotates q and k of n_tok tokens at positions pos0.. (NEOX pairs (i, i + n_rot/2), normal pairs
+// (2i, 2i + 1); dimensions past n_rot unchanged), writes rotated q to qr, and stores rotated k and
+// v as f16 (round to nearest even) in this layer's cache rows. `rope` holds (cos, sin) per
+// position and pair, computed on the host exactly as the CPU backend does.
+// Grid: (head_dim, n_head + 2 · n_kv, n_tok).
+__kernel void rope_store(__global const float* q, __global const float* k,
+                         __global const float* v, __global float* qr, __global half* kc,
+                         __global half* vc, __global const float* rope, int pos0, int hd,
+                         int n_rot, int neox, int n_head, int n_kv) {
+    int d = get_global_id(0), h = get_global_id(1), t = get_global_id(2);
+    if (d >= hd) return;
+    int pos = pos0 + t, kvd = n_kv * hd;
+    if (h >= n_head + n_kv) {
+        int hv = h - n_head - n_kv;
+        vstore_half(v[(size_t)t * kvd + hv * hd + d], (size_t)pos * kvd + hv * hd + d, vc);
+        return;
+    }
+    const __global float* src = h < n_head ? q + ((size_t)t * n_head + h) * hd
+                                           : k + (size_t)t * kvd + (h - n_head) * hd;
+    float y = src[d];
+    if (d < n_rot) {
+        int half_rot = n_rot / 2, i, partner;
+        bool first;
+        if (neox) {
+            first = d < half_rot;
+            i = first ? d : d - half_rot;
+            partner = first ? d + half_rot : d - half_rot;
+        } else {
+            first = (d & 1) == 0;
+            i = d / 2;
+            partner = first ? d + 1 : d - 1;
+        }
+        float c = rope[((size_t)pos * half_rot + i) * 2], s = rope[((size_t)pos * half_rot + i) * 2 + 1];
+        float x0 = first ? src[d] : src[partner];
+        float x1 = first ? src[partner] : src[d];
+        y = first ? x0 * c - x1 * s : x0 * s + x1 * c;
+    }
+    if (h < n_head) {
+        qr[((size_t)t * n_head + h) * hd + d] = y;
+    } else {
+        vstore_half(y, (size_t)pos * kvd + (h - n_head) * hd + d, kc);
+    }
+}
+
+// Causal GQA attention for n_tok queries at positions pos0..: one work-group per (head, token);
+// query head h reads KV head h / (n_head / n_kv). Scores go through `scores`
+// ([n_tok][n_head][n_ctx] floats) so any context length fits. Grid: (wg · n_head, n_tok).
+__kernel void attention(__global const float* qr, __global const half* kc,
+                        __global const half* vc, __global float* scores, int n_ctx, int pos0,
+                        int hd, int n_head, int n_kv, float kq_scale, __global float* out,
+                        __local float* scratch, __local float* qloc) {
+    int head = get_group_id(0), t = get_group_id(1);
+    int lid = get_local_id(0), wg = get_local_size(0);
+    int n_pos = pos0 + t + 1, kvh = head / (n_head / n_kv), kvd = n_kv * hd;
+    const __global float* qv = qr + ((size_t)t * n_head + head) * hd;
+    for (int d = lid; d < hd; d += wg) qloc[d] = qv[d];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    __global float* sc = scores + ((size_t)t * n_head + head) * n_ctx;
+    float m = -INFINITY;
+    for (int p = lid; p < n_pos; p += wg) {
+        const __global half* kp = kc + (size_t)p * kvd + kvh * hd;
+        float s = 0.0f;
+        if (hd % 4 == 0) {
+            for (int d = 0; d < hd / 4; d++) s += dot(vload_half4(d, kp), vload4(d, qloc));
+        } else {
+            for (int d = 0; d < hd; d++) s += vload_half(d, kp) * qloc[d];
+        }
+        s *= kq_scale;
+        sc[p] = s;
+        m = fmax(m, s);
+    }
+    m = wg_max(m, scratch);
+    float sum = 0.0f;
+    for (int p = lid; p < n_pos; p += wg) {
+        float e = exp(sc[p] - m);
+        sc[p] = e;
+        sum += e;
+    }
+    sum = wg_sum(sum, scratch);
+    barrier(CLK_GLOBAL_MEM_FENCE);
+    float inv = 1.0f / sum;
+    for (int d = lid; d < hd; d += wg) {
+        float acc = 0.0f;
+        for (int p = 0; p < n_pos; p++) acc += sc[p] * vload_half((size_t)p * kvd + kvh * hd + d, vc);
+        out[((size_t)t * n_head + head) * hd + d] = acc * inv;
+    }
+}

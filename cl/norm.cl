@@ -1,0 +1,78 @@
+// Row-wise ops, one work-group per token row: RMSNorm, per-token int8 quantization of a ternary
+// layer's input (bitnet.cpp's absmax rule: s = 127 / max(absmax, 1e-5), q = clamp(rint(v·s))), and
+// the FFN activation. Fused so that a layer's input is normed and quantized in one launch.
+
+// y = RMSNorm(x row `row0 + t`) · w (when has_norm; else y = x), written to y when write_y;
+// its int8 quantization to q / qs[t] when write_q. x and y may alias (same index, same work-item).
+__kernel void norm_quant(__global const float* x, int n, int row0,
+                         __global const float* w, int has_norm, float eps,
+                         __global float* y, int write_y,
+                         __global char* q, __global float* qs, int write_q,
+                         __local float* scratch) {
+    int t = get_group_id(0), lid = get_local_id(0), wg = get_local_size(0);
+    const __global float* xr = x + (size_t)(row0 + t) * n;
+    __global float* yr = y + (size_t)t * n;
+    float scale = 1.0f;
+    if (has_norm) {
+        float ss = 0.0f;
+        for (int j = lid; j < n; j += wg) ss += xr[j] * xr[j];
+        ss = wg_sum(ss, scratch);
+        scale = 1.0f / sqrt(ss / (float)n + eps);
+    }
+    float amax = 0.0f;
+    for (int j = lid; j < n; j += wg) {
+        float v = has_norm ? (xr[j] * scale) * w[j] : xr[j];
+        if (write_y) yr[j] = v;
+        amax = fmax(amax, fabs(v));
+    }
+    if (!write_q) return;
+    amax = wg_max(amax, scratch);
+    float s = 127.0f / fmax(amax, 0.00001f);
+    __global char* qr = q + (size_t)t * n;
+    for (int j = lid; j < n; j += wg) {
+        float v = write_y ? yr[j] : (has_norm ? (xr[j] * scale) * w[j] : xr[j]);
+        qr[j] = (char)clamp(rint(v * s), -127.0f, 127.0f);
+    }
+    if (lid == 0) qs[t] = s;
+}
+
+// g = act(g) · u (act 0: SiLU, 1: ReLU²), then the optional sub-norm, then int8 quantization for
+// the down projection. One work-group per token row.
+__kernel void ffn_act_quant(__global float* g, __global const float* u, int n, int act,
+                            __global const float* w, int has_norm, float eps,
+                            __global char* q, __global float* qs, __local float* scratch) {
+    int t = get_group_id(0), lid = get_local_id(0), wg = get_local_size(0);
+    __global float* gr = g + (size_t)t * n;
+    const __global float* ur = u + (size_t)t * n;
+    float ss = 0.0f;
+    for (int j = lid; j < n; j += wg) {
+        float a = gr[j], h;
+        if (act == 0) {
+            h = a / (1.0f + exp(-a)) * ur[j];
+        } else {
+            float r = fmax(a, 0.0f);
+            h = r * r * ur[j];
+        }
+        gr[j] = h;
+        ss += h * h;
+    }
+    float scale = 1.0f;
+    if (has_norm) {
+        ss = wg_sum(ss, scratch);
+        scale = 1.0f / sqrt(ss / (float)n + eps);
+    }
+    float amax = 0.0f;
+    for (int j = lid; j < n; j += wg) {
+        float v = gr[j];
+        if (has_norm) {
+            v = (v * scale) * w[j];
+            gr[j] = v;
+        }
+        amax = fmax(amax, fabs(v));
+    }
+    amax = wg_max(amax, scratch);
+    float s = 127.0f / fmax(amax, 0.00001f);
+    __global char* qr = q + (size_t)t * n;
+    for (int j = lid; j < n; j += wg) qr[j] = (char)clamp(rint(gr[j] * s), -127.0f, 127.0f);
+    if (lid == 0) qs[t] = s;
+}

@@ -1,0 +1,373 @@
+//! The CPU backend: the `ternmux-kernels` crate (scalar / AVX2 / AVX-512 / NEON, rayon over rows)
+//! over weights borrowed from the memory mapping — nothing is copied.
+//!
+//! Ternary layers quantize their input per token (int8 absmax, the BitNet training arithmetic);
+//! layers sharing an input (q/k/v, gate/up) quantize it once.
+
+use super::{Backend, LayerMat, Mat, Norm};
+use crate::error::{Error, Result};
+use crate::model::{FfnAct, KvType, Model, TensorRef, ops};
+use half::f16;
+use rayon::prelude::*;
+use std::cell::RefCell;
+use ternmux_kernels::Kernels;
+use ternmux_kernels::act::{ActQuant, QuantizedActs};
+use crate::model::Linear;
+
+enum KvStore {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl KvStore {
+    fn new(ty: KvType, len: usize) -> KvStore {
+        match ty {
+            KvType::F16 => KvStore::F16(vec![f16::ZERO; len]),
+            KvType::F32 => KvStore::F32(vec![0.0; len]),
+        }
+    }
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvStore::F16(v) => {
+                for (d, &s) in v[at..at + src.len()].iter_mut().zip(src) {
+                    *d = f16::from_f32(s);
+                }
+            }
+            KvStore::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+        }
+    }
+    fn dot(&self, kern: &Kernels, at: usize, q: &[f32]) -> f32 {
+        match self {
+            KvStore::F16(v) => kern.dot_f16(bytemuck::cast_slice(&v[at..at + q.len()]), q),
+            KvStore::F32(v) => v[at..at + q.len()].iter().zip(q).map(|(a, b)| a * b).sum(),
+        }
+    }
+    fn axpy(&self, kern: &Kernels, at: usize, a: f32, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            KvStore::F16(v) => kern.axpy_f16(a, bytemuck::cast_slice(&v[at..at + n]), out),
+            KvStore::F32(v) => {
+                for (o, x) in out.iter_mut().zip(&v[at..at + n]) {
+                    *o += a * x;
+                }
+            }
+        }
+    }
+    fn bytes(&self) -> usize {
+        match self {
+            KvStore::F16(v) => v.len() * 2,
+            KvStore::F32(v) => v.len() * 4,
+        }
+    }
+}
+
+/// Keys and values of every layer for up to `n_ctx` positions, in host memory, with the RoPE
+/// table of those positions.
+pub struct CpuKv {
+    k: Vec<KvStore>,
+    v: Vec<KvStore>,
+    kv_dim: usize,
+    /// cos/sin per position and rotated pair (`n_rot/2` per position, filled as positions are used).
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl CpuKv {
+    /// A cache for `n_ctx` positions.
+    pub fn new(model: &Model, n_ctx: usize, ty: KvType) -> CpuKv {
+        let c = &model.config;
+        let kv_dim = c.n_head_kv * c.head_dim;
+        CpuKv {
+            k: (0..c.n_layer)
+                .map(|_| KvStore::new(ty, n_ctx * kv_dim))
+                .collect(),
+            v: (0..c.n_layer)
+                .map(|_| KvStore::new(ty, n_ctx * kv_dim))
+                .collect(),
+            kv_dim,
+            cos: Vec::new(),
+            sin: Vec::new(),
+        }
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(KvStore::bytes).sum::<usize>()
+            + (self.cos.len() + self.sin.len()) * 4
+    }
+}
+
+/// Extends RoPE cos/sin tables (`n_rot / 2` pairs per position, as ggml builds them) to cover
+/// positions `0..end`.
+pub(crate) fn extend_rope_tables(model: &Model, end: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+    let c = &model.config;
+    let half = c.n_rot / 2;
+    let from = if half == 0 { end } else { cos.len() / half };
+    cos.resize(end.max(from) * half, 0.0);
+    sin.resize(end.max(from) * half, 0.0);
+    for p in from..end {
+        ops::rope_table(
+            p,
+            c.n_rot,
+            c.rope_base,
+            model.weights.rope_freqs.as_deref(),
+            &mut cos[p * half..(p + 1) * half],
+            &mut sin[p * half..(p + 1) * half],
+        );
+    }
+}
+
+/// The CPU backend bound to one model.
+pub struct CpuExec<'m> {
+    model: &'m Model,
+    acts: RefCell<QuantizedActs>,
+    tmp: RefCell<Vec<f32>>,
+}
+
+impl<'m> CpuExec<'m> {
+    /// Runs `model` on the CPU.
+    pub fn new(model: &'m Model) -> CpuExec<'m> {
+        CpuExec {
+            model,
+            acts: RefCell::new(QuantizedActs::new(ActQuant::PerToken)),
+            tmp: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn norm_weight(&self, n: Norm) -> Result<&'m [f32]> {
+        let w = &self.model.weights;
+        let missing = || Error::Gguf(format!("the model has no {n:?} norm"));
+        Ok(match n {
+            Norm::Attn(l) => &w.layers[l].attn_norm,
+            Norm::Ffn(l) => &w.layers[l].ffn_norm,
+            Norm::AttnSub(l) => w.layers[l].attn_sub_norm.as_deref().ok_or_else(missing)?,
+            Norm::FfnSub(l) => w.layers[l].ffn_sub_norm.as_deref().ok_or_else(missing)?,
+            Norm::Output => &w.output_norm,
+        })
+    }
+
+    /// The tensor, its output scale and its bias.
+    pub(crate) fn matrix(
+        model: &'m Model,
+        m: Mat,
+    ) -> (&'m TensorRef, f32, Option<&'m [f32]>) {
+        let w = &model.weights;
+        match m {
+            Mat::Output => (&w.output, 1.0, None),
+            Mat::Layer(l, which) => {
+                let layer = &w.layers[l];
+                let t = match which {
+                    LayerMat::Q => &layer.wq,
+                    LayerMat::K => &layer.wk,
+                    LayerMat::V => &layer.wv,
+                    LayerMat::O => &layer.wo,
+                    LayerMat::Gate => &layer.w_gate,
+                    LayerMat::Up => &layer.w_up,
+                    LayerMat::Down => &layer.w_down,
+                };
+                let bias = match which {
+                    LayerMat::Q | LayerMat::K | LayerMat::V | LayerMat::O => {
+                        layer.biases[which.index()].as_deref()
+                    }
+                    _ => None,
+                };
+                (t, layer.scales[which.index()], bias)
+            }
+        }
+    }
+}
+
+impl Backend for CpuExec<'_> {
+    type Buf = Vec<f32>;
+    type Kv = CpuKv;
+
+    fn max_tokens_per_pass(&self, _kv: &CpuKv) -> usize {
+        usize::MAX
+    }
+
+    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn embed(&self, tokens: &[u32], x: &mut Vec<f32>) -> Result<()> {
+        let (w, e) = (&self.model.weights, self.model.config.n_embd);
+        for (i, &tok) in tokens.iter().enumerate() {
+            w.token_embd
+                .row_f32(&self.model.file, tok as usize, &mut x[i * e..(i + 1) * e])?;
+        }
+        Ok(())
+    }
+
+    fn norm(
+        &self,
+        x: &Vec<f32>,
+        row0: usize,
+        rows: usize,
+        norm: Norm,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let w = self.norm_weight(norm)?;
+        let n = w.len();
+        ops::rms_norm(
+            &x[row0 * n..(row0 + rows) * n],
+            w,
+            self.model.config.rms_eps,
+            &mut out[..rows * n],
+        );
+        Ok(())
+    }
+
+    fn norm_inplace(&self, x: &mut Vec<f32>, rows: usize, norm: Norm) -> Result<()> {
+        let w = self.norm_weight(norm)?;
+        ops::rms_norm_inplace(&mut x[..rows * w.len()], w, self.model.config.rms_eps);
+        Ok(())
+    }
+
+    fn project(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        outs: &mut [(Mat, &mut Vec<f32>)],
+        accumulate: bool,
+    ) -> Result<()> {
+        let kern = Kernels::get();
+        let mut acts = self.acts.borrow_mut();
+        let mut tmp = self.tmp.borrow_mut();
+        let mut quantized = false;
+        for (m, out) in outs.iter_mut() {
+            let (t, scale, bias) = Self::matrix(self.model, *m);
+            let x = &x[..rows * t.cols];
+            let n = rows * t.rows;
+            let dst: &mut [f32] = if accumulate {
+                tmp.resize(n, 0.0);
+                &mut tmp[..]
+            } else {
+                &mut out[..n]
+            };
+            match t.linear(&self.model.file)? {
+                Linear::Ternary(mat) => {
+                    if !quantized {
+                        acts.quantize(x, t.cols)?;
+                        quantized = true;
+                    }
+                    kern.ternary_matmul(&mat, &acts, dst)?;
+                }
+                Linear::Float(mat) => kern.float_matmul(&mat, x, dst)?,
+            }
+            if scale != 1.0 {
+                dst.iter_mut().for_each(|v| *v *= scale);
+            }
+            if let Some(b) = bias {
+                for row in dst.chunks_exact_mut(t.rows) {
+                    row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv);
+                }
+            }
+            if accumulate {
+                out[..n].iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok(())
+    }
+
+    fn rope_store(
+        &self,
+        kv: &mut CpuKv,
+        layer: usize,
+        pos0: usize,
+        rows: usize,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        q_out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let c = &self.model.config;
+        let (qd, kvd, half) = (c.n_head * c.head_dim, kv.kv_dim, c.n_rot / 2);
+        q_out[..rows * qd].copy_from_slice(&q[..rows * qd]);
+        extend_rope_tables(self.model, pos0 + rows, &mut kv.cos, &mut kv.sin);
+        let mut kr = vec![0f32; kvd];
+        for t in 0..rows {
+            let p = pos0 + t;
+            let (ct, st) = (
+                &kv.cos[p * half..(p + 1) * half],
+                &kv.sin[p * half..(p + 1) * half],
+            );
+            ops::rope(
+                &mut q_out[t * qd..(t + 1) * qd],
+                c.head_dim,
+                c.n_rot,
+                c.rope_neox,
+                ct,
+                st,
+            );
+            kr.copy_from_slice(&k[t * kvd..(t + 1) * kvd]);
+            ops::rope(&mut kr, c.head_dim, c.n_rot, c.rope_neox, ct, st);
+            kv.k[layer].write(p * kvd, &kr);
+            kv.v[layer].write(p * kvd, &v[t * kvd..(t + 1) * kvd]);
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        kv: &CpuKv,
+        layer: usize,
+        pos0: usize,
+        rows: usize,
+        q: &Vec<f32>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let c = &self.model.config;
+        let (hd, kvd) = (c.head_dim, kv.kv_dim);
+        let qd = c.n_head * hd;
+        let group = c.n_head / c.n_head_kv;
+        let kq_scale = 1.0 / (hd as f32).sqrt();
+        let (kc, vc) = (&kv.k[layer], &kv.v[layer]);
+        let kern = Kernels::get();
+        let work = rows * c.n_head * (pos0 + rows) * hd;
+        // Query head h reads KV head h / group.
+        let head_job = |(idx, o): (usize, &mut [f32])| {
+            let (t, head) = (idx / c.n_head, idx % c.n_head);
+            let kvh = head / group;
+            let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+            let n_pos = pos0 + t + 1;
+            let mut scores: Vec<f32> = (0..n_pos)
+                .map(|p| kc.dot(kern, p * kvd + kvh * hd, qh) * kq_scale)
+                .collect();
+            ops::softmax(&mut scores);
+            o.fill(0.0);
+            for (p, &a) in scores.iter().enumerate() {
+                vc.axpy(kern, p * kvd + kvh * hd, a, o);
+            }
+        };
+        let out = &mut out[..rows * qd];
+        if work > 1 << 16 {
+            out.par_chunks_mut(hd).enumerate().for_each(head_job);
+        } else {
+            out.chunks_mut(hd).enumerate().for_each(head_job);
+        }
+        Ok(())
+    }
+
+    fn ffn_act(
+        &self,
+        g: &mut Vec<f32>,
+        u: &Vec<f32>,
+        rows: usize,
+        act: FfnAct,
+        sub_norm: Option<Norm>,
+    ) -> Result<()> {
+        let n = rows * self.model.config.n_ff;
+        match act {
+            FfnAct::Silu => ops::silu_mul(&mut g[..n], &u[..n]),
+            FfnAct::Relu2 => ops::relu2_mul(&mut g[..n], &u[..n]),
+        }
+        if let Some(sn) = sub_norm {
+            self.norm_inplace(g, rows, sn)?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, x: &Vec<f32>, len: usize, out: &mut Vec<f32>) -> Result<()> {
+        out.extend_from_slice(&x[..len]);
+        Ok(())
+    }
+}

@@ -1,0 +1,249 @@
+//! Compute backends: the only way the forward pass touches compute.
+//!
+//! The architecture code ([`crate::model`]) describes *what* to compute — a short list of ops per
+//! layer, written once over the [`Backend`] trait — and a backend decides *how*: [`cpu`] runs the
+//! `ternmux-kernels` crate over the memory-mapped weights, [`opencl`] runs the OpenCL C kernels in
+//! `cl/` over device copies of them. Each backend owns its buffers ([`Backend::Buf`], its KV
+//! cache [`Backend::Kv`]).
+//!
+//! [`Device`] names where a model should run; [`Device::resolve`] turns it into a
+//! [`Placement`], falling back to the CPU with a message that says why when OpenCL cannot be used
+//! (no library, no platform, no device) — never a panic.
+//!
+//! ```
+//! use ternmux::backend::Device;
+//! let d: Device = "opencl:1".parse()?;
+//! assert_eq!(d, Device::OpenCl(Some(1)));
+//! assert_eq!("cpu".parse::<Device>()?, Device::Cpu);
+//! assert!("gpu9".parse::<Device>().is_err());
+//! # Ok::<(), ternmux::Error>(())
+//! ```
+
+pub mod cpu;
+pub mod opencl;
+
+use crate::error::{Error, Result};
+use crate::model::FfnAct;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// Where a model should run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The best OpenCL GPU if there is one, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU kernels.
+    Cpu,
+    /// An OpenCL device: `None` picks the best one (GPUs first), `Some(n)` the n-th of
+    /// [`opencl::list_devices`].
+    OpenCl(Option<usize>),
+}
+
+impl FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Device> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "opencl" | "gpu" => Ok(Device::OpenCl(None)),
+            _ => match s.strip_prefix("opencl:") {
+                Some(n) => n.parse().map(|n| Device::OpenCl(Some(n))).map_err(|_| {
+                    Error::Device(format!(
+                        "{s:?}: the device index must be a number (see `ternmux devices`)"
+                    ))
+                }),
+                None => Err(Error::Device(format!(
+                    "unknown device {s:?}: use auto, cpu, opencl or opencl:N"
+                ))),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => f.write_str("auto"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::OpenCl(None) => f.write_str("opencl"),
+            Device::OpenCl(Some(n)) => write!(f, "opencl:{n}"),
+        }
+    }
+}
+
+/// A resolved device: what a model will run on, and why.
+#[derive(Clone)]
+pub enum Placement {
+    /// The CPU kernels.
+    Cpu,
+    /// An OpenCL device (shared by every model placed on it).
+    OpenCl(Arc<opencl::ClDevice>),
+}
+
+impl Placement {
+    /// One line naming the device, e.g. `opencl: NVIDIA H100 80GB HBM3 (NVIDIA CUDA, GPU)`.
+    pub fn describe(&self) -> String {
+        match self {
+            Placement::Cpu => format!(
+                "cpu: {} kernels, {} threads",
+                ternmux_kernels::Kernels::get().isa().name(),
+                rayon::current_num_threads()
+            ),
+            Placement::OpenCl(d) => format!("opencl: {}", d.info()),
+        }
+    }
+}
+
+impl Device {
+    /// Picks the device. `Auto` takes the best OpenCL GPU, else the CPU; `OpenCl` takes the
+    /// requested device. When OpenCL cannot be used the result is the CPU, and the note says why
+    /// and how to fix it (the note is `None` when the request was met).
+    pub fn resolve(self) -> (Placement, Option<String>) {
+        match self {
+            Device::Cpu => (Placement::Cpu, None),
+            Device::Auto => match opencl::ClDevice::best(true) {
+                Ok(d) => (Placement::OpenCl(d), None),
+                Err(why) => (
+                    Placement::Cpu,
+                    Some(format!("no OpenCL GPU, running on the CPU: {why}")),
+                ),
+            },
+            Device::OpenCl(index) => {
+                let got = match index {
+                    Some(i) => opencl::ClDevice::open(i),
+                    None => opencl::ClDevice::best(false),
+                };
+                match got {
+                    Ok(d) => (Placement::OpenCl(d), None),
+                    Err(why) => (
+                        Placement::Cpu,
+                        Some(format!("OpenCL unusable, running on the CPU instead: {why}")),
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// A linear layer of one transformer block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerMat {
+    /// Query projection.
+    Q,
+    /// Key projection.
+    K,
+    /// Value projection.
+    V,
+    /// Attention output projection.
+    O,
+    /// FFN gate.
+    Gate,
+    /// FFN up.
+    Up,
+    /// FFN down.
+    Down,
+}
+
+impl LayerMat {
+    /// Index into [`crate::model::Layer::scales`] (q, k, v, o, gate, up, down).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A matrix of the model, as the forward pass names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mat {
+    /// The output head (the embeddings when tied).
+    Output,
+    /// A linear layer of block `layer`.
+    Layer(usize, LayerMat),
+}
+
+/// An RMSNorm weight of the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Norm {
+    /// Before attention in block n.
+    Attn(usize),
+    /// Before the FFN in block n.
+    Ffn(usize),
+    /// On the attention output of block n (bitnet families).
+    AttnSub(usize),
+    /// On the FFN hidden state of block n (bitnet families).
+    FfnSub(usize),
+    /// After the last block.
+    Output,
+}
+
+/// The ops of the forward pass. Buffers hold rows of f32 (one row per token); which row widths
+/// they hold is the caller's business, as in any tensor library.
+pub trait Backend {
+    /// An activation buffer.
+    type Buf;
+    /// One sequence's KV cache.
+    type Kv;
+    /// The most tokens one pass may hold (longer prompts are split into passes).
+    fn max_tokens_per_pass(&self, kv: &Self::Kv) -> usize;
+    /// A buffer of `len` f32 values (contents unspecified).
+    fn alloc(&self, len: usize) -> Result<Self::Buf>;
+    /// Embedding rows of `tokens` into `x` (`tokens.len()` rows of `n_embd`).
+    fn embed(&self, tokens: &[u32], x: &mut Self::Buf) -> Result<()>;
+    /// `out` = RMSNorm of rows `row0 .. row0 + rows` of `x`, times the norm's weight.
+    fn norm(
+        &self,
+        x: &Self::Buf,
+        row0: usize,
+        rows: usize,
+        norm: Norm,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// RMSNorm of `rows` rows of `x` in place.
+    fn norm_inplace(&self, x: &mut Self::Buf, rows: usize, norm: Norm) -> Result<()>;
+    /// `out_i = x · W_iᵀ` (times the layer's `.scale`, plus its bias) for matrices that share the
+    /// input `x` (`rows` tokens); `accumulate` adds into `out_i` instead (residual connections).
+    fn project(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        outs: &mut [(Mat, &mut Self::Buf)],
+        accumulate: bool,
+    ) -> Result<()>;
+    /// Rotates `q` into `q_out` and `k`, and appends rotated `k` and `v` of `rows` tokens at
+    /// positions `pos0..` to block `layer`'s cache.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_store(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        pos0: usize,
+        rows: usize,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        q_out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Causal grouped-query attention of `rows` queries at positions `pos0..` over block
+    /// `layer`'s cache.
+    fn attention(
+        &self,
+        kv: &Self::Kv,
+        layer: usize,
+        pos0: usize,
+        rows: usize,
+        q: &Self::Buf,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `g = act(g) · u`, then the optional sub-norm, for `rows` rows.
+    fn ffn_act(
+        &self,
+        g: &mut Self::Buf,
+        u: &Self::Buf,
+        rows: usize,
+        act: FfnAct,
+        sub_norm: Option<Norm>,
+    ) -> Result<()>;
+    /// Appends the first `len` values of `x` to `out` (waits for the device).
+    fn read(&self, x: &Self::Buf, len: usize, out: &mut Vec<f32>) -> Result<()>;
+}

@@ -1,0 +1,550 @@
+//! The one module that calls OpenCL: discovery, the context and queue, the program, buffers,
+//! copies and launches. Every `unsafe` block of the OpenCL backend is here, each with its
+//! `// SAFETY:` line; the rest of the backend uses the safe API below.
+
+use crate::error::{Error, Result};
+use opencl3::command_queue::{CL_QUEUE_PROFILING_ENABLE, CommandQueue};
+use opencl3::context::Context;
+use opencl3::device::{
+    CL_DEVICE_TYPE_ACCELERATOR, CL_DEVICE_TYPE_ALL, CL_DEVICE_TYPE_CPU, CL_DEVICE_TYPE_GPU,
+    Device as RawDevice,
+};
+use opencl3::event::Event;
+use opencl3::kernel::Kernel;
+use opencl3::memory::{
+    Buffer, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_ONLY, CL_MEM_READ_WRITE,
+};
+use opencl3::program::Program;
+use opencl3::types::{CL_BLOCKING, cl_mem};
+use std::collections::HashMap;
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+const FIX: &str = "install an OpenCL driver (an ICD: e.g. `apt install pocl-opencl-icd \
+ocl-icd-libopencl1` for CPUs, the GPU vendor's driver for GPUs) or point OCL_ICD_VENDORS at a \
+directory of .icd files";
+
+/// Why no OpenCL device can be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailable {
+    /// `libOpenCL.so.1` (the ICD loader) could not be loaded.
+    NoLibrary(String),
+    /// The loader found no platform (no driver registered).
+    NoPlatform(String),
+    /// Platforms exist but none offers a usable device (of the asked kind).
+    NoDevice(String),
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unavailable::NoLibrary(why) => write!(
+                f,
+                "no OpenCL library: libOpenCL.so.1 could not be loaded ({why}); install \
+                 ocl-icd-libopencl1 (or set OPENCL_DYLIB_PATH), then {FIX}"
+            ),
+            Unavailable::NoPlatform(why) => {
+                write!(f, "no OpenCL platform: the loader found no driver ({why}); {FIX}")
+            }
+            Unavailable::NoDevice(why) => write!(f, "no OpenCL device: {why}"),
+        }
+    }
+}
+
+/// What a device is, as reported by its driver.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    /// Index in [`list_devices`] (`--device opencl:N`).
+    pub index: usize,
+    /// Device name.
+    pub name: String,
+    /// Platform name (driver).
+    pub platform: String,
+    /// `GPU`, `CPU`, `accelerator` or `other`.
+    pub kind: &'static str,
+    /// Compute units.
+    pub compute_units: u32,
+    /// Global memory in bytes.
+    pub global_mem: u64,
+    /// Largest single allocation in bytes.
+    pub max_alloc: u64,
+    /// Largest work-group.
+    pub max_work_group: usize,
+    /// Local memory per work-group in bytes.
+    pub local_mem: u64,
+    /// OpenCL version string.
+    pub version: String,
+    raw: usize,
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "#{} {} ({}, {}, {} CUs, {:.1} GiB)",
+            self.index,
+            self.name.trim(),
+            self.platform.trim(),
+            self.kind,
+            self.compute_units,
+            self.global_mem as f64 / (1u64 << 30) as f64
+        )
+    }
+}
+
+fn cl_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Device(format!("opencl: {what}: {e}"))
+}
+
+/// Every device of every platform, in a stable order (platform, then device).
+pub fn list_devices() -> std::result::Result<Vec<DeviceInfo>, Unavailable> {
+    if let Err(e) = cl3::load_library() {
+        return Err(Unavailable::NoLibrary(e.to_string()));
+    }
+    let platforms =
+        opencl3::platform::get_platforms().map_err(|e| Unavailable::NoPlatform(e.to_string()))?;
+    if platforms.is_empty() {
+        return Err(Unavailable::NoPlatform("zero platforms".into()));
+    }
+    let mut out = Vec::new();
+    for p in platforms {
+        let pname = p.name().unwrap_or_else(|_| "unknown platform".into());
+        // A platform with no device answers CL_DEVICE_NOT_FOUND: skip it.
+        let Ok(ids) = p.get_devices(CL_DEVICE_TYPE_ALL) else {
+            continue;
+        };
+        for id in ids {
+            let d = RawDevice::new(id);
+            let ty = d.dev_type().unwrap_or(0);
+            let kind = if ty & CL_DEVICE_TYPE_GPU != 0 {
+                "GPU"
+            } else if ty & CL_DEVICE_TYPE_CPU != 0 {
+                "CPU"
+            } else if ty & CL_DEVICE_TYPE_ACCELERATOR != 0 {
+                "accelerator"
+            } else {
+                "other"
+            };
+            out.push(DeviceInfo {
+                index: out.len(),
+                name: d.name().unwrap_or_default(),
+                platform: pname.clone(),
+                kind,
+                compute_units: d.max_compute_units().unwrap_or(0),
+                global_mem: d.global_mem_size().unwrap_or(0),
+                max_alloc: d.max_mem_alloc_size().unwrap_or(0),
+                max_work_group: d.max_work_group_size().unwrap_or(1),
+                local_mem: d.local_mem_size().unwrap_or(0),
+                version: d.version().unwrap_or_default(),
+                raw: id as usize,
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(Unavailable::NoDevice(format!(
+            "the OpenCL platforms report no devices; {FIX}"
+        )));
+    }
+    Ok(out)
+}
+
+/// A device buffer of raw bytes (kernels give it a type).
+pub struct DevBuf {
+    buf: Buffer<u8>,
+    bytes: usize,
+}
+
+impl DevBuf {
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    fn mem(&self) -> cl_mem {
+        use opencl3::memory::ClMem;
+        self.buf.get()
+    }
+}
+
+/// A kernel argument.
+pub enum Arg<'a> {
+    /// A buffer.
+    Buf(&'a DevBuf),
+    /// A 32-bit integer.
+    I32(i32),
+    /// A float.
+    F32(f32),
+    /// Local memory of this many bytes.
+    Local(usize),
+}
+
+/// Host memory the driver can copy from at full speed (`CL_MEM_ALLOC_HOST_PTR`, mapped).
+pub struct Pinned {
+    buf: Buffer<u8>,
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only reached through `&mut self` / `&self`.
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    /// The mapped bytes.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` maps `bytes` bytes for as long as `buf` lives (unmapped only on drop).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+    /// The mapped bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) }
+    }
+}
+
+struct Compiled {
+    _program: Program,
+    kernels: HashMap<String, Kernel>,
+}
+
+/// An OpenCL device with its context, in-order queue and built program. One per device per
+/// process (shared by every model on it): the program is built once and cached.
+pub struct ClDevice {
+    info: DeviceInfo,
+    context: Context,
+    queue: CommandQueue,
+    compiled: Mutex<Compiled>,
+    launches: AtomicU64,
+    build_time: std::time::Duration,
+}
+
+static OPEN: OnceLock<Mutex<HashMap<usize, Arc<ClDevice>>>> = OnceLock::new();
+
+/// The OpenCL C sources, `common.cl` first: from `TERNMUX_CL_DIR` when set (kernel work without
+/// rebuilding), else those embedded by `build.rs`.
+fn sources() -> Result<Vec<(String, String)>> {
+    let mut v: Vec<(String, String)> = match std::env::var_os("TERNMUX_CL_DIR") {
+        Some(dir) => {
+            let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+            let mut v = Vec::new();
+            for entry in rd.flatten() {
+                let p = entry.path();
+                if p.extension().is_some_and(|x| x == "cl") {
+                    let s = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+                    v.push((p.file_name().unwrap_or_default().to_string_lossy().into(), s));
+                }
+            }
+            v
+        }
+        None => crate::CL_SOURCES
+            .iter()
+            .map(|(n, s)| ((*n).to_string(), (*s).to_string()))
+            .collect(),
+    };
+    v.sort_by_key(|(n, _)| (n != "common.cl", n.clone()));
+    if v.first().is_none_or(|(n, _)| n != "common.cl") {
+        return Err(Error::Device(
+            "opencl: kernel sources lack common.cl (check TERNMUX_CL_DIR)".into(),
+        ));
+    }
+    Ok(v)
+}
+
+impl ClDevice {
+    /// Opens device `index` of [`list_devices`] (or returns the already open one).
+    pub fn open(index: usize) -> std::result::Result<Arc<ClDevice>, Unavailable> {
+        let all = list_devices()?;
+        let info = all.get(index).cloned().ok_or_else(|| {
+            Unavailable::NoDevice(format!(
+                "there is no OpenCL device {index}; the devices are: {}",
+                all.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; ")
+            ))
+        })?;
+        Self::open_info(info).map_err(|e| Unavailable::NoDevice(e.to_string()))
+    }
+
+    /// The best device: GPUs first (most compute units × memory), then anything else unless
+    /// `gpu_only`.
+    pub fn best(gpu_only: bool) -> std::result::Result<Arc<ClDevice>, Unavailable> {
+        let all = list_devices()?;
+        let rank = |d: &DeviceInfo| {
+            (
+                d.kind == "GPU",
+                u64::from(d.compute_units) * (d.global_mem >> 20),
+            )
+        };
+        let best = all
+            .iter()
+            .filter(|d| !gpu_only || d.kind == "GPU")
+            .max_by_key(|d| rank(d))
+            .cloned()
+            .ok_or_else(|| {
+                Unavailable::NoDevice(format!(
+                    "no OpenCL GPU among: {} (ask for one with --device opencl:N)",
+                    all.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; ")
+                ))
+            })?;
+        Self::open_info(best).map_err(|e| Unavailable::NoDevice(e.to_string()))
+    }
+
+    fn open_info(info: DeviceInfo) -> Result<Arc<ClDevice>> {
+        let registry = OPEN.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut open = registry
+            .lock()
+            .map_err(|_| Error::Device("opencl: device registry poisoned".into()))?;
+        if let Some(d) = open.get(&info.raw) {
+            return Ok(d.clone());
+        }
+        let raw = RawDevice::new(info.raw as opencl3::types::cl_device_id);
+        let context = Context::from_device(&raw).map_err(|e| cl_err("create context", e))?;
+        let queue = CommandQueue::create_default_with_properties(
+            &context,
+            CL_QUEUE_PROFILING_ENABLE,
+            0,
+        )
+        .map_err(|e| cl_err("create command queue", e))?;
+        let start = Instant::now();
+        let srcs = sources()?;
+        let joined: String = srcs
+            .iter()
+            .map(|(n, s)| format!("// ---- {n}\n{s}\n"))
+            .collect();
+        let program = Program::create_and_build_from_source(&context, &joined, "-cl-std=CL1.2")
+            .map_err(|log| {
+                Error::Device(format!(
+                    "opencl: the kernels in cl/ failed to build on {}: {log}",
+                    info.name
+                ))
+            })?;
+        let names = program
+            .kernel_names()
+            .split(';')
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect::<Vec<_>>();
+        let mut kernels = HashMap::new();
+        for n in names {
+            let k = Kernel::create(&program, &n).map_err(|e| cl_err(&format!("kernel {n}"), e))?;
+            kernels.insert(n, k);
+        }
+        let dev = Arc::new(ClDevice {
+            info,
+            context,
+            queue,
+            compiled: Mutex::new(Compiled {
+                _program: program,
+                kernels,
+            }),
+            launches: AtomicU64::new(0),
+            build_time: start.elapsed(),
+        });
+        open.insert(dev.info.raw, dev.clone());
+        Ok(dev)
+    }
+
+    /// What the device is.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    /// Time the driver took to build the kernels.
+    pub fn build_time(&self) -> std::time::Duration {
+        self.build_time
+    }
+    /// Kernel launches so far (all models on this device).
+    pub fn launches(&self) -> u64 {
+        self.launches.load(Ordering::Relaxed)
+    }
+
+    fn create(&self, flags: u64, bytes: usize) -> Result<Buffer<u8>> {
+        if bytes as u64 > self.info.max_alloc {
+            return Err(Error::Device(format!(
+                "opencl: a {bytes}-byte buffer exceeds {}'s largest allocation ({} bytes)",
+                self.info.name, self.info.max_alloc
+            )));
+        }
+        // SAFETY: no host pointer is passed (null), so the driver owns the storage.
+        unsafe { Buffer::<u8>::create(&self.context, flags, bytes.max(4), ptr::null_mut()) }
+            .map_err(|e| cl_err(&format!("allocate {bytes} bytes"), e))
+    }
+
+    /// A read-write device buffer of `bytes` bytes (contents unspecified).
+    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        Ok(DevBuf {
+            buf: self.create(CL_MEM_READ_WRITE, bytes)?,
+            bytes,
+        })
+    }
+
+    /// A read-only device buffer holding a copy of `data` (blocking copy).
+    pub fn upload(&self, data: &[u8]) -> Result<DevBuf> {
+        let mut buf = self.create(CL_MEM_READ_ONLY, data.len())?;
+        if !data.is_empty() {
+            // SAFETY: blocking write of `data.len()` bytes into a buffer at least that large;
+            // `data` outlives the call.
+            unsafe {
+                self.queue
+                    .enqueue_write_buffer(&mut buf, CL_BLOCKING, 0, data, &[])
+            }
+            .map_err(|e| cl_err("upload", e))?;
+        }
+        Ok(DevBuf {
+            buf,
+            bytes: data.len(),
+        })
+    }
+
+    /// Copies `data` into `dst` at byte `offset` (blocking).
+    pub fn write(&self, dst: &mut DevBuf, offset: usize, data: &[u8]) -> Result<()> {
+        if offset + data.len() > dst.bytes {
+            return Err(Error::Device(format!(
+                "opencl: write of {} bytes at {offset} past a {}-byte buffer",
+                data.len(),
+                dst.bytes
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: bounds checked above; blocking, so `data` outlives the transfer.
+        unsafe {
+            self.queue
+                .enqueue_write_buffer(&mut dst.buf, CL_BLOCKING, offset, data, &[])
+        }
+        .map_err(|e| cl_err("write", e))?;
+        Ok(())
+    }
+
+    /// Copies `out.len()` bytes from `src` at byte `offset` (blocking: waits for queued work).
+    pub fn read(&self, src: &DevBuf, offset: usize, out: &mut [u8]) -> Result<()> {
+        if offset + out.len() > src.bytes {
+            return Err(Error::Device(format!(
+                "opencl: read of {} bytes at {offset} past a {}-byte buffer",
+                out.len(),
+                src.bytes
+            )));
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: bounds checked above; blocking, so `out` is written before the call returns.
+        unsafe {
+            self.queue
+                .enqueue_read_buffer(&src.buf, CL_BLOCKING, offset, out, &[])
+        }
+        .map_err(|e| cl_err("read", e))?;
+        Ok(())
+    }
+
+    /// Device-to-device copy of `bytes` bytes (queued; returns its event for timing).
+    pub fn copy(&self, src: &DevBuf, dst: &mut DevBuf, bytes: usize) -> Result<Event> {
+        if bytes > src.bytes || bytes > dst.bytes {
+            return Err(Error::Device("opencl: copy larger than its buffers".into()));
+        }
+        // SAFETY: both ranges lie inside their buffers (checked above).
+        unsafe {
+            self.queue
+                .enqueue_copy_buffer(&src.buf, &mut dst.buf, 0, 0, bytes, &[])
+        }
+        .map_err(|e| cl_err("copy", e))
+    }
+
+    /// Pinned, mapped host memory of `bytes` bytes for fast host→device copies.
+    pub fn pinned(&self, bytes: usize) -> Result<Pinned> {
+        let buf = self.create(CL_MEM_ALLOC_HOST_PTR | CL_MEM_READ_WRITE, bytes)?;
+        let mut p: cl_mem = ptr::null_mut();
+        // SAFETY: blocking map of the whole buffer; the pointer stays valid until unmapped in
+        // `Pinned`'s owner's drop (the buffer's release).
+        unsafe {
+            self.queue
+                .enqueue_map_buffer(&buf, CL_BLOCKING, CL_MAP_WRITE, 0, bytes.max(4), &mut p, &[])
+        }
+        .map_err(|e| cl_err("map pinned memory", e))?;
+        if p.is_null() {
+            return Err(Error::Device("opencl: mapping pinned memory returned null".into()));
+        }
+        Ok(Pinned {
+            buf,
+            ptr: p.cast(),
+            bytes,
+        })
+    }
+
+    /// Host→device copy from `src` (queued, non-blocking; returns its event). The host memory
+    /// must stay untouched until the event completes: `Pinned` is borrowed for the call and the
+    /// caller waits on the event (or [`ClDevice::finish`]) before reusing it.
+    pub fn write_from_pinned(&self, src: &Pinned, dst: &mut DevBuf, bytes: usize) -> Result<Event> {
+        if bytes > src.bytes || bytes > dst.bytes {
+            return Err(Error::Device("opencl: write larger than its buffers".into()));
+        }
+        let _ = &src.buf;
+        // SAFETY: ranges checked above; `src` is mapped host memory owned by the driver-backed
+        // buffer, which outlives the queued copy as long as the caller waits (documented).
+        unsafe {
+            self.queue.enqueue_write_buffer(
+                &mut dst.buf,
+                opencl3::types::CL_NON_BLOCKING,
+                0,
+                &src.as_slice()[..bytes],
+                &[],
+            )
+        }
+        .map_err(|e| cl_err("write from pinned memory", e))
+    }
+
+    /// Queues kernel `name` over `global` work-items in groups of `local`.
+    pub fn launch(&self, name: &str, global: &[usize], local: &[usize], args: &[Arg<'_>]) -> Result<()> {
+        let compiled = self
+            .compiled
+            .lock()
+            .map_err(|_| Error::Device("opencl: kernel table poisoned".into()))?;
+        let k = compiled
+            .kernels
+            .get(name)
+            .ok_or_else(|| Error::Device(format!("opencl: no kernel {name} in cl/")))?;
+        for (i, a) in args.iter().enumerate() {
+            let i = i as u32;
+            // SAFETY: each argument matches the kernel's parameter list in cl/ (buffers as
+            // cl_mem, ints as i32, floats as f32, local memory as a byte count); the driver
+            // checks sizes and returns CL_INVALID_ARG_SIZE/INDEX instead of reading past them.
+            let set = unsafe {
+                match a {
+                    Arg::Buf(b) => k.set_arg(i, &b.mem()),
+                    Arg::I32(v) => k.set_arg(i, v),
+                    Arg::F32(v) => k.set_arg(i, v),
+                    Arg::Local(n) => k.set_arg_local_buffer(i, *n),
+                }
+            };
+            set.map_err(|e| cl_err(&format!("argument {i} of {name}"), e))?;
+        }
+        if global.len() != local.len() || global.is_empty() || global.len() > 3 {
+            return Err(Error::Device(format!("opencl: bad launch geometry for {name}")));
+        }
+        // Round the global size up to whole work-groups (kernels check their bounds).
+        let global: Vec<usize> = global
+            .iter()
+            .zip(local)
+            .map(|(&g, &l)| g.div_ceil(l.max(1)) * l.max(1))
+            .collect();
+        // SAFETY: every argument is set (the driver reports CL_INVALID_KERNEL_ARGS otherwise);
+        // the size arrays hold `work_dim` entries; buffers outlive the queued launch because
+        // every caller holds them until a later blocking read or `finish`.
+        unsafe {
+            self.queue.enqueue_nd_range_kernel(
+                k.get(),
+                global.len() as u32,
+                ptr::null(),
+                global.as_ptr(),
+                local.as_ptr(),
+                &[],
+            )
+        }
+        .map_err(|e| cl_err(&format!("launch {name}"), e))?;
+        self.launches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Waits for every queued command.
+    pub fn finish(&self) -> Result<()> {
+        self.queue.finish().map_err(|e| cl_err("finish", e))
+    }
+}

@@ -1,0 +1,23 @@
+//! The OpenCL backend, loaded at run time: `libOpenCL.so.1` is opened with `dlopen` on first use
+//! (cl3's dynamic loading), so the binary has no link-time OpenCL dependency and runs on machines
+//! without it. The kernels are the OpenCL C 1.2 sources in `cl/`, built by the driver once per
+//! device and cached for the process.
+//!
+//! * [`device`] — discovery ([`list_devices`]), why OpenCL is unusable ([`Unavailable`]), and the
+//!   one safe wrapper over the OpenCL API ([`ClDevice`]).
+//! * [`exec`] — a model's weights on the device ([`ClWeights`]), its KV cache ([`ClKv`]) and the
+//!   [`crate::backend::Backend`] implementation ([`ClExec`]).
+//!
+//! ```no_run
+//! use ternmux::backend::opencl::list_devices;
+//! match list_devices() {
+//!     Ok(devs) => devs.iter().for_each(|d| println!("{d}")),
+//!     Err(why) => println!("{why}"),
+//! }
+//! ```
+
+pub mod device;
+pub mod exec;
+
+pub use device::{Arg, ClDevice, DevBuf, DeviceInfo, Pinned, Unavailable, list_devices};
+pub use exec::{ClExec, ClKv, ClWeights};
