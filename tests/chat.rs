@@ -65,7 +65,8 @@ fn second_turn_reuses_the_cache() {
             max_tokens: 5,
             ..GenerateOptions::default()
         },
-    );
+    )
+    .unwrap();
     let first = chat.say("hello there friend", |_| true).unwrap();
     let second = chat.say("and again", |_| true).unwrap();
     assert!(first.new_prompt_tokens > 0);

@@ -153,9 +153,9 @@ fn batched_prefill_equals_token_by_token() {
     let toks = m
         .tokenizer
         .encode("Once upon a time there was a dog", true, false);
-    let mut c1 = KvCache::new(&m, 64, KvType::F32);
+    let mut c1 = KvCache::new(&m, 64, KvType::F32).unwrap();
     let batched = m.forward(&mut c1, &toks, Logits::All).unwrap();
-    let mut c2 = KvCache::new(&m, 64, KvType::F32);
+    let mut c2 = KvCache::new(&m, 64, KvType::F32).unwrap();
     let v = m.config.n_vocab;
     for (i, &t) in toks.iter().enumerate() {
         let one = m.forward(&mut c2, &[t], Logits::Last).unwrap();

@@ -6,13 +6,13 @@
 
 use super::{Backend, LayerMat, Mat, Norm};
 use crate::error::{Error, Result};
+use crate::model::Linear;
 use crate::model::{FfnAct, KvType, Model, TensorRef, ops};
 use half::f16;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use ternmux_kernels::Kernels;
 use ternmux_kernels::act::{ActQuant, QuantizedActs};
-use crate::model::Linear;
 
 enum KvStore {
     F16(Vec<f16>),
@@ -91,17 +91,26 @@ impl CpuKv {
     }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(KvStore::bytes).sum::<usize>()
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(KvStore::bytes)
+            .sum::<usize>()
             + (self.cos.len() + self.sin.len()) * 4
     }
 }
 
 /// Extends RoPE cos/sin tables (`n_rot / 2` pairs per position, as ggml builds them) to cover
 /// positions `0..end`.
-pub(crate) fn extend_rope_tables(model: &Model, end: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+pub(crate) fn extend_rope_tables(
+    model: &Model,
+    end: usize,
+    cos: &mut Vec<f32>,
+    sin: &mut Vec<f32>,
+) {
     let c = &model.config;
     let half = c.n_rot / 2;
-    let from = if half == 0 { end } else { cos.len() / half };
+    let from = cos.len().checked_div(half).unwrap_or(end);
     cos.resize(end.max(from) * half, 0.0);
     sin.resize(end.max(from) * half, 0.0);
     for p in from..end {
@@ -146,10 +155,7 @@ impl<'m> CpuExec<'m> {
     }
 
     /// The tensor, its output scale and its bias.
-    pub(crate) fn matrix(
-        model: &'m Model,
-        m: Mat,
-    ) -> (&'m TensorRef, f32, Option<&'m [f32]>) {
+    pub(crate) fn matrix(model: &'m Model, m: Mat) -> (&'m TensorRef, f32, Option<&'m [f32]>) {
         let w = &model.weights;
         match m {
             Mat::Output => (&w.output, 1.0, None),
@@ -262,7 +268,10 @@ impl Backend for CpuExec<'_> {
                 }
             }
             if accumulate {
-                out[..n].iter_mut().zip(tmp.iter()).for_each(|(a, b)| *a += b);
+                out[..n]
+                    .iter_mut()
+                    .zip(tmp.iter())
+                    .for_each(|(a, b)| *a += b);
             }
         }
         Ok(())

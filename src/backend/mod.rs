@@ -119,7 +119,9 @@ impl Device {
                     Ok(d) => (Placement::OpenCl(d), None),
                     Err(why) => (
                         Placement::Cpu,
-                        Some(format!("OpenCL unusable, running on the CPU instead: {why}")),
+                        Some(format!(
+                            "OpenCL unusable, running on the CPU instead: {why}"
+                        )),
                     ),
                 }
             }

@@ -57,6 +57,28 @@ enum Command {
     },
     /// List the OpenCL devices (the N of `--device opencl:N`), or say why there are none.
     Devices,
+    /// Measure an OpenCL device in one run: copy and host→device bandwidth, the ternary
+    /// matmul kernels on BitNet 2B-4T and 8B-class shapes, then (with -m) a model end to end.
+    BenchDevice {
+        /// The OpenCL device (opencl or opencl:N).
+        #[arg(short = 'd', long = "device", default_value = "opencl")]
+        device: ternmux::backend::Device,
+        /// Transfer size for the bandwidth probes, MiB.
+        #[arg(long = "copy-mib", default_value_t = 1024)]
+        copy_mib: usize,
+        /// Launches per kernel timing.
+        #[arg(long = "launches", default_value_t = 100)]
+        launches: usize,
+        /// A model to run end to end after the kernels (prefill and decode at batch 1).
+        #[arg(short = 'm', long = "model")]
+        model: Option<PathBuf>,
+        /// Prompt tokens for the end-to-end run.
+        #[arg(short = 'p', long = "prompt-tokens", default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Decoded tokens for the end-to-end run.
+        #[arg(short = 'n', long = "gen-tokens", default_value_t = 128)]
+        gen_tokens: usize,
+    },
     /// Measure prefill and decode speed on a model (like llama-bench): a random prompt of
     /// `--prompt-tokens`, then `--gen-tokens` decoded one at a time.
     Bench(BenchArgs),
@@ -317,6 +339,93 @@ fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Kernel launches so far on the model's OpenCL device (0 on the CPU).
+fn launches_of(model: &ternmux::model::Model) -> u64 {
+    match model.placement() {
+        ternmux::backend::Placement::OpenCl(d) => d.launches(),
+        ternmux::backend::Placement::Cpu => 0,
+    }
+}
+
+fn bench_device(
+    device: ternmux::backend::Device,
+    copy_mib: usize,
+    launches: usize,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    use ternmux::backend::Placement;
+    use ternmux::backend::opencl::bench;
+    let (placement, note) = device.resolve();
+    let Placement::OpenCl(dev) = placement else {
+        return Err(ternmux::Error::Device(
+            note.unwrap_or_else(|| "bench-device needs an OpenCL device".into()),
+        )
+        .into());
+    };
+    let w = |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(io_failure);
+    w(
+        out,
+        format!(
+            "device: {} (kernels built in {:.2} s)",
+            dev.info(),
+            dev.build_time().as_secs_f64()
+        ),
+    )?;
+    w(out, "\n## transfers".into())?;
+    let bw = bench::transfer_bandwidth(&dev, copy_mib << 20, 5)?;
+    for b in &bw {
+        w(
+            out,
+            format!(
+                "{:<46} {:>6} MiB {:>9.1} GB/s",
+                b.what,
+                b.bytes >> 20,
+                b.gb_s
+            ),
+        )?;
+    }
+    let copy_bw = bw[0].gb_s;
+    w(
+        out,
+        "\n## ternary matmul, weights cold (GB/s of weights; % of the copy bandwidth)".into(),
+    )?;
+    w(
+        out,
+        format!(
+            "{:<7} {:>6} x {:<6} {:>5} {:>10} {:>9} {:>7}",
+            "format", "rows", "cols", "batch", "µs", "GB/s", "% copy"
+        ),
+    )?;
+    let shapes = [
+        ("2B-4T q/o", 2560, 2560),
+        ("2B-4T gate/up", 6912, 2560),
+        ("2B-4T down", 2560, 6912),
+        ("8B q/o", 4096, 4096),
+        ("8B gate/up", 14336, 4096),
+        ("8B down", 4096, 14336),
+    ];
+    for fmt in ternmux::kernels::ternary::TernaryFormat::ALL {
+        for (name, rows, cols) in shapes {
+            for t in bench::ternary_kernels(&dev, fmt, rows, cols, &[1, 8, 32], launches)? {
+                w(
+                    out,
+                    format!(
+                        "{:<7} {:>6} x {:<6} {:>5} {:>10.1} {:>9.1} {:>6.0}%  {name}",
+                        fmt.name(),
+                        t.rows,
+                        t.cols,
+                        t.batch,
+                        t.seconds * 1e6,
+                        t.gb_s,
+                        100.0 * t.gb_s / copy_bw
+                    ),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
     use ternmux::model::{KvCache, KvType, Logits};
     set_threads(a.threads)?;
@@ -334,6 +443,7 @@ fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
         .collect();
     let n_ctx = prompt.len() + a.gen_tokens + 1;
     let (mut best_pp, mut best_tg) = (f64::INFINITY, f64::INFINITY);
+    let mut launches_per_token = 0.0;
     for _ in 0..a.reps.max(1) {
         let mut cache = KvCache::new(&model, n_ctx, KvType::F16)?;
         let t = std::time::Instant::now();
@@ -354,6 +464,7 @@ fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
                 source: e,
             })?;
         }
+        let launches0 = launches_of(&model);
         let t = std::time::Instant::now();
         for _ in 0..a.gen_tokens {
             let next = ternmux::sampling::argmax(&logits);
@@ -361,6 +472,7 @@ fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
         }
         if a.gen_tokens > 0 {
             best_tg = best_tg.min(t.elapsed().as_secs_f64());
+            launches_per_token = (launches_of(&model) - launches0) as f64 / a.gen_tokens as f64;
         }
     }
     let pp = prompt.len() as f64 / best_pp;
@@ -392,6 +504,13 @@ fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
         .map_err(io_failure)?;
         writeln!(out, "prefill pp{:<5} {pp:>9.2} tok/s", prompt.len()).map_err(io_failure)?;
         writeln!(out, "decode  tg{:<5} {tg:>9.2} tok/s", a.gen_tokens).map_err(io_failure)?;
+        if launches_per_token > 0.0 {
+            writeln!(
+                out,
+                "kernel launches per decoded token: {launches_per_token:.0}"
+            )
+            .map_err(io_failure)?;
+        }
     }
     Ok(())
 }
@@ -473,6 +592,30 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             threads,
             device,
         } => chat(model, system, n_predict, temp, seed, threads, device, out)?,
+        Command::BenchDevice {
+            device,
+            copy_mib,
+            launches,
+            model,
+            prompt_tokens,
+            gen_tokens,
+        } => {
+            bench_device(device, copy_mib, launches, out)?;
+            if let Some(m) = model {
+                writeln!(out, "\n## end to end, batch 1").map_err(io_failure)?;
+                let a = BenchArgs {
+                    model: m,
+                    prompt_tokens,
+                    gen_tokens,
+                    threads: None,
+                    reps: 3,
+                    json: false,
+                    device,
+                    logits_out: None,
+                };
+                bench_model(a, out)?;
+            }
+        }
         Command::Devices => match ternmux::backend::opencl::list_devices() {
             Ok(devs) => {
                 for d in devs {

@@ -165,7 +165,11 @@ fn pass<B: Backend>(
     let mut x = be.alloc(t_n * e)?;
     be.embed(tokens, &mut x)?;
     let mut h = be.alloc(t_n * e)?;
-    let (mut q, mut k, mut v) = (be.alloc(t_n * qd)?, be.alloc(t_n * kvd)?, be.alloc(t_n * kvd)?);
+    let (mut q, mut k, mut v) = (
+        be.alloc(t_n * qd)?,
+        be.alloc(t_n * kvd)?,
+        be.alloc(t_n * kvd)?,
+    );
     let mut qr = be.alloc(t_n * qd)?;
     let mut att = be.alloc(t_n * qd)?;
     let (mut g, mut u) = (be.alloc(t_n * ff)?, be.alloc(t_n * ff)?);
@@ -186,7 +190,12 @@ fn pass<B: Backend>(
         if l.attn_sub_norm.is_some() {
             be.norm_inplace(&mut att, t_n, Norm::AttnSub(li))?;
         }
-        be.project(&att, t_n, &mut [(Mat::Layer(li, LayerMat::O), &mut x)], true)?;
+        be.project(
+            &att,
+            t_n,
+            &mut [(Mat::Layer(li, LayerMat::O), &mut x)],
+            true,
+        )?;
 
         be.norm(&x, 0, t_n, Norm::Ffn(li), &mut h)?;
         be.project(
@@ -200,7 +209,12 @@ fn pass<B: Backend>(
         )?;
         let sub = l.ffn_sub_norm.as_ref().map(|_| Norm::FfnSub(li));
         be.ffn_act(&mut g, &u, t_n, c.ffn_act, sub)?;
-        be.project(&g, t_n, &mut [(Mat::Layer(li, LayerMat::Down), &mut x)], true)?;
+        be.project(
+            &g,
+            t_n,
+            &mut [(Mat::Layer(li, LayerMat::Down), &mut x)],
+            true,
+        )?;
     }
     let (row0, rows) = match which {
         None => return Ok(()),

@@ -46,7 +46,10 @@ impl std::fmt::Display for Unavailable {
                  ocl-icd-libopencl1 (or set OPENCL_DYLIB_PATH), then {FIX}"
             ),
             Unavailable::NoPlatform(why) => {
-                write!(f, "no OpenCL platform: the loader found no driver ({why}); {FIX}")
+                write!(
+                    f,
+                    "no OpenCL platform: the loader found no driver ({why}); {FIX}"
+                )
             }
             Unavailable::NoDevice(why) => write!(f, "no OpenCL device: {why}"),
         }
@@ -216,6 +219,7 @@ pub struct ClDevice {
     compiled: Mutex<Compiled>,
     launches: AtomicU64,
     build_time: std::time::Duration,
+    dummy: DevBuf,
 }
 
 static OPEN: OnceLock<Mutex<HashMap<usize, Arc<ClDevice>>>> = OnceLock::new();
@@ -231,7 +235,10 @@ fn sources() -> Result<Vec<(String, String)>> {
                 let p = entry.path();
                 if p.extension().is_some_and(|x| x == "cl") {
                     let s = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-                    v.push((p.file_name().unwrap_or_default().to_string_lossy().into(), s));
+                    v.push((
+                        p.file_name().unwrap_or_default().to_string_lossy().into(),
+                        s,
+                    ));
                 }
             }
             v
@@ -257,7 +264,10 @@ impl ClDevice {
         let info = all.get(index).cloned().ok_or_else(|| {
             Unavailable::NoDevice(format!(
                 "there is no OpenCL device {index}; the devices are: {}",
-                all.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; ")
+                all.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ))
         })?;
         Self::open_info(info).map_err(|e| Unavailable::NoDevice(e.to_string()))
@@ -281,7 +291,10 @@ impl ClDevice {
             .ok_or_else(|| {
                 Unavailable::NoDevice(format!(
                     "no OpenCL GPU among: {} (ask for one with --device opencl:N)",
-                    all.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("; ")
+                    all.iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 ))
             })?;
         Self::open_info(best).map_err(|e| Unavailable::NoDevice(e.to_string()))
@@ -297,12 +310,9 @@ impl ClDevice {
         }
         let raw = RawDevice::new(info.raw as opencl3::types::cl_device_id);
         let context = Context::from_device(&raw).map_err(|e| cl_err("create context", e))?;
-        let queue = CommandQueue::create_default_with_properties(
-            &context,
-            CL_QUEUE_PROFILING_ENABLE,
-            0,
-        )
-        .map_err(|e| cl_err("create command queue", e))?;
+        let queue =
+            CommandQueue::create_default_with_properties(&context, CL_QUEUE_PROFILING_ENABLE, 0)
+                .map_err(|e| cl_err("create command queue", e))?;
         let start = Instant::now();
         let srcs = sources()?;
         let joined: String = srcs
@@ -327,7 +337,15 @@ impl ClDevice {
             let k = Kernel::create(&program, &n).map_err(|e| cl_err(&format!("kernel {n}"), e))?;
             kernels.insert(n, k);
         }
+        // SAFETY: no host pointer is passed, so the driver owns the storage.
+        let dummy =
+            unsafe { Buffer::<u8>::create(&context, CL_MEM_READ_WRITE, 16, ptr::null_mut()) }
+                .map_err(|e| cl_err("allocate a placeholder buffer", e))?;
         let dev = Arc::new(ClDevice {
+            dummy: DevBuf {
+                buf: dummy,
+                bytes: 16,
+            },
             info,
             context,
             queue,
@@ -340,6 +358,11 @@ impl ClDevice {
         });
         open.insert(dev.info.raw, dev.clone());
         Ok(dev)
+    }
+
+    /// A 16-byte buffer bound to unused kernel arguments.
+    pub(crate) fn dummy(&self) -> &DevBuf {
+        &self.dummy
     }
 
     /// What the device is.
@@ -455,12 +478,21 @@ impl ClDevice {
         // SAFETY: blocking map of the whole buffer; the pointer stays valid until unmapped in
         // `Pinned`'s owner's drop (the buffer's release).
         unsafe {
-            self.queue
-                .enqueue_map_buffer(&buf, CL_BLOCKING, CL_MAP_WRITE, 0, bytes.max(4), &mut p, &[])
+            self.queue.enqueue_map_buffer(
+                &buf,
+                CL_BLOCKING,
+                CL_MAP_WRITE,
+                0,
+                bytes.max(4),
+                &mut p,
+                &[],
+            )
         }
         .map_err(|e| cl_err("map pinned memory", e))?;
         if p.is_null() {
-            return Err(Error::Device("opencl: mapping pinned memory returned null".into()));
+            return Err(Error::Device(
+                "opencl: mapping pinned memory returned null".into(),
+            ));
         }
         Ok(Pinned {
             buf,
@@ -474,7 +506,9 @@ impl ClDevice {
     /// caller waits on the event (or [`ClDevice::finish`]) before reusing it.
     pub fn write_from_pinned(&self, src: &Pinned, dst: &mut DevBuf, bytes: usize) -> Result<Event> {
         if bytes > src.bytes || bytes > dst.bytes {
-            return Err(Error::Device("opencl: write larger than its buffers".into()));
+            return Err(Error::Device(
+                "opencl: write larger than its buffers".into(),
+            ));
         }
         let _ = &src.buf;
         // SAFETY: ranges checked above; `src` is mapped host memory owned by the driver-backed
@@ -492,7 +526,13 @@ impl ClDevice {
     }
 
     /// Queues kernel `name` over `global` work-items in groups of `local`.
-    pub fn launch(&self, name: &str, global: &[usize], local: &[usize], args: &[Arg<'_>]) -> Result<()> {
+    pub fn launch(
+        &self,
+        name: &str,
+        global: &[usize],
+        local: &[usize],
+        args: &[Arg<'_>],
+    ) -> Result<()> {
         let compiled = self
             .compiled
             .lock()
@@ -517,7 +557,9 @@ impl ClDevice {
             set.map_err(|e| cl_err(&format!("argument {i} of {name}"), e))?;
         }
         if global.len() != local.len() || global.is_empty() || global.len() > 3 {
-            return Err(Error::Device(format!("opencl: bad launch geometry for {name}")));
+            return Err(Error::Device(format!(
+                "opencl: bad launch geometry for {name}"
+            )));
         }
         // Round the global size up to whole work-groups (kernels check their bounds).
         let global: Vec<usize> = global

@@ -2,7 +2,8 @@
 //! sub-buffer alignment rules apply), the KV cache in device memory (f16), and the forward ops
 //! as launches of the `cl/` kernels. Nothing waits for the device until logits are read.
 
-use super::device::{Arg, ClDevice, DevBuf};
+use super::device::{ClDevice, DevBuf};
+use super::ops::{RopeShape, TernaryOut};
 use crate::backend::cpu::extend_rope_tables;
 use crate::backend::{Backend, Mat, Norm};
 use crate::error::{Error, Result};
@@ -10,54 +11,14 @@ use crate::gguf::GgmlType;
 use crate::model::{FfnAct, KvType, Model, TensorRef};
 use std::cell::Cell;
 use std::sync::{Arc, Mutex};
-use ternmux_kernels::dequant::FloatFormat;
 use ternmux_kernels::ternary::{TernaryFormat, TernaryMatrix};
-
-/// Work-items per row team in the matmul kernels (cl/ternary.cl `TEAM`, cl/float.cl `FTEAM`).
-const TEAM: usize = 32;
-/// Tokens per pass of a matmul work-group (cl/ternary.cl `TB`, cl/float.cl `FTB`).
-const TB: usize = 8;
-/// Rows per matmul work-group.
-const ROWS_PER_GROUP: usize = 8;
-
-/// How a matrix is stored on the device.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Kind {
-    /// cl/ternary.cl format id.
-    Ternary(i32),
-    /// cl/common.cl FMT_* id.
-    Float(i32),
-}
-
-fn float_id(f: FloatFormat) -> i32 {
-    match f {
-        FloatFormat::F32 => 0,
-        FloatFormat::F16 => 1,
-        FloatFormat::BF16 => 2,
-        FloatFormat::Q8_0 => 3,
-        FloatFormat::Q4_0 => 4,
-        FloatFormat::Q4_1 => 5,
-        FloatFormat::Q4K => 6,
-        FloatFormat::Q5K => 7,
-        FloatFormat::Q6K => 8,
-    }
-}
-
-fn ternary_id(f: TernaryFormat) -> i32 {
-    match f {
-        TernaryFormat::Tq2_0 => 0,
-        TernaryFormat::Tq1_0 => 1,
-        TernaryFormat::I2S => 2,
-    }
-}
 
 /// One matrix on the device.
 pub struct DevMat {
     buf: Arc<DevBuf>,
-    kind: Kind,
+    ty: GgmlType,
     rows: usize,
     cols: usize,
-    row_bytes: usize,
     /// Output scale: the layer's `.scale` times I2_S's per-tensor `w_s`.
     scale: f32,
     bias: Option<DevBuf>,
@@ -86,7 +47,6 @@ pub struct ClWeights {
     output: DevMat,
     output_norm: DevBuf,
     layers: Vec<DevLayer>,
-    dummy: DevBuf,
     bytes: usize,
     max_rows: usize,
     pool: Arc<Mutex<Vec<Raw>>>,
@@ -107,16 +67,9 @@ fn upload_mat(
     shared: Option<&Arc<DevBuf>>,
 ) -> Result<DevMat> {
     let data = &model.file.as_bytes()[t.range.clone()];
-    let (kind, row_bytes, scale) = match t.ty {
-        GgmlType::Ternary(f) => {
-            let m = TernaryMatrix::new(f, data, t.rows, t.cols)?;
-            (
-                Kind::Ternary(ternary_id(f)),
-                f.row_bytes(t.cols),
-                scale * m.tensor_scale(),
-            )
-        }
-        GgmlType::Float(f) => (Kind::Float(float_id(f)), f.row_bytes(t.cols), scale),
+    let scale = match t.ty {
+        GgmlType::Ternary(f) => scale * TernaryMatrix::new(f, data, t.rows, t.cols)?.tensor_scale(),
+        GgmlType::Float(_) => scale,
     };
     let buf = match shared {
         Some(b) => b.clone(),
@@ -128,10 +81,9 @@ fn upload_mat(
     let bias = bias.map(|b| upload_f32(dev, b, bytes)).transpose()?;
     Ok(DevMat {
         buf,
-        kind,
+        ty: t.ty,
         rows: t.rows,
         cols: t.cols,
-        row_bytes,
         scale,
         bias,
     })
@@ -145,7 +97,7 @@ impl ClWeights {
         let mut bytes = 0usize;
         let d = &*dev;
         let embd = upload_mat(d, model, &w.token_embd, 1.0, None, &mut bytes, None)?;
-        if matches!(embd.kind, Kind::Ternary(_)) {
+        if matches!(embd.ty, GgmlType::Ternary(_)) {
             return Err(Error::Device(
                 "opencl: embedding lookup in a ternary tensor is not supported".into(),
             ));
@@ -193,14 +145,12 @@ impl ClWeights {
             });
         }
         let output_norm = upload_f32(d, &w.output_norm, &mut bytes)?;
-        let dummy = dev.alloc(16)?;
         Ok(ClWeights {
             dev,
             embd,
             output,
             output_norm,
             layers,
-            dummy,
             bytes,
             max_rows: 128,
             pool: Arc::new(Mutex::new(Vec::new())),
@@ -304,16 +254,12 @@ impl Drop for ClBuf {
 pub struct ClExec<'a> {
     w: &'a ClWeights,
     model: &'a Model,
-    wg: usize,
 }
 
 impl<'a> ClExec<'a> {
     /// Runs `model` with its device weights `w`.
     pub fn new(w: &'a ClWeights, model: &'a Model) -> ClExec<'a> {
-        // Work-group size of the row kernels: a power of two the device accepts.
-        let max = w.dev.info().max_work_group.clamp(1, 256);
-        let wg = 1usize << (usize::BITS - 1 - max.leading_zeros());
-        ClExec { w, model, wg }
+        ClExec { w, model }
     }
 
     fn dev(&self) -> &ClDevice {
@@ -338,119 +284,25 @@ impl<'a> ClExec<'a> {
         })
     }
 
-    /// Launches norm_quant: `y = norm(x rows row0..)` (or `y = x` without a norm) and its int8
-    /// quantization.
-    #[allow(clippy::too_many_arguments)]
-    fn norm_quant(
-        &self,
-        x: &DevBuf,
-        n: usize,
-        row0: usize,
-        rows: usize,
-        norm: Option<&DevBuf>,
-        y: &Raw,
-        write_y: bool,
-    ) -> Result<()> {
-        self.dev().launch(
-            "norm_quant",
-            &[rows * self.wg],
-            &[self.wg],
-            &[
-                Arg::Buf(x),
-                Arg::I32(n as i32),
-                Arg::I32(row0 as i32),
-                Arg::Buf(norm.unwrap_or(&self.w.dummy)),
-                Arg::I32(i32::from(norm.is_some())),
-                Arg::F32(self.model.config.rms_eps),
-                Arg::Buf(&y.f),
-                Arg::I32(i32::from(write_y)),
-                Arg::Buf(&y.q),
-                Arg::Buf(&y.s),
-                Arg::I32(1),
-                Arg::Local(self.wg * 4),
-            ],
-        )
-    }
-
-    fn ternary_launch(
-        &self,
-        fmt: i32,
-        x: &Raw,
-        rows: usize,
-        mats: &[(&DevMat, &Raw)],
-        accumulate: bool,
-    ) -> Result<()> {
-        let k = mats[0].0.cols;
-        let total: usize = mats.iter().map(|(m, _)| m.rows).sum();
-        let mut args = vec![
-            Arg::I32(fmt),
-            Arg::I32(k as i32),
-            Arg::Buf(&x.q),
-            Arg::Buf(&x.s),
-            Arg::I32(rows as i32),
-        ];
-        for i in 0..3 {
-            match mats.get(i) {
-                Some((m, out)) => args.extend([
-                    Arg::Buf(&m.buf),
-                    Arg::I32(m.rows as i32),
-                    Arg::Buf(&out.f),
-                    Arg::F32(m.scale),
-                    Arg::Buf(m.bias.as_ref().unwrap_or(&self.w.dummy)),
-                    Arg::I32(i32::from(m.bias.is_some())),
-                ]),
-                None => args.extend([
-                    Arg::Buf(&self.w.dummy),
-                    Arg::I32(0),
-                    Arg::Buf(&self.w.dummy),
-                    Arg::F32(0.0),
-                    Arg::Buf(&self.w.dummy),
-                    Arg::I32(0),
-                ]),
-            }
+    fn shape(&self) -> RopeShape {
+        let c = &self.model.config;
+        RopeShape {
+            head_dim: c.head_dim,
+            n_rot: c.n_rot,
+            neox: c.rope_neox,
+            n_head: c.n_head,
+            n_kv: c.n_head_kv,
         }
-        args.push(Arg::I32(i32::from(accumulate)));
-        args.push(Arg::Local(ROWS_PER_GROUP * TB * TEAM * 4));
-        self.dev().launch(
-            "ternary_matmul",
-            &[total.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM, rows.div_ceil(TB)],
-            &[ROWS_PER_GROUP * TEAM, 1],
-            &args,
-        )
     }
+}
 
-    fn float_launch(
-        &self,
-        fmt: i32,
-        x: &Raw,
-        rows: usize,
-        m: &DevMat,
-        out: &Raw,
-        accumulate: bool,
-    ) -> Result<()> {
-        if m.bias.is_some() {
-            return Err(Error::Device(
-                "opencl: biases on float-typed layer matrices are not supported".into(),
-            ));
-        }
-        self.dev().launch(
-            "float_matmul",
-            &[m.rows.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM, rows.div_ceil(TB)],
-            &[ROWS_PER_GROUP * TEAM, 1],
-            &[
-                Arg::I32(fmt),
-                Arg::I32(m.cols as i32),
-                Arg::I32(m.row_bytes as i32),
-                Arg::Buf(&x.f),
-                Arg::I32(rows as i32),
-                Arg::Buf(&m.buf),
-                Arg::I32(m.rows as i32),
-                Arg::Buf(&out.f),
-                Arg::F32(m.scale),
-                Arg::I32(i32::from(accumulate)),
-                Arg::Local(ROWS_PER_GROUP * TB * TEAM * 4),
-            ],
-        )
+fn ternary_out<'b>(m: &'b DevMat, o: &'b Raw) -> TernaryOut<'b> {
+    TernaryOut {
+        w: &m.buf,
+        rows: m.rows,
+        out: &o.f,
+        scale: m.scale,
+        bias: m.bias.as_ref(),
     }
 }
 
@@ -505,7 +357,7 @@ impl Backend for ClExec<'_> {
 
     fn embed(&self, tokens: &[u32], x: &mut ClBuf) -> Result<()> {
         let m = &self.w.embd;
-        let Kind::Float(fmt) = m.kind else {
+        let GgmlType::Float(fmt) = m.ty else {
             return Err(Error::Device("opencl: ternary embeddings".into()));
         };
         let mut ids = self.alloc(tokens.len())?;
@@ -517,21 +369,14 @@ impl Backend for ClExec<'_> {
             .ok_or_else(|| Error::Device("opencl: activation buffer already released".into()))?;
         self.dev()
             .write(&mut ids_raw.f, 0, bytemuck::cast_slice(&as_i32))?;
-        let ids_raw = ids.raw()?;
-        let out = x.raw()?;
-        check_len("embedding", out.cap, tokens.len() * m.cols)?;
-        self.dev().launch(
-            "get_rows",
-            &[m.cols, tokens.len()],
-            &[64.min(m.cols), 1],
-            &[
-                Arg::I32(fmt),
-                Arg::I32(m.cols as i32),
-                Arg::I32(m.row_bytes as i32),
-                Arg::Buf(&m.buf),
-                Arg::Buf(&ids_raw.f),
-                Arg::Buf(&out.f),
-            ],
+        self.dev().get_rows(
+            fmt,
+            m.cols,
+            &m.buf,
+            m.rows,
+            &ids.raw()?.f,
+            tokens.len(),
+            &x.raw()?.f,
         )?;
         x.quantized.set(false);
         Ok(())
@@ -540,10 +385,17 @@ impl Backend for ClExec<'_> {
     fn norm(&self, x: &ClBuf, row0: usize, rows: usize, norm: Norm, out: &mut ClBuf) -> Result<()> {
         let w = self.norm_buf(norm)?;
         let n = w.bytes() / 4;
-        let (xr, yr) = (x.raw()?, out.raw()?);
-        check_len("norm input", xr.cap, (row0 + rows) * n)?;
-        check_len("norm output", yr.cap, rows * n)?;
-        self.norm_quant(&xr.f, n, row0, rows, Some(w), yr, true)?;
+        let y = out.raw()?;
+        self.dev().norm_quant(
+            &x.raw()?.f,
+            n,
+            row0,
+            rows,
+            Some(w),
+            self.model.config.rms_eps,
+            Some(&y.f),
+            Some((&y.q, &y.s)),
+        )?;
         out.quantized.set(true);
         Ok(())
     }
@@ -551,9 +403,17 @@ impl Backend for ClExec<'_> {
     fn norm_inplace(&self, x: &mut ClBuf, rows: usize, norm: Norm) -> Result<()> {
         let w = self.norm_buf(norm)?;
         let n = w.bytes() / 4;
-        let xr = x.raw()?;
-        check_len("norm", xr.cap, rows * n)?;
-        self.norm_quant(&xr.f, n, 0, rows, Some(w), xr, true)?;
+        let r = x.raw()?;
+        self.dev().norm_quant(
+            &r.f,
+            n,
+            0,
+            rows,
+            Some(w),
+            self.model.config.rms_eps,
+            Some(&r.f),
+            Some((&r.q, &r.s)),
+        )?;
         x.quantized.set(true);
         Ok(())
     }
@@ -568,39 +428,55 @@ impl Backend for ClExec<'_> {
         let xr = x.raw()?;
         let mats: Vec<&DevMat> = outs.iter().map(|(m, _)| self.mat(*m)).collect();
         let k = mats.first().map_or(0, |m| m.cols);
-        check_len("matmul input", xr.cap, rows * k)?;
-        for ((_, o), m) in outs.iter().zip(&mats) {
-            check_len("matmul output", o.raw()?.cap, rows * m.rows)?;
-        }
-        let ternary: Vec<i32> = mats
+        let formats: Vec<Option<TernaryFormat>> = mats
             .iter()
-            .filter_map(|m| match m.kind {
-                Kind::Ternary(f) => Some(f),
-                Kind::Float(_) => None,
+            .map(|m| match m.ty {
+                GgmlType::Ternary(f) => Some(f),
+                GgmlType::Float(_) => None,
             })
             .collect();
-        if !ternary.is_empty() && !x.quantized.get() {
-            self.norm_quant(&xr.f, k, 0, rows, None, xr, false)?;
+        if formats.iter().any(Option::is_some) && !x.quantized.get() {
+            self.dev()
+                .norm_quant(&xr.f, k, 0, rows, None, 0.0, None, Some((&xr.q, &xr.s)))?;
             x.quantized.set(true);
         }
-        let all_same = ternary.len() == mats.len()
-            && ternary.windows(2).all(|p| p[0] == p[1])
+        let raws: Vec<&Raw> = outs.iter().map(|(_, o)| o.raw()).collect::<Result<_>>()?;
+        // Matrices of one ternary format sharing the input go in one launch.
+        let one_launch = formats[0].is_some()
+            && formats.iter().all(|f| *f == formats[0])
             && mats.iter().all(|m| m.cols == k)
             && mats.len() <= 3;
-        if all_same {
-            let pairs: Vec<(&DevMat, &Raw)> = outs
+        if let (true, Some(fmt)) = (one_launch, formats[0]) {
+            let group: Vec<TernaryOut<'_>> = mats
                 .iter()
-                .zip(&mats)
-                .map(|((_, o), m)| Ok((*m, o.raw()?)))
-                .collect::<Result<_>>()?;
-            self.ternary_launch(ternary[0], xr, rows, &pairs, accumulate)?;
+                .zip(&raws)
+                .map(|(m, o)| ternary_out(m, o))
+                .collect();
+            self.dev()
+                .ternary_matmul(fmt, k, &xr.q, &xr.s, rows, &group, accumulate)?;
         } else {
-            for ((_, o), m) in outs.iter().zip(&mats) {
-                match m.kind {
-                    Kind::Ternary(f) => {
-                        self.ternary_launch(f, xr, rows, &[(*m, o.raw()?)], accumulate)?
+            for (m, o) in mats.iter().zip(&raws) {
+                match m.ty {
+                    GgmlType::Ternary(f) => self.dev().ternary_matmul(
+                        f,
+                        m.cols,
+                        &xr.q,
+                        &xr.s,
+                        rows,
+                        &[ternary_out(m, o)],
+                        accumulate,
+                    )?,
+                    GgmlType::Float(f) => {
+                        if m.bias.is_some() {
+                            return Err(Error::Device(
+                                "opencl: biases on float-typed layer matrices are not supported"
+                                    .into(),
+                            ));
+                        }
+                        self.dev().float_matmul(
+                            f, m.cols, &xr.f, rows, &m.buf, m.rows, &o.f, m.scale, accumulate,
+                        )?
                     }
-                    Kind::Float(f) => self.float_launch(f, xr, rows, m, o.raw()?, accumulate)?,
                 }
             }
         }
@@ -621,8 +497,7 @@ impl Backend for ClExec<'_> {
         v: &ClBuf,
         q_out: &mut ClBuf,
     ) -> Result<()> {
-        let c = &self.model.config;
-        let half = c.n_rot / 2;
+        let half = self.model.config.n_rot / 2;
         let end = pos0 + rows;
         if end > kv.n_ctx {
             return Err(Error::Context {
@@ -642,30 +517,17 @@ impl Backend for ClExec<'_> {
                 .write(&mut kv.rope, from * half * 8, bytemuck::cast_slice(&inter))?;
             kv.rope_filled = end;
         }
-        let (qd, kvd) = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim);
-        check_len("rope q", q.raw()?.cap, rows * qd)?;
-        check_len("rope k", k.raw()?.cap, rows * kvd)?;
-        check_len("rope v", v.raw()?.cap, rows * kvd)?;
-        check_len("rope out", q_out.raw()?.cap, rows * qd)?;
-        self.dev().launch(
-            "rope_store",
-            &[c.head_dim, c.n_head + 2 * c.n_head_kv, rows],
-            &[c.head_dim.min(64), 1, 1],
-            &[
-                Arg::Buf(&q.raw()?.f),
-                Arg::Buf(&k.raw()?.f),
-                Arg::Buf(&v.raw()?.f),
-                Arg::Buf(&q_out.raw()?.f),
-                Arg::Buf(&kv.k[layer]),
-                Arg::Buf(&kv.v[layer]),
-                Arg::Buf(&kv.rope),
-                Arg::I32(pos0 as i32),
-                Arg::I32(c.head_dim as i32),
-                Arg::I32(c.n_rot as i32),
-                Arg::I32(i32::from(c.rope_neox)),
-                Arg::I32(c.n_head as i32),
-                Arg::I32(c.n_head_kv as i32),
-            ],
+        self.dev().rope_store(
+            &q.raw()?.f,
+            &k.raw()?.f,
+            &v.raw()?.f,
+            &q_out.raw()?.f,
+            &kv.k[layer],
+            &kv.v[layer],
+            &kv.rope,
+            pos0,
+            rows,
+            self.shape(),
         )?;
         q_out.quantized.set(false);
         Ok(())
@@ -680,34 +542,16 @@ impl Backend for ClExec<'_> {
         q: &ClBuf,
         out: &mut ClBuf,
     ) -> Result<()> {
-        let c = &self.model.config;
-        if rows > kv.max_pass {
-            return Err(Error::Device(format!(
-                "opencl: an attention pass of {rows} tokens exceeds the scratch for {}",
-                kv.max_pass
-            )));
-        }
-        let wg = self.wg.min(128);
-        check_len("attention out", out.raw()?.cap, rows * c.n_head * c.head_dim)?;
-        self.dev().launch(
-            "attention",
-            &[wg * c.n_head, rows],
-            &[wg, 1],
-            &[
-                Arg::Buf(&q.raw()?.f),
-                Arg::Buf(&kv.k[layer]),
-                Arg::Buf(&kv.v[layer]),
-                Arg::Buf(&kv.scores),
-                Arg::I32(kv.n_ctx as i32),
-                Arg::I32(pos0 as i32),
-                Arg::I32(c.head_dim as i32),
-                Arg::I32(c.n_head as i32),
-                Arg::I32(c.n_head_kv as i32),
-                Arg::F32(1.0 / (c.head_dim as f32).sqrt()),
-                Arg::Buf(&out.raw()?.f),
-                Arg::Local(wg * 4),
-                Arg::Local(c.head_dim * 4),
-            ],
+        self.dev().attention(
+            &q.raw()?.f,
+            &kv.k[layer],
+            &kv.v[layer],
+            &kv.scores,
+            kv.n_ctx,
+            pos0,
+            rows,
+            self.shape(),
+            &out.raw()?.f,
         )?;
         out.quantized.set(false);
         Ok(())
@@ -721,30 +565,18 @@ impl Backend for ClExec<'_> {
         act: FfnAct,
         sub_norm: Option<Norm>,
     ) -> Result<()> {
-        let n = self.model.config.n_ff;
         let w = sub_norm.map(|s| self.norm_buf(s)).transpose()?;
-        let (gr, ur) = (g.raw()?, u.raw()?);
-        check_len("ffn gate", gr.cap, rows * n)?;
-        check_len("ffn up", ur.cap, rows * n)?;
-        self.dev().launch(
-            "ffn_act_quant",
-            &[rows * self.wg],
-            &[self.wg],
-            &[
-                Arg::Buf(&gr.f),
-                Arg::Buf(&ur.f),
-                Arg::I32(n as i32),
-                Arg::I32(match act {
-                    FfnAct::Silu => 0,
-                    FfnAct::Relu2 => 1,
-                }),
-                Arg::Buf(w.unwrap_or(&self.w.dummy)),
-                Arg::I32(i32::from(w.is_some())),
-                Arg::F32(self.model.config.rms_eps),
-                Arg::Buf(&gr.q),
-                Arg::Buf(&gr.s),
-                Arg::Local(self.wg * 4),
-            ],
+        let gr = g.raw()?;
+        self.dev().ffn_act_quant(
+            &gr.f,
+            &u.raw()?.f,
+            self.model.config.n_ff,
+            rows,
+            act,
+            w,
+            self.model.config.rms_eps,
+            &gr.q,
+            &gr.s,
         )?;
         g.quantized.set(true);
         Ok(())

@@ -16,8 +16,11 @@
 //! }
 //! ```
 
+pub mod bench;
 pub mod device;
 pub mod exec;
+pub mod ops;
 
 pub use device::{Arg, ClDevice, DevBuf, DeviceInfo, Pinned, Unavailable, list_devices};
 pub use exec::{ClExec, ClKv, ClWeights};
+pub use ops::{RopeShape, TernaryOut};

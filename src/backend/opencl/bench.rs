@@ -1,0 +1,176 @@
+//! Device measurements for `ternmux bench-device`: copy bandwidth (device→device), host→device
+//! bandwidth from pageable and pinned memory, and the ternary matmul kernels on real model
+//! shapes, reported as achieved GB/s of weights against the copy bandwidth.
+//!
+//! Kernel timings cycle through enough copies of each matrix to exceed any last-level cache
+//! (≥ 256 MiB in all), so they measure weights streamed from device memory, as in decoding.
+
+use super::device::{ClDevice, DevBuf};
+use super::ops::TernaryOut;
+use crate::error::Result;
+use std::time::Instant;
+use ternmux_kernels::ternary::TernaryFormat;
+
+/// One bandwidth measurement.
+#[derive(Clone, Debug)]
+pub struct Bandwidth {
+    /// What was measured.
+    pub what: String,
+    /// Bytes per transfer.
+    pub bytes: usize,
+    /// Best seconds per transfer.
+    pub seconds: f64,
+    /// GB/s (10⁹ bytes per second) counting the bytes the memory system moved: a
+    /// device→device copy counts its bytes twice (read and write).
+    pub gb_s: f64,
+}
+
+/// One kernel measurement.
+#[derive(Clone, Debug)]
+pub struct KernelTiming {
+    /// Format.
+    pub format: TernaryFormat,
+    /// Output rows.
+    pub rows: usize,
+    /// Row length.
+    pub cols: usize,
+    /// Tokens (batch).
+    pub batch: usize,
+    /// Mean seconds per launch (queued back to back, cold weights).
+    pub seconds: f64,
+    /// Weight bytes read per launch.
+    pub weight_bytes: usize,
+    /// Weight GB/s.
+    pub gb_s: f64,
+}
+
+fn time_best(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// Device→device copy and host→device (pageable, pinned) bandwidth for `bytes`-sized transfers.
+pub fn transfer_bandwidth(dev: &ClDevice, bytes: usize, reps: usize) -> Result<Vec<Bandwidth>> {
+    let src = dev.alloc(bytes)?;
+    let mut dst = dev.alloc(bytes)?;
+    // Touch both once so first-use allocation is not timed.
+    dev.copy(&src, &mut dst, bytes)?;
+    dev.finish()?;
+    let d2d = time_best(reps, || {
+        dev.copy(&src, &mut dst, bytes)?;
+        dev.finish()
+    })?;
+    let host = vec![1u8; bytes];
+    dev.write(&mut dst, 0, &host)?;
+    let pageable = time_best(reps, || dev.write(&mut dst, 0, &host))?;
+    let mut pinned = dev.pinned(bytes)?;
+    pinned.as_mut_slice().fill(1);
+    dev.write_from_pinned(&pinned, &mut dst, bytes)?
+        .wait()
+        .map_err(|e| crate::Error::Device(format!("opencl: pinned write: {e}")))?;
+    let pin = time_best(reps, || {
+        dev.write_from_pinned(&pinned, &mut dst, bytes)?;
+        dev.finish()
+    })?;
+    let gb = |b: f64, s: f64| b / s / 1e9;
+    Ok(vec![
+        Bandwidth {
+            what: "device→device copy (read + write)".into(),
+            bytes,
+            seconds: d2d,
+            gb_s: gb(2.0 * bytes as f64, d2d),
+        },
+        Bandwidth {
+            what: "host→device, pageable".into(),
+            bytes,
+            seconds: pageable,
+            gb_s: gb(bytes as f64, pageable),
+        },
+        Bandwidth {
+            what: "host→device, pinned (CL_MEM_ALLOC_HOST_PTR)".into(),
+            bytes,
+            seconds: pin,
+            gb_s: gb(bytes as f64, pin),
+        },
+    ])
+}
+
+/// Pseudo-random bytes with every TQ block scale set to a finite f16 (1.0).
+fn weights(fmt: TernaryFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let n = fmt.tensor_bytes(rows, cols).unwrap_or(0);
+    let mut x = seed | 1;
+    let mut v: Vec<u8> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let (bb, at) = match fmt {
+        TernaryFormat::Tq2_0 => (66, 64),
+        TernaryFormat::Tq1_0 => (54, 52),
+        TernaryFormat::I2S => (0, 0),
+    };
+    if bb > 0 {
+        for blk in v.chunks_exact_mut(bb) {
+            blk[at] = 0x00;
+            blk[at + 1] = 0x3C;
+        }
+    }
+    v
+}
+
+/// Times `fmt` matmuls of `rows × cols` at each batch, weights cold (cycled copies).
+pub fn ternary_kernels(
+    dev: &ClDevice,
+    fmt: TernaryFormat,
+    rows: usize,
+    cols: usize,
+    batches: &[usize],
+    launches: usize,
+) -> Result<Vec<KernelTiming>> {
+    let data = weights(fmt, rows, cols, (rows * 31 + cols) as u64);
+    let copies = ((256usize << 20) / data.len().max(1)).clamp(2, 64);
+    let bufs: Vec<DevBuf> = (0..copies)
+        .map(|_| dev.upload(&data))
+        .collect::<Result<_>>()?;
+    let max_b = batches.iter().copied().max().unwrap_or(1);
+    let q = dev.upload(&vec![1u8; max_b * cols])?;
+    let s = dev.upload(bytemuck::cast_slice(&vec![1.0f32; max_b]))?;
+    let out = dev.alloc(max_b * rows * 4)?;
+    let row_bytes = fmt.row_bytes(cols) * rows;
+    let mut res = Vec::new();
+    for &b in batches {
+        let run = |n: usize| -> Result<()> {
+            for i in 0..n {
+                let o = TernaryOut {
+                    w: &bufs[i % copies],
+                    rows,
+                    out: &out,
+                    scale: 1.0,
+                    bias: None,
+                };
+                dev.ternary_matmul(fmt, cols, &q, &s, b, &[o], false)?;
+            }
+            dev.finish()
+        };
+        run(copies)?;
+        let secs = time_best(3, || run(launches))? / launches as f64;
+        res.push(KernelTiming {
+            format: fmt,
+            rows,
+            cols,
+            batch: b,
+            seconds: secs,
+            weight_bytes: row_bytes,
+            gb_s: row_bytes as f64 / secs / 1e9,
+        });
+    }
+    Ok(res)
+}

@@ -1,0 +1,441 @@
+//! One method per kernel of `cl/`: the OpenCL twins of the CPU ops, each a single queued launch
+//! over device buffers. The forward pass ([`super::exec`]) is built from these, and
+//! `tests/opencl_kernels.rs` checks each against an f64 reference.
+//!
+//! Buffers are raw bytes ([`DevBuf`]); lengths are checked here so a wrong shape is an
+//! [`Error::Device`], never an out-of-bounds read on the device.
+
+use super::device::{Arg, ClDevice, DevBuf};
+use crate::error::{Error, Result};
+use crate::model::FfnAct;
+use ternmux_kernels::dequant::FloatFormat;
+use ternmux_kernels::ternary::TernaryFormat;
+
+/// Work-items per row team in the matmul kernels (cl/ternary.cl `TEAM`, cl/float.cl `FTEAM`).
+const TEAM: usize = 32;
+/// Tokens per pass of a matmul work-group (cl/ternary.cl `TB`, cl/float.cl `FTB`).
+const TB: usize = 8;
+/// Rows per matmul work-group.
+const ROWS_PER_GROUP: usize = 8;
+
+/// cl/common.cl `FMT_*` id of a float format.
+pub fn float_format_id(f: FloatFormat) -> i32 {
+    match f {
+        FloatFormat::F32 => 0,
+        FloatFormat::F16 => 1,
+        FloatFormat::BF16 => 2,
+        FloatFormat::Q8_0 => 3,
+        FloatFormat::Q4_0 => 4,
+        FloatFormat::Q4_1 => 5,
+        FloatFormat::Q4K => 6,
+        FloatFormat::Q5K => 7,
+        FloatFormat::Q6K => 8,
+    }
+}
+
+/// cl/ternary.cl `TFMT_*` id of a ternary format.
+pub fn ternary_format_id(f: TernaryFormat) -> i32 {
+    match f {
+        TernaryFormat::Tq2_0 => 0,
+        TernaryFormat::Tq1_0 => 1,
+        TernaryFormat::I2S => 2,
+    }
+}
+
+/// One output of a ternary launch: `out[t][r] (+)= (Σ w·q)/s_t · scale + bias[r]`.
+pub struct TernaryOut<'a> {
+    /// Packed weights (`rows` rows of the format's row bytes; I2_S's tail may follow).
+    pub w: &'a DevBuf,
+    /// Output rows.
+    pub rows: usize,
+    /// Output buffer (f32, `n_tok × rows`).
+    pub out: &'a DevBuf,
+    /// Output scale (the layer's `.scale` times I2_S's `w_s`).
+    pub scale: f32,
+    /// Optional bias (f32, `rows`).
+    pub bias: Option<&'a DevBuf>,
+}
+
+/// Shape of a RoPE + KV store.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeShape {
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Rotated dimensions per head.
+    pub n_rot: usize,
+    /// NEOX pairing (i, i + n_rot/2) instead of (2i, 2i + 1).
+    pub neox: bool,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_kv: usize,
+}
+
+fn need(what: &str, buf: &DevBuf, bytes: usize) -> Result<()> {
+    if bytes > buf.bytes() {
+        return Err(Error::Device(format!(
+            "opencl: {what} needs {bytes} bytes but its buffer holds {}",
+            buf.bytes()
+        )));
+    }
+    Ok(())
+}
+
+fn int(v: usize) -> Result<Arg<'static>> {
+    i32::try_from(v)
+        .map(Arg::I32)
+        .map_err(|_| Error::Device(format!("opencl: {v} exceeds the kernels' 32-bit indices")))
+}
+
+impl ClDevice {
+    /// Work-group size of the row kernels: the largest power of two ≤ 256 the device accepts.
+    pub fn row_group(&self) -> usize {
+        let max = self.info().max_work_group.clamp(1, 256);
+        1usize << (usize::BITS - 1 - max.leading_zeros())
+    }
+
+    /// `y = RMSNorm(x rows row0..row0+rows) · norm` (plain copy when `norm` is `None`) into `y`
+    /// when given, and its per-token int8 quantization into `q` / `s` when given
+    /// (`s_t = 127 / max(absmax, 1e-5)`, `q = clamp(rint(y · s_t))`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn norm_quant(
+        &self,
+        x: &DevBuf,
+        n: usize,
+        row0: usize,
+        rows: usize,
+        norm: Option<&DevBuf>,
+        eps: f32,
+        y: Option<&DevBuf>,
+        q: Option<(&DevBuf, &DevBuf)>,
+    ) -> Result<()> {
+        need("norm input", x, (row0 + rows) * n * 4)?;
+        if let Some(w) = norm {
+            need("norm weight", w, n * 4)?;
+        }
+        if let Some(y) = y {
+            need("norm output", y, rows * n * 4)?;
+        }
+        if let Some((qb, sb)) = q {
+            need("quantized output", qb, rows * n)?;
+            need("token scales", sb, rows * 4)?;
+        }
+        let wg = self.row_group();
+        let d = self.dummy();
+        self.launch(
+            "norm_quant",
+            &[rows * wg],
+            &[wg],
+            &[
+                Arg::Buf(x),
+                int(n)?,
+                int(row0)?,
+                Arg::Buf(norm.unwrap_or(d)),
+                Arg::I32(i32::from(norm.is_some())),
+                Arg::F32(eps),
+                Arg::Buf(y.unwrap_or(d)),
+                Arg::I32(i32::from(y.is_some())),
+                Arg::Buf(q.map_or(d, |p| p.0)),
+                Arg::Buf(q.map_or(d, |p| p.1)),
+                Arg::I32(i32::from(q.is_some())),
+                Arg::Local(wg * 4),
+            ],
+        )
+    }
+
+    /// `g = act(g) · u`, the optional sub-norm, and the int8 quantization into `q` / `s`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ffn_act_quant(
+        &self,
+        g: &DevBuf,
+        u: &DevBuf,
+        n: usize,
+        rows: usize,
+        act: FfnAct,
+        norm: Option<&DevBuf>,
+        eps: f32,
+        q: &DevBuf,
+        s: &DevBuf,
+    ) -> Result<()> {
+        need("ffn gate", g, rows * n * 4)?;
+        need("ffn up", u, rows * n * 4)?;
+        need("quantized output", q, rows * n)?;
+        need("token scales", s, rows * 4)?;
+        if let Some(w) = norm {
+            need("sub-norm weight", w, n * 4)?;
+        }
+        let wg = self.row_group();
+        self.launch(
+            "ffn_act_quant",
+            &[rows * wg],
+            &[wg],
+            &[
+                Arg::Buf(g),
+                Arg::Buf(u),
+                int(n)?,
+                Arg::I32(match act {
+                    FfnAct::Silu => 0,
+                    FfnAct::Relu2 => 1,
+                }),
+                Arg::Buf(norm.unwrap_or(self.dummy())),
+                Arg::I32(i32::from(norm.is_some())),
+                Arg::F32(eps),
+                Arg::Buf(q),
+                Arg::Buf(s),
+                Arg::Local(wg * 4),
+            ],
+        )
+    }
+
+    /// Ternary matrices × per-token int8 activations `q` (`n_tok × k`) with scales `s`: up to
+    /// three matrices sharing the input in one launch; `accumulate` adds into the outputs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ternary_matmul(
+        &self,
+        fmt: TernaryFormat,
+        k: usize,
+        q: &DevBuf,
+        s: &DevBuf,
+        n_tok: usize,
+        outs: &[TernaryOut<'_>],
+        accumulate: bool,
+    ) -> Result<()> {
+        if outs.is_empty() || outs.len() > 3 || k == 0 || !k.is_multiple_of(fmt.k_multiple()) {
+            return Err(Error::Device(format!(
+                "opencl: ternary matmul of {} matrices with row length {k} ({} needs a multiple of {})",
+                outs.len(),
+                fmt.name(),
+                fmt.k_multiple()
+            )));
+        }
+        need("activations", q, n_tok * k)?;
+        need("token scales", s, n_tok * 4)?;
+        for o in outs {
+            need("ternary weights", o.w, o.rows * fmt.row_bytes(k))?;
+            need("matmul output", o.out, n_tok * o.rows * 4)?;
+            if let Some(b) = o.bias {
+                need("bias", b, o.rows * 4)?;
+            }
+        }
+        let d = self.dummy();
+        let total: usize = outs.iter().map(|o| o.rows).sum();
+        let mut args = vec![
+            Arg::I32(ternary_format_id(fmt)),
+            int(k)?,
+            Arg::Buf(q),
+            Arg::Buf(s),
+            int(n_tok)?,
+        ];
+        for i in 0..3 {
+            match outs.get(i) {
+                Some(o) => args.extend([
+                    Arg::Buf(o.w),
+                    int(o.rows)?,
+                    Arg::Buf(o.out),
+                    Arg::F32(o.scale),
+                    Arg::Buf(o.bias.unwrap_or(d)),
+                    Arg::I32(i32::from(o.bias.is_some())),
+                ]),
+                None => args.extend([
+                    Arg::Buf(d),
+                    Arg::I32(0),
+                    Arg::Buf(d),
+                    Arg::F32(0.0),
+                    Arg::Buf(d),
+                    Arg::I32(0),
+                ]),
+            }
+        }
+        args.push(Arg::I32(i32::from(accumulate)));
+        args.push(Arg::Local(ROWS_PER_GROUP * TB * TEAM * 4));
+        self.launch(
+            "ternary_matmul",
+            &[
+                total.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM,
+                n_tok.div_ceil(TB),
+            ],
+            &[ROWS_PER_GROUP * TEAM, 1],
+            &args,
+        )
+    }
+
+    /// A float/block-quantized matrix (`n` rows of `k`) × f32 activations `x` (`n_tok × k`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn float_matmul(
+        &self,
+        fmt: FloatFormat,
+        k: usize,
+        x: &DevBuf,
+        n_tok: usize,
+        w: &DevBuf,
+        n: usize,
+        out: &DevBuf,
+        scale: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        if k == 0 || !k.is_multiple_of(fmt.block_elems()) {
+            return Err(Error::Device(format!(
+                "opencl: {} rows of length {k} are not whole blocks",
+                fmt.name()
+            )));
+        }
+        need("activations", x, n_tok * k * 4)?;
+        need("weights", w, n * fmt.row_bytes(k))?;
+        need("matmul output", out, n_tok * n * 4)?;
+        self.launch(
+            "float_matmul",
+            &[
+                n.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM,
+                n_tok.div_ceil(TB),
+            ],
+            &[ROWS_PER_GROUP * TEAM, 1],
+            &[
+                Arg::I32(float_format_id(fmt)),
+                int(k)?,
+                int(fmt.row_bytes(k))?,
+                Arg::Buf(x),
+                int(n_tok)?,
+                Arg::Buf(w),
+                int(n)?,
+                Arg::Buf(out),
+                Arg::F32(scale),
+                Arg::I32(i32::from(accumulate)),
+                Arg::Local(ROWS_PER_GROUP * TB * TEAM * 4),
+            ],
+        )
+    }
+
+    /// Embedding lookup: `out[t] = dequantize(row ids[t] of w)` for `n_tok` i32 ids. The ids
+    /// must be `< n_rows` (checked by the caller against the vocabulary).
+    #[allow(clippy::too_many_arguments)]
+    pub fn get_rows(
+        &self,
+        fmt: FloatFormat,
+        k: usize,
+        w: &DevBuf,
+        n_rows: usize,
+        ids: &DevBuf,
+        n_tok: usize,
+        out: &DevBuf,
+    ) -> Result<()> {
+        need("embedding table", w, n_rows * fmt.row_bytes(k))?;
+        need("token ids", ids, n_tok * 4)?;
+        need("embedding output", out, n_tok * k * 4)?;
+        self.launch(
+            "get_rows",
+            &[k, n_tok],
+            &[64.min(k).max(1), 1],
+            &[
+                Arg::I32(float_format_id(fmt)),
+                int(k)?,
+                int(fmt.row_bytes(k))?,
+                Arg::Buf(w),
+                Arg::Buf(ids),
+                Arg::Buf(out),
+            ],
+        )
+    }
+
+    /// Rotates q (into `qr`) and k of `n_tok` tokens at positions `pos0..`, and stores rotated k
+    /// and v as f16 rows of the caches `kc` / `vc`. `rope` holds (cos, sin) pairs per position
+    /// and rotated pair.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_store(
+        &self,
+        q: &DevBuf,
+        k: &DevBuf,
+        v: &DevBuf,
+        qr: &DevBuf,
+        kc: &DevBuf,
+        vc: &DevBuf,
+        rope: &DevBuf,
+        pos0: usize,
+        n_tok: usize,
+        sh: RopeShape,
+    ) -> Result<()> {
+        let (qd, kvd) = (sh.n_head * sh.head_dim, sh.n_kv * sh.head_dim);
+        if sh.n_rot > sh.head_dim || !sh.n_rot.is_multiple_of(2) {
+            return Err(Error::Device(format!(
+                "opencl: rope of {} dimensions in heads of {}",
+                sh.n_rot, sh.head_dim
+            )));
+        }
+        need("q", q, n_tok * qd * 4)?;
+        need("k", k, n_tok * kvd * 4)?;
+        need("v", v, n_tok * kvd * 4)?;
+        need("rotated q", qr, n_tok * qd * 4)?;
+        need("key cache", kc, (pos0 + n_tok) * kvd * 2)?;
+        need("value cache", vc, (pos0 + n_tok) * kvd * 2)?;
+        need("rope table", rope, (pos0 + n_tok) * sh.n_rot / 2 * 8)?;
+        self.launch(
+            "rope_store",
+            &[sh.head_dim, sh.n_head + 2 * sh.n_kv, n_tok],
+            &[sh.head_dim.min(64), 1, 1],
+            &[
+                Arg::Buf(q),
+                Arg::Buf(k),
+                Arg::Buf(v),
+                Arg::Buf(qr),
+                Arg::Buf(kc),
+                Arg::Buf(vc),
+                Arg::Buf(rope),
+                int(pos0)?,
+                int(sh.head_dim)?,
+                int(sh.n_rot)?,
+                Arg::I32(i32::from(sh.neox)),
+                int(sh.n_head)?,
+                int(sh.n_kv)?,
+            ],
+        )
+    }
+
+    /// Causal GQA attention of `n_tok` queries (`qr`) at positions `pos0..` over f16 caches
+    /// `kc` / `vc` of `n_ctx` positions; `scores` is scratch of `n_tok × n_head × n_ctx` floats.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        qr: &DevBuf,
+        kc: &DevBuf,
+        vc: &DevBuf,
+        scores: &DevBuf,
+        n_ctx: usize,
+        pos0: usize,
+        n_tok: usize,
+        sh: RopeShape,
+        out: &DevBuf,
+    ) -> Result<()> {
+        let (qd, kvd) = (sh.n_head * sh.head_dim, sh.n_kv * sh.head_dim);
+        if sh.n_kv == 0 || !sh.n_head.is_multiple_of(sh.n_kv) || pos0 + n_tok > n_ctx {
+            return Err(Error::Device(format!(
+                "opencl: attention of {} heads over {} KV heads at {pos0}+{n_tok} of {n_ctx}",
+                sh.n_head, sh.n_kv
+            )));
+        }
+        need("queries", qr, n_tok * qd * 4)?;
+        need("key cache", kc, n_ctx * kvd * 2)?;
+        need("value cache", vc, n_ctx * kvd * 2)?;
+        need("scores", scores, n_tok * sh.n_head * n_ctx * 4)?;
+        need("attention output", out, n_tok * qd * 4)?;
+        let wg = self.row_group().min(128);
+        self.launch(
+            "attention",
+            &[wg * sh.n_head, n_tok],
+            &[wg, 1],
+            &[
+                Arg::Buf(qr),
+                Arg::Buf(kc),
+                Arg::Buf(vc),
+                Arg::Buf(scores),
+                int(n_ctx)?,
+                int(pos0)?,
+                int(sh.head_dim)?,
+                int(sh.n_head)?,
+                int(sh.n_kv)?,
+                Arg::F32(1.0 / (sh.head_dim as f32).sqrt()),
+                Arg::Buf(out),
+                Arg::Local(wg * 4),
+                Arg::Local(sh.head_dim * 4),
+            ],
+        )
+    }
+}
