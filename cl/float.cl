@@ -14,7 +14,9 @@ __kernel void float_matmul(int fmt, int k, int row_bytes, __global const float* 
     int t0 = get_group_id(1) * FTB;
     int nt = min(FTB, n_tok - t0);
     bool valid = r < n;
+    // Constant trip counts with guards keep acc[] in registers.
     float acc[FTB];
+#pragma unroll
     for (int t = 0; t < FTB; t++) acc[t] = 0.0f;
     if (valid) {
         const __global uchar* wr = w + (size_t)r * row_bytes;
@@ -22,9 +24,12 @@ __kernel void float_matmul(int fmt, int k, int row_bytes, __global const float* 
         if (fmt == FMT_F16 && k % 8 == 0) {
             for (int j = lane; j < k / 8; j += FTEAM) {
                 float8 wv = vload_half8(j, (const __global half*)wr);
-                for (int t = 0; t < nt; t++) {
-                    float8 xv = vload8(j, xa + (size_t)t * k);
-                    acc[t] += dot(wv.lo, xv.lo) + dot(wv.hi, xv.hi);
+#pragma unroll
+                for (int t = 0; t < FTB; t++) {
+                    if (t < nt) {
+                        float8 xv = vload8(j, xa + (size_t)t * k);
+                        acc[t] += dot(wv.lo, xv.lo) + dot(wv.hi, xv.hi);
+                    }
                 }
             }
         } else if (fmt == FMT_Q8_0) {
@@ -32,20 +37,27 @@ __kernel void float_matmul(int fmt, int k, int row_bytes, __global const float* 
                 const __global uchar* blk = wr + b * 34;
                 float d = ld_f16(blk);
                 const __global char* qs = (const __global char*)(blk + 2);
-                for (int t = 0; t < nt; t++) {
-                    const __global float* xt = xa + (size_t)t * k + b * 32;
-                    float sum = 0.0f;
-                    for (int e = 0; e < 32; e++) sum += (float)qs[e] * xt[e];
-                    acc[t] += d * sum;
+#pragma unroll
+                for (int t = 0; t < FTB; t++) {
+                    if (t < nt) {
+                        const __global float* xt = xa + (size_t)t * k + b * 32;
+                        float sum = 0.0f;
+                        for (int e = 0; e < 32; e++) sum += (float)qs[e] * xt[e];
+                        acc[t] += d * sum;
+                    }
                 }
             }
         } else {
             for (int j = lane; j < k; j += FTEAM) {
                 float wv = deq(fmt, wr, j);
-                for (int t = 0; t < nt; t++) acc[t] += wv * xa[(size_t)t * k + j];
+#pragma unroll
+                for (int t = 0; t < FTB; t++) {
+                    if (t < nt) acc[t] += wv * xa[(size_t)t * k + j];
+                }
             }
         }
     }
+#pragma unroll
     for (int t = 0; t < FTB; t++) red[(team * FTB + t) * FTEAM + lane] = acc[t];
     barrier(CLK_LOCAL_MEM_FENCE);
     if (valid && lane < nt) {

@@ -49,24 +49,36 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
         w = w2; o = o2; bias = b2; n = n2; hb = hb2; s = s2; rr = r - n0 - n1;
     }
     bool valid = rr < n;
+    // TB accumulators in registers: every loop over t has a constant trip count (unrolled) and
+    // a guard, so no private array is indexed dynamically.
     float acc[TB];
+#pragma unroll
     for (int t = 0; t < TB; t++) acc[t] = 0.0f;
     if (valid) {
         const __global uchar* wr = w + (size_t)rr * row_bytes_of(fmt, k);
         const __global char* qa = q + (size_t)t0 * k;
         if (fmt == TFMT_TQ2_0) {
+            // Lane l reads qs bytes 2l, 2l+1 of a block (one 64-byte load per team): byte m of
+            // chunk c = m / 32 holds elements 128c + 32j + m % 32, j = 0..3.
+            int m = 2 * lane, base = 128 * (m / 32) + m % 32;
+#pragma unroll 2
             for (int b = 0; b < k / 256; b++) {
                 const __global uchar* blk = wr + b * 66;
-                int c0 = blk[lane], c1 = blk[32 + lane];
+                uchar2 c = vload2(0, blk + m);
                 float d = ld_f16(blk + 64);
-                for (int t = 0; t < nt; t++) {
-                    const __global char* qt = qa + (size_t)t * k + b * 256 + lane;
-                    int sum = 0;
-                    for (int l = 0; l < 4; l++) {
-                        sum += tsel((c0 >> (2 * l)) & 3, qt[32 * l]);
-                        sum += tsel((c1 >> (2 * l)) & 3, qt[128 + 32 * l]);
+#pragma unroll
+                for (int t = 0; t < TB; t++) {
+                    if (t < nt) {
+                        const __global char* qt = qa + (size_t)t * k + b * 256 + base;
+                        int sum = 0;
+#pragma unroll
+                        for (int j = 0; j < 4; j++) {
+                            char2 a = vload2(0, qt + 32 * j);
+                            sum += tsel((c.x >> (2 * j)) & 3, a.x);
+                            sum += tsel((c.y >> (2 * j)) & 3, a.y);
+                        }
+                        acc[t] += (float)sum * d;
                     }
-                    acc[t] += (float)sum * d;
                 }
             }
         } else if (fmt == TFMT_TQ1_0) {
@@ -76,33 +88,71 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
                 uint c1 = lane < 16 ? blk[32 + lane] : 0u;
                 uint c2 = lane < 4 ? blk[48 + lane] : 0u;
                 float d = ld_f16(blk + 52);
-                for (int t = 0; t < nt; t++) {
-                    const __global char* qt = qa + (size_t)t * k + b * 256;
-                    int sum = 0;
-                    uint p = 1;
-                    for (int m = 0; m < 5; m++) {
-                        sum += tsel(trit(c0, p), qt[lane + 32 * m]);
-                        if (lane < 16) sum += tsel(trit(c1, p), qt[160 + lane + 16 * m]);
-                        if (lane < 4 && m < 4) sum += tsel(trit(c2, p), qt[240 + lane + 4 * m]);
-                        p *= 3u;
+#pragma unroll
+                for (int t = 0; t < TB; t++) {
+                    if (t < nt) {
+                        const __global char* qt = qa + (size_t)t * k + b * 256;
+                        int sum = 0;
+                        uint p = 1;
+#pragma unroll
+                        for (int mm = 0; mm < 5; mm++) {
+                            sum += tsel(trit(c0, p), qt[lane + 32 * mm]);
+                            if (lane < 16) sum += tsel(trit(c1, p), qt[160 + lane + 16 * mm]);
+                            if (lane < 4 && mm < 4) sum += tsel(trit(c2, p), qt[240 + lane + 4 * mm]);
+                            p *= 3u;
+                        }
+                        acc[t] += (float)sum * d;
                     }
-                    acc[t] += (float)sum * d;
                 }
             }
         } else {
-            // I2_S: 128-element blocks of 32 bytes; group g in bits [7−2g : 6−2g]. Integer sums
-            // stay exact in float (|Σ| ≤ 65536 · 127 < 2^24).
-            for (int b = 0; b < k / 128; b++) {
-                int c = wr[b * 32 + lane];
-                for (int t = 0; t < nt; t++) {
-                    const __global char* qt = qa + (size_t)t * k + b * 128 + lane;
-                    int sum = 0;
-                    for (int g = 0; g < 4; g++) sum += tsel((c >> (6 - 2 * g)) & 3, qt[32 * g]);
-                    acc[t] += (float)sum;
+            // I2_S: 128-element blocks of 32 bytes; group g in bits [7−2g : 6−2g]. Lane l reads
+            // bytes 4l..4l+3 of each 128-byte span (one 128-byte load per team): block
+            // 4l / 32, positions p..p+3 with p = 4l % 32. Integer sums stay exact in float
+            // (|Σ| ≤ 65536 · 127 < 2^24).
+            int off = 4 * lane, blk_in = off / 32, p0 = off % 32;
+#pragma unroll 2
+            for (int sp = 0; sp < k / 512; sp++) {
+                uchar4 c = vload4(0, wr + sp * 128 + off);
+#pragma unroll
+                for (int t = 0; t < TB; t++) {
+                    if (t < nt) {
+                        const __global char* qt = qa + (size_t)t * k + (sp * 4 + blk_in) * 128 + p0;
+                        int sum = 0;
+#pragma unroll
+                        for (int g = 0; g < 4; g++) {
+                            char4 a = vload4(0, qt + 32 * g);
+                            int sh = 6 - 2 * g;
+                            sum += tsel((c.x >> sh) & 3, a.x) + tsel((c.y >> sh) & 3, a.y) +
+                                   tsel((c.z >> sh) & 3, a.z) + tsel((c.w >> sh) & 3, a.w);
+                        }
+                        acc[t] += (float)sum;
+                    }
+                }
+            }
+            // A row length that is an odd multiple of 128: the last 128 elements, 32 bytes.
+            if ((k % 512) != 0 && lane < 8 * ((k % 512) / 128)) {
+                int sp = k / 512;
+                uchar4 c = vload4(0, wr + sp * 128 + off);
+#pragma unroll
+                for (int t = 0; t < TB; t++) {
+                    if (t < nt) {
+                        const __global char* qt = qa + (size_t)t * k + (sp * 4 + blk_in) * 128 + p0;
+                        int sum = 0;
+#pragma unroll
+                        for (int g = 0; g < 4; g++) {
+                            char4 a = vload4(0, qt + 32 * g);
+                            int sh = 6 - 2 * g;
+                            sum += tsel((c.x >> sh) & 3, a.x) + tsel((c.y >> sh) & 3, a.y) +
+                                   tsel((c.z >> sh) & 3, a.z) + tsel((c.w >> sh) & 3, a.w);
+                        }
+                        acc[t] += (float)sum;
+                    }
                 }
             }
         }
     }
+#pragma unroll
     for (int t = 0; t < TB; t++) red[(team * TB + t) * TEAM + lane] = acc[t];
     barrier(CLK_LOCAL_MEM_FENCE);
     if (valid && lane < nt) {
