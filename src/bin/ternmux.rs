@@ -385,6 +385,15 @@ fn bench_device(
         )?;
     }
     let copy_bw = bw[0].gb_s;
+    let (queue_s, launch_s) = bench::launch_overhead(&dev, 1000)?;
+    w(
+        out,
+        format!(
+            "launch of a tiny kernel: {:.1} µs to queue, {:.1} µs each back to back",
+            queue_s * 1e6,
+            launch_s * 1e6
+        ),
+    )?;
     w(
         out,
         "\n## ternary matmul, weights cold (GB/s of weights; % of the copy bandwidth)".into(),

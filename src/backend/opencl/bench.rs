@@ -174,3 +174,23 @@ pub fn ternary_kernels(
     }
     Ok(res)
 }
+
+/// Per-launch cost of a tiny kernel (one 64-wide row): host time to queue it, and wall time per
+/// launch when queued back to back (the floor under any kernel's time).
+pub fn launch_overhead(dev: &ClDevice, launches: usize) -> Result<(f64, f64)> {
+    let x = dev.alloc(64 * 4)?;
+    let run = |n: usize| -> Result<f64> {
+        let t = Instant::now();
+        for _ in 0..n {
+            dev.norm_quant(&x, 64, 0, 1, None, 0.0, Some(&x), None)?;
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    run(16)?;
+    dev.finish()?;
+    let n = launches.max(1);
+    let t = Instant::now();
+    let queued = run(n)?;
+    dev.finish()?;
+    Ok((queued / n as f64, t.elapsed().as_secs_f64() / n as f64))
+}

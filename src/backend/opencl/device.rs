@@ -3,7 +3,7 @@
 //! `// SAFETY:` line; the rest of the backend uses the safe API below.
 
 use crate::error::{Error, Result};
-use opencl3::command_queue::{CL_QUEUE_PROFILING_ENABLE, CommandQueue};
+use opencl3::command_queue::CommandQueue;
 use opencl3::context::Context;
 use opencl3::device::{
     CL_DEVICE_TYPE_ACCELERATOR, CL_DEVICE_TYPE_ALL, CL_DEVICE_TYPE_CPU, CL_DEVICE_TYPE_GPU,
@@ -11,9 +11,7 @@ use opencl3::device::{
 };
 use opencl3::event::Event;
 use opencl3::kernel::Kernel;
-use opencl3::memory::{
-    Buffer, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_ONLY, CL_MEM_READ_WRITE,
-};
+use opencl3::memory::{Buffer, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_WRITE};
 use opencl3::program::Program;
 use opencl3::types::{CL_BLOCKING, cl_mem};
 use std::collections::HashMap;
@@ -310,9 +308,9 @@ impl ClDevice {
         }
         let raw = RawDevice::new(info.raw as opencl3::types::cl_device_id);
         let context = Context::from_device(&raw).map_err(|e| cl_err("create context", e))?;
-        let queue =
-            CommandQueue::create_default_with_properties(&context, CL_QUEUE_PROFILING_ENABLE, 0)
-                .map_err(|e| cl_err("create command queue", e))?;
+        // No profiling: timestamps per command cost launch latency on some drivers.
+        let queue = CommandQueue::create_default_with_properties(&context, 0, 0)
+            .map_err(|e| cl_err("create command queue", e))?;
         let start = Instant::now();
         let srcs = sources()?;
         let joined: String = srcs
@@ -398,9 +396,10 @@ impl ClDevice {
         })
     }
 
-    /// A read-only device buffer holding a copy of `data` (blocking copy).
+    /// A device buffer holding a copy of `data` (blocking copy). Read-write: kernels may update
+    /// it (a KV cache, an accumulated output); weights are never written by any kernel.
     pub fn upload(&self, data: &[u8]) -> Result<DevBuf> {
-        let mut buf = self.create(CL_MEM_READ_ONLY, data.len())?;
+        let mut buf = self.create(CL_MEM_READ_WRITE, data.len())?;
         if !data.is_empty() {
             // SAFETY: blocking write of `data.len()` bytes into a buffer at least that large;
             // `data` outlives the call.
