@@ -119,7 +119,7 @@ proptest! {
             let ty = GgmlType::Ternary(fmt);
             let bytes = quant::encode(ty, &x, rows, k).unwrap();
             let w = quant::decode(ty, &bytes, rows, k).unwrap();
-            let bias: Option<Vec<f32>> = (r.next() % 2 == 0).then(|| (0..rows).map(|_| r.f()).collect());
+            let bias: Option<Vec<f32>> = r.next().is_multiple_of(2).then(|| (0..rows).map(|_| r.f()).collect());
             // The kernel's output scale carries I2_S's per-tensor w_s (the decoded values hold it).
             let w_s = if fmt == TernaryFormat::I2S { quant::i2s_scale(&bytes, rows, k) } else { 1.0 };
             let scale = 0.5 + r.f().abs();

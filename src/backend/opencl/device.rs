@@ -99,8 +99,14 @@ fn cl_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Device(format!("opencl: {what}: {e}"))
 }
 
-/// Every device of every platform, in a stable order (platform, then device).
+/// Every device of every platform, in a stable order (platform, then device). Discovered once
+/// per process: some drivers (PoCL 3) crash when queried from several threads at once.
 pub fn list_devices() -> std::result::Result<Vec<DeviceInfo>, Unavailable> {
+    static FOUND: OnceLock<std::result::Result<Vec<DeviceInfo>, Unavailable>> = OnceLock::new();
+    FOUND.get_or_init(discover).clone()
+}
+
+fn discover() -> std::result::Result<Vec<DeviceInfo>, Unavailable> {
     if let Err(e) = cl3::load_library() {
         return Err(Unavailable::NoLibrary(e.to_string()));
     }
