@@ -19,6 +19,20 @@ inline int tsel(int code, int x) { return (code & 2) ? x : (code == 0 ? -x : 0);
 // TQ1_0 trit n of a packed byte: ((b · 3^n) mod 256) · 3 >> 8 (an unpacking step, as on the CPU).
 inline int trit(uint b, uint pow3) { return (int)((((b * pow3) & 255u) * 3u) >> 8); }
 
+// I2_S: four code bytes (positions p..p+3 of a 32-byte block; group g in bits 7−2g) against
+// the activations at qt + 32g + 0..3.
+inline int i2s_dot4(uchar4 c, const __global char* qt) {
+    int sum = 0;
+#pragma unroll
+    for (int g = 0; g < 4; g++) {
+        char4 a = vload4(0, qt + 32 * g);
+        int sh = 6 - 2 * g;
+        sum += tsel((c.x >> sh) & 3, a.x) + tsel((c.y >> sh) & 3, a.y) + tsel((c.z >> sh) & 3, a.z) +
+               tsel((c.w >> sh) & 3, a.w);
+    }
+    return sum;
+}
+
 inline int row_bytes_of(int fmt, int k) {
     return fmt == TFMT_TQ2_0 ? (k / 256) * 66 : fmt == TFMT_TQ1_0 ? (k / 256) * 54 : k / 4;
 }
@@ -117,16 +131,7 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
 #pragma unroll
                 for (int t = 0; t < TB; t++) {
                     if (t < nt) {
-                        const __global char* qt = qa + (size_t)t * k + (sp * 4 + blk_in) * 128 + p0;
-                        int sum = 0;
-#pragma unroll
-                        for (int g = 0; g < 4; g++) {
-                            char4 a = vload4(0, qt + 32 * g);
-                            int sh = 6 - 2 * g;
-                            sum += tsel((c.x >> sh) & 3, a.x) + tsel((c.y >> sh) & 3, a.y) +
-                                   tsel((c.z >> sh) & 3, a.z) + tsel((c.w >> sh) & 3, a.w);
-                        }
-                        acc[t] += (float)sum;
+                        acc[t] += (float)i2s_dot4(c, qa + (size_t)t * k + (sp * 4 + blk_in) * 128 + p0);
                     }
                 }
             }
@@ -137,16 +142,7 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
 #pragma unroll
                 for (int t = 0; t < TB; t++) {
                     if (t < nt) {
-                        const __global char* qt = qa + (size_t)t * k + (sp * 4 + blk_in) * 128 + p0;
-                        int sum = 0;
-#pragma unroll
-                        for (int g = 0; g < 4; g++) {
-                            char4 a = vload4(0, qt + 32 * g);
-                            int sh = 6 - 2 * g;
-                            sum += tsel((c.x >> sh) & 3, a.x) + tsel((c.y >> sh) & 3, a.y) +
-                                   tsel((c.z >> sh) & 3, a.z) + tsel((c.w >> sh) & 3, a.w);
-                        }
-                        acc[t] += (float)sum;
+                        acc[t] += (float)i2s_dot4(c, qa + (size_t)t * k + (sp * 4 + blk_in) * 128 + p0);
                     }
                 }
             }
