@@ -236,15 +236,7 @@ impl From<ternmux::Error> for Failure {
 fn run_model(a: RunArgs, out: &mut impl Write) -> Result<(), Failure> {
     use ternmux::model::GenerateOptions;
     use ternmux::sampling::SamplingParams;
-    if let Some(n) = a.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .build_global()
-            .map_err(|e| Failure {
-                error: ternmux::Error::Quant(format!("thread pool: {e}")),
-                hint: None,
-            })?;
-    }
+    set_threads(a.threads)?;
     let model = open_model(&a.model, a.device)?;
     let opts = GenerateOptions {
         max_tokens: a.n_predict,

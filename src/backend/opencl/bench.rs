@@ -2,8 +2,9 @@
 //! bandwidth from pageable and pinned memory, and the ternary matmul kernels on real model
 //! shapes, reported as achieved GB/s of weights against the copy bandwidth.
 //!
-//! Kernel timings cycle through enough copies of each matrix to exceed any last-level cache
-//! (≥ 256 MiB in all), so they measure weights streamed from device memory, as in decoding.
+//! Kernel timings cycle through copies of each matrix — 256 MiB of them, at most 64 copies, so at
+//! least 88 MB for the smallest matrix measured (TQ1_0 2560 × 2560), above the 50 MB L2 of an
+//! H100/H200 — so they measure weights streamed from device memory, as in decoding.
 
 use super::device::{ClDevice, DevBuf};
 use super::ops::TernaryOut;

@@ -188,7 +188,8 @@ pub enum Arg<'a> {
 
 /// Host memory the driver can copy from at full speed (`CL_MEM_ALLOC_HOST_PTR`, mapped).
 pub struct Pinned {
-    buf: Buffer<u8>,
+    /// Owns the mapped storage `ptr` points into.
+    _storage: Buffer<u8>,
     ptr: *mut u8,
     bytes: usize,
 }
@@ -199,7 +200,7 @@ unsafe impl Send for Pinned {}
 impl Pinned {
     /// The mapped bytes.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` maps `bytes` bytes for as long as `buf` lives (unmapped only on drop).
+        // SAFETY: `ptr` maps `bytes` bytes for as long as `_storage` lives.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
     }
     /// The mapped bytes.
@@ -500,7 +501,7 @@ impl ClDevice {
             ));
         }
         Ok(Pinned {
-            buf,
+            _storage: buf,
             ptr: p.cast(),
             bytes,
         })
@@ -515,7 +516,6 @@ impl ClDevice {
                 "opencl: write larger than its buffers".into(),
             ));
         }
-        let _ = &src.buf;
         // SAFETY: ranges checked above; `src` is mapped host memory owned by the driver-backed
         // buffer, which outlives the queued copy as long as the caller waits (documented).
         unsafe {

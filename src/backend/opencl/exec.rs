@@ -13,6 +13,9 @@ use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 use ternmux_kernels::ternary::{TernaryFormat, TernaryMatrix};
 
+/// Most tokens in one pass (sizes every activation's per-token scale buffer).
+const MAX_PASS_ROWS: usize = 128;
+
 /// One matrix on the device.
 pub struct DevMat {
     buf: Arc<DevBuf>,
@@ -48,7 +51,6 @@ pub struct ClWeights {
     output_norm: DevBuf,
     layers: Vec<DevLayer>,
     bytes: usize,
-    max_rows: usize,
     pool: Arc<Mutex<Vec<Raw>>>,
 }
 
@@ -152,7 +154,6 @@ impl ClWeights {
             output_norm,
             layers,
             bytes,
-            max_rows: 128,
             pool: Arc::new(Mutex::new(Vec::new())),
         })
     }
@@ -201,7 +202,7 @@ impl ClKv {
         }
         // Attention scores of one pass: keep the scratch near 64 MiB.
         let per_token = c.n_head * n_ctx * 4;
-        let max_pass = ((64usize << 20) / per_token.max(1)).clamp(1, w.max_rows);
+        let max_pass = ((64usize << 20) / per_token.max(1)).clamp(1, MAX_PASS_ROWS);
         let scores = w.dev.alloc(max_pass * per_token)?;
         let rope = w.dev.alloc(n_ctx * (c.n_rot / 2) * 8)?;
         let bytes = 2 * c.n_layer * layer_bytes + scores.bytes() + rope.bytes();
@@ -343,7 +344,7 @@ impl Backend for ClExec<'_> {
                 Raw {
                     f: dev.alloc(len * 4)?,
                     q: dev.alloc(len)?,
-                    s: dev.alloc(self.w.max_rows * 4)?,
+                    s: dev.alloc(MAX_PASS_ROWS * 4)?,
                     cap: len,
                 }
             }
