@@ -41,6 +41,10 @@ pub enum Error {
     /// build log; an exhausted or lost device).
     #[error("device: {0}")]
     Device(String),
+    /// A multiplexer limit cannot be met: a unit larger than the weight budget, every resident
+    /// unit pinned, KV caches past their limit, or an unknown model name.
+    #[error("mux: {0}")]
+    Mux(String),
     /// A kernel refused its inputs (shapes, lengths).
     #[error("{0}")]
     Kernel(#[from] ternmux_kernels::KernelError),

@@ -28,6 +28,7 @@ pub mod convert;
 pub mod error;
 pub mod gguf;
 pub mod model;
+pub mod mux;
 pub mod quant;
 pub mod sampling;
 pub mod synth;

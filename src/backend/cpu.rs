@@ -4,15 +4,18 @@
 //! Ternary layers quantize their input per token (int8 absmax, the BitNet training arithmetic);
 //! layers sharing an input (q/k/v, gate/up) quantize it once.
 
-use super::{Backend, LayerMat, Mat, Norm};
+use super::{Backend, Mat, Norm, Resident};
 use crate::error::{Error, Result};
-use crate::model::Linear;
+use crate::gguf::GgmlType;
 use crate::model::{FfnAct, KvType, Model, TensorRef, ops};
+use crate::mux::units::{PieceKind, UnitId, UnitLayout};
 use half::f16;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use ternmux_kernels::Kernels;
 use ternmux_kernels::act::{ActQuant, QuantizedActs};
+use ternmux_kernels::matmul::FloatMatrix;
+use ternmux_kernels::ternary::TernaryMatrix;
 
 enum KvStore {
     F16(Vec<f16>),
@@ -125,6 +128,54 @@ pub(crate) fn extend_rope_tables(
     }
 }
 
+/// A unit's weights on the CPU: the mapping itself (zero copy), or a host copy the
+/// multiplexer owns (its pieces packed as [`UnitLayout`] says).
+pub struct HostUnit {
+    id: UnitId,
+    copy: Option<(Vec<u8>, UnitLayout)>,
+}
+
+impl HostUnit {
+    /// A unit read straight from the mapping.
+    pub(crate) fn mapped(id: UnitId) -> HostUnit {
+        HostUnit { id, copy: None }
+    }
+    /// A unit held in `data`, laid out as `layout`.
+    pub(crate) fn owned(data: Vec<u8>, layout: UnitLayout) -> HostUnit {
+        HostUnit {
+            id: layout.id,
+            copy: Some((data, layout)),
+        }
+    }
+    /// The host copy's storage, for reuse by the next page-in.
+    pub(crate) fn into_data(self) -> Option<Vec<u8>> {
+        self.copy.map(|(d, _)| d)
+    }
+    fn bytes<'a>(&'a self, model: &'a Model, m: Mat) -> Result<&'a [u8]> {
+        match &self.copy {
+            None => Ok(crate::mux::units::piece_bytes(
+                model,
+                self.id,
+                PieceKind::Mat(m),
+            )),
+            Some((data, layout)) => {
+                let p = layout
+                    .piece(PieceKind::Mat(m))
+                    .ok_or_else(|| Error::Mux(format!("unit {} holds no {m:?} matrix", self.id)))?;
+                Ok(&data[p.offset..p.offset + p.len])
+            }
+        }
+    }
+    fn layer(&self) -> Result<usize> {
+        match self.id {
+            UnitId::Block(l) => Ok(l),
+            UnitId::Head => Err(Error::Mux(
+                "a block's weight was asked of the head unit".into(),
+            )),
+        }
+    }
+}
+
 /// The CPU backend bound to one model.
 pub struct CpuExec<'m> {
     model: &'m Model,
@@ -142,49 +193,49 @@ impl<'m> CpuExec<'m> {
         }
     }
 
-    fn norm_weight(&self, n: Norm) -> Result<&'m [f32]> {
+    fn norm_weight(&self, u: &HostUnit, n: Norm) -> Result<&'m [f32]> {
         let w = &self.model.weights;
         let missing = || Error::Gguf(format!("the model has no {n:?} norm"));
+        if n == Norm::Output {
+            return Ok(&w.output_norm);
+        }
+        let layer = &w.layers[u.layer()?];
         Ok(match n {
-            Norm::Attn(l) => &w.layers[l].attn_norm,
-            Norm::Ffn(l) => &w.layers[l].ffn_norm,
-            Norm::AttnSub(l) => w.layers[l].attn_sub_norm.as_deref().ok_or_else(missing)?,
-            Norm::FfnSub(l) => w.layers[l].ffn_sub_norm.as_deref().ok_or_else(missing)?,
+            Norm::Attn => &layer.attn_norm,
+            Norm::Ffn => &layer.ffn_norm,
+            Norm::AttnSub => layer.attn_sub_norm.as_deref().ok_or_else(missing)?,
+            Norm::FfnSub => layer.ffn_sub_norm.as_deref().ok_or_else(missing)?,
             Norm::Output => &w.output_norm,
         })
     }
 
     /// The tensor, its output scale and its bias.
-    pub(crate) fn matrix(model: &'m Model, m: Mat) -> (&'m TensorRef, f32, Option<&'m [f32]>) {
-        let w = &model.weights;
-        match m {
+    fn matrix(&self, u: &HostUnit, m: Mat) -> Result<(&'m TensorRef, f32, Option<&'m [f32]>)> {
+        let w = &self.model.weights;
+        Ok(match m {
             Mat::Output => (&w.output, 1.0, None),
-            Mat::Layer(l, which) => {
-                let layer = &w.layers[l];
-                let t = match which {
-                    LayerMat::Q => &layer.wq,
-                    LayerMat::K => &layer.wk,
-                    LayerMat::V => &layer.wv,
-                    LayerMat::O => &layer.wo,
-                    LayerMat::Gate => &layer.w_gate,
-                    LayerMat::Up => &layer.w_up,
-                    LayerMat::Down => &layer.w_down,
-                };
-                let bias = match which {
-                    LayerMat::Q | LayerMat::K | LayerMat::V | LayerMat::O => {
-                        layer.biases[which.index()].as_deref()
-                    }
-                    _ => None,
-                };
-                (t, layer.scales[which.index()], bias)
+            Mat::Layer(which) => {
+                let layer = &w.layers[u.layer()?];
+                let bias = layer.biases.get(which.index()).and_then(|b| b.as_deref());
+                (layer.tensor(which), layer.scales[which.index()], bias)
             }
-        }
+        })
     }
 }
 
 impl Backend for CpuExec<'_> {
     type Buf = Vec<f32>;
     type Kv = CpuKv;
+    type Unit = HostUnit;
+
+    fn unit<'r>(&self, r: &'r Resident) -> Result<&'r HostUnit> {
+        match r {
+            Resident::Host(u) => Ok(u),
+            Resident::Device(_) => Err(Error::Mux(
+                "a device-resident unit was handed to the CPU backend".into(),
+            )),
+        }
+    }
 
     fn max_tokens_per_pass(&self, _kv: &CpuKv) -> usize {
         usize::MAX
@@ -194,7 +245,7 @@ impl Backend for CpuExec<'_> {
         Ok(vec![0.0; len])
     }
 
-    fn embed(&self, tokens: &[u32], x: &mut Vec<f32>) -> Result<()> {
+    fn embed(&self, _head: Option<&HostUnit>, tokens: &[u32], x: &mut Vec<f32>) -> Result<()> {
         let (w, e) = (&self.model.weights, self.model.config.n_embd);
         for (i, &tok) in tokens.iter().enumerate() {
             w.token_embd
@@ -205,13 +256,14 @@ impl Backend for CpuExec<'_> {
 
     fn norm(
         &self,
+        u: &HostUnit,
+        norm: Norm,
         x: &Vec<f32>,
         row0: usize,
         rows: usize,
-        norm: Norm,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let w = self.norm_weight(norm)?;
+        let w = self.norm_weight(u, norm)?;
         let n = w.len();
         ops::rms_norm(
             &x[row0 * n..(row0 + rows) * n],
@@ -222,14 +274,15 @@ impl Backend for CpuExec<'_> {
         Ok(())
     }
 
-    fn norm_inplace(&self, x: &mut Vec<f32>, rows: usize, norm: Norm) -> Result<()> {
-        let w = self.norm_weight(norm)?;
+    fn norm_inplace(&self, u: &HostUnit, norm: Norm, x: &mut Vec<f32>, rows: usize) -> Result<()> {
+        let w = self.norm_weight(u, norm)?;
         ops::rms_norm_inplace(&mut x[..rows * w.len()], w, self.model.config.rms_eps);
         Ok(())
     }
 
     fn project(
         &self,
+        u: &HostUnit,
         x: &Vec<f32>,
         rows: usize,
         outs: &mut [(Mat, &mut Vec<f32>)],
@@ -240,7 +293,8 @@ impl Backend for CpuExec<'_> {
         let mut tmp = self.tmp.borrow_mut();
         let mut quantized = false;
         for (m, out) in outs.iter_mut() {
-            let (t, scale, bias) = Self::matrix(self.model, *m);
+            let (t, scale, bias) = self.matrix(u, *m)?;
+            let bytes = u.bytes(self.model, *m)?;
             let x = &x[..rows * t.cols];
             let n = rows * t.rows;
             let dst: &mut [f32] = if accumulate {
@@ -249,15 +303,19 @@ impl Backend for CpuExec<'_> {
             } else {
                 &mut out[..n]
             };
-            match t.linear(&self.model.file)? {
-                Linear::Ternary(mat) => {
+            match t.ty {
+                GgmlType::Ternary(f) => {
                     if !quantized {
                         acts.quantize(x, t.cols)?;
                         quantized = true;
                     }
+                    let mat = TernaryMatrix::new(f, bytes, t.rows, t.cols)?;
                     kern.ternary_matmul(&mat, &acts, dst)?;
                 }
-                Linear::Float(mat) => kern.float_matmul(&mat, x, dst)?,
+                GgmlType::Float(f) => {
+                    let mat = FloatMatrix::new(f, bytes, t.rows, t.cols)?;
+                    kern.float_matmul(&mat, x, dst)?
+                }
             }
             if scale != 1.0 {
                 dst.iter_mut().for_each(|v| *v *= scale);
@@ -358,19 +416,20 @@ impl Backend for CpuExec<'_> {
 
     fn ffn_act(
         &self,
+        w: &HostUnit,
         g: &mut Vec<f32>,
         u: &Vec<f32>,
         rows: usize,
         act: FfnAct,
-        sub_norm: Option<Norm>,
+        sub_norm: bool,
     ) -> Result<()> {
         let n = rows * self.model.config.n_ff;
         match act {
             FfnAct::Silu => ops::silu_mul(&mut g[..n], &u[..n]),
             FfnAct::Relu2 => ops::relu2_mul(&mut g[..n], &u[..n]),
         }
-        if let Some(sn) = sub_norm {
-            self.norm_inplace(g, rows, sn)?;
+        if sub_norm {
+            self.norm_inplace(w, Norm::FfnSub, g, rows)?;
         }
         Ok(())
     }

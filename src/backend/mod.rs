@@ -155,28 +155,37 @@ impl LayerMat {
     }
 }
 
-/// A matrix of the model, as the forward pass names it.
+/// A matrix of a resident unit, as the forward pass names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mat {
-    /// The output head (the embeddings when tied).
+    /// The output head (the embeddings when tied), in the head unit.
     Output,
-    /// A linear layer of block `layer`.
-    Layer(usize, LayerMat),
+    /// A linear layer of the block unit.
+    Layer(LayerMat),
 }
 
-/// An RMSNorm weight of the model.
+/// An RMSNorm weight of a resident unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Norm {
-    /// Before attention in block n.
-    Attn(usize),
-    /// Before the FFN in block n.
-    Ffn(usize),
-    /// On the attention output of block n (bitnet families).
-    AttnSub(usize),
-    /// On the FFN hidden state of block n (bitnet families).
-    FfnSub(usize),
-    /// After the last block.
+    /// Before attention.
+    Attn,
+    /// Before the FFN.
+    Ffn,
+    /// On the attention output (bitnet families).
+    AttnSub,
+    /// On the FFN hidden state (bitnet families).
+    FfnSub,
+    /// After the last block (head unit).
     Output,
+}
+
+/// The weights of one unit (a block or the head) where a backend can compute with them: host
+/// bytes (the mapping itself, or a copy the multiplexer owns) or device buffers.
+pub enum Resident {
+    /// CPU: the mapping or a host copy.
+    Host(cpu::HostUnit),
+    /// OpenCL: one device allocation with a view per tensor.
+    Device(opencl::DevUnit),
 }
 
 /// The ops of the forward pass. Buffers hold rows of f32 (one row per token); which row widths
@@ -186,27 +195,48 @@ pub trait Backend {
     type Buf;
     /// One sequence's KV cache.
     type Kv;
+    /// A resident unit's weights in this backend's form.
+    type Unit;
+    /// This backend's view of a resident unit (an error if it belongs to another backend).
+    fn unit<'r>(&self, r: &'r Resident) -> Result<&'r Self::Unit>;
     /// The most tokens one pass may hold (longer prompts are split into passes).
     fn max_tokens_per_pass(&self, kv: &Self::Kv) -> usize;
     /// A buffer of `len` f32 values (contents unspecified).
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
-    /// Embedding rows of `tokens` into `x` (`tokens.len()` rows of `n_embd`).
-    fn embed(&self, tokens: &[u32], x: &mut Self::Buf) -> Result<()>;
-    /// `out` = RMSNorm of rows `row0 .. row0 + rows` of `x`, times the norm's weight.
+    /// Embedding rows of `tokens` into `x` (`tokens.len()` rows of `n_embd`). `tied_head` is the
+    /// head unit when the head is the embedding table and already resident (a device looks the
+    /// rows up there); otherwise rows are gathered on the host from the mapping.
+    fn embed(
+        &self,
+        tied_head: Option<&Self::Unit>,
+        tokens: &[u32],
+        x: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `out` = RMSNorm of rows `row0 .. row0 + rows` of `x`, times unit `u`'s norm weight.
+    #[allow(clippy::too_many_arguments)]
     fn norm(
         &self,
+        u: &Self::Unit,
+        norm: Norm,
         x: &Self::Buf,
         row0: usize,
         rows: usize,
-        norm: Norm,
         out: &mut Self::Buf,
     ) -> Result<()>;
     /// RMSNorm of `rows` rows of `x` in place.
-    fn norm_inplace(&self, x: &mut Self::Buf, rows: usize, norm: Norm) -> Result<()>;
-    /// `out_i = x · W_iᵀ` (times the layer's `.scale`, plus its bias) for matrices that share the
-    /// input `x` (`rows` tokens); `accumulate` adds into `out_i` instead (residual connections).
+    fn norm_inplace(
+        &self,
+        u: &Self::Unit,
+        norm: Norm,
+        x: &mut Self::Buf,
+        rows: usize,
+    ) -> Result<()>;
+    /// `out_i = x · W_iᵀ` (times the layer's `.scale`, plus its bias) for matrices of unit `u`
+    /// that share the input `x` (`rows` tokens); `accumulate` adds into `out_i` instead
+    /// (residual connections).
     fn project(
         &self,
+        u: &Self::Unit,
         x: &Self::Buf,
         rows: usize,
         outs: &mut [(Mat, &mut Self::Buf)],
@@ -237,14 +267,16 @@ pub trait Backend {
         q: &Self::Buf,
         out: &mut Self::Buf,
     ) -> Result<()>;
-    /// `g = act(g) · u`, then the optional sub-norm, for `rows` rows.
+    /// `g = act(g) · u`, then unit `w`'s FFN sub-norm when `sub_norm`, for `rows` rows.
+    #[allow(clippy::too_many_arguments)]
     fn ffn_act(
         &self,
+        w: &Self::Unit,
         g: &mut Self::Buf,
         u: &Self::Buf,
         rows: usize,
         act: FfnAct,
-        sub_norm: Option<Norm>,
+        sub_norm: bool,
     ) -> Result<()>;
     /// Appends the first `len` values of `x` to `out` (waits for the device).
     fn read(&self, x: &Self::Buf, len: usize, out: &mut Vec<f32>) -> Result<()>;

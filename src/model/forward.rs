@@ -8,6 +8,8 @@ use crate::backend::cpu::{CpuExec, CpuKv};
 use crate::backend::opencl::{ClExec, ClKv};
 use crate::backend::{Backend, LayerMat, Mat, Norm, Placement};
 use crate::error::{Error, Result};
+use crate::mux::meter::Reservation;
+use crate::mux::units::UnitId;
 
 /// Storage type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -30,22 +32,31 @@ pub struct KvCache {
     store: KvStorage,
     n_ctx: usize,
     len: usize,
+    _charge: Option<Reservation>,
 }
 
 impl KvCache {
     /// A cache for `n_ctx` positions on the model's backend.
     pub fn new(model: &Model, n_ctx: usize, ty: KvType) -> Result<KvCache> {
-        let store = match &model.placement {
-            Placement::Cpu => KvStorage::Cpu(CpuKv::new(model, n_ctx, ty)),
-            Placement::OpenCl(_) => {
-                let dev = model.device_weights()?;
-                KvStorage::OpenCl(ClKv::new(dev, model, n_ctx, ty)?)
+        let meter = model.runtime_meter();
+        let (store, charge) = match &model.placement {
+            Placement::Cpu => {
+                let c = &model.config;
+                let width = if ty == KvType::F16 { 2 } else { 4 };
+                let bytes = 2 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * width;
+                let charge = meter.map(|m| m.reserve(bytes)).transpose()?;
+                (KvStorage::Cpu(CpuKv::new(model, n_ctx, ty)), charge)
             }
+            Placement::OpenCl(dev) => (
+                KvStorage::OpenCl(ClKv::new(dev, model, n_ctx, ty, meter)?),
+                None,
+            ),
         };
         Ok(KvCache {
             store,
             n_ctx,
             len: 0,
+            _charge: charge,
         })
     }
     /// Positions filled so far.
@@ -110,7 +121,12 @@ impl Model {
         let logits = match &mut cache.store {
             KvStorage::Cpu(kv) => run(&CpuExec::new(self), self, kv, pos0, tokens, which)?,
             KvStorage::OpenCl(kv) => {
-                let exec = ClExec::new(self.device_weights()?, self);
+                let Placement::OpenCl(dev) = &self.placement else {
+                    return Err(Error::Device(
+                        "a device KV cache used with a model on the CPU: make a new cache".into(),
+                    ));
+                };
+                let exec = ClExec::new(dev, self, kv);
                 run(&exec, self, kv, pos0, tokens, which)?
             }
         };
@@ -163,7 +179,16 @@ fn pass<B: Backend>(
         c.n_ff,
     );
     let mut x = be.alloc(t_n * e)?;
-    be.embed(tokens, &mut x)?;
+    {
+        // A tied head that is resident already serves the lookup on the device.
+        let head = if w.tied && matches!(model.placement, Placement::OpenCl(_)) {
+            model.peek(UnitId::Head)?
+        } else {
+            None
+        };
+        let head = head.as_ref().map(|g| be.unit(g)).transpose()?;
+        be.embed(head, tokens, &mut x)?;
+    }
     let mut h = be.alloc(t_n * e)?;
     let (mut q, mut k, mut v) = (
         be.alloc(t_n * qd)?,
@@ -174,45 +199,52 @@ fn pass<B: Backend>(
     let mut att = be.alloc(t_n * qd)?;
     let (mut g, mut u) = (be.alloc(t_n * ff)?, be.alloc(t_n * ff)?);
     for (li, l) in w.layers.iter().enumerate() {
-        be.norm(&x, 0, t_n, Norm::Attn(li), &mut h)?;
+        // Pinned while this block's ops are issued; the next page-in may start as soon as the
+        // guard drops (the device keeps computing while the host copies).
+        let guard = model.acquire(UnitId::Block(li))?;
+        let blk = be.unit(&guard)?;
+        be.norm(blk, Norm::Attn, &x, 0, t_n, &mut h)?;
         be.project(
+            blk,
             &h,
             t_n,
             &mut [
-                (Mat::Layer(li, LayerMat::Q), &mut q),
-                (Mat::Layer(li, LayerMat::K), &mut k),
-                (Mat::Layer(li, LayerMat::V), &mut v),
+                (Mat::Layer(LayerMat::Q), &mut q),
+                (Mat::Layer(LayerMat::K), &mut k),
+                (Mat::Layer(LayerMat::V), &mut v),
             ],
             false,
         )?;
         be.rope_store(kv, li, pos0, t_n, &q, &k, &v, &mut qr)?;
         be.attention(kv, li, pos0, t_n, &qr, &mut att)?;
         if l.attn_sub_norm.is_some() {
-            be.norm_inplace(&mut att, t_n, Norm::AttnSub(li))?;
+            be.norm_inplace(blk, Norm::AttnSub, &mut att, t_n)?;
         }
         be.project(
+            blk,
             &att,
             t_n,
-            &mut [(Mat::Layer(li, LayerMat::O), &mut x)],
+            &mut [(Mat::Layer(LayerMat::O), &mut x)],
             true,
         )?;
 
-        be.norm(&x, 0, t_n, Norm::Ffn(li), &mut h)?;
+        be.norm(blk, Norm::Ffn, &x, 0, t_n, &mut h)?;
         be.project(
+            blk,
             &h,
             t_n,
             &mut [
-                (Mat::Layer(li, LayerMat::Gate), &mut g),
-                (Mat::Layer(li, LayerMat::Up), &mut u),
+                (Mat::Layer(LayerMat::Gate), &mut g),
+                (Mat::Layer(LayerMat::Up), &mut u),
             ],
             false,
         )?;
-        let sub = l.ffn_sub_norm.as_ref().map(|_| Norm::FfnSub(li));
-        be.ffn_act(&mut g, &u, t_n, c.ffn_act, sub)?;
+        be.ffn_act(blk, &mut g, &u, t_n, c.ffn_act, l.ffn_sub_norm.is_some())?;
         be.project(
+            blk,
             &g,
             t_n,
-            &mut [(Mat::Layer(li, LayerMat::Down), &mut x)],
+            &mut [(Mat::Layer(LayerMat::Down), &mut x)],
             true,
         )?;
     }
@@ -221,8 +253,11 @@ fn pass<B: Backend>(
         Some(Logits::Last) => (t_n - 1, 1),
         Some(Logits::All) => (0, t_n),
     };
-    be.norm(&x, row0, rows, Norm::Output, &mut h)?;
+    let guard = model.acquire(UnitId::Head)?;
+    let head = be.unit(&guard)?;
+    be.norm(head, Norm::Output, &x, row0, rows, &mut h)?;
     let mut out = be.alloc(rows * c.n_vocab)?;
-    be.project(&h, rows, &mut [(Mat::Output, &mut out)], false)?;
+    be.project(head, &h, rows, &mut [(Mat::Output, &mut out)], false)?;
+    drop(guard);
     be.read(&out, rows * c.n_vocab, logits)
 }

@@ -23,13 +23,18 @@ pub use config::{Arch, Config, FfnAct};
 pub use forward::{KvCache, KvType, Logits};
 pub use weights::{Layer, Linear, TensorRef, Weights};
 
-use crate::backend::opencl::ClWeights;
-use crate::backend::{Device, Placement};
+use crate::backend::cpu::HostUnit;
+use crate::backend::{Device, Placement, Resident};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+use crate::mux::core::{Core, UnitGuard};
+use crate::mux::store::{PageIn, Store};
+use crate::mux::units::UnitId;
+use crate::mux::{Binding, meter::Meter};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::{Tokenizer, Utf8Stream};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A loaded model: the mapped file, its configuration, validated weights and tokenizer.
@@ -42,7 +47,8 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     load_time: Duration,
     pub(crate) placement: Placement,
-    device_weights: Option<ClWeights>,
+    /// The residency table holding the model's units, when they are not read from the mapping.
+    binding: Option<Binding>,
     device_note: Option<String>,
 }
 
@@ -80,15 +86,60 @@ impl Model {
         Ok(())
     }
 
-    /// Moves the model to an already resolved placement (copies weights to an OpenCL device).
+    /// Moves the model to an already resolved placement. On an OpenCL device every unit is
+    /// copied to device memory now, under a private table with no budget (use a
+    /// [`crate::mux::Mux`] to share a budget between models).
     pub fn place_on(&mut self, placement: Placement) -> Result<()> {
-        self.device_weights = match &placement {
-            Placement::Cpu => None,
-            Placement::OpenCl(dev) => Some(ClWeights::upload(dev.clone(), self)?),
-        };
-        self.placement = placement;
+        self.binding = None;
+        self.placement = Placement::Cpu;
         self.device_note = None;
+        if let Placement::OpenCl(dev) = &placement {
+            let store = Store::new(Some(dev.clone()), PageIn::Auto)?;
+            let core = Arc::new(Core::new(store, usize::MAX, false, usize::MAX));
+            let (id, _) = core.add_model("model", self)?;
+            self.binding = Some(Binding { core, id });
+            self.placement = placement;
+            let units = self
+                .binding
+                .as_ref()
+                .map(|b| b.core.units_of(b.id))
+                .transpose()?;
+            for u in units.unwrap_or_default() {
+                drop(self.acquire(u)?);
+            }
+        }
         Ok(())
+    }
+
+    /// Joins a mux's table (see [`crate::mux::Mux::register`]).
+    pub(crate) fn bind(&mut self, placement: Placement, binding: Binding) {
+        self.placement = placement;
+        self.binding = Some(binding);
+    }
+
+    pub(crate) fn binding(&self) -> Option<&Binding> {
+        self.binding.as_ref()
+    }
+
+    /// The meter KV caches and scratch of this model are charged to, if any.
+    pub(crate) fn runtime_meter(&self) -> Option<&Arc<Meter>> {
+        self.binding.as_ref().map(|b| &b.core.runtime)
+    }
+
+    /// Pins a unit for a forward pass, paging it in when the model lives in a table.
+    pub(crate) fn acquire(&self, unit: UnitId) -> Result<UnitGuard> {
+        match &self.binding {
+            None => Ok(UnitGuard::unmanaged(Resident::Host(HostUnit::mapped(unit)))),
+            Some(b) => b.core.acquire(self, b.id, unit),
+        }
+    }
+
+    /// Pins a unit only if it is resident already.
+    pub(crate) fn peek(&self, unit: UnitId) -> Result<Option<UnitGuard>> {
+        match &self.binding {
+            None => Ok(None),
+            Some(b) => b.core.peek(b.id, unit),
+        }
     }
 
     /// Where the model runs.
@@ -101,11 +152,9 @@ impl Model {
         self.device_note.as_deref()
     }
 
-    /// The weights' device copies, when the model runs on OpenCL.
-    pub fn device_weights(&self) -> Result<&ClWeights> {
-        self.device_weights
-            .as_ref()
-            .ok_or_else(|| Error::Device("the model is not placed on an OpenCL device".into()))
+    /// Bytes of weights the model's table holds on its device (0 when read from the mapping).
+    pub fn device_bytes(&self) -> usize {
+        self.binding.as_ref().map_or(0, |b| b.core.stats().used)
     }
 
     /// As [`Model::open`], reporting each stage as it starts (for a progress display).
@@ -147,7 +196,7 @@ impl Model {
             tokenizer,
             load_time: start.elapsed(),
             placement: Placement::Cpu,
-            device_weights: None,
+            binding: None,
             device_note: None,
         })
     }

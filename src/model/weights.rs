@@ -99,6 +99,22 @@ pub struct Layer {
     pub biases: [Option<Vec<f32>>; 4],
 }
 
+impl Layer {
+    /// The tensor of one of the block's linear layers.
+    pub fn tensor(&self, m: crate::backend::LayerMat) -> &TensorRef {
+        use crate::backend::LayerMat;
+        match m {
+            LayerMat::Q => &self.wq,
+            LayerMat::K => &self.wk,
+            LayerMat::V => &self.wv,
+            LayerMat::O => &self.wo,
+            LayerMat::Gate => &self.w_gate,
+            LayerMat::Up => &self.w_up,
+            LayerMat::Down => &self.w_down,
+        }
+    }
+}
+
 /// All weights of a model.
 pub struct Weights {
     /// Token embeddings (`n_vocab` rows of `n_embd`).

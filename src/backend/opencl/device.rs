@@ -11,7 +11,9 @@ use opencl3::device::{
 };
 use opencl3::event::Event;
 use opencl3::kernel::Kernel;
-use opencl3::memory::{Buffer, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_WRITE};
+use opencl3::memory::{
+    Buffer, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_ONLY, CL_MEM_READ_WRITE,
+};
 use opencl3::program::Program;
 use opencl3::types::{CL_BLOCKING, cl_mem};
 use std::collections::HashMap;
@@ -77,6 +79,10 @@ pub struct DeviceInfo {
     pub local_mem: u64,
     /// OpenCL version string.
     pub version: String,
+    /// Alignment in bytes a sub-buffer's origin must have (`CL_DEVICE_MEM_BASE_ADDR_ALIGN`).
+    pub base_align: usize,
+    /// Whether the device shares the host's memory (CPU devices, integrated GPUs).
+    pub host_unified: bool,
     raw: usize,
 }
 
@@ -145,6 +151,8 @@ fn discover() -> std::result::Result<Vec<DeviceInfo>, Unavailable> {
                 max_work_group: d.max_work_group_size().unwrap_or(1),
                 local_mem: d.local_mem_size().unwrap_or(0),
                 version: d.version().unwrap_or_default(),
+                base_align: (d.mem_base_addr_align().unwrap_or(1024) as usize / 8).max(1),
+                host_unified: d.host_unified_memory().unwrap_or(kind == "CPU"),
                 raw: id as usize,
             });
         }
@@ -155,6 +163,16 @@ fn discover() -> std::result::Result<Vec<DeviceInfo>, Unavailable> {
         )));
     }
     Ok(out)
+}
+
+/// A second handle to the same event (OpenCL reference counting).
+pub fn retain_event(e: &Event) -> Result<Event> {
+    // SAFETY: `e` is a valid event; `Event::new` takes ownership of exactly the reference
+    // `retain_event` added, which its drop releases.
+    unsafe {
+        cl3::event::retain_event(e.get()).map_err(|c| cl_err("retain an event", c))?;
+        Ok(Event::new(e.get()))
+    }
 }
 
 /// A device buffer of raw bytes (kernels give it a type).
@@ -221,6 +239,8 @@ pub struct ClDevice {
     info: DeviceInfo,
     context: Context,
     queue: CommandQueue,
+    /// A second in-order queue for weight page-ins, so copies overlap kernels.
+    copy_queue: CommandQueue,
     compiled: Mutex<Compiled>,
     launches: AtomicU64,
     build_time: std::time::Duration,
@@ -318,6 +338,8 @@ impl ClDevice {
         // No profiling: timestamps per command cost launch latency on some drivers.
         let queue = CommandQueue::create_default_with_properties(&context, 0, 0)
             .map_err(|e| cl_err("create command queue", e))?;
+        let copy_queue = CommandQueue::create_default_with_properties(&context, 0, 0)
+            .map_err(|e| cl_err("create the copy queue", e))?;
         let start = Instant::now();
         let srcs = sources()?;
         let joined: String = srcs
@@ -354,6 +376,7 @@ impl ClDevice {
             info,
             context,
             queue,
+            copy_queue,
             compiled: Mutex::new(Compiled {
                 _program: program,
                 kernels,
@@ -528,6 +551,123 @@ impl ClDevice {
             )
         }
         .map_err(|e| cl_err("write from pinned memory", e))
+    }
+
+    /// A read-only view of `bytes` bytes of `parent` from `origin` (a weight inside a unit's
+    /// allocation). `origin` must be a multiple of [`DeviceInfo::base_align`].
+    pub fn sub_buffer(&self, parent: &DevBuf, origin: usize, bytes: usize) -> Result<DevBuf> {
+        if origin % self.info.base_align != 0 || origin + bytes > parent.bytes || bytes == 0 {
+            return Err(Error::Device(format!(
+                "opencl: sub-buffer {origin}+{bytes} of a {}-byte buffer is out of range or not \
+                 {}-byte aligned",
+                parent.bytes, self.info.base_align
+            )));
+        }
+        // SAFETY: the region lies inside the parent (checked above) at an aligned origin; the
+        // sub-buffer keeps the parent's storage alive (OpenCL reference counting).
+        let buf = unsafe {
+            parent
+                .buf
+                .create_sub_buffer(CL_MEM_READ_ONLY, origin, bytes)
+        }
+        .map_err(|e| cl_err("create a sub-buffer", e))?;
+        Ok(DevBuf { buf, bytes })
+    }
+
+    /// Queues a copy of `src` into `dst` at `offset` on the copy queue, after the events in
+    /// `after` (the previous user of `dst` finishing). Returns the copy's event.
+    ///
+    /// `src` must stay untouched until the returned event completes: callers copy from pinned
+    /// staging memory they wait on before reuse (see `mux::store`).
+    pub fn write_async(
+        &self,
+        dst: &mut DevBuf,
+        offset: usize,
+        src: &Pinned,
+        len: usize,
+        after: &[&Event],
+    ) -> Result<Event> {
+        if offset + len > dst.bytes || len > src.bytes {
+            return Err(Error::Device(format!(
+                "opencl: page-in of {len} bytes at {offset} past a {}-byte buffer",
+                dst.bytes
+            )));
+        }
+        let wait: Vec<_> = after.iter().map(|e| e.get()).collect();
+        // SAFETY: ranges checked above; `src` is driver-owned mapped memory that the caller keeps
+        // unmodified until the event completes (documented contract above).
+        unsafe {
+            self.copy_queue.enqueue_write_buffer(
+                &mut dst.buf,
+                opencl3::types::CL_NON_BLOCKING,
+                offset,
+                &src.as_slice()[..len],
+                &wait,
+            )
+        }
+        .map_err(|e| cl_err("queue a page-in", e))
+    }
+
+    /// Copies `data` into `dst` at `offset` on the copy queue (blocking: the driver stages
+    /// pageable memory itself), after the events in `after`.
+    pub fn write_direct(
+        &self,
+        dst: &mut DevBuf,
+        offset: usize,
+        data: &[u8],
+        after: &[&Event],
+    ) -> Result<()> {
+        if offset + data.len() > dst.bytes {
+            return Err(Error::Device(format!(
+                "opencl: page-in of {} bytes at {offset} past a {}-byte buffer",
+                data.len(),
+                dst.bytes
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let wait: Vec<_> = after.iter().map(|e| e.get()).collect();
+        // SAFETY: range checked above; blocking, so `data` outlives the transfer.
+        unsafe {
+            self.copy_queue
+                .enqueue_write_buffer(&mut dst.buf, CL_BLOCKING, offset, data, &wait)
+        }
+        .map_err(|e| cl_err("page-in", e))?;
+        Ok(())
+    }
+
+    /// An event that completes when every kernel queued so far has run (the end of a unit's
+    /// use by a forward pass).
+    pub fn fence(&self) -> Result<Event> {
+        // SAFETY: a marker with an empty wait list reads no memory.
+        unsafe { self.queue.enqueue_marker_with_wait_list(&[]) }.map_err(|e| cl_err("marker", e))
+    }
+
+    /// Makes kernels queued from now on wait for `events` (page-ins on the copy queue).
+    pub fn wait_on_device(&self, events: &[&Event]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let wait: Vec<_> = events.iter().map(|e| e.get()).collect();
+        // SAFETY: the events belong to this device's context and are alive for the call.
+        unsafe { self.queue.enqueue_barrier_with_wait_list(&wait) }
+            .map_err(|e| cl_err("barrier", e))?;
+        Ok(())
+    }
+
+    /// Submits queued page-ins to the device (non-blocking).
+    pub fn flush_copies(&self) -> Result<()> {
+        self.copy_queue
+            .flush()
+            .map_err(|e| cl_err("flush page-ins", e))
+    }
+
+    /// Waits for every queued page-in.
+    pub fn finish_copies(&self) -> Result<()> {
+        self.copy_queue
+            .finish()
+            .map_err(|e| cl_err("finish page-ins", e))
     }
 
     /// Queues kernel `name` over `global` work-items in groups of `local`.

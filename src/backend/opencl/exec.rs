@@ -1,14 +1,18 @@
-//! A model on an OpenCL device: weights copied to device buffers (one per tensor, so no
-//! sub-buffer alignment rules apply), the KV cache in device memory (f16), and the forward ops
-//! as launches of the `cl/` kernels. Nothing waits for the device until logits are read.
+//! A model on an OpenCL device: each resident unit is one device allocation laid out by the
+//! multiplexer with every tensor at an aligned offset (read-only sub-buffer views, so the
+//! file's own unaligned offsets never matter); the KV cache lives in device memory (f16); the
+//! forward ops are launches of the `cl/` kernels. Nothing waits for the device until logits
+//! are read.
 
 use super::device::{ClDevice, DevBuf};
 use super::ops::{RopeShape, TernaryOut};
 use crate::backend::cpu::extend_rope_tables;
-use crate::backend::{Backend, Mat, Norm};
+use crate::backend::{Backend, Mat, Norm, Resident};
 use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
-use crate::model::{FfnAct, KvType, Model, TensorRef};
+use crate::model::{FfnAct, KvType, Model};
+use crate::mux::meter::{Meter, Reservation};
+use crate::mux::units::{PieceKind, UnitId, UnitLayout, piece_bytes};
 use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 use ternmux_kernels::ternary::{TernaryFormat, TernaryMatrix};
@@ -16,9 +20,9 @@ use ternmux_kernels::ternary::{TernaryFormat, TernaryMatrix};
 /// Most tokens in one pass (sizes every activation's per-token scale buffer).
 const MAX_PASS_ROWS: usize = 128;
 
-/// One matrix on the device.
+/// One matrix of a resident unit.
 pub struct DevMat {
-    buf: Arc<DevBuf>,
+    buf: DevBuf,
     ty: GgmlType,
     rows: usize,
     cols: usize,
@@ -27,12 +31,94 @@ pub struct DevMat {
     bias: Option<DevBuf>,
 }
 
-struct DevLayer {
-    attn_norm: DevBuf,
-    ffn_norm: DevBuf,
-    attn_sub: Option<DevBuf>,
-    ffn_sub: Option<DevBuf>,
-    mats: [DevMat; 7],
+/// A unit's weights on the device: one allocation (the multiplexer's accounting unit) with a
+/// read-only view per tensor at an aligned offset.
+pub struct DevUnit {
+    /// Declared first so the views go before the allocation.
+    mats: Vec<(Mat, DevMat)>,
+    norms: Vec<(Norm, DevBuf)>,
+    alloc: DevBuf,
+}
+
+impl DevUnit {
+    /// Views into `alloc`, which holds `layout`'s pieces of `model`'s unit (already copied).
+    pub(crate) fn new(
+        dev: &ClDevice,
+        alloc: DevBuf,
+        layout: &UnitLayout,
+        model: &Model,
+    ) -> Result<DevUnit> {
+        let w = model.weights();
+        let mut mats = Vec::new();
+        let mut norms = Vec::new();
+        for p in &layout.pieces {
+            match p.kind {
+                PieceKind::Mat(m) => {
+                    let (t, layer_scale, bias) = match (m, layout.id) {
+                        (Mat::Output, _) | (_, UnitId::Head) => (&w.output, 1.0, None),
+                        (Mat::Layer(which), UnitId::Block(l)) => {
+                            let layer = &w.layers[l];
+                            let bias = layout
+                                .piece(PieceKind::Bias(which))
+                                .map(|b| dev.sub_buffer(&alloc, b.offset, b.len))
+                                .transpose()?;
+                            (layer.tensor(which), layer.scales[which.index()], bias)
+                        }
+                    };
+                    let scale = match t.ty {
+                        GgmlType::Ternary(f) => {
+                            let data = piece_bytes(model, layout.id, p.kind);
+                            layer_scale
+                                * TernaryMatrix::new(f, data, t.rows, t.cols)?.tensor_scale()
+                        }
+                        GgmlType::Float(_) => layer_scale,
+                    };
+                    mats.push((
+                        m,
+                        DevMat {
+                            buf: dev.sub_buffer(&alloc, p.offset, p.len)?,
+                            ty: t.ty,
+                            rows: t.rows,
+                            cols: t.cols,
+                            scale,
+                            bias,
+                        },
+                    ));
+                }
+                PieceKind::Norm(n) => norms.push((n, dev.sub_buffer(&alloc, p.offset, p.len)?)),
+                PieceKind::Bias(_) => {}
+            }
+        }
+        Ok(DevUnit { mats, norms, alloc })
+    }
+
+    /// The allocation, for reuse by the next page-in of the same size.
+    pub(crate) fn into_alloc(self) -> DevBuf {
+        let DevUnit { mats, norms, alloc } = self;
+        drop((mats, norms));
+        alloc
+    }
+
+    /// Bytes of the unit's allocation.
+    pub fn bytes(&self) -> usize {
+        self.alloc.bytes()
+    }
+
+    fn mat(&self, m: Mat) -> Result<&DevMat> {
+        self.mats
+            .iter()
+            .find(|(k, _)| *k == m)
+            .map(|(_, d)| d)
+            .ok_or_else(|| Error::Device(format!("opencl: the unit holds no {m:?} matrix")))
+    }
+
+    fn norm(&self, n: Norm) -> Result<&DevBuf> {
+        self.norms
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, d)| d)
+            .ok_or_else(|| Error::Device(format!("opencl: the unit holds no {n:?} norm")))
+    }
 }
 
 /// Device buffers of one activation: f32 values, their int8 quantization and per-row scales.
@@ -41,133 +127,11 @@ struct Raw {
     q: DevBuf,
     s: DevBuf,
     cap: usize,
+    _charge: Option<Reservation>,
 }
 
-/// A model's weights on an OpenCL device, with a pool of activation buffers.
-pub struct ClWeights {
-    dev: Arc<ClDevice>,
-    embd: DevMat,
-    output: DevMat,
-    output_norm: DevBuf,
-    layers: Vec<DevLayer>,
-    bytes: usize,
-    pool: Arc<Mutex<Vec<Raw>>>,
-}
-
-fn upload_f32(dev: &ClDevice, v: &[f32], bytes: &mut usize) -> Result<DevBuf> {
-    *bytes += v.len() * 4;
-    dev.upload(bytemuck::cast_slice(v))
-}
-
-fn upload_mat(
-    dev: &ClDevice,
-    model: &Model,
-    t: &TensorRef,
-    scale: f32,
-    bias: Option<&[f32]>,
-    bytes: &mut usize,
-    shared: Option<&Arc<DevBuf>>,
-) -> Result<DevMat> {
-    let data = &model.file.as_bytes()[t.range.clone()];
-    let scale = match t.ty {
-        GgmlType::Ternary(f) => scale * TernaryMatrix::new(f, data, t.rows, t.cols)?.tensor_scale(),
-        GgmlType::Float(_) => scale,
-    };
-    let buf = match shared {
-        Some(b) => b.clone(),
-        None => {
-            *bytes += data.len();
-            Arc::new(dev.upload(data)?)
-        }
-    };
-    let bias = bias.map(|b| upload_f32(dev, b, bytes)).transpose()?;
-    Ok(DevMat {
-        buf,
-        ty: t.ty,
-        rows: t.rows,
-        cols: t.cols,
-        scale,
-        bias,
-    })
-}
-
-impl ClWeights {
-    /// Copies `model`'s weights to `dev` (one buffer per tensor; a tied head shares the
-    /// embedding's buffer).
-    pub fn upload(dev: Arc<ClDevice>, model: &Model) -> Result<ClWeights> {
-        let w = &model.weights;
-        let mut bytes = 0usize;
-        let d = &*dev;
-        let embd = upload_mat(d, model, &w.token_embd, 1.0, None, &mut bytes, None)?;
-        if matches!(embd.ty, GgmlType::Ternary(_)) {
-            return Err(Error::Device(
-                "opencl: embedding lookup in a ternary tensor is not supported".into(),
-            ));
-        }
-        let tied = w.output.range == w.token_embd.range;
-        let output = upload_mat(
-            d,
-            model,
-            &w.output,
-            1.0,
-            None,
-            &mut bytes,
-            tied.then_some(&embd.buf),
-        )?;
-        let mut layers = Vec::with_capacity(w.layers.len());
-        for l in &w.layers {
-            let mats = [
-                (&l.wq, 0),
-                (&l.wk, 1),
-                (&l.wv, 2),
-                (&l.wo, 3),
-                (&l.w_gate, 4),
-                (&l.w_up, 5),
-                (&l.w_down, 6),
-            ]
-            .map(|(t, i)| {
-                let bias = if i < 4 { l.biases[i].as_deref() } else { None };
-                upload_mat(d, model, t, l.scales[i], bias, &mut bytes, None)
-            });
-            let [q, k, v, o, g, u, dn] = mats;
-            layers.push(DevLayer {
-                attn_norm: upload_f32(d, &l.attn_norm, &mut bytes)?,
-                ffn_norm: upload_f32(d, &l.ffn_norm, &mut bytes)?,
-                attn_sub: l
-                    .attn_sub_norm
-                    .as_deref()
-                    .map(|v| upload_f32(d, v, &mut bytes))
-                    .transpose()?,
-                ffn_sub: l
-                    .ffn_sub_norm
-                    .as_deref()
-                    .map(|v| upload_f32(d, v, &mut bytes))
-                    .transpose()?,
-                mats: [q?, k?, v?, o?, g?, u?, dn?],
-            });
-        }
-        let output_norm = upload_f32(d, &w.output_norm, &mut bytes)?;
-        Ok(ClWeights {
-            dev,
-            embd,
-            output,
-            output_norm,
-            layers,
-            bytes,
-            pool: Arc::new(Mutex::new(Vec::new())),
-        })
-    }
-
-    /// The device.
-    pub fn device(&self) -> &Arc<ClDevice> {
-        &self.dev
-    }
-
-    /// Bytes of weights on the device.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
+/// Activation buffers of one sequence, reused across passes.
+type Pool = Arc<Mutex<Vec<Raw>>>;
 
 /// One sequence's KV cache in device memory (f16), with the RoPE table and attention scratch.
 pub struct ClKv {
@@ -181,11 +145,21 @@ pub struct ClKv {
     max_pass: usize,
     n_ctx: usize,
     bytes: usize,
+    pool: Pool,
+    meter: Option<Arc<Meter>>,
+    _charge: Option<Reservation>,
 }
 
 impl ClKv {
-    /// A cache for `n_ctx` positions on the weights' device.
-    pub fn new(w: &ClWeights, model: &Model, n_ctx: usize, ty: KvType) -> Result<ClKv> {
+    /// A cache for `n_ctx` positions on `dev`. With a `meter`, the cache and the activation
+    /// buffers of its passes are charged to it (and refused past its limit).
+    pub fn new(
+        dev: &ClDevice,
+        model: &Model,
+        n_ctx: usize,
+        ty: KvType,
+        meter: Option<&Arc<Meter>>,
+    ) -> Result<ClKv> {
         if ty != KvType::F16 {
             return Err(Error::Device(
                 "opencl: the KV cache is f16 on OpenCL (KvType::F32 is CPU-only)".into(),
@@ -194,18 +168,19 @@ impl ClKv {
         let c = &model.config;
         let kvd = c.n_head_kv * c.head_dim;
         let layer_bytes = n_ctx * kvd * 2;
+        let per_token = c.n_head * n_ctx * 4;
+        let max_pass = ((64usize << 20) / per_token.max(1)).clamp(1, MAX_PASS_ROWS);
+        let bytes = 2 * c.n_layer * layer_bytes + max_pass * per_token + n_ctx * (c.n_rot / 2) * 8;
+        let charge = meter.map(|m| m.reserve(bytes)).transpose()?;
         let mut k = Vec::with_capacity(c.n_layer);
         let mut v = Vec::with_capacity(c.n_layer);
         for _ in 0..c.n_layer {
-            k.push(w.dev.alloc(layer_bytes)?);
-            v.push(w.dev.alloc(layer_bytes)?);
+            k.push(dev.alloc(layer_bytes)?);
+            v.push(dev.alloc(layer_bytes)?);
         }
         // Attention scores of one pass: keep the scratch near 64 MiB.
-        let per_token = c.n_head * n_ctx * 4;
-        let max_pass = ((64usize << 20) / per_token.max(1)).clamp(1, MAX_PASS_ROWS);
-        let scores = w.dev.alloc(max_pass * per_token)?;
-        let rope = w.dev.alloc(n_ctx * (c.n_rot / 2) * 8)?;
-        let bytes = 2 * c.n_layer * layer_bytes + scores.bytes() + rope.bytes();
+        let scores = dev.alloc(max_pass * per_token)?;
+        let rope = dev.alloc(n_ctx * (c.n_rot / 2) * 8)?;
         Ok(ClKv {
             k,
             v,
@@ -217,10 +192,13 @@ impl ClKv {
             max_pass,
             n_ctx,
             bytes,
+            pool: Arc::new(Mutex::new(Vec::new())),
+            meter: meter.cloned(),
+            _charge: charge,
         })
     }
 
-    /// Device bytes held.
+    /// Device bytes held (the cache; activation buffers are charged to the meter as made).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -230,7 +208,7 @@ impl ClKv {
 pub struct ClBuf {
     raw: Option<Raw>,
     quantized: Cell<bool>,
-    pool: Arc<Mutex<Vec<Raw>>>,
+    pool: Pool,
 }
 
 impl ClBuf {
@@ -251,38 +229,27 @@ impl Drop for ClBuf {
     }
 }
 
-/// The OpenCL backend bound to one model.
+/// The OpenCL backend bound to one model and one sequence's activation pool.
 pub struct ClExec<'a> {
-    w: &'a ClWeights,
+    dev: &'a ClDevice,
     model: &'a Model,
+    pool: Pool,
+    meter: Option<Arc<Meter>>,
 }
 
 impl<'a> ClExec<'a> {
-    /// Runs `model` with its device weights `w`.
-    pub fn new(w: &'a ClWeights, model: &'a Model) -> ClExec<'a> {
-        ClExec { w, model }
-    }
-
-    fn dev(&self) -> &ClDevice {
-        &self.w.dev
-    }
-
-    fn mat(&self, m: Mat) -> &'a DevMat {
-        match m {
-            Mat::Output => &self.w.output,
-            Mat::Layer(l, which) => &self.w.layers[l].mats[which.index()],
+    /// Runs `model` on `dev`, with activation buffers from `kv`'s pool.
+    pub fn new(dev: &'a ClDevice, model: &'a Model, kv: &ClKv) -> ClExec<'a> {
+        ClExec {
+            dev,
+            model,
+            pool: kv.pool.clone(),
+            meter: kv.meter.clone(),
         }
     }
 
-    fn norm_buf(&self, n: Norm) -> Result<&'a DevBuf> {
-        let missing = || Error::Device(format!("opencl: the model has no {n:?} norm"));
-        Ok(match n {
-            Norm::Attn(l) => &self.w.layers[l].attn_norm,
-            Norm::Ffn(l) => &self.w.layers[l].ffn_norm,
-            Norm::AttnSub(l) => self.w.layers[l].attn_sub.as_ref().ok_or_else(missing)?,
-            Norm::FfnSub(l) => self.w.layers[l].ffn_sub.as_ref().ok_or_else(missing)?,
-            Norm::Output => &self.w.output_norm,
-        })
+    fn dev(&self) -> &ClDevice {
+        self.dev
     }
 
     fn shape(&self) -> RopeShape {
@@ -319,6 +286,16 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 impl Backend for ClExec<'_> {
     type Buf = ClBuf;
     type Kv = ClKv;
+    type Unit = DevUnit;
+
+    fn unit<'r>(&self, r: &'r Resident) -> Result<&'r DevUnit> {
+        match r {
+            Resident::Device(u) => Ok(u),
+            Resident::Host(_) => Err(Error::Device(
+                "opencl: a host-resident unit was handed to the OpenCL backend".into(),
+            )),
+        }
+    }
 
     fn max_tokens_per_pass(&self, kv: &ClKv) -> usize {
         kv.max_pass
@@ -326,7 +303,6 @@ impl Backend for ClExec<'_> {
 
     fn alloc(&self, len: usize) -> Result<ClBuf> {
         let mut pool = self
-            .w
             .pool
             .lock()
             .map_err(|_| Error::Device("opencl: buffer pool poisoned".into()))?;
@@ -341,7 +317,9 @@ impl Backend for ClExec<'_> {
             Some(i) => pool.swap_remove(i),
             None => {
                 let dev = self.dev();
+                let bytes = len * 5 + MAX_PASS_ROWS * 4;
                 Raw {
+                    _charge: self.meter.as_ref().map(|m| m.reserve(bytes)).transpose()?,
                     f: dev.alloc(len * 4)?,
                     q: dev.alloc(len)?,
                     s: dev.alloc(MAX_PASS_ROWS * 4)?,
@@ -352,39 +330,60 @@ impl Backend for ClExec<'_> {
         Ok(ClBuf {
             raw: Some(raw),
             quantized: Cell::new(false),
-            pool: self.w.pool.clone(),
+            pool: self.pool.clone(),
         })
     }
 
-    fn embed(&self, tokens: &[u32], x: &mut ClBuf) -> Result<()> {
-        let m = &self.w.embd;
-        let GgmlType::Float(fmt) = m.ty else {
-            return Err(Error::Device("opencl: ternary embeddings".into()));
-        };
-        let mut ids = self.alloc(tokens.len())?;
-        let as_i32: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        // The f32 slots of a pooled buffer hold the i32 token ids here (same width).
-        let ids_raw = ids
+    fn embed(&self, tied_head: Option<&DevUnit>, tokens: &[u32], x: &mut ClBuf) -> Result<()> {
+        if let Some(head) = tied_head {
+            let m = head.mat(Mat::Output)?;
+            if let GgmlType::Float(fmt) = m.ty {
+                let mut ids = self.alloc(tokens.len())?;
+                let as_i32: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+                // The f32 slots of a pooled buffer hold the i32 token ids here (same width).
+                let ids_raw = ids.raw.as_mut().ok_or_else(|| {
+                    Error::Device("opencl: activation buffer already released".into())
+                })?;
+                self.dev
+                    .write(&mut ids_raw.f, 0, bytemuck::cast_slice(&as_i32))?;
+                self.dev.get_rows(
+                    fmt,
+                    m.cols,
+                    &m.buf,
+                    m.rows,
+                    &ids.raw()?.f,
+                    tokens.len(),
+                    &x.raw()?.f,
+                )?;
+                x.quantized.set(false);
+                return Ok(());
+            }
+        }
+        let (w, e) = (self.model.weights(), self.model.config.n_embd);
+        let mut rows = vec![0f32; tokens.len() * e];
+        for (&tok, row) in tokens.iter().zip(rows.chunks_exact_mut(e)) {
+            w.token_embd.row_f32(self.model.file(), tok as usize, row)?;
+        }
+        let raw = x
             .raw
             .as_mut()
             .ok_or_else(|| Error::Device("opencl: activation buffer already released".into()))?;
-        self.dev()
-            .write(&mut ids_raw.f, 0, bytemuck::cast_slice(&as_i32))?;
-        self.dev().get_rows(
-            fmt,
-            m.cols,
-            &m.buf,
-            m.rows,
-            &ids.raw()?.f,
-            tokens.len(),
-            &x.raw()?.f,
-        )?;
+        check_len("embed", raw.cap, rows.len())?;
+        self.dev.write(&mut raw.f, 0, bytemuck::cast_slice(&rows))?;
         x.quantized.set(false);
         Ok(())
     }
 
-    fn norm(&self, x: &ClBuf, row0: usize, rows: usize, norm: Norm, out: &mut ClBuf) -> Result<()> {
-        let w = self.norm_buf(norm)?;
+    fn norm(
+        &self,
+        u: &DevUnit,
+        norm: Norm,
+        x: &ClBuf,
+        row0: usize,
+        rows: usize,
+        out: &mut ClBuf,
+    ) -> Result<()> {
+        let w = u.norm(norm)?;
         let n = w.bytes() / 4;
         let y = out.raw()?;
         self.dev().norm_quant(
@@ -401,8 +400,8 @@ impl Backend for ClExec<'_> {
         Ok(())
     }
 
-    fn norm_inplace(&self, x: &mut ClBuf, rows: usize, norm: Norm) -> Result<()> {
-        let w = self.norm_buf(norm)?;
+    fn norm_inplace(&self, u: &DevUnit, norm: Norm, x: &mut ClBuf, rows: usize) -> Result<()> {
+        let w = u.norm(norm)?;
         let n = w.bytes() / 4;
         let r = x.raw()?;
         self.dev().norm_quant(
@@ -421,13 +420,14 @@ impl Backend for ClExec<'_> {
 
     fn project(
         &self,
+        u: &DevUnit,
         x: &ClBuf,
         rows: usize,
         outs: &mut [(Mat, &mut ClBuf)],
         accumulate: bool,
     ) -> Result<()> {
         let xr = x.raw()?;
-        let mats: Vec<&DevMat> = outs.iter().map(|(m, _)| self.mat(*m)).collect();
+        let mats: Vec<&DevMat> = outs.iter().map(|(m, _)| u.mat(*m)).collect::<Result<_>>()?;
         let k = mats.first().map_or(0, |m| m.cols);
         let formats: Vec<Option<TernaryFormat>> = mats
             .iter()
@@ -560,13 +560,18 @@ impl Backend for ClExec<'_> {
 
     fn ffn_act(
         &self,
+        unit: &DevUnit,
         g: &mut ClBuf,
         u: &ClBuf,
         rows: usize,
         act: FfnAct,
-        sub_norm: Option<Norm>,
+        sub_norm: bool,
     ) -> Result<()> {
-        let w = sub_norm.map(|s| self.norm_buf(s)).transpose()?;
+        let w = if sub_norm {
+            Some(unit.norm(Norm::FfnSub)?)
+        } else {
+            None
+        };
         let gr = g.raw()?;
         self.dev().ffn_act_quant(
             &gr.f,

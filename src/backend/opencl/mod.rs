@@ -5,7 +5,7 @@
 //!
 //! * [`device`] — discovery ([`list_devices`]), why OpenCL is unusable ([`Unavailable`]), and the
 //!   one safe wrapper over the OpenCL API ([`ClDevice`]).
-//! * [`exec`] — a model's weights on the device ([`ClWeights`]), its KV cache ([`ClKv`]) and the
+//! * [`exec`] — a resident unit on the device ([`DevUnit`]), a KV cache ([`ClKv`]) and the
 //!   [`crate::backend::Backend`] implementation ([`ClExec`]).
 //!
 //! ```no_run
@@ -22,5 +22,5 @@ pub mod exec;
 pub mod ops;
 
 pub use device::{Arg, ClDevice, DevBuf, DeviceInfo, Pinned, Unavailable, list_devices};
-pub use exec::{ClExec, ClKv, ClWeights};
+pub use exec::{ClExec, ClKv, DevUnit};
 pub use ops::{RopeShape, TernaryOut};

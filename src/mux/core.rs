@@ -1,0 +1,806 @@
+//! The residency table: which units of which models are resident, their recency, pins and
+//! byte accounting, and the page-in / eviction decisions. One table per [`super::Mux`] (and a
+//! private, unlimited one per model placed on a device without a mux).
+//!
+//! Invariants, kept under one lock:
+//! * `used` (bytes of storage the table holds: resident, loading and reclaimed-for-reuse) never
+//!   exceeds `budget` — storage is freed (after the device finished with it) before new storage
+//!   is counted;
+//! * a unit with pins (a forward pass using it) or holds ([`super::Mux::pin`]) is never evicted;
+//! * a forward pass pins one unit at a time and never waits while holding a pin, so waiting
+//!   for space cannot deadlock.
+
+use super::meter::Meter;
+use super::stats::{ModelStats, MuxStats, UnitStats};
+use super::store::{Mem, Store};
+use super::units::{UnitId, UnitLayout};
+use crate::backend::Resident;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use opencl3::event::Event;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Identifies a model inside one table.
+pub(crate) type ModelId = u64;
+type Key = (ModelId, UnitId);
+
+/// How victims are chosen when a page-in needs room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// The least recently used unit of any model (ternmux's policy).
+    #[default]
+    LayerLru,
+    /// Every unit of the least recently used other model at once (what Ollama, llama.cpp's
+    /// router and LM Studio do with whole models) — kept as the baseline the bench compares.
+    WholeModelLru,
+}
+
+/// What the multiplexer did, for traces and tests.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MuxEvent {
+    /// A pass used a resident unit.
+    Hit {
+        /// Model name.
+        model: Arc<str>,
+        /// Unit.
+        unit: UnitId,
+    },
+    /// A unit was copied in.
+    PageIn {
+        /// Model name.
+        model: Arc<str>,
+        /// Unit.
+        unit: UnitId,
+        /// Its size.
+        bytes: usize,
+        /// How long the page-in held the requesting thread.
+        micros: u64,
+        /// Weight bytes allocated after it.
+        used: usize,
+        /// The budget.
+        budget: usize,
+    },
+    /// A unit was evicted to make room.
+    Evict {
+        /// Model name.
+        model: Arc<str>,
+        /// Unit.
+        unit: UnitId,
+        /// Its size.
+        bytes: usize,
+        /// The model whose page-in needed the room (empty for a budget change).
+        for_model: Arc<str>,
+        /// Weight bytes allocated after it.
+        used: usize,
+    },
+}
+
+/// Receives every [`MuxEvent`].
+pub type Sink = Arc<dyn Fn(&MuxEvent) + Send + Sync>;
+
+enum Slot {
+    Loading,
+    Ready(Arc<Resident>),
+}
+
+struct Entry {
+    bytes: usize,
+    last_use: u64,
+    pins: u32,
+    held: u32,
+    slot: Slot,
+    /// Completes when the last pass that used the unit has finished with it (devices).
+    fence: Option<Event>,
+    /// The page-in's copy, when the compute queue has not been told to wait for it yet.
+    ready: Option<Event>,
+}
+
+struct ModelEntry {
+    name: Arc<str>,
+    layouts: Arc<Vec<UnitLayout>>,
+    total: usize,
+    last_use: u64,
+    stats: ModelStats,
+    unit_stats: BTreeMap<UnitId, UnitStats>,
+}
+
+struct Table {
+    budget: usize,
+    used: usize,
+    peak: usize,
+    clock: u64,
+    policy: Policy,
+    stream_slots: usize,
+    next_id: ModelId,
+    models: BTreeMap<ModelId, ModelEntry>,
+    units: HashMap<Key, Entry>,
+}
+
+/// The table with its store.
+pub(crate) struct Core {
+    pub store: Store,
+    /// Whether units record a completion fence per use (not needed when nothing is evicted).
+    fenced: bool,
+    table: Mutex<Table>,
+    changed: Condvar,
+    sink: Mutex<Option<Sink>>,
+    has_sink: AtomicBool,
+    /// KV caches and activation scratch, under their own limit.
+    pub runtime: Arc<Meter>,
+}
+
+/// A unit pinned for use by a forward pass; unpinned (and fenced) when dropped.
+pub(crate) struct UnitGuard {
+    res: Option<Arc<Resident>>,
+    pin: Option<(Arc<Core>, Key)>,
+}
+
+impl UnitGuard {
+    /// A unit read straight from the mapping (CPU, no mux).
+    pub fn unmanaged(res: Resident) -> UnitGuard {
+        UnitGuard {
+            res: Some(Arc::new(res)),
+            pin: None,
+        }
+    }
+}
+
+impl std::ops::Deref for UnitGuard {
+    type Target = Resident;
+    fn deref(&self) -> &Resident {
+        match &self.res {
+            Some(r) => r,
+            None => unreachable!("a guard's unit is only taken in drop"),
+        }
+    }
+}
+
+impl Drop for UnitGuard {
+    fn drop(&mut self) {
+        // Release the unit before unpinning, so an evicting thread holds the only reference.
+        self.res = None;
+        if let Some((core, key)) = self.pin.take() {
+            core.unpin(key);
+        }
+    }
+}
+
+fn poisoned<T>(_: T) -> Error {
+    Error::Mux("the residency table's lock is poisoned (a thread panicked)".into())
+}
+
+fn mib(b: usize) -> f64 {
+    b as f64 / (1u64 << 20) as f64
+}
+
+impl Core {
+    pub fn new(store: Store, budget: usize, fenced: bool, runtime_limit: usize) -> Core {
+        Core {
+            store,
+            fenced,
+            table: Mutex::new(Table {
+                budget,
+                used: 0,
+                peak: 0,
+                clock: 0,
+                policy: Policy::LayerLru,
+                stream_slots: 2,
+                next_id: 0,
+                models: BTreeMap::new(),
+                units: HashMap::new(),
+            }),
+            changed: Condvar::new(),
+            sink: Mutex::new(None),
+            has_sink: AtomicBool::new(false),
+            runtime: Meter::new("KV caches and activation scratch", runtime_limit),
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Table>> {
+        self.table.lock().map_err(poisoned)
+    }
+
+    fn emit(&self, events: Vec<MuxEvent>) {
+        for e in &events {
+            match e {
+                MuxEvent::PageIn {
+                    model,
+                    unit,
+                    bytes,
+                    micros,
+                    used,
+                    budget,
+                } => tracing::debug!(
+                    target: "ternmux::mux",
+                    "page-in {model}/{unit} {:.2} MiB in {micros} µs ({:.1}/{:.1} MiB)",
+                    mib(*bytes), mib(*used), mib(*budget)
+                ),
+                MuxEvent::Evict {
+                    model,
+                    unit,
+                    bytes,
+                    for_model,
+                    used,
+                } => tracing::debug!(
+                    target: "ternmux::mux",
+                    "evict {model}/{unit} {:.2} MiB for {for_model} ({:.1} MiB used)",
+                    mib(*bytes), mib(*used)
+                ),
+                MuxEvent::Hit { .. } => {}
+            }
+        }
+        if !self.has_sink.load(Ordering::Acquire) {
+            return;
+        }
+        let sink = self.sink.lock().ok().and_then(|s| s.clone());
+        if let Some(sink) = sink {
+            events.iter().for_each(|e| sink(e));
+        }
+    }
+
+    pub fn set_sink(&self, sink: Option<Sink>) {
+        if let Ok(mut s) = self.sink.lock() {
+            self.has_sink.store(sink.is_some(), Ordering::Release);
+            *s = sink;
+        }
+    }
+
+    pub fn set_policy(&self, policy: Policy) -> Result<()> {
+        self.lock()?.policy = policy;
+        Ok(())
+    }
+
+    /// Adds a model's unit table; no storage is used until its units are.
+    pub fn add_model(&self, name: &str, model: &Model) -> Result<(ModelId, usize)> {
+        let layouts = super::units::layouts(model, self.store.align(), self.store.with_vectors());
+        let total = layouts.iter().map(|l| l.bytes).sum();
+        let mut t = self.lock()?;
+        let id = t.next_id;
+        t.next_id += 1;
+        let unit_stats = layouts
+            .iter()
+            .map(|l| {
+                (
+                    l.id,
+                    UnitStats {
+                        bytes: l.bytes,
+                        ..UnitStats::default()
+                    },
+                )
+            })
+            .collect();
+        t.models.insert(
+            id,
+            ModelEntry {
+                name: name.into(),
+                layouts: Arc::new(layouts),
+                total,
+                last_use: 0,
+                stats: ModelStats {
+                    name: name.into(),
+                    total_bytes: total,
+                    ..ModelStats::default()
+                },
+                unit_stats,
+            },
+        );
+        Ok((id, total))
+    }
+
+    /// Drops a model's units (waiting for the device to finish with them).
+    pub fn remove_model(&self, id: ModelId) {
+        let Ok(mut t) = self.lock() else { return };
+        let keys: Vec<Key> = t.units.keys().filter(|k| k.0 == id).copied().collect();
+        for k in keys {
+            if let Some(e) = t.units.remove(&k) {
+                if let Some(f) = &e.fence {
+                    let _ = f.wait();
+                }
+                t.used -= e.bytes;
+            }
+        }
+        t.models.remove(&id);
+        self.changed.notify_all();
+    }
+
+    /// Pins unit `unit` of model `id`, paging it in (and evicting) when needed.
+    pub fn acquire(
+        self: &Arc<Self>,
+        model: &Model,
+        id: ModelId,
+        unit: UnitId,
+    ) -> Result<UnitGuard> {
+        let key = (id, unit);
+        let mut events = Vec::new();
+        let mut t = self.lock()?;
+        let (layouts, total, name) = {
+            let m = t
+                .models
+                .get(&id)
+                .ok_or_else(|| Error::Mux(format!("model #{id} is not registered")))?;
+            (m.layouts.clone(), m.total, m.name.clone())
+        };
+        let layout = layouts
+            .iter()
+            .find(|l| l.id == unit)
+            .ok_or_else(|| Error::Mux(format!("model {name} has no unit {unit}")))?;
+        let bytes = layout.bytes;
+        let mut reuse: Option<(Mem, Option<Event>)> = None;
+        'retry: loop {
+            t.clock += 1;
+            let now = t.clock;
+            if let Some(e) = t.units.get_mut(&key) {
+                match &e.slot {
+                    Slot::Ready(res) => {
+                        let res = res.clone();
+                        e.pins += 1;
+                        e.last_use = now;
+                        let ready = e.ready.take();
+                        if let Some(m) = t.models.get_mut(&id) {
+                            m.last_use = now;
+                            m.stats.hits += 1;
+                            if let Some(u) = m.unit_stats.get_mut(&unit) {
+                                u.hits += 1;
+                            }
+                        }
+                        drop(t);
+                        if let Some((mem, fence)) = reuse {
+                            // Another thread paged the unit in meanwhile: give the room back.
+                            self.return_reserved(mem, fence, &name)?;
+                        }
+                        if self.has_sink.load(Ordering::Relaxed) {
+                            events.push(MuxEvent::Hit {
+                                model: name.clone(),
+                                unit,
+                            });
+                        }
+                        self.emit(events);
+                        let guard = UnitGuard {
+                            res: Some(res),
+                            pin: Some((self.clone(), key)),
+                        };
+                        if let Some(r) = ready {
+                            self.store.wait_ready(&r)?;
+                        }
+                        return Ok(guard);
+                    }
+                    Slot::Loading => {
+                        t = self.changed.wait(t).map_err(poisoned)?;
+                        continue 'retry;
+                    }
+                }
+            }
+            if bytes > t.budget {
+                return Err(Error::Mux(format!(
+                    "unit {unit} of {name} needs {bytes} bytes but the whole budget is {}; raise \
+                     the budget",
+                    t.budget
+                )));
+            }
+            let streaming = total > t.budget;
+            while t.used + if reuse.is_some() { 0 } else { bytes } > t.budget {
+                let victims = t.victims(key, streaming);
+                if victims.is_empty() {
+                    let busy = t
+                        .units
+                        .values()
+                        .any(|e| e.pins > 0 || matches!(e.slot, Slot::Loading));
+                    if busy {
+                        // Pins are short (one unit of one pass); wait for one to go.
+                        t = self.changed.wait(t).map_err(poisoned)?;
+                        continue 'retry;
+                    }
+                    let held: usize = t
+                        .units
+                        .values()
+                        .filter(|e| e.held > 0)
+                        .map(|e| e.bytes)
+                        .sum();
+                    return Err(Error::Mux(format!(
+                        "unit {unit} of {name} needs {bytes} bytes; {} of the {}-byte budget are \
+                         in use and {held} of them are held by Mux::pin — release a pin or raise \
+                         the budget",
+                        t.used, t.budget
+                    )));
+                }
+                for v in victims {
+                    let evicted = self.evict(&mut t, v, &name, bytes, &mut reuse)?;
+                    events.push(evicted);
+                }
+            }
+            t.units.insert(
+                key,
+                Entry {
+                    bytes,
+                    last_use: now,
+                    pins: 1,
+                    held: 0,
+                    slot: Slot::Loading,
+                    fence: None,
+                    ready: None,
+                },
+            );
+            // Reclaimed storage was already counted in `used`.
+            if reuse.is_none() {
+                t.used += bytes;
+            }
+            t.peak = t.peak.max(t.used);
+            if let Some(m) = t.models.get_mut(&id) {
+                m.last_use = now;
+                m.stats.misses += 1;
+                if let Some(u) = m.unit_stats.get_mut(&unit) {
+                    u.misses += 1;
+                }
+            }
+            break;
+        }
+        drop(t);
+        let started = Instant::now();
+        let filled = (|| {
+            let (mem, after) = match reuse {
+                Some((mem, fence)) => (mem, fence),
+                None => (self.store.alloc(bytes)?, None),
+            };
+            self.store.fill(mem, layout, model, after.as_ref())
+        })();
+        let took = started.elapsed();
+        let mut t = self.lock()?;
+        let (res, ready) = match filled {
+            Ok(v) => v,
+            Err(err) => {
+                t.units.remove(&key);
+                t.used -= bytes;
+                self.changed.notify_all();
+                return Err(err);
+            }
+        };
+        let res = Arc::new(res);
+        if let Some(e) = t.units.get_mut(&key) {
+            e.slot = Slot::Ready(res.clone());
+        }
+        let (used, budget) = (t.used, t.budget);
+        if let Some(m) = t.models.get_mut(&id) {
+            m.stats.bytes_in += bytes as u64;
+            m.stats.page_in_time.record(took);
+            m.stats.page_in_total += took;
+            if let Some(u) = m.unit_stats.get_mut(&unit) {
+                u.resident = true;
+            }
+        }
+        self.changed.notify_all();
+        drop(t);
+        events.push(MuxEvent::PageIn {
+            model: name,
+            unit,
+            bytes,
+            micros: took.as_micros() as u64,
+            used,
+            budget,
+        });
+        self.emit(events);
+        let guard = UnitGuard {
+            res: Some(res),
+            pin: Some((self.clone(), key)),
+        };
+        if let Some(r) = ready {
+            self.store.wait_ready(&r)?;
+        }
+        Ok(guard)
+    }
+
+    /// Pins unit `unit` of `id` only if it is resident already (no page-in).
+    pub fn peek(self: &Arc<Self>, id: ModelId, unit: UnitId) -> Result<Option<UnitGuard>> {
+        let key = (id, unit);
+        let mut t = self.lock()?;
+        t.clock += 1;
+        let now = t.clock;
+        let Some(e) = t.units.get_mut(&key) else {
+            return Ok(None);
+        };
+        let Slot::Ready(res) = &e.slot else {
+            return Ok(None);
+        };
+        let res = res.clone();
+        e.pins += 1;
+        e.last_use = now;
+        let ready = e.ready.take();
+        if let Some(m) = t.models.get_mut(&id) {
+            m.last_use = now;
+            m.stats.hits += 1;
+            if let Some(u) = m.unit_stats.get_mut(&unit) {
+                u.hits += 1;
+            }
+        }
+        drop(t);
+        let guard = UnitGuard {
+            res: Some(res),
+            pin: Some((self.clone(), key)),
+        };
+        if let Some(r) = ready {
+            self.store.wait_ready(&r)?;
+        }
+        Ok(Some(guard))
+    }
+
+    /// Storage reclaimed for a page-in that turned out not to be needed: free it.
+    fn return_reserved(&self, mem: Mem, fence: Option<Event>, _for: &str) -> Result<()> {
+        if let Some(f) = &fence {
+            f.wait().map_err(|e| {
+                Error::Device(format!("opencl: waiting for a unit's last use: {e}"))
+            })?;
+        }
+        let bytes = mem.bytes();
+        drop(mem);
+        let mut t = self.lock()?;
+        t.used -= bytes;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Removes victim `k`. Storage of the size the page-in needs is kept for it (`reuse`, still
+    /// counted in `used`); other storage is freed once the device is done with it.
+    fn evict(
+        &self,
+        t: &mut Table,
+        k: Key,
+        for_model: &Arc<str>,
+        want: usize,
+        reuse: &mut Option<(Mem, Option<Event>)>,
+    ) -> Result<MuxEvent> {
+        let e = t
+            .units
+            .remove(&k)
+            .ok_or_else(|| Error::Mux("victim vanished".into()))?;
+        let Slot::Ready(res) = e.slot else {
+            return Err(Error::Mux("a loading unit was chosen as a victim".into()));
+        };
+        match Arc::try_unwrap(res) {
+            Ok(resident) if reuse.is_none() && e.bytes == want => {
+                *reuse = Some((Store::reclaim(resident), e.fence));
+            }
+            other => {
+                if let Some(f) = &e.fence {
+                    f.wait().map_err(|err| {
+                        Error::Device(format!("opencl: waiting for a unit's last use: {err}"))
+                    })?;
+                }
+                drop(other);
+                t.used -= e.bytes;
+            }
+        }
+        let used = t.used;
+        let name = match t.models.get_mut(&k.0) {
+            Some(m) => {
+                m.stats.evictions += 1;
+                m.stats.bytes_out += e.bytes as u64;
+                if let Some(u) = m.unit_stats.get_mut(&k.1) {
+                    u.evictions += 1;
+                    u.resident = false;
+                }
+                m.name.clone()
+            }
+            None => "?".into(),
+        };
+        Ok(MuxEvent::Evict {
+            model: name,
+            unit: k.1,
+            bytes: e.bytes,
+            for_model: for_model.clone(),
+            used,
+        })
+    }
+
+    fn unpin(&self, key: Key) {
+        let fence = if self.fenced {
+            self.store.fence().ok().flatten()
+        } else {
+            None
+        };
+        if let Ok(mut t) = self.lock() {
+            if let Some(e) = t.units.get_mut(&key) {
+                e.pins = e.pins.saturating_sub(1);
+                if fence.is_some() {
+                    e.fence = fence;
+                }
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    /// Makes unit `unit` of `id` unevictable until [`Core::unhold`].
+    pub fn hold(self: &Arc<Self>, model: &Model, id: ModelId, unit: UnitId) -> Result<()> {
+        let g = self.acquire(model, id, unit)?;
+        let mut t = self.lock()?;
+        if let Some(e) = t.units.get_mut(&(id, unit)) {
+            e.held += 1;
+        }
+        drop(t);
+        drop(g);
+        Ok(())
+    }
+
+    pub fn unhold(&self, id: ModelId, unit: UnitId) {
+        if let Ok(mut t) = self.lock() {
+            if let Some(e) = t.units.get_mut(&(id, unit)) {
+                e.held = e.held.saturating_sub(1);
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    /// Units of a model, blocks then the head.
+    pub fn units_of(&self, id: ModelId) -> Result<Vec<UnitId>> {
+        let t = self.lock()?;
+        Ok(t.models
+            .get(&id)
+            .map(|m| m.layouts.iter().map(|l| l.id).collect())
+            .unwrap_or_default())
+    }
+
+    /// Changes the budget, evicting least recently used units until the new one holds.
+    pub fn set_budget(&self, budget: usize) -> Result<()> {
+        let mut events = Vec::new();
+        let mut t = self.lock()?;
+        let old = t.budget;
+        t.budget = budget;
+        while t.used > t.budget {
+            let victims = t.victims((u64::MAX, UnitId::Head), false);
+            if victims.is_empty() {
+                if t.units
+                    .values()
+                    .any(|e| e.pins > 0 || matches!(e.slot, Slot::Loading))
+                {
+                    t = self.changed.wait(t).map_err(poisoned)?;
+                    continue;
+                }
+                t.budget = old;
+                return Err(Error::Mux(format!(
+                    "cannot shrink the budget to {budget} bytes: {} bytes are held by Mux::pin",
+                    t.used
+                )));
+            }
+            for v in victims {
+                let mut none = None;
+                events.push(self.evict(&mut t, v, &Arc::from(""), usize::MAX, &mut none)?);
+            }
+        }
+        self.changed.notify_all();
+        drop(t);
+        self.emit(events);
+        Ok(())
+    }
+
+    pub fn budget(&self) -> usize {
+        self.lock().map(|t| t.budget).unwrap_or(0)
+    }
+
+    /// A snapshot of every counter.
+    pub fn stats(&self) -> MuxStats {
+        let Ok(t) = self.lock() else {
+            return MuxStats::default();
+        };
+        let models = t
+            .models
+            .iter()
+            .map(|(&id, m)| {
+                let mut s = m.stats.clone();
+                s.resident_bytes = t
+                    .units
+                    .iter()
+                    .filter(|(k, _)| k.0 == id)
+                    .map(|(_, e)| e.bytes)
+                    .sum();
+                s.streaming = m.total > t.budget;
+                s.units = m
+                    .unit_stats
+                    .iter()
+                    .map(|(&u, st)| (u, st.clone()))
+                    .collect();
+                s
+            })
+            .collect();
+        MuxStats {
+            budget: t.budget,
+            used: t.used,
+            peak: t.peak,
+            runtime_used: self.runtime.used(),
+            runtime_limit: self.runtime.limit(),
+            models,
+        }
+    }
+
+    /// Resident bytes per model name, in registration order, with the total used.
+    pub fn residency(&self) -> (Vec<(Arc<str>, usize)>, usize, usize) {
+        let Ok(t) = self.lock() else {
+            return (Vec::new(), 0, 0);
+        };
+        let per = t
+            .models
+            .iter()
+            .map(|(&id, m)| {
+                let b = t
+                    .units
+                    .iter()
+                    .filter(|(k, _)| k.0 == id)
+                    .map(|(_, e)| e.bytes)
+                    .sum();
+                (m.name.clone(), b)
+            })
+            .collect();
+        (per, t.used, t.budget)
+    }
+
+    /// Waits until no page-in is in flight and returns how long that took.
+    pub fn quiesce(&self) -> Result<Duration> {
+        let start = Instant::now();
+        if let Store::Device(d) = &self.store {
+            d.dev.finish_copies()?;
+            d.dev.finish()?;
+        }
+        Ok(start.elapsed())
+    }
+}
+
+impl Table {
+    fn evictable(&self, k: &Key, e: &Entry, want: Key) -> bool {
+        e.pins == 0 && e.held == 0 && matches!(e.slot, Slot::Ready(_)) && *k != want
+    }
+
+    /// Units to evict next so that `want` can be paged in (empty: none can go now).
+    fn victims(&self, want: Key, streaming: bool) -> Vec<Key> {
+        let (me, _) = want;
+        if streaming {
+            // A model larger than the budget cycles through its own slots instead of flushing
+            // other models: once it holds `stream_slots` units it evicts its own, keeping the
+            // most recent one (still computing while the next copy runs) and every older unit
+            // that stayed resident (cyclic access defeats LRU; this keeps what fits).
+            let mut own: Vec<(u64, Key)> = self
+                .units
+                .iter()
+                .filter(|(k, e)| k.0 == me && self.evictable(k, e, want))
+                .map(|(k, e)| (e.last_use, *k))
+                .collect();
+            let held = self.units.keys().filter(|k| k.0 == me).count();
+            if held >= self.stream_slots && !own.is_empty() {
+                own.sort_unstable_by(|a, b| b.cmp(a));
+                return vec![own.get(1).unwrap_or(&own[0]).1];
+            }
+        }
+        match self.policy {
+            Policy::LayerLru => self
+                .units
+                .iter()
+                .filter(|(k, e)| self.evictable(k, e, want))
+                .min_by_key(|(k, e)| (e.last_use, **k))
+                .map(|(k, _)| vec![*k])
+                .unwrap_or_default(),
+            Policy::WholeModelLru => {
+                let victim_model = self
+                    .units
+                    .iter()
+                    .filter(|(k, e)| k.0 != me && self.evictable(k, e, want))
+                    .map(|(k, _)| k.0)
+                    .min_by_key(|m| (self.models.get(m).map_or(0, |x| x.last_use), *m));
+                match victim_model {
+                    Some(vm) => self
+                        .units
+                        .iter()
+                        .filter(|(k, e)| k.0 == vm && self.evictable(k, e, want))
+                        .map(|(k, _)| *k)
+                        .collect(),
+                    // Only the requester is resident: it must page against itself.
+                    None => self
+                        .units
+                        .iter()
+                        .filter(|(k, e)| self.evictable(k, e, want))
+                        .min_by_key(|(k, e)| (e.last_use, **k))
+                        .map(|(k, _)| vec![*k])
+                        .unwrap_or_default(),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Where units live: host memory (CPU backend) or device memory (OpenCL), and how bytes get
+//! there. On a device, page-ins run on the device's copy queue, so they overlap kernels on the
+//! compute queue; from pageable memory (the mapping) the driver stages the copy itself
+//! (`Direct`), or ternmux stages it through a ring of pinned buffers (`Staged`), copying chunk
+//! n+1 from the mapping while chunk n is in flight.
+
+use crate::backend::Resident;
+use crate::backend::cpu::HostUnit;
+use crate::backend::opencl::device::retain_event;
+use crate::backend::opencl::{ClDevice, DevBuf, DevUnit, Pinned};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::mux::units::{UnitLayout, piece_bytes};
+use opencl3::event::Event;
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// How a device page-in copies from the mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PageIn {
+    /// `Staged` on devices with their own memory, `Direct` on devices that share the host's.
+    #[default]
+    Auto,
+    /// One driver copy per tensor straight from the mapping (the driver stages pageable memory).
+    Direct,
+    /// Through pinned staging buffers, pipelined in chunks.
+    Staged,
+}
+
+/// Bytes of one pinned staging buffer.
+pub const STAGE_CHUNK: usize = 8 << 20;
+/// Pinned staging buffers in the ring (host memory outside the budget: 32 MiB).
+pub const STAGE_CHUNKS: usize = 4;
+
+struct Stage {
+    mem: Pinned,
+    busy: Option<Event>,
+}
+
+/// Device memory with its page-in path.
+pub(crate) struct DeviceStore {
+    pub dev: Arc<ClDevice>,
+    staging: Option<Mutex<(Vec<Stage>, usize)>>,
+}
+
+/// Where a mux keeps units.
+pub(crate) enum Store {
+    /// Host copies (CPU backend).
+    Host,
+    /// An OpenCL device.
+    Device(DeviceStore),
+}
+
+/// The storage of one unit, empty or reclaimed from an evicted unit.
+pub(crate) enum Mem {
+    Host(Vec<u8>),
+    Device(DevBuf),
+}
+
+impl Mem {
+    pub fn bytes(&self) -> usize {
+        match self {
+            Mem::Host(v) => v.capacity(),
+            Mem::Device(b) => b.bytes(),
+        }
+    }
+}
+
+/// Copies `src` into `dst` with several threads when it is large.
+fn par_copy(dst: &mut [u8], src: &[u8]) {
+    const PART: usize = 1 << 20;
+    if src.len() <= PART {
+        dst.copy_from_slice(src);
+    } else {
+        dst.par_chunks_mut(PART)
+            .zip(src.par_chunks(PART))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+}
+
+impl Store {
+    /// A store on `dev` (or the host for `None`).
+    pub fn new(dev: Option<Arc<ClDevice>>, mode: PageIn) -> Result<Store> {
+        let Some(dev) = dev else {
+            return Ok(Store::Host);
+        };
+        let staged = match mode {
+            PageIn::Auto => !dev.info().host_unified,
+            PageIn::Direct => false,
+            PageIn::Staged => true,
+        };
+        let staging = if staged {
+            let mut ring = Vec::with_capacity(STAGE_CHUNKS);
+            for _ in 0..STAGE_CHUNKS {
+                ring.push(Stage {
+                    mem: dev.pinned(STAGE_CHUNK)?,
+                    busy: None,
+                });
+            }
+            Some(Mutex::new((ring, 0)))
+        } else {
+            None
+        };
+        Ok(Store::Device(DeviceStore { dev, staging }))
+    }
+
+    /// Alignment of pieces inside a unit.
+    pub fn align(&self) -> usize {
+        match self {
+            Store::Host => 64,
+            Store::Device(d) => d.dev.info().base_align.max(256),
+        }
+    }
+
+    /// Whether units carry their norms and biases (devices) or leave them to the model (CPU).
+    pub fn with_vectors(&self) -> bool {
+        matches!(self, Store::Device(_))
+    }
+
+    /// How page-ins copy, in words.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Host => "host memory (CPU backend): page-in = copy from the mapping".into(),
+            Store::Device(d) => format!(
+                "opencl: {} — page-in {}",
+                d.dev.info(),
+                if d.staging.is_some() {
+                    "staged through pinned buffers on the copy queue"
+                } else {
+                    "direct from the mapping on the copy queue"
+                }
+            ),
+        }
+    }
+
+    /// Fresh storage for `bytes` bytes.
+    pub fn alloc(&self, bytes: usize) -> Result<Mem> {
+        Ok(match self {
+            Store::Host => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(bytes).map_err(|_| {
+                    Error::Mux(format!("host memory: cannot allocate {bytes} bytes"))
+                })?;
+                Mem::Host(v)
+            }
+            Store::Device(d) => Mem::Device(d.dev.alloc(bytes)?),
+        })
+    }
+
+    /// Copies `layout`'s pieces of `model` into `mem` (after `after`, the previous user of
+    /// reclaimed storage, has finished) and returns the resident unit, with the event the
+    /// compute queue must wait for when the copy is still in flight.
+    pub fn fill(
+        &self,
+        mem: Mem,
+        layout: &UnitLayout,
+        model: &Model,
+        after: Option<&Event>,
+    ) -> Result<(Resident, Option<Event>)> {
+        match (self, mem) {
+            (Store::Host, Mem::Host(mut data)) => {
+                data.clear();
+                data.resize(layout.bytes, 0);
+                for p in &layout.pieces {
+                    par_copy(
+                        &mut data[p.offset..p.offset + p.len],
+                        piece_bytes(model, layout.id, p.kind),
+                    );
+                }
+                Ok((Resident::Host(HostUnit::owned(data, layout.clone())), None))
+            }
+            (Store::Device(d), Mem::Device(mut buf)) => {
+                let ready = match &d.staging {
+                    None => {
+                        for (i, p) in layout.pieces.iter().enumerate() {
+                            let wait: Vec<&Event> = if i == 0 {
+                                after.into_iter().collect()
+                            } else {
+                                Vec::new()
+                            };
+                            d.dev.write_direct(
+                                &mut buf,
+                                p.offset,
+                                piece_bytes(model, layout.id, p.kind),
+                                &wait,
+                            )?;
+                        }
+                        None
+                    }
+                    Some(ring) => Some(d.staged_copy(ring, &mut buf, layout, model, after)?),
+                };
+                let unit = DevUnit::new(&d.dev, buf, layout, model)?;
+                Ok((Resident::Device(unit), ready))
+            }
+            _ => Err(Error::Mux(
+                "storage of another backend handed to the store".into(),
+            )),
+        }
+    }
+
+    /// An event that completes when the kernels queued so far (a pass's use of a unit) have
+    /// run; `None` on the CPU, where work is done when the call returns.
+    pub fn fence(&self) -> Result<Option<Event>> {
+        match self {
+            Store::Host => Ok(None),
+            Store::Device(d) => d.dev.fence().map(Some),
+        }
+    }
+
+    /// Makes later kernels wait for a page-in's copy.
+    pub fn wait_ready(&self, ready: &Event) -> Result<()> {
+        match self {
+            Store::Host => Ok(()),
+            Store::Device(d) => d.dev.wait_on_device(&[ready]),
+        }
+    }
+
+    /// The storage of an evicted unit, for the next page-in.
+    pub fn reclaim(res: Resident) -> Mem {
+        match res {
+            Resident::Host(h) => Mem::Host(h.into_data().unwrap_or_default()),
+            Resident::Device(u) => Mem::Device(u.into_alloc()),
+        }
+    }
+}
+
+impl DeviceStore {
+    fn staged_copy(
+        &self,
+        ring: &Mutex<(Vec<Stage>, usize)>,
+        buf: &mut DevBuf,
+        layout: &UnitLayout,
+        model: &Model,
+        after: Option<&Event>,
+    ) -> Result<Event> {
+        let mut guard = ring
+            .lock()
+            .map_err(|_| Error::Mux("staging ring poisoned".into()))?;
+        let (stages, next) = &mut *guard;
+        let end = layout
+            .pieces
+            .iter()
+            .map(|p| p.offset + p.len)
+            .max()
+            .unwrap_or(0);
+        let mut last = None;
+        let mut first = true;
+        for c0 in (0..end.max(1)).step_by(STAGE_CHUNK) {
+            let c1 = (c0 + STAGE_CHUNK).min(end);
+            let n_stages = stages.len();
+            let stage = &mut stages[*next % n_stages];
+            *next += 1;
+            if let Some(ev) = stage.busy.take() {
+                ev.wait()
+                    .map_err(|e| Error::Device(format!("opencl: waiting for a page-in: {e}")))?;
+            }
+            let dst = stage.mem.as_mut_slice();
+            for p in &layout.pieces {
+                let (a, b) = (p.offset.max(c0), (p.offset + p.len).min(c1));
+                if a < b {
+                    let src = piece_bytes(model, layout.id, p.kind);
+                    par_copy(&mut dst[a - c0..b - c0], &src[a - p.offset..b - p.offset]);
+                }
+            }
+            let wait: Vec<&Event> = if first {
+                after.into_iter().collect()
+            } else {
+                Vec::new()
+            };
+            first = false;
+            let ev = self.dev.write_async(buf, c0, &stage.mem, c1 - c0, &wait)?;
+            self.dev.flush_copies()?;
+            // The ring keeps one handle to wait on before reuse; the caller gets the last one.
+            last = Some(ev);
+            stage.busy = last.as_ref().map(retain_event).transpose()?;
+        }
+        last.ok_or_else(|| Error::Mux(format!("unit {} is empty", layout.id)))
+    }
+}
