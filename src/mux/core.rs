@@ -132,6 +132,18 @@ pub(crate) struct Core {
     pub runtime: Arc<Meter>,
 }
 
+/// Events to emit when dropped.
+struct Emit<'a> {
+    core: &'a Core,
+    events: Vec<MuxEvent>,
+}
+
+impl Drop for Emit<'_> {
+    fn drop(&mut self) {
+        self.core.emit(std::mem::take(&mut self.events));
+    }
+}
+
 /// A unit pinned for use by a forward pass; unpinned (and fenced) when dropped.
 pub(crate) struct UnitGuard {
     res: Option<Arc<Resident>>,
@@ -314,7 +326,11 @@ impl Core {
         unit: UnitId,
     ) -> Result<UnitGuard> {
         let key = (id, unit);
-        let mut events = Vec::new();
+        // Emitted when dropped, on every path (after the table's lock, declared later, is released).
+        let mut events = Emit {
+            core: self,
+            events: Vec::new(),
+        };
         let mut t = self.lock()?;
         let (layouts, total, name) = {
             let m = t
@@ -352,12 +368,12 @@ impl Core {
                             self.return_reserved(mem, fence, &name)?;
                         }
                         if self.has_sink.load(Ordering::Relaxed) {
-                            events.push(MuxEvent::Hit {
+                            events.events.push(MuxEvent::Hit {
                                 model: name.clone(),
                                 unit,
                             });
                         }
-                        self.emit(events);
+                        drop(events);
                         let guard = UnitGuard {
                             res: Some(res),
                             pin: Some((self.clone(), key)),
@@ -381,6 +397,32 @@ impl Core {
                 )));
             }
             let streaming = total > t.budget;
+            // Refuse a page-in that cannot fit even after evicting everything evictable, before
+            // evicting anything for it.
+            let evictable: usize = t
+                .units
+                .iter()
+                .filter(|(k, e)| t.evictable(k, e, key))
+                .map(|(_, e)| e.bytes)
+                .sum();
+            let busy = t
+                .units
+                .values()
+                .any(|e| e.pins > 0 || matches!(e.slot, Slot::Loading));
+            if reuse.is_none() && !busy && t.budget - t.used + evictable < bytes {
+                let held: usize = t
+                    .units
+                    .values()
+                    .filter(|e| e.held > 0)
+                    .map(|e| e.bytes)
+                    .sum();
+                return Err(Error::Mux(format!(
+                    "unit {unit} of {name} needs {bytes} bytes; {} of the {}-byte budget are in \
+                     use and {held} of them are held by Mux::pin — release a pin or raise the \
+                     budget",
+                    t.used, t.budget
+                )));
+            }
             while t.used + if reuse.is_some() { 0 } else { bytes } > t.budget {
                 let victims = t.victims(key, streaming);
                 if victims.is_empty() {
@@ -408,7 +450,7 @@ impl Core {
                 }
                 for v in victims {
                     let evicted = self.evict(&mut t, v, &name, bytes, &mut reuse)?;
-                    events.push(evicted);
+                    events.events.push(evicted);
                 }
             }
             t.units.insert(
@@ -472,7 +514,7 @@ impl Core {
         }
         self.changed.notify_all();
         drop(t);
-        events.push(MuxEvent::PageIn {
+        events.events.push(MuxEvent::PageIn {
             model: name,
             unit,
             bytes,
@@ -480,7 +522,7 @@ impl Core {
             used,
             budget,
         });
-        self.emit(events);
+        drop(events);
         let guard = UnitGuard {
             res: Some(res),
             pin: Some((self.clone(), key)),

@@ -1,0 +1,516 @@
+//! The multiplexer's invariants under random use: a proptest state machine over 3–8 models
+//! (register, unregister, generate, budget changes, pins) checks after every step that the
+//! budget was never exceeded, that every eviction chose the least recently used unpinned unit
+//! (or, for a model larger than the budget, followed the streaming rule), that pinned units were
+//! never evicted, that hits and page-ins match residency, and that every text equals the same
+//! request's text with unlimited memory. A threaded stress test does the same concurrently.
+//! The OpenCL variant runs on PoCL in CI (CI=true fails when no device is found).
+
+use proptest::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::Duration;
+use ternmux::backend::Device;
+use ternmux::kernels::ternary::TernaryFormat;
+use ternmux::model::{GenerateOptions, Model};
+use ternmux::mux::{Mux, MuxEvent, UnitId};
+use ternmux::synth::{Shape, SynthSpec, write_synthetic};
+
+const PROMPTS: [&str; 3] = ["Once upon a time", "The cat", "Lily saw a big"];
+
+struct Zoo {
+    _dir: tempfile::TempDir,
+    paths: Vec<PathBuf>,
+}
+
+/// Eight models of different sizes, formats and architectures: the bundled model in its three
+/// encodings and five small synthetic ones.
+fn zoo() -> &'static Zoo {
+    static Z: OnceLock<Zoo> = OnceLock::new();
+    Z.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
+        let mut paths = vec![
+            bundled.join("bitllama2c-stories3M-TQ2_0.gguf"),
+            bundled.join("bitllama2c-stories3M-TQ1_0.gguf"),
+        ];
+        let i2s = dir.path().join("stories-I2_S.gguf");
+        ternmux::convert::convert_file(&paths[0], &i2s, TernaryFormat::I2S).unwrap();
+        paths.push(i2s);
+        let shapes = [
+            ("bitnet-b1.58", 2, 256, 512, TernaryFormat::Tq2_0),
+            ("bitnet", 3, 256, 768, TernaryFormat::Tq1_0),
+            ("llama", 2, 512, 768, TernaryFormat::I2S),
+            ("bitnet-b1.58", 4, 256, 512, TernaryFormat::Tq1_0),
+            ("bitnet", 1, 512, 1024, TernaryFormat::Tq2_0),
+        ];
+        for (i, (arch, n_layer, n_embd, n_ff, format)) in shapes.into_iter().enumerate() {
+            let p = dir.path().join(format!("synth{i}.gguf"));
+            let spec = SynthSpec {
+                arch: arch.into(),
+                shape: Shape {
+                    n_embd,
+                    n_ff,
+                    n_layer,
+                    n_head: 4,
+                    n_head_kv: 2,
+                    n_vocab: 1000,
+                    n_ctx: 128,
+                },
+                format,
+                seed: 7 + i as u64,
+            };
+            write_synthetic(&spec, &p).unwrap();
+            paths.push(p);
+        }
+        Zoo { _dir: dir, paths }
+    })
+}
+
+fn opts() -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: 5,
+        n_ctx: 64,
+        ..GenerateOptions::default()
+    }
+}
+
+/// The text of (model, prompt) with unlimited memory on `device`.
+fn reference(device: Device, model: usize, prompt: usize) -> String {
+    static CACHE: OnceLock<Mutex<HashMap<(String, usize, usize), String>>> = OnceLock::new();
+    let key = (device.to_string(), model, prompt);
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(t) = cache.lock().unwrap().get(&key) {
+        return t.clone();
+    }
+    let m = Model::open_on(&zoo().paths[model], device).unwrap();
+    let text = m.generate(PROMPTS[prompt], &opts(), |_| true).unwrap().text;
+    cache.lock().unwrap().insert(key, text.clone());
+    text
+}
+
+/// Records every event with the budget in force when it happened.
+#[derive(Default)]
+struct Log {
+    events: Vec<(MuxEvent, usize)>,
+}
+
+fn attach(mux: &Mux, log: &Arc<Mutex<Log>>, budget: &Arc<Mutex<usize>>) {
+    let (log, budget) = (log.clone(), budget.clone());
+    mux.set_event_sink(Some(Arc::new(move |e: &MuxEvent| {
+        let b = *budget.lock().unwrap();
+        log.lock().unwrap().events.push((e.clone(), b));
+    })));
+}
+
+/// Replays the events against a reference LRU and checks every rule. `sizes` maps
+/// (model, unit) to bytes; `totals` maps model to its bytes; `held` lists pinned units.
+struct Replay {
+    /// Resident units in recency order (front = least recent).
+    order: Vec<(String, UnitId)>,
+    sizes: HashMap<(String, UnitId), usize>,
+    totals: HashMap<String, usize>,
+    held: HashSet<(String, UnitId)>,
+}
+
+impl Replay {
+    fn touch(&mut self, k: (String, UnitId)) {
+        self.order.retain(|x| *x != k);
+        self.order.push(k);
+    }
+
+    /// Checks a run of events; `pending` collects evictions until the page-in they made room
+    /// for, whose requester decides which rule applies.
+    fn check(&mut self, events: &[(MuxEvent, usize)]) -> Result<(), TestCaseError> {
+        let mut pending: Vec<(String, UnitId, String, usize)> = Vec::new();
+        for (e, budget) in events {
+            match e {
+                MuxEvent::Hit { model, unit } => {
+                    let k = (model.to_string(), *unit);
+                    prop_assert!(self.order.contains(&k), "hit on non-resident {k:?}");
+                    self.touch(k);
+                }
+                MuxEvent::Evict {
+                    model,
+                    unit,
+                    for_model,
+                    used,
+                    ..
+                } => {
+                    prop_assert!(used <= budget, "used {used} > budget {budget}");
+                    let k = (model.to_string(), *unit);
+                    prop_assert!(!self.held.contains(&k), "pinned unit {k:?} was evicted");
+                    pending.push((k.0, k.1, for_model.to_string(), *budget));
+                }
+                MuxEvent::PageIn {
+                    model,
+                    unit,
+                    used,
+                    budget: b,
+                    ..
+                } => {
+                    prop_assert!(
+                        used <= budget && b == budget,
+                        "used {used} > budget {budget}"
+                    );
+                    let k = (model.to_string(), *unit);
+                    prop_assert!(!self.order.contains(&k), "page-in of resident {k:?}");
+                    let streaming = self.totals[&k.0] > *budget;
+                    for (vm, vu, for_model, _) in pending.drain(..) {
+                        prop_assert_eq!(&for_model, &k.0);
+                        let v = (vm, vu);
+                        let pos = self.order.iter().position(|x| *x == v);
+                        prop_assert!(pos.is_some(), "evicted non-resident {v:?}");
+                        let evictable: Vec<&(String, UnitId)> = self
+                            .order
+                            .iter()
+                            .filter(|x| !self.held.contains(*x))
+                            .collect();
+                        let own: Vec<&(String, UnitId)> =
+                            evictable.iter().copied().filter(|x| x.0 == k.0).collect();
+                        let own_resident = self.order.iter().filter(|x| x.0 == k.0).count();
+                        if streaming && own_resident >= 2 && !own.is_empty() {
+                            // Streaming rule: the second most recent of its own units.
+                            let want = own[own.len().saturating_sub(2)];
+                            prop_assert_eq!(&v, want, "streaming victim");
+                        } else {
+                            prop_assert_eq!(&v, evictable[0], "LRU victim");
+                        }
+                        self.order.retain(|x| *x != v);
+                    }
+                    let _ = self.sizes.get(&k);
+                    self.touch(k);
+                }
+            }
+        }
+        prop_assert!(pending.is_empty() || pending.iter().all(|p| p.2.is_empty()));
+        for (vm, vu, _, _) in pending {
+            // Evictions from a budget change: least recent first.
+            let v = (vm, vu);
+            let evictable: Vec<&(String, UnitId)> = self
+                .order
+                .iter()
+                .filter(|x| !self.held.contains(*x))
+                .collect();
+            prop_assert_eq!(&v, evictable[0], "budget-change victim");
+            self.order.retain(|x| *x != v);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Register(usize),
+    Unregister(usize),
+    Generate(usize, usize),
+    /// Budget as a fraction (per mille) of the registered models' total.
+    Budget(u32),
+    /// Pin model a, generate on model b, unpin.
+    PinWhile(usize, usize, usize),
+}
+
+fn op(n: usize) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => (0..n).prop_map(Op::Register),
+        1 => (0..n).prop_map(Op::Unregister),
+        6 => (0..n, 0..PROMPTS.len()).prop_map(|(m, p)| Op::Generate(m, p)),
+        2 => (150u32..1200).prop_map(Op::Budget),
+        1 => (0..n, 0..n, 0..PROMPTS.len()).prop_map(|(a, b, p)| Op::PinWhile(a, b, p)),
+    ]
+}
+
+fn name(i: usize) -> String {
+    format!("m{i}")
+}
+
+/// Runs `ops` on a mux over the first `n` zoo models on `device`.
+fn run_machine(device: Device, ops: &[Op]) -> Result<(), TestCaseError> {
+    let zoo = zoo();
+    let mux = Mux::new(device, 4 << 20).unwrap();
+    let budget = Arc::new(Mutex::new(mux.budget()));
+    let log = Arc::new(Mutex::new(Log::default()));
+    attach(&mux, &log, &budget);
+    let mut replay = Replay {
+        order: Vec::new(),
+        sizes: HashMap::new(),
+        totals: HashMap::new(),
+        held: HashSet::new(),
+    };
+    let mut registered: HashSet<usize> = HashSet::new();
+    // Sizes are known once a model is registered.
+    let mut learn = |mux: &Mux, replay: &mut Replay| {
+        for m in mux.stats().models {
+            replay.totals.insert(m.name.clone(), m.total_bytes);
+            for (u, s) in m.units {
+                replay.sizes.insert((m.name.clone(), u), s.bytes);
+            }
+        }
+    };
+    for op in ops {
+        match op {
+            Op::Register(i) => {
+                let r = mux.register(&name(*i), &zoo.paths[*i]);
+                prop_assert_eq!(r.is_ok(), !registered.contains(i));
+                registered.insert(*i);
+                learn(&mux, &mut replay);
+            }
+            Op::Unregister(i) => {
+                let r = mux.unregister(&name(*i));
+                prop_assert_eq!(r.is_ok(), registered.remove(i));
+                replay.order.retain(|x| x.0 != name(*i));
+            }
+            Op::Generate(i, p) => {
+                let r = mux.generate(&name(*i), PROMPTS[*p], &opts(), |_| true);
+                if !registered.contains(i) {
+                    prop_assert!(r.is_err());
+                    continue;
+                }
+                let b = *budget.lock().unwrap();
+                let largest = replay
+                    .sizes
+                    .iter()
+                    .filter(|(k, _)| k.0 == name(*i))
+                    .map(|(_, &v)| v)
+                    .max()
+                    .unwrap_or(0);
+                match r {
+                    Ok(g) => prop_assert_eq!(g.text, reference(device, *i, *p)),
+                    Err(e) => prop_assert!(largest > b, "generate failed: {e}"),
+                }
+            }
+            Op::Budget(per_mille) => {
+                let total: usize = registered
+                    .iter()
+                    .map(|i| replay.totals.get(&name(*i)).copied().unwrap_or(0))
+                    .sum();
+                let b = (total.max(1 << 20) as u64 * u64::from(*per_mille) / 1000) as usize;
+                // While shrinking, evictions bring `used` down from under the old budget.
+                let old = mux.budget();
+                *budget.lock().unwrap() = old.max(b);
+                mux.set_budget(b).unwrap();
+                *budget.lock().unwrap() = b;
+            }
+            Op::PinWhile(a, b, p) => {
+                if !registered.contains(a) || !registered.contains(b) || a == b {
+                    continue;
+                }
+                let bud = *budget.lock().unwrap();
+                let total_a = replay.totals[&name(*a)];
+                let pin = mux.pin(&name(*a));
+                if total_a > bud {
+                    prop_assert!(pin.is_err());
+                    continue;
+                }
+                let pin = pin.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                // Check the page-ins of the pin before marking its units held.
+                let events = std::mem::take(&mut log.lock().unwrap().events);
+                replay.check(&events)?;
+                for (k, _) in replay.sizes.iter().filter(|(k, _)| k.0 == name(*a)) {
+                    replay.held.insert(k.clone());
+                }
+                let largest_b = replay
+                    .sizes
+                    .iter()
+                    .filter(|(k, _)| k.0 == name(*b))
+                    .map(|(_, &v)| v)
+                    .max()
+                    .unwrap_or(0);
+                let r = mux.generate(&name(*b), PROMPTS[*p], &opts(), |_| true);
+                match r {
+                    Ok(g) => prop_assert_eq!(g.text, reference(device, *b, *p)),
+                    Err(e) => prop_assert!(largest_b > bud - total_a, "generate failed: {e}"),
+                }
+                let events = std::mem::take(&mut log.lock().unwrap().events);
+                replay.check(&events)?;
+                drop(pin);
+                replay.held.clear();
+            }
+        }
+        let events = std::mem::take(&mut log.lock().unwrap().events);
+        replay.check(&events)?;
+        let s = mux.stats();
+        prop_assert!(s.used <= s.budget, "used {} > budget {}", s.used, s.budget);
+        let resident: usize = s.models.iter().map(|m| m.resident_bytes).sum();
+        prop_assert_eq!(resident, s.used, "accounting");
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn cpu_mux_state_machine(n in 3usize..=8, ops in prop::collection::vec(op(8), 4..28)) {
+        let ops: Vec<Op> = ops.into_iter().map(|o| clamp(o, n)).collect();
+        run_machine(Device::Cpu, &ops)?;
+    }
+}
+
+fn clamp(o: Op, n: usize) -> Op {
+    match o {
+        Op::Register(i) => Op::Register(i % n),
+        Op::Unregister(i) => Op::Unregister(i % n),
+        Op::Generate(i, p) => Op::Generate(i % n, p),
+        Op::Budget(b) => Op::Budget(b),
+        Op::PinWhile(a, b, p) => Op::PinWhile(a % n, b % n, p),
+    }
+}
+
+fn opencl() -> Option<Device> {
+    match ternmux::backend::opencl::ClDevice::best(false) {
+        Ok(_) => Some(Device::OpenCl(None)),
+        Err(why) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but OpenCL is unusable: {why}");
+            }
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(10))]
+    #[test]
+    fn opencl_mux_state_machine(n in 3usize..=5, ops in prop::collection::vec(op(5), 4..16)) {
+        let Some(dev) = opencl() else { return Ok(()) };
+        let ops: Vec<Op> = ops.into_iter().map(|o| clamp(o, n)).collect();
+        run_machine(dev, &ops)?;
+    }
+}
+
+/// A fixed sequence that must evict, stream and hit: the budget holds about one bundled model.
+#[test]
+fn eviction_streaming_and_hits_happen() {
+    let zoo = zoo();
+    let mux = Mux::new(Device::Cpu, 1 << 20).unwrap();
+    for i in 0..3 {
+        mux.register(&name(i), &zoo.paths[i]).unwrap();
+    }
+    let total = mux.stats().models[0].total_bytes;
+    mux.set_budget(total + total / 4).unwrap();
+    for round in 0..2 {
+        for i in 0..3 {
+            let g = mux
+                .generate(&name(i), PROMPTS[0], &opts(), |_| true)
+                .unwrap();
+            assert_eq!(
+                g.text,
+                reference(Device::Cpu, i, 0),
+                "round {round} model {i}"
+            );
+        }
+    }
+    let s = mux.stats();
+    assert!(s.evictions() > 0 && s.hits() > 0 && s.misses() > 0, "{s:?}");
+    assert!(s.peak <= s.budget);
+    // Streaming: a budget of two of its largest units still runs it.
+    let largest = s.models[0].units.iter().map(|u| u.1.bytes).max().unwrap();
+    assert!(2 * largest < total);
+    mux.set_budget(2 * largest).unwrap();
+    let g = mux
+        .generate(&name(0), PROMPTS[1], &opts(), |_| true)
+        .unwrap();
+    assert_eq!(g.text, reference(Device::Cpu, 0, 1));
+    assert!(mux.stats().model(&name(0)).unwrap().streaming);
+    assert!(mux.stats().peak <= total + total / 4);
+}
+
+/// Units larger than the budget, unknown names and pins that cannot fit are errors, not panics.
+#[test]
+fn limits_are_errors() {
+    let zoo = zoo();
+    let mux = Mux::new(Device::Cpu, 64 << 10).unwrap();
+    mux.register("a", &zoo.paths[0]).unwrap();
+    assert!(mux.register("a", &zoo.paths[1]).is_err());
+    let e = mux.generate("a", "x", &opts(), |_| true).unwrap_err();
+    assert!(e.to_string().contains("raise the budget"), "{e}");
+    let e = mux.generate("zzz", "x", &opts(), |_| true).unwrap_err();
+    assert!(e.to_string().contains("registered: a"), "{e}");
+    mux.set_budget(64 << 20).unwrap();
+    mux.set_runtime_limit(1000);
+    let e = mux.generate("a", "x", &opts(), |_| true).unwrap_err();
+    assert!(e.to_string().contains("KV caches"), "{e}");
+}
+
+/// Concurrent requests to different models under a budget that holds about two of them: no
+/// deadlock, every text right, the budget held at every page-in and eviction.
+fn stress(device: Device) {
+    let zoo = zoo();
+    let n = 4;
+    let mux = Arc::new(Mux::new(device, 64 << 20).unwrap());
+    for i in 0..n {
+        mux.register(&name(i), &zoo.paths[i]).unwrap();
+    }
+    let totals: Vec<usize> = mux.stats().models.iter().map(|m| m.total_bytes).collect();
+    let mut sorted = totals.clone();
+    sorted.sort_unstable();
+    let budget = sorted[n - 1] + sorted[n - 2] / 2;
+    mux.set_budget(budget).unwrap();
+    let worst = Arc::new(Mutex::new(0usize));
+    {
+        let worst = worst.clone();
+        mux.set_event_sink(Some(Arc::new(move |e: &MuxEvent| {
+            let used = match e {
+                MuxEvent::PageIn { used, .. } | MuxEvent::Evict { used, .. } => *used,
+                MuxEvent::Hit { .. } => 0,
+            };
+            let mut w = worst.lock().unwrap();
+            *w = (*w).max(used);
+        })));
+    }
+    for i in 0..n {
+        for p in 0..2 {
+            reference(device, i, p);
+        }
+    }
+    let (tx, rx) = mpsc::channel();
+    for t in 0..6 {
+        let (mux, tx) = (mux.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let mut bad = Vec::new();
+            for r in 0..4 {
+                let (i, p) = ((t + r) % n, (t * 3 + r) % 2);
+                match mux.generate(&name(i), PROMPTS[p], &opts(), |_| true) {
+                    Ok(g) if g.text == reference(device, i, p) => {}
+                    Ok(g) => bad.push(format!("model {i} prompt {p}: {:?}", g.text)),
+                    Err(e) => bad.push(format!("model {i} prompt {p}: {e}")),
+                }
+            }
+            tx.send(bad).unwrap();
+        });
+    }
+    drop(tx);
+    for _ in 0..6 {
+        let bad = rx
+            .recv_timeout(Duration::from_secs(300))
+            .expect("a request did not finish in 300 s: deadlock");
+        assert!(bad.is_empty(), "{bad:?}");
+    }
+    let s = mux.stats();
+    assert!(s.peak <= budget && *worst.lock().unwrap() <= budget);
+    assert!(
+        s.evictions() > 0,
+        "the budget should force evictions: {s:?}"
+    );
+    println!(
+        "stress on {device}: {} page-ins, {} hits, {} evictions, peak {} of {budget}",
+        s.misses(),
+        s.hits(),
+        s.evictions(),
+        s.peak
+    );
+}
+
+#[test]
+fn cpu_concurrent_stress() {
+    stress(Device::Cpu);
+}
+
+#[test]
+fn opencl_concurrent_stress() {
+    if let Some(d) = opencl() {
+        stress(d);
+    }
+}
