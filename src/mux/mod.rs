@@ -261,6 +261,26 @@ impl Mux {
         Ok(pin)
     }
 
+    /// Pages unit `unit` of `name` in now, if it is not resident (e.g. to warm a model before
+    /// traffic, or to measure page-in speed with [`Mux::quiesce`]).
+    pub fn page_in(&self, name: &str, unit: UnitId) -> Result<()> {
+        let model = self.get(name)?;
+        let b = model
+            .binding()
+            .ok_or_else(|| Error::Mux("model is not bound to this mux".into()))?;
+        drop(b.core.acquire(&model, b.id, unit)?);
+        Ok(())
+    }
+
+    /// The units of model `name`, blocks then the head.
+    pub fn units(&self, name: &str) -> Result<Vec<UnitId>> {
+        let model = self.get(name)?;
+        let b = model
+            .binding()
+            .ok_or_else(|| Error::Mux("model is not bound to this mux".into()))?;
+        b.core.units_of(b.id)
+    }
+
     /// The weight budget in bytes.
     pub fn budget(&self) -> usize {
         self.core.budget()
@@ -312,5 +332,38 @@ impl Mux {
             used as f64 / (1u64 << 20) as f64,
             budget as f64 / (1u64 << 20) as f64
         )
+    }
+}
+
+/// Parses a byte size: `10MiB`, `512KiB`, `1.5GiB`, `10MB` (powers of 1000), `4096`.
+///
+/// ```
+/// use ternmux::mux::parse_bytes;
+/// assert_eq!(parse_bytes("10MiB")?, 10 << 20);
+/// assert_eq!(parse_bytes("2kB")?, 2000);
+/// assert!(parse_bytes("ten").is_err());
+/// # Ok::<(), ternmux::Error>(())
+/// ```
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        _ => f64::NAN,
+    };
+    match num.parse::<f64>() {
+        Ok(n) if n >= 0.0 && mult.is_finite() => Ok((n * mult) as usize),
+        _ => Err(Error::Mux(format!(
+            "{s:?} is not a byte size (write e.g. 512MiB, 10MB or 4096)"
+        ))),
     }
 }

@@ -22,8 +22,13 @@ struct Cli {
     command: Command,
 }
 
+mod demo;
+
 #[derive(Subcommand)]
 enum Command {
+    /// Three models under one small weight budget, queried in turn: each answer with the trace
+    /// of its page-ins and evictions and the budget bar, then a summary table.
+    Demo(demo::DemoArgs),
     /// Generate text from a prompt, streaming it as it is produced; ends with a timing line.
     Run(RunArgs),
     /// Print a GGUF file's architecture, metadata, tensor table and totals per type.
@@ -627,6 +632,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             Err(why) => writeln!(out, "{why}").map_err(io_failure)?,
         },
         Command::Bench(a) => bench_model(a, out)?,
+        Command::Demo(a) => demo::demo(a, out)?,
         Command::Run(a) => run_model(a, out)?,
         Command::Inspect { file } => {
             let g = GgufFile::open(&file)?;
