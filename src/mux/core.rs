@@ -792,57 +792,62 @@ impl Table {
     }
 
     /// Units to evict next so that `want` can be paged in (empty: none can go now).
+    ///
+    /// The requesting model's own units count as in use by its request (a pass goes round all
+    /// of them every token; evicting them for each other is LRU's cyclic worst case), so they
+    /// are chosen only when no other model's unit can go. A model larger than the whole budget
+    /// streams: once it holds `stream_slots` units it evicts its own before anyone else's.
     fn victims(&self, want: Key, streaming: bool) -> Vec<Key> {
         let (me, _) = want;
-        if streaming {
-            // A model larger than the budget cycles through its own slots instead of flushing
-            // other models: once it holds `stream_slots` units it evicts its own, keeping the
-            // most recent one (still computing while the next copy runs) and every older unit
-            // that stayed resident (cyclic access defeats LRU; this keeps what fits).
+        // Own evictable units, most recent first: evict the second most recent (the most recent
+        // may still be computing while the next copy runs) and keep every older one that
+        // stayed resident, so cycling through a model keeps what fits.
+        let own_victim = || {
             let mut own: Vec<(u64, Key)> = self
                 .units
                 .iter()
                 .filter(|(k, e)| k.0 == me && self.evictable(k, e, want))
                 .map(|(k, e)| (e.last_use, *k))
                 .collect();
-            let held = self.units.keys().filter(|k| k.0 == me).count();
-            if held >= self.stream_slots && !own.is_empty() {
-                own.sort_unstable_by(|a, b| b.cmp(a));
-                return vec![own.get(1).unwrap_or(&own[0]).1];
+            own.sort_unstable_by(|a, b| b.cmp(a));
+            own.get(1)
+                .or(own.first())
+                .map(|x| vec![x.1])
+                .unwrap_or_default()
+        };
+        if streaming && self.units.keys().filter(|k| k.0 == me).count() >= self.stream_slots {
+            let v = own_victim();
+            if !v.is_empty() {
+                return v;
             }
         }
-        match self.policy {
-            Policy::LayerLru => self
-                .units
+        let others = || {
+            self.units
                 .iter()
-                .filter(|(k, e)| self.evictable(k, e, want))
+                .filter(|(k, e)| k.0 != me && self.evictable(k, e, want))
+        };
+        let chosen: Vec<Key> = match self.policy {
+            Policy::LayerLru => others()
                 .min_by_key(|(k, e)| (e.last_use, **k))
                 .map(|(k, _)| vec![*k])
                 .unwrap_or_default(),
             Policy::WholeModelLru => {
-                let victim_model = self
-                    .units
-                    .iter()
-                    .filter(|(k, e)| k.0 != me && self.evictable(k, e, want))
+                let victim_model = others()
                     .map(|(k, _)| k.0)
                     .min_by_key(|m| (self.models.get(m).map_or(0, |x| x.last_use), *m));
                 match victim_model {
-                    Some(vm) => self
-                        .units
-                        .iter()
-                        .filter(|(k, e)| k.0 == vm && self.evictable(k, e, want))
+                    Some(vm) => others()
+                        .filter(|(k, _)| k.0 == vm)
                         .map(|(k, _)| *k)
                         .collect(),
-                    // Only the requester is resident: it must page against itself.
-                    None => self
-                        .units
-                        .iter()
-                        .filter(|(k, e)| self.evictable(k, e, want))
-                        .min_by_key(|(k, e)| (e.last_use, **k))
-                        .map(|(k, _)| vec![*k])
-                        .unwrap_or_default(),
+                    None => Vec::new(),
                 }
             }
+        };
+        if chosen.is_empty() {
+            own_victim()
+        } else {
+            chosen
         }
     }
 }

@@ -556,7 +556,10 @@ impl ClDevice {
     /// A read-only view of `bytes` bytes of `parent` from `origin` (a weight inside a unit's
     /// allocation). `origin` must be a multiple of [`DeviceInfo::base_align`].
     pub fn sub_buffer(&self, parent: &DevBuf, origin: usize, bytes: usize) -> Result<DevBuf> {
-        if origin % self.info.base_align != 0 || origin + bytes > parent.bytes || bytes == 0 {
+        if !origin.is_multiple_of(self.info.base_align)
+            || origin + bytes > parent.bytes
+            || bytes == 0
+        {
             return Err(Error::Device(format!(
                 "opencl: sub-buffer {origin}+{bytes} of a {}-byte buffer is out of range or not \
                  {}-byte aligned",

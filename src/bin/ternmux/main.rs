@@ -22,6 +22,7 @@ struct Cli {
     command: Command,
 }
 
+mod bench_mux;
 mod demo;
 
 #[derive(Subcommand)]
@@ -29,6 +30,10 @@ enum Command {
     /// Three models under one small weight budget, queried in turn: each answer with the trace
     /// of its page-ins and evictions and the budget bar, then a summary table.
     Demo(demo::DemoArgs),
+    /// Measure the multiplexer: page-in bandwidth by unit size against the pinned peak,
+    /// streaming a model larger than the budget against the PCIe bound, and 12 models under
+    /// Zipf-distributed requests with layer-level vs whole-model LRU.
+    BenchMux(bench_mux::BenchMuxArgs),
     /// Generate text from a prompt, streaming it as it is produced; ends with a timing line.
     Run(RunArgs),
     /// Print a GGUF file's architecture, metadata, tensor table and totals per type.
@@ -633,6 +638,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
         },
         Command::Bench(a) => bench_model(a, out)?,
         Command::Demo(a) => demo::demo(a, out)?,
+        Command::BenchMux(a) => bench_mux::bench_mux(a, out)?,
         Command::Run(a) => run_model(a, out)?,
         Command::Inspect { file } => {
             let g = GgufFile::open(&file)?;

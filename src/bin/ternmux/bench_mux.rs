@@ -1,0 +1,432 @@
+//! `ternmux bench-mux`: the multiplexer's three measurements in one run —
+//! (a) page-in bandwidth by unit size against the device's pinned host→device peak,
+//! (b) streaming a model several times larger than the budget against the PCIe bound,
+//! (c) 12 models under Zipf-distributed requests: layer-level LRU against whole-model LRU.
+
+use crate::{Failure, io_failure};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use ternmux::backend::{Device, Placement};
+use ternmux::kernels::ternary::TernaryFormat;
+use ternmux::model::GenerateOptions;
+use ternmux::mux::{Mux, MuxOptions, PageIn, Policy, UnitId};
+use ternmux::synth::{Shape, SynthSpec, write_synthetic};
+
+/// Options of `ternmux bench-mux`.
+#[derive(clap::Args)]
+pub struct BenchMuxArgs {
+    /// Where to run: auto (best OpenCL GPU, else CPU), cpu, opencl, opencl:N.
+    #[arg(short = 'd', long = "device", default_value = "auto")]
+    device: Device,
+    /// Largest unit of the page-in sweep, in MiB (the sweep starts near 64 KiB).
+    #[arg(long = "max-unit-mib", default_value_t = 256)]
+    max_unit_mib: usize,
+    /// Repetitions of each page-in (the median is reported).
+    #[arg(long = "reps", default_value_t = 7)]
+    reps: usize,
+    /// Tokens decoded per streaming measurement.
+    #[arg(long = "stream-tokens", default_value_t = 16)]
+    stream_tokens: usize,
+    /// Requests in the Zipf mix.
+    #[arg(long = "requests", default_value_t = 240)]
+    requests: usize,
+    /// Run only these parts (a, b, c; default all).
+    #[arg(long = "parts", default_value = "abc")]
+    parts: String,
+    /// Directory for the synthetic models (default: a temporary one, removed after).
+    #[arg(long = "dir")]
+    dir: Option<PathBuf>,
+}
+
+fn w(out: &mut dyn Write, s: String) -> Result<(), Failure> {
+    writeln!(out, "{s}").map_err(io_failure)?;
+    out.flush().map_err(io_failure)
+}
+
+fn synth(dir: &Path, name: &str, shape: Shape, seed: u64) -> Result<PathBuf, Failure> {
+    let p = dir.join(format!("{name}.gguf"));
+    if !p.exists() {
+        let spec = SynthSpec {
+            arch: "bitnet-b1.58".into(),
+            shape,
+            format: TernaryFormat::Tq2_0,
+            seed,
+        };
+        write_synthetic(&spec, &p)?;
+    }
+    Ok(p)
+}
+
+fn shape(
+    n_embd: usize,
+    n_ff: usize,
+    n_layer: usize,
+    n_head_kv_div: usize,
+    n_vocab: usize,
+) -> Shape {
+    let n_head = (n_embd / 64).max(1);
+    Shape {
+        n_embd,
+        n_ff,
+        n_layer,
+        n_head,
+        n_head_kv: (n_head / n_head_kv_div).max(1),
+        n_vocab,
+        n_ctx: 256,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The peak a page-in is compared with: pinned host→device on a device, memcpy on the host.
+fn peak_gb_s(placement: &Placement, bytes: usize, reps: usize) -> Result<(String, f64), Failure> {
+    match placement {
+        Placement::OpenCl(dev) => {
+            let all = ternmux::backend::opencl::bench::transfer_bandwidth(dev, bytes, reps)?;
+            let pinned = all
+                .iter()
+                .find(|b| b.what.contains("pinned"))
+                .map_or(0.0, |b| b.gb_s);
+            Ok(("pinned h2d".into(), pinned))
+        }
+        Placement::Cpu => {
+            let src = vec![1u8; bytes];
+            let mut dst = vec![0u8; bytes];
+            let mut best = f64::MAX;
+            for _ in 0..reps.max(1) {
+                let t = Instant::now();
+                dst.copy_from_slice(&src);
+                std::hint::black_box(&dst);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            Ok(("memcpy".into(), bytes as f64 / best / 1e9))
+        }
+    }
+}
+
+/// Runs the benchmark.
+pub fn bench_mux(a: BenchMuxArgs, out: &mut impl Write) -> Result<(), Failure> {
+    let tmp;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = std::env::temp_dir().join(format!("ternmux-bench-mux-{}", std::process::id()));
+            tmp
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| ternmux::Error::Io {
+        path: dir.clone(),
+        source: e,
+    })?;
+    let r = run(&a, &dir, out);
+    if a.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    r
+}
+
+fn run(a: &BenchMuxArgs, dir: &Path, out: &mut impl Write) -> Result<(), Failure> {
+    let (placement, note) = a.device.resolve();
+    w(out, format!("device: {}", placement.describe()))?;
+    if let Some(n) = note {
+        w(out, format!("note: {n}"))?;
+    }
+    let modes: Vec<PageIn> = match &placement {
+        Placement::OpenCl(_) => vec![PageIn::Direct, PageIn::Staged],
+        Placement::Cpu => vec![PageIn::Auto],
+    };
+    if a.parts.contains('a') {
+        page_in_sweep(a, dir, &placement, &modes, out)?;
+    }
+    if a.parts.contains('b') {
+        streaming(a, dir, &placement, out)?;
+    }
+    if a.parts.contains('c') {
+        zipf(a, dir, out)?;
+    }
+    Ok(())
+}
+
+fn page_in_sweep(
+    a: &BenchMuxArgs,
+    dir: &Path,
+    placement: &Placement,
+    modes: &[PageIn],
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    w(out, "\n## (a) page-in bandwidth by unit size (one block, steady state: the evicted unit's storage is reused)".into())?;
+    w(
+        out,
+        format!(
+            "{:>10} {:>8} {:>12} {:>12} {:>10}",
+            "unit", "path", "page-in GB/s", "peak GB/s", "of peak"
+        ),
+    )?;
+    let sizes = [
+        (256, 256, 4),
+        (512, 512, 1),
+        (1024, 1024, 1),
+        (2048, 2048, 1),
+        (4096, 4096, 1),
+        (4096, 16384, 1),
+        (8192, 16384, 1),
+        (8192, 24576, 1),
+    ];
+    for (i, &(e, f, kvd)) in sizes.iter().enumerate() {
+        let layer_bytes = (4 * e * e + 3 * e * f) / 4;
+        if layer_bytes > a.max_unit_mib << 20 {
+            break;
+        }
+        let path = synth(
+            dir,
+            &format!("unit{i}"),
+            shape(e, f, 1, kvd, 512),
+            11 + i as u64,
+        )?;
+        for &mode in modes {
+            // The same file twice: paging one in evicts the other and reuses its storage.
+            let probe = Mux::with_options(
+                a.device,
+                MuxOptions {
+                    budget: usize::MAX,
+                    page_in: mode,
+                    ..MuxOptions::default()
+                },
+            )?;
+            probe.register("x", &path)?;
+            let unit = probe
+                .stats()
+                .model("x")
+                .and_then(|m| m.units.first().map(|u| u.1.bytes))
+                .unwrap_or(0);
+            drop(probe);
+            let mux = Mux::with_options(
+                a.device,
+                MuxOptions {
+                    budget: unit,
+                    page_in: mode,
+                    ..MuxOptions::default()
+                },
+            )?;
+            mux.register("a", &path)?;
+            mux.register("b", &path)?;
+            // Warm: page cache, allocator, first-touch of the device buffer.
+            mux.page_in("a", UnitId::Block(0))?;
+            mux.page_in("b", UnitId::Block(0))?;
+            mux.quiesce()?;
+            let mut secs = Vec::new();
+            for r in 0..a.reps.max(1) {
+                let name = if r % 2 == 0 { "a" } else { "b" };
+                let t = Instant::now();
+                mux.page_in(name, UnitId::Block(0))?;
+                mux.quiesce()?;
+                secs.push(t.elapsed().as_secs_f64());
+            }
+            let gb_s = unit as f64 / median(secs) / 1e9;
+            let (peak_what, peak) = peak_gb_s(placement, unit, a.reps)?;
+            w(
+                out,
+                format!(
+                    "{:>7.2} MiB {:>8} {:>12.2} {:>12.2} {:>9.0}%   (peak: {peak_what})",
+                    unit as f64 / (1u64 << 20) as f64,
+                    format!("{mode:?}").to_lowercase(),
+                    gb_s,
+                    peak,
+                    100.0 * gb_s / peak.max(1e-9)
+                ),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn streaming(
+    a: &BenchMuxArgs,
+    dir: &Path,
+    placement: &Placement,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    w(
+        out,
+        "\n## (b) streaming a model larger than the budget (decode, batch 1)".into(),
+    )?;
+    // 0.7B-class blocks (BitNet b1.58 large: 1536 wide, 4096 FFN, 24 blocks), small vocabulary
+    // so the head is not the largest unit.
+    let path = synth(dir, "stream", shape(1536, 4096, 24, 1, 4096), 5)?;
+    let opts = GenerateOptions {
+        max_tokens: a.stream_tokens,
+        n_ctx: 256,
+        ..GenerateOptions::default()
+    };
+    let mux = Mux::new(a.device, usize::MAX)?;
+    mux.register("m", &path)?;
+    let s = mux.stats();
+    let m = s.model("m").cloned().unwrap_or_default();
+    let total = m.total_bytes;
+    let largest = m.units.iter().map(|u| u.1.bytes).max().unwrap_or(0);
+    // Resident baseline.
+    mux.generate("m", "hello", &opts, |_| true)?;
+    let base = mux
+        .generate("m", "hello", &opts, |_| true)?
+        .timings
+        .decode_tok_s();
+    let (peak_what, peak) = peak_gb_s(placement, largest, a.reps)?;
+    w(
+        out,
+        format!(
+            "model {:.1} MiB in {} units (largest {:.2} MiB); resident decode {base:.1} tok/s; \
+             peak {peak_what} {peak:.2} GB/s at the unit size",
+            total as f64 / (1u64 << 20) as f64,
+            m.units.len(),
+            largest as f64 / (1u64 << 20) as f64
+        ),
+    )?;
+    w(
+        out,
+        format!(
+            "{:>8} {:>11} {:>13} {:>14} {:>12} {:>9}",
+            "model÷budget", "budget MiB", "MiB/token", "bound tok/s", "decode tok/s", "of bound"
+        ),
+    )?;
+    for ratio in [2usize, 4, 10] {
+        let budget = (total / ratio).max(2 * largest);
+        mux.set_budget(budget)?;
+        mux.generate("m", "hello", &opts, |_| true)?; // warm
+        let before = mux.stats().bytes_in();
+        let g = mux.generate("m", "hello", &opts, |_| true)?;
+        let passes = 1 + g.tokens.len().saturating_sub(1);
+        let per_pass = (mux.stats().bytes_in() - before) as f64 / passes.max(1) as f64;
+        let bound = peak * 1e9 / per_pass.max(1.0);
+        let got = g.timings.decode_tok_s();
+        w(
+            out,
+            format!(
+                "{:>12.1} {:>11.1} {:>13.2} {:>14.1} {:>12.1} {:>8.0}%",
+                total as f64 / budget as f64,
+                budget as f64 / (1u64 << 20) as f64,
+                per_pass / (1u64 << 20) as f64,
+                bound,
+                got,
+                100.0 * got / bound.max(1e-9)
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// Zipf-distributed model choice (s = 1.1) from a fixed-seed generator.
+fn zipf_sequence(n_models: usize, requests: usize, seed: u64) -> Vec<usize> {
+    let weights: Vec<f64> = (1..=n_models).map(|r| 1.0 / (r as f64).powf(1.1)).collect();
+    let sum: f64 = weights.iter().sum();
+    let mut state = seed;
+    (0..requests)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let u = (state >> 11) as f64 / (1u64 << 53) as f64 * sum;
+            let mut acc = 0.0;
+            weights
+                .iter()
+                .position(|w| {
+                    acc += w;
+                    u < acc
+                })
+                .unwrap_or(n_models - 1)
+        })
+        .collect()
+}
+
+fn zipf(a: &BenchMuxArgs, dir: &Path, out: &mut impl Write) -> Result<(), Failure> {
+    let n = 12;
+    w(
+        out,
+        format!(
+            "\n## (c) {n} models, {} Zipf(1.1) requests of 4 tokens: layer-level LRU vs whole-model LRU",
+            a.requests
+        ),
+    )?;
+    let mut paths = Vec::new();
+    for i in 0..n {
+        // Sizes vary 3:1 across the models.
+        let layers = 2 + i % 5;
+        paths.push(synth(
+            dir,
+            &format!("zipf{i}"),
+            shape(512, 1024, layers, 2, 1000),
+            100 + i as u64,
+        )?);
+    }
+    let seq = zipf_sequence(n, a.requests, 42);
+    let opts = GenerateOptions {
+        max_tokens: 4,
+        n_ctx: 64,
+        ..GenerateOptions::default()
+    };
+    w(
+        out,
+        format!(
+            "{:>8} {:>10} | {:>9} {:>13} {:>8} | {:>9} {:>13} {:>8}",
+            "budget", "MiB", "layer hit", "MiB/token", "s", "whole hit", "MiB/token", "s"
+        ),
+    )?;
+    let mut total = 0;
+    for pct in [5usize, 10, 20, 35, 50, 75, 100] {
+        let mut row = Vec::new();
+        for policy in [Policy::LayerLru, Policy::WholeModelLru] {
+            let mux = Mux::with_options(
+                a.device,
+                MuxOptions {
+                    budget: usize::MAX,
+                    policy,
+                    ..MuxOptions::default()
+                },
+            )?;
+            for (i, p) in paths.iter().enumerate() {
+                mux.register(&format!("z{i}"), p)?;
+            }
+            total = mux
+                .stats()
+                .models
+                .iter()
+                .map(|m| m.total_bytes)
+                .sum::<usize>();
+            mux.set_budget(total * pct / 100)?;
+            let t = Instant::now();
+            let mut tokens = 0;
+            for &m in &seq {
+                tokens += mux
+                    .generate(&format!("z{m}"), "a", &opts, |_| true)?
+                    .tokens
+                    .len();
+            }
+            let secs = t.elapsed().as_secs_f64();
+            let s = mux.stats();
+            let hit = s.hits() as f64 / (s.hits() + s.misses()).max(1) as f64;
+            row.push((
+                hit,
+                s.bytes_in() as f64 / tokens.max(1) as f64 / (1u64 << 20) as f64,
+                secs,
+            ));
+        }
+        w(
+            out,
+            format!(
+                "{:>7}% {:>10.2} | {:>8.1}% {:>13.3} {:>8.2} | {:>8.1}% {:>13.3} {:>8.2}",
+                pct,
+                (total * pct / 100) as f64 / (1u64 << 20) as f64,
+                100.0 * row[0].0,
+                row[0].1,
+                row[0].2,
+                100.0 * row[1].0,
+                row[1].1,
+                row[1].2
+            ),
+        )?;
+    }
+    Ok(())
+}
