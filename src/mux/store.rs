@@ -28,8 +28,8 @@ pub enum PageIn {
 }
 
 /// Bytes of one pinned staging buffer.
-pub const STAGE_CHUNK: usize = 8 << 20;
-/// Pinned staging buffers in the ring (host memory outside the budget: 32 MiB).
+pub const STAGE_CHUNK: usize = 16 << 20;
+/// Pinned staging buffers in the ring (host memory outside the budget: 64 MiB).
 pub const STAGE_CHUNKS: usize = 4;
 
 struct Stage {
@@ -68,7 +68,7 @@ impl Mem {
 
 /// Copies `src` into `dst` with several threads when it is large.
 fn par_copy(dst: &mut [u8], src: &[u8]) {
-    const PART: usize = 1 << 20;
+    const PART: usize = 256 << 10;
     if src.len() <= PART {
         dst.copy_from_slice(src);
     } else {
