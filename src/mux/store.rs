@@ -27,10 +27,10 @@ pub enum PageIn {
     Staged,
 }
 
-/// Bytes of one pinned staging buffer.
+/// Bytes of one pinned staging buffer (`TERNMUX_STAGE_KIB` overrides, for tuning).
 pub const STAGE_CHUNK: usize = 16 << 20;
-/// Pinned staging buffers in the ring (host memory outside the budget: 64 MiB).
-pub const STAGE_CHUNKS: usize = 4;
+/// Pinned host memory of the staging ring (outside the weight budget): 64 MiB.
+pub const STAGE_BYTES: usize = 64 << 20;
 
 struct Stage {
     mem: Pinned,
@@ -89,11 +89,16 @@ impl Store {
             PageIn::Direct => false,
             PageIn::Staged => true,
         };
+        let chunk = std::env::var("TERNMUX_STAGE_KIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(STAGE_CHUNK, |k| (k << 10).clamp(64 << 10, STAGE_BYTES / 2));
         let staging = if staged {
-            let mut ring = Vec::with_capacity(STAGE_CHUNKS);
-            for _ in 0..STAGE_CHUNKS {
+            let n = (STAGE_BYTES / chunk).max(2);
+            let mut ring = Vec::with_capacity(n);
+            for _ in 0..n {
                 ring.push(Stage {
-                    mem: dev.pinned(STAGE_CHUNK)?,
+                    mem: dev.pinned(chunk)?,
                     busy: None,
                 });
             }
@@ -245,8 +250,11 @@ impl DeviceStore {
             .unwrap_or(0);
         let mut last = None;
         let mut first = true;
-        for c0 in (0..end.max(1)).step_by(STAGE_CHUNK) {
-            let c1 = (c0 + STAGE_CHUNK).min(end);
+        let chunk = stages
+            .first()
+            .map_or(STAGE_CHUNK, |s| s.mem.as_slice().len());
+        for c0 in (0..end.max(1)).step_by(chunk) {
+            let c1 = (c0 + chunk).min(end);
             let n_stages = stages.len();
             let stage = &mut stages[*next % n_stages];
             *next += 1;
