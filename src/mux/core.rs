@@ -348,20 +348,12 @@ impl Core {
         'retry: loop {
             t.clock += 1;
             let now = t.clock;
-            if let Some(e) = t.units.get_mut(&key) {
+            if let Some(e) = t.units.get(&key) {
                 match &e.slot {
-                    Slot::Ready(res) => {
-                        let res = res.clone();
-                        e.pins += 1;
-                        e.last_use = now;
-                        let ready = e.ready.take();
-                        if let Some(m) = t.models.get_mut(&id) {
-                            m.last_use = now;
-                            m.stats.hits += 1;
-                            if let Some(u) = m.unit_stats.get_mut(&unit) {
-                                u.hits += 1;
-                            }
-                        }
+                    Slot::Ready(_) => {
+                        let (res, ready) = t
+                            .pin_hit(key)
+                            .ok_or_else(|| Error::Mux(format!("unit {unit} of {name} vanished")))?;
                         drop(t);
                         if let Some((mem, fence)) = reuse {
                             // Another thread paged the unit in meanwhile: give the room back.
@@ -536,27 +528,25 @@ impl Core {
     /// Pins unit `unit` of `id` only if it is resident already (no page-in).
     pub fn peek(self: &Arc<Self>, id: ModelId, unit: UnitId) -> Result<Option<UnitGuard>> {
         let key = (id, unit);
+        let mut events = Emit {
+            core: self,
+            events: Vec::new(),
+        };
         let mut t = self.lock()?;
         t.clock += 1;
-        let now = t.clock;
-        let Some(e) = t.units.get_mut(&key) else {
+        let Some((res, ready)) = t.pin_hit(key) else {
             return Ok(None);
         };
-        let Slot::Ready(res) = &e.slot else {
-            return Ok(None);
-        };
-        let res = res.clone();
-        e.pins += 1;
-        e.last_use = now;
-        let ready = e.ready.take();
-        if let Some(m) = t.models.get_mut(&id) {
-            m.last_use = now;
-            m.stats.hits += 1;
-            if let Some(u) = m.unit_stats.get_mut(&unit) {
-                u.hits += 1;
-            }
+        if self.has_sink.load(Ordering::Relaxed)
+            && let Some(m) = t.models.get(&id)
+        {
+            events.events.push(MuxEvent::Hit {
+                model: m.name.clone(),
+                unit,
+            });
         }
         drop(t);
+        drop(events);
         let guard = UnitGuard {
             res: Some(res),
             pin: Some((self.clone(), key)),
@@ -787,6 +777,28 @@ impl Core {
 }
 
 impl Table {
+    /// Pins a resident unit for a use at the current clock and counts the hit; `None` when the
+    /// unit is not resident (absent or still loading).
+    fn pin_hit(&mut self, key: Key) -> Option<(Arc<Resident>, Option<Event>)> {
+        let now = self.clock;
+        let e = self.units.get_mut(&key)?;
+        let Slot::Ready(res) = &e.slot else {
+            return None;
+        };
+        let res = res.clone();
+        e.pins += 1;
+        e.last_use = now;
+        let ready = e.ready.take();
+        if let Some(m) = self.models.get_mut(&key.0) {
+            m.last_use = now;
+            m.stats.hits += 1;
+            if let Some(u) = m.unit_stats.get_mut(&key.1) {
+                u.hits += 1;
+            }
+        }
+        Some((res, ready))
+    }
+
     fn evictable(&self, k: &Key, e: &Entry, want: Key) -> bool {
         e.pins == 0 && e.held == 0 && matches!(e.slot, Slot::Ready(_)) && *k != want
     }
