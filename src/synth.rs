@@ -261,56 +261,26 @@ pub fn write_synthetic(spec: &SynthSpec, path: &Path) -> Result<u64> {
     let sub = arch != "llama";
     // 1/sqrt(K) keeps the outputs of random ternary layers near unit scale.
     let scale = |cols: usize| 1.0 / (cols as f32).sqrt();
+    // A random ternary matrix of `rows` outputs × `cols` inputs (ggml dims: [cols, rows]).
+    let mut matrix = |w: &mut GgufWriter<'_>, name: String, rows: usize, cols: usize| {
+        let data = ternary_tensor(spec.format, rows, cols, scale(cols), &mut rng);
+        w.add_tensor(name, &[cols as u64, rows as u64], t, data)
+    };
     for i in 0..s.n_layer {
         let n = |x: &str| format!("blk.{i}.{x}.weight");
         let (e, ff) = (s.n_embd, s.n_ff);
         w.add_tensor(n("attn_norm"), &[e as u64], ids::F32, f32_bytes(1.0, e))?;
-        w.add_tensor(
-            n("attn_q"),
-            &[e as u64, e as u64],
-            t,
-            ternary_tensor(spec.format, e, e, scale(e), &mut rng),
-        )?;
-        w.add_tensor(
-            n("attn_k"),
-            &[e as u64, kv as u64],
-            t,
-            ternary_tensor(spec.format, kv, e, scale(e), &mut rng),
-        )?;
-        w.add_tensor(
-            n("attn_v"),
-            &[e as u64, kv as u64],
-            t,
-            ternary_tensor(spec.format, kv, e, scale(e), &mut rng),
-        )?;
-        w.add_tensor(
-            n("attn_output"),
-            &[e as u64, e as u64],
-            t,
-            ternary_tensor(spec.format, e, e, scale(e), &mut rng),
-        )?;
+        matrix(&mut w, n("attn_q"), e, e)?;
+        matrix(&mut w, n("attn_k"), kv, e)?;
+        matrix(&mut w, n("attn_v"), kv, e)?;
+        matrix(&mut w, n("attn_output"), e, e)?;
         if sub {
             w.add_tensor(n("attn_sub_norm"), &[e as u64], ids::F32, f32_bytes(1.0, e))?;
         }
         w.add_tensor(n("ffn_norm"), &[e as u64], ids::F32, f32_bytes(1.0, e))?;
-        w.add_tensor(
-            n("ffn_gate"),
-            &[e as u64, ff as u64],
-            t,
-            ternary_tensor(spec.format, ff, e, scale(e), &mut rng),
-        )?;
-        w.add_tensor(
-            n("ffn_up"),
-            &[e as u64, ff as u64],
-            t,
-            ternary_tensor(spec.format, ff, e, scale(e), &mut rng),
-        )?;
-        w.add_tensor(
-            n("ffn_down"),
-            &[ff as u64, e as u64],
-            t,
-            ternary_tensor(spec.format, e, ff, scale(ff), &mut rng),
-        )?;
+        matrix(&mut w, n("ffn_gate"), ff, e)?;
+        matrix(&mut w, n("ffn_up"), ff, e)?;
+        matrix(&mut w, n("ffn_down"), e, ff)?;
         if sub {
             w.add_tensor(
                 n("ffn_sub_norm"),

@@ -92,6 +92,12 @@ impl CpuKv {
             sin: Vec::new(),
         }
     }
+    /// Bytes the keys and values of a cache for `n_ctx` positions take (known before making it).
+    pub fn planned_bytes(model: &Model, n_ctx: usize, ty: KvType) -> usize {
+        let c = &model.config;
+        let width = if ty == KvType::F16 { 2 } else { 4 };
+        2 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * width
+    }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.k
@@ -166,14 +172,6 @@ impl HostUnit {
             }
         }
     }
-    fn layer(&self) -> Result<usize> {
-        match self.id {
-            UnitId::Block(l) => Ok(l),
-            UnitId::Head => Err(Error::Mux(
-                "a block's weight was asked of the head unit".into(),
-            )),
-        }
-    }
 }
 
 /// The CPU backend bound to one model.
@@ -194,32 +192,18 @@ impl<'m> CpuExec<'m> {
     }
 
     fn norm_weight(&self, u: &HostUnit, n: Norm) -> Result<&'m [f32]> {
-        let w = &self.model.weights;
-        let missing = || Error::Gguf(format!("the model has no {n:?} norm"));
-        if n == Norm::Output {
-            return Ok(&w.output_norm);
-        }
-        let layer = &w.layers[u.layer()?];
-        Ok(match n {
-            Norm::Attn => &layer.attn_norm,
-            Norm::Ffn => &layer.ffn_norm,
-            Norm::AttnSub => layer.attn_sub_norm.as_deref().ok_or_else(missing)?,
-            Norm::FfnSub => layer.ffn_sub_norm.as_deref().ok_or_else(missing)?,
-            Norm::Output => &w.output_norm,
-        })
+        self.model
+            .weights
+            .norm(u.id, n)
+            .ok_or_else(|| Error::Gguf(format!("unit {} of the model has no {n:?} norm", u.id)))
     }
 
     /// The tensor, its output scale and its bias.
     fn matrix(&self, u: &HostUnit, m: Mat) -> Result<(&'m TensorRef, f32, Option<&'m [f32]>)> {
-        let w = &self.model.weights;
-        Ok(match m {
-            Mat::Output => (&w.output, 1.0, None),
-            Mat::Layer(which) => {
-                let layer = &w.layers[u.layer()?];
-                let bias = layer.biases.get(which.index()).and_then(|b| b.as_deref());
-                (layer.tensor(which), layer.scales[which.index()], bias)
-            }
-        })
+        self.model
+            .weights
+            .matrix(u.id, m)
+            .ok_or_else(|| Error::Mux(format!("unit {} holds no {m:?} matrix", u.id)))
     }
 }
 

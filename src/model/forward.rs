@@ -41,9 +41,7 @@ impl KvCache {
         let meter = model.runtime_meter();
         let (store, charge) = match &model.placement {
             Placement::Cpu => {
-                let c = &model.config;
-                let width = if ty == KvType::F16 { 2 } else { 4 };
-                let bytes = 2 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * width;
+                let bytes = CpuKv::planned_bytes(model, n_ctx, ty);
                 let charge = meter.map(|m| m.reserve(bytes)).transpose()?;
                 (KvStorage::Cpu(CpuKv::new(model, n_ctx, ty)), charge)
             }

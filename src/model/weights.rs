@@ -133,6 +133,48 @@ pub struct Weights {
     pub decoded_bytes: usize,
 }
 
+impl Weights {
+    /// Matrix `m` of `unit`: its tensor, output scale (`.scale`, 1 when absent) and bias. The head
+    /// unit holds only [`Mat::Output`](crate::backend::Mat::Output), and a block only its layers.
+    pub fn matrix(
+        &self,
+        unit: crate::mux::UnitId,
+        m: crate::backend::Mat,
+    ) -> Option<(&TensorRef, f32, Option<&[f32]>)> {
+        use crate::backend::Mat;
+        use crate::mux::UnitId;
+        match (unit, m) {
+            (UnitId::Head, Mat::Output) => Some((&self.output, 1.0, None)),
+            (UnitId::Block(l), Mat::Layer(which)) => {
+                let layer = self.layers.get(l)?;
+                let bias = layer.biases.get(which.index()).and_then(|b| b.as_deref());
+                Some((layer.tensor(which), layer.scales[which.index()], bias))
+            }
+            _ => None,
+        }
+    }
+
+    /// Norm `n` of `unit` (`None` when the architecture has no such norm there).
+    pub fn norm(&self, unit: crate::mux::UnitId, n: crate::backend::Norm) -> Option<&[f32]> {
+        use crate::backend::Norm;
+        use crate::mux::UnitId;
+        match (unit, n) {
+            (UnitId::Head, Norm::Output) => Some(&self.output_norm),
+            (UnitId::Block(l), _) => {
+                let layer = self.layers.get(l)?;
+                match n {
+                    Norm::Attn => Some(&layer.attn_norm),
+                    Norm::Ffn => Some(&layer.ffn_norm),
+                    Norm::AttnSub => layer.attn_sub_norm.as_deref(),
+                    Norm::FfnSub => layer.ffn_sub_norm.as_deref(),
+                    Norm::Output => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
 struct Loader<'a> {
     file: &'a GgufFile,
     decoded: usize,

@@ -78,6 +78,46 @@ pub enum MuxEvent {
     },
 }
 
+/// One line a person reads: what moved, how big, how long, and the budget after it.
+impl std::fmt::Display for MuxEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kib = |b: usize| b as f64 / 1024.0;
+        match self {
+            MuxEvent::Hit { model, unit } => {
+                write!(f, "hit      {:<16}", format!("{model}/{unit}"))
+            }
+            MuxEvent::PageIn {
+                model,
+                unit,
+                bytes,
+                micros,
+                used,
+                budget,
+            } => write!(
+                f,
+                "page-in  {:<16} {:>8.1} KiB {micros:>7} µs   {:.2}/{:.2} MiB",
+                format!("{model}/{unit}"),
+                kib(*bytes),
+                mib(*used),
+                mib(*budget)
+            ),
+            MuxEvent::Evict {
+                model,
+                unit,
+                bytes,
+                for_model,
+                used,
+            } => write!(
+                f,
+                "evict    {:<16} {:>8.1} KiB   for {for_model:<8}  {:.2} MiB used",
+                format!("{model}/{unit}"),
+                kib(*bytes),
+                mib(*used)
+            ),
+        }
+    }
+}
+
 /// Receives every [`MuxEvent`].
 pub type Sink = Arc<dyn Fn(&MuxEvent) + Send + Sync>;
 
@@ -94,8 +134,6 @@ struct Entry {
     slot: Slot,
     /// Completes when the last pass that used the unit has finished with it (devices).
     fence: Option<Event>,
-    /// The page-in's copy, when the compute queue has not been told to wait for it yet.
-    ready: Option<Event>,
 }
 
 struct ModelEntry {
@@ -146,16 +184,30 @@ impl Drop for Emit<'_> {
 
 /// A unit pinned for use by a forward pass; unpinned (and fenced) when dropped.
 pub(crate) struct UnitGuard {
-    res: Option<Arc<Resident>>,
-    pin: Option<(Arc<Core>, Key)>,
+    // Fields drop in declaration order: the unit goes before the pin, so an evicting thread
+    // holds the only reference once the unit is unpinned.
+    res: Arc<Resident>,
+    _pin: Option<Pin>,
+}
+
+/// One pin on a table entry, released when dropped.
+struct Pin {
+    core: Arc<Core>,
+    key: Key,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.core.unpin(self.key);
+    }
 }
 
 impl UnitGuard {
     /// A unit read straight from the mapping (CPU, no mux).
     pub fn unmanaged(res: Resident) -> UnitGuard {
         UnitGuard {
-            res: Some(Arc::new(res)),
-            pin: None,
+            res: Arc::new(res),
+            _pin: None,
         }
     }
 }
@@ -163,20 +215,7 @@ impl UnitGuard {
 impl std::ops::Deref for UnitGuard {
     type Target = Resident;
     fn deref(&self) -> &Resident {
-        match &self.res {
-            Some(r) => r,
-            None => unreachable!("a guard's unit is only taken in drop"),
-        }
-    }
-}
-
-impl Drop for UnitGuard {
-    fn drop(&mut self) {
-        // Release the unit before unpinning, so an evicting thread holds the only reference.
-        self.res = None;
-        if let Some((core, key)) = self.pin.take() {
-            core.unpin(key);
-        }
+        &self.res
     }
 }
 
@@ -216,33 +255,8 @@ impl Core {
     }
 
     fn emit(&self, events: Vec<MuxEvent>) {
-        for e in &events {
-            match e {
-                MuxEvent::PageIn {
-                    model,
-                    unit,
-                    bytes,
-                    micros,
-                    used,
-                    budget,
-                } => tracing::debug!(
-                    target: "ternmux::mux",
-                    "page-in {model}/{unit} {:.2} MiB in {micros} µs ({:.1}/{:.1} MiB)",
-                    mib(*bytes), mib(*used), mib(*budget)
-                ),
-                MuxEvent::Evict {
-                    model,
-                    unit,
-                    bytes,
-                    for_model,
-                    used,
-                } => tracing::debug!(
-                    target: "ternmux::mux",
-                    "evict {model}/{unit} {:.2} MiB for {for_model} ({:.1} MiB used)",
-                    mib(*bytes), mib(*used)
-                ),
-                MuxEvent::Hit { .. } => {}
-            }
+        for e in events.iter().filter(|e| !matches!(e, MuxEvent::Hit { .. })) {
+            tracing::debug!(target: "ternmux::mux", "{e}");
         }
         if !self.has_sink.load(Ordering::Acquire) {
             return;
@@ -339,9 +353,13 @@ impl Core {
                 .ok_or_else(|| Error::Mux(format!("model #{id} is not registered")))?;
             (m.layouts.clone(), m.total, m.name.clone())
         };
+        let index = match unit {
+            UnitId::Block(n) => n,
+            UnitId::Head => layouts.len().saturating_sub(1),
+        };
         let layout = layouts
-            .iter()
-            .find(|l| l.id == unit)
+            .get(index)
+            .filter(|l| l.id == unit)
             .ok_or_else(|| Error::Mux(format!("model {name} has no unit {unit}")))?;
         let bytes = layout.bytes;
         let mut reuse: Option<(Mem, Option<Event>)> = None;
@@ -351,27 +369,20 @@ impl Core {
             if let Some(e) = t.units.get(&key) {
                 match &e.slot {
                     Slot::Ready(_) => {
-                        let (res, ready) = t
+                        let res = t
                             .pin_hit(key)
                             .ok_or_else(|| Error::Mux(format!("unit {unit} of {name} vanished")))?;
                         drop(t);
+                        let guard = self.pinned(key, res);
                         if let Some((mem, fence)) = reuse {
                             // Another thread paged the unit in meanwhile: give the room back.
-                            self.return_reserved(mem, fence, &name)?;
+                            self.return_reserved(mem, fence, bytes)?;
                         }
                         if self.has_sink.load(Ordering::Relaxed) {
                             events.events.push(MuxEvent::Hit {
                                 model: name.clone(),
                                 unit,
                             });
-                        }
-                        drop(events);
-                        let guard = UnitGuard {
-                            res: Some(res),
-                            pin: Some((self.clone(), key)),
-                        };
-                        if let Some(r) = ready {
-                            self.store.wait_ready(&r)?;
                         }
                         return Ok(guard);
                     }
@@ -397,48 +408,18 @@ impl Core {
                 .filter(|(k, e)| t.evictable(k, e, key))
                 .map(|(_, e)| e.bytes)
                 .sum();
-            let busy = t
-                .units
-                .values()
-                .any(|e| e.pins > 0 || matches!(e.slot, Slot::Loading));
-            if reuse.is_none() && !busy && t.budget - t.used + evictable < bytes {
-                let held: usize = t
-                    .units
-                    .values()
-                    .filter(|e| e.held > 0)
-                    .map(|e| e.bytes)
-                    .sum();
-                return Err(Error::Mux(format!(
-                    "unit {unit} of {name} needs {bytes} bytes; {} of the {}-byte budget are in \
-                     use and {held} of them are held by Mux::pin — release a pin or raise the \
-                     budget",
-                    t.used, t.budget
-                )));
+            if reuse.is_none() && !t.busy() && t.budget - t.used + evictable < bytes {
+                return Err(t.no_room(unit, &name, bytes));
             }
             while t.used + if reuse.is_some() { 0 } else { bytes } > t.budget {
                 let victims = t.victims(key, streaming);
                 if victims.is_empty() {
-                    let busy = t
-                        .units
-                        .values()
-                        .any(|e| e.pins > 0 || matches!(e.slot, Slot::Loading));
-                    if busy {
-                        // Pins are short (one unit of one pass); wait for one to go.
-                        t = self.changed.wait(t).map_err(poisoned)?;
-                        continue 'retry;
+                    if !t.busy() {
+                        return Err(t.no_room(unit, &name, bytes));
                     }
-                    let held: usize = t
-                        .units
-                        .values()
-                        .filter(|e| e.held > 0)
-                        .map(|e| e.bytes)
-                        .sum();
-                    return Err(Error::Mux(format!(
-                        "unit {unit} of {name} needs {bytes} bytes; {} of the {}-byte budget are \
-                         in use and {held} of them are held by Mux::pin — release a pin or raise \
-                         the budget",
-                        t.used, t.budget
-                    )));
+                    // Pins are short (one unit of one pass); wait for one to go.
+                    t = self.changed.wait(t).map_err(poisoned)?;
+                    continue 'retry;
                 }
                 for v in victims {
                     let evicted = self.evict(&mut t, v, &name, bytes, &mut reuse)?;
@@ -454,7 +435,6 @@ impl Core {
                     held: 0,
                     slot: Slot::Loading,
                     fence: None,
-                    ready: None,
                 },
             );
             // Reclaimed storage was already counted in `used`.
@@ -482,7 +462,7 @@ impl Core {
         })();
         let took = started.elapsed();
         let mut t = self.lock()?;
-        let (res, ready) = match filled {
+        let (res, copying) = match filled {
             Ok(v) => v,
             Err(err) => {
                 t.units.remove(&key);
@@ -515,14 +495,22 @@ impl Core {
             budget,
         });
         drop(events);
-        let guard = UnitGuard {
-            res: Some(res),
-            pin: Some((self.clone(), key)),
-        };
-        if let Some(r) = ready {
-            self.store.wait_ready(&r)?;
+        let guard = self.pinned(key, res);
+        // Later kernels (of any pass: one in-order compute queue) wait for the copy.
+        if let Some(copy) = copying {
+            self.store.wait_ready(&copy)?;
         }
         Ok(guard)
+    }
+
+    fn pinned(self: &Arc<Self>, key: Key, res: Arc<Resident>) -> UnitGuard {
+        UnitGuard {
+            res,
+            _pin: Some(Pin {
+                core: self.clone(),
+                key,
+            }),
+        }
     }
 
     /// Pins unit `unit` of `id` only if it is resident already (no page-in).
@@ -534,7 +522,7 @@ impl Core {
         };
         let mut t = self.lock()?;
         t.clock += 1;
-        let Some((res, ready)) = t.pin_hit(key) else {
+        let Some(res) = t.pin_hit(key) else {
             return Ok(None);
         };
         if self.has_sink.load(Ordering::Relaxed)
@@ -546,25 +534,16 @@ impl Core {
             });
         }
         drop(t);
-        drop(events);
-        let guard = UnitGuard {
-            res: Some(res),
-            pin: Some((self.clone(), key)),
-        };
-        if let Some(r) = ready {
-            self.store.wait_ready(&r)?;
-        }
-        Ok(Some(guard))
+        Ok(Some(self.pinned(key, res)))
     }
 
     /// Storage reclaimed for a page-in that turned out not to be needed: free it.
-    fn return_reserved(&self, mem: Mem, fence: Option<Event>, _for: &str) -> Result<()> {
+    fn return_reserved(&self, mem: Mem, fence: Option<Event>, bytes: usize) -> Result<()> {
         if let Some(f) = &fence {
             f.wait().map_err(|e| {
                 Error::Device(format!("opencl: waiting for a unit's last use: {e}"))
             })?;
         }
-        let bytes = mem.bytes();
         drop(mem);
         let mut t = self.lock()?;
         t.used -= bytes;
@@ -674,21 +653,22 @@ impl Core {
 
     /// Changes the budget, evicting least recently used units until the new one holds.
     pub fn set_budget(&self, budget: usize) -> Result<()> {
-        let mut events = Vec::new();
+        let mut events = Emit {
+            core: self,
+            events: Vec::new(),
+        };
         let mut t = self.lock()?;
         let old = t.budget;
         t.budget = budget;
         while t.used > t.budget {
             let victims = t.victims((u64::MAX, UnitId::Head), false);
             if victims.is_empty() {
-                if t.units
-                    .values()
-                    .any(|e| e.pins > 0 || matches!(e.slot, Slot::Loading))
-                {
+                if t.busy() {
                     t = self.changed.wait(t).map_err(poisoned)?;
                     continue;
                 }
                 t.budget = old;
+                self.changed.notify_all();
                 return Err(Error::Mux(format!(
                     "cannot shrink the budget to {budget} bytes: {} bytes are held by Mux::pin",
                     t.used
@@ -696,12 +676,11 @@ impl Core {
             }
             for v in victims {
                 let mut none = None;
-                events.push(self.evict(&mut t, v, &Arc::from(""), usize::MAX, &mut none)?);
+                let evicted = self.evict(&mut t, v, &Arc::from(""), usize::MAX, &mut none)?;
+                events.events.push(evicted);
             }
         }
         self.changed.notify_all();
-        drop(t);
-        self.emit(events);
         Ok(())
     }
 
@@ -779,7 +758,7 @@ impl Core {
 impl Table {
     /// Pins a resident unit for a use at the current clock and counts the hit; `None` when the
     /// unit is not resident (absent or still loading).
-    fn pin_hit(&mut self, key: Key) -> Option<(Arc<Resident>, Option<Event>)> {
+    fn pin_hit(&mut self, key: Key) -> Option<Arc<Resident>> {
         let now = self.clock;
         let e = self.units.get_mut(&key)?;
         let Slot::Ready(res) = &e.slot else {
@@ -788,7 +767,6 @@ impl Table {
         let res = res.clone();
         e.pins += 1;
         e.last_use = now;
-        let ready = e.ready.take();
         if let Some(m) = self.models.get_mut(&key.0) {
             m.last_use = now;
             m.stats.hits += 1;
@@ -796,7 +774,29 @@ impl Table {
                 u.hits += 1;
             }
         }
-        Some((res, ready))
+        Some(res)
+    }
+
+    /// Whether a pass holds a pin or a page-in is under way (either will free or settle soon).
+    fn busy(&self) -> bool {
+        self.units
+            .values()
+            .any(|e| e.pins > 0 || matches!(e.slot, Slot::Loading))
+    }
+
+    /// The error for a unit that cannot fit even after every evictable unit is gone.
+    fn no_room(&self, unit: UnitId, name: &str, bytes: usize) -> Error {
+        let held: usize = self
+            .units
+            .values()
+            .filter(|e| e.held > 0)
+            .map(|e| e.bytes)
+            .sum();
+        Error::Mux(format!(
+            "unit {unit} of {name} needs {bytes} bytes; {} of the {}-byte budget are in use and \
+             {held} of them are held by Mux::pin — release a pin or raise the budget",
+            self.used, self.budget
+        ))
     }
 
     fn evictable(&self, k: &Key, e: &Entry, want: Key) -> bool {

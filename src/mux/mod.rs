@@ -246,16 +246,13 @@ impl Mux {
 
     /// Pages every unit of `name` in and keeps them resident until the pin is dropped.
     pub fn pin(&self, name: &str) -> Result<ModelPin> {
-        let model = self.get(name)?;
-        let b = model
-            .binding()
-            .ok_or_else(|| Error::Mux("model is not bound to this mux".into()))?;
+        let (model, id) = self.bound(name)?;
         let mut pin = ModelPin {
             model: model.clone(),
             held: Vec::new(),
         };
-        for u in b.core.units_of(b.id)? {
-            b.core.hold(&model, b.id, u)?;
+        for u in self.core.units_of(id)? {
+            self.core.hold(&model, id, u)?;
             pin.held.push(u);
         }
         Ok(pin)
@@ -264,21 +261,24 @@ impl Mux {
     /// Pages unit `unit` of `name` in now, if it is not resident (e.g. to warm a model before
     /// traffic, or to measure page-in speed with [`Mux::quiesce`]).
     pub fn page_in(&self, name: &str, unit: UnitId) -> Result<()> {
-        let model = self.get(name)?;
-        let b = model
-            .binding()
-            .ok_or_else(|| Error::Mux("model is not bound to this mux".into()))?;
-        drop(b.core.acquire(&model, b.id, unit)?);
+        drop(self.get(name)?.acquire(unit)?);
         Ok(())
     }
 
     /// The units of model `name`, blocks then the head.
     pub fn units(&self, name: &str) -> Result<Vec<UnitId>> {
+        let (_, id) = self.bound(name)?;
+        self.core.units_of(id)
+    }
+
+    /// Model `name` with its id in this mux's table.
+    fn bound(&self, name: &str) -> Result<(Arc<Model>, ModelId)> {
         let model = self.get(name)?;
-        let b = model
+        let id = model
             .binding()
-            .ok_or_else(|| Error::Mux("model is not bound to this mux".into()))?;
-        b.core.units_of(b.id)
+            .map(|b| b.id)
+            .ok_or_else(|| Error::Mux(format!("model {name:?} is not bound to this mux")))?;
+        Ok((model, id))
     }
 
     /// The weight budget in bytes.

@@ -57,15 +57,6 @@ pub(crate) enum Mem {
     Device(DevBuf),
 }
 
-impl Mem {
-    pub fn bytes(&self) -> usize {
-        match self {
-            Mem::Host(v) => v.capacity(),
-            Mem::Device(b) => b.bytes(),
-        }
-    }
-}
-
 /// Copies `src` into `dst` with several threads when it is large.
 fn par_copy(dst: &mut [u8], src: &[u8]) {
     const PART: usize = 256 << 10;

@@ -76,30 +76,15 @@ pub(crate) fn piece_bytes(model: &Model, unit: UnitId, kind: PieceKind) -> &[u8]
     let w = model.weights();
     let file = model.file().as_bytes();
     match (unit, kind) {
-        (_, PieceKind::Mat(Mat::Output)) | (UnitId::Head, PieceKind::Mat(_)) => {
-            &file[w.output.range.clone()]
-        }
-        (_, PieceKind::Norm(Norm::Output)) | (UnitId::Head, _) => f32_bytes(&w.output_norm),
-        (UnitId::Block(l), PieceKind::Mat(Mat::Layer(m))) => {
-            &file[w.layers[l].tensor(m).range.clone()]
-        }
-        (UnitId::Block(l), PieceKind::Bias(m)) => f32_bytes(
-            w.layers[l]
-                .biases
-                .get(m.index())
-                .and_then(|b| b.as_deref())
+        (_, PieceKind::Mat(m)) => w
+            .matrix(unit, m)
+            .map_or(&[][..], |(t, _, _)| &file[t.range.clone()]),
+        (_, PieceKind::Norm(n)) => f32_bytes(w.norm(unit, n).unwrap_or(&[])),
+        (_, PieceKind::Bias(m)) => f32_bytes(
+            w.matrix(unit, Mat::Layer(m))
+                .and_then(|(_, _, b)| b)
                 .unwrap_or(&[]),
         ),
-        (UnitId::Block(l), PieceKind::Norm(n)) => {
-            let layer = &w.layers[l];
-            f32_bytes(match n {
-                Norm::Attn => &layer.attn_norm,
-                Norm::Ffn => &layer.ffn_norm,
-                Norm::AttnSub => layer.attn_sub_norm.as_deref().unwrap_or(&[]),
-                Norm::FfnSub => layer.ffn_sub_norm.as_deref().unwrap_or(&[]),
-                Norm::Output => &[],
-            })
-        }
     }
 }
 

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::model::{FfnAct, KvType, Model};
 use crate::mux::meter::{Meter, Reservation};
-use crate::mux::units::{PieceKind, UnitId, UnitLayout, piece_bytes};
+use crate::mux::units::{PieceKind, UnitLayout, piece_bytes};
 use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 use ternmux_kernels::ternary::{TernaryFormat, TernaryMatrix};
@@ -54,16 +54,15 @@ impl DevUnit {
         for p in &layout.pieces {
             match p.kind {
                 PieceKind::Mat(m) => {
-                    let (t, layer_scale, bias) = match (m, layout.id) {
-                        (Mat::Output, _) | (_, UnitId::Head) => (&w.output, 1.0, None),
-                        (Mat::Layer(which), UnitId::Block(l)) => {
-                            let layer = &w.layers[l];
-                            let bias = layout
-                                .piece(PieceKind::Bias(which))
-                                .map(|b| dev.sub_buffer(&alloc, b.offset, b.len))
-                                .transpose()?;
-                            (layer.tensor(which), layer.scales[which.index()], bias)
-                        }
+                    let (t, layer_scale, _) = w.matrix(layout.id, m).ok_or_else(|| {
+                        Error::Device(format!("opencl: unit {} holds no {m:?}", layout.id))
+                    })?;
+                    let bias = match m {
+                        Mat::Layer(which) => layout
+                            .piece(PieceKind::Bias(which))
+                            .map(|b| dev.sub_buffer(&alloc, b.offset, b.len))
+                            .transpose()?,
+                        Mat::Output => None,
                     };
                     let scale = match t.ty {
                         GgmlType::Ternary(f) => {

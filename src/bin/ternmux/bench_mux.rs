@@ -3,7 +3,7 @@
 //! (b) streaming a model several times larger than the budget against the PCIe bound,
 //! (c) 12 models under Zipf-distributed requests: layer-level LRU against whole-model LRU.
 
-use crate::{Failure, io_failure};
+use crate::{Failure, say as w};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -37,11 +37,6 @@ pub struct BenchMuxArgs {
     /// Directory for the synthetic models (default: a temporary one, removed after).
     #[arg(long = "dir")]
     dir: Option<PathBuf>,
-}
-
-fn w(out: &mut dyn Write, s: String) -> Result<(), Failure> {
-    writeln!(out, "{s}").map_err(io_failure)?;
-    out.flush().map_err(io_failure)
 }
 
 fn synth(dir: &Path, name: &str, shape: Shape, seed: u64) -> Result<PathBuf, Failure> {

@@ -1,7 +1,7 @@
 //! `ternmux demo`: three models under one small budget, queried in turn, with the trace of
 //! every page-in and eviction, the budget bar after each answer, and a summary table.
 
-use crate::{Failure, io_failure};
+use crate::{Failure, io_failure, say as w};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -108,39 +108,6 @@ fn models(dir: &Path, synthetic: bool) -> Result<Vec<(String, PathBuf, String, S
     Ok(out)
 }
 
-fn trace_line(e: &MuxEvent) -> Option<String> {
-    match e {
-        MuxEvent::PageIn {
-            model,
-            unit,
-            bytes,
-            micros,
-            used,
-            budget,
-        } => Some(format!(
-            "  page-in  {:<16} {:>8.1} KiB {:>7} µs   {:.2}/{:.2} MiB",
-            format!("{model}/{unit}"),
-            *bytes as f64 / 1024.0,
-            micros,
-            mib(*used),
-            mib(*budget)
-        )),
-        MuxEvent::Evict {
-            model,
-            unit,
-            bytes,
-            for_model,
-            used,
-        } => Some(format!(
-            "  evict    {:<16} {:>8.1} KiB   for {for_model:<8}  {:.2} MiB used",
-            format!("{model}/{unit}"),
-            *bytes as f64 / 1024.0,
-            mib(*used)
-        )),
-        MuxEvent::Hit { .. } => None,
-    }
-}
-
 /// Runs the demo.
 pub fn demo(a: DemoArgs, out: &mut impl Write) -> Result<(), Failure> {
     let dir = std::env::temp_dir().join(format!("ternmux-demo-{}", std::process::id()));
@@ -166,7 +133,6 @@ fn run(a: DemoArgs, dir: &Path, out: &mut impl Write) -> Result<(), Failure> {
             ..MuxOptions::default()
         },
     )?;
-    let w = |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(io_failure);
     w(out, format!("device: {}", mux.placement().describe()))?;
     if let Some(n) = mux.device_note() {
         w(out, format!("note: {n}"))?;
@@ -246,10 +212,8 @@ fn run(a: DemoArgs, dir: &Path, out: &mut impl Write) -> Result<(), Failure> {
                     MuxEvent::Evict { .. } => outs += 1,
                     MuxEvent::Hit { .. } => hits += 1,
                 }
-                if !a.brief
-                    && let Some(line) = trace_line(e)
-                {
-                    w(out, line)?;
+                if !a.brief && !matches!(e, MuxEvent::Hit { .. }) {
+                    w(out, format!("  {e}"))?;
                 }
             }
             w(

@@ -694,6 +694,12 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Writes one line and flushes it (progress stays visible through a pipe).
+fn say(out: &mut dyn Write, s: String) -> Result<(), Failure> {
+    writeln!(out, "{s}").map_err(io_failure)?;
+    out.flush().map_err(io_failure)
+}
+
 fn io_failure(e: std::io::Error) -> Failure {
     Failure {
         error: ternmux::Error::Io {
