@@ -152,11 +152,6 @@ impl Model {
         self.device_note.as_deref()
     }
 
-    /// Bytes of weights the model's table holds on its device (0 when read from the mapping).
-    pub fn device_bytes(&self) -> usize {
-        self.binding.as_ref().map_or(0, |b| b.core.stats().used)
-    }
-
     /// As [`Model::open`], reporting each stage as it starts (for a progress display).
     pub fn open_with_progress(
         path: impl AsRef<Path>,

@@ -480,9 +480,6 @@ impl Core {
             m.stats.bytes_in += bytes as u64;
             m.stats.page_in_time.record(took);
             m.stats.page_in_total += took;
-            if let Some(u) = m.unit_stats.get_mut(&unit) {
-                u.resident = true;
-            }
         }
         self.changed.notify_all();
         drop(t);
@@ -589,7 +586,6 @@ impl Core {
                 m.stats.bytes_out += e.bytes as u64;
                 if let Some(u) = m.unit_stats.get_mut(&k.1) {
                     u.evictions += 1;
-                    u.resident = false;
                 }
                 m.name.clone()
             }
@@ -708,7 +704,19 @@ impl Core {
                 s.units = m
                     .unit_stats
                     .iter()
-                    .map(|(&u, st)| (u, st.clone()))
+                    .map(|(&u, st)| {
+                        let resident = t
+                            .units
+                            .get(&(id, u))
+                            .is_some_and(|e| matches!(e.slot, Slot::Ready(_)));
+                        (
+                            u,
+                            UnitStats {
+                                resident,
+                                ..st.clone()
+                            },
+                        )
+                    })
                     .collect();
                 s
             })
