@@ -1,20 +1,27 @@
 // RoPE, the device-resident f16 KV cache, and causal grouped-query attention.
+//
+// A pass holds rows of one or several sequences (continuous batching): `places` gives each row
+// its sequence's cache slot and its position there (int2: slot, pos). A slot is n_ctx positions
+// of kv_dim halves, slot s at offset s * n_ctx * kv_dim of each layer's cache.
 
-// Rotates q and k of n_tok tokens at positions pos0.. (NEOX pairs (i, i + n_rot/2), normal pairs
-// (2i, 2i + 1); dimensions past n_rot unchanged), writes rotated q to qr, and stores rotated k and
-// v as f16 (round to nearest even) in this layer's cache rows. `rope` holds (cos, sin) per
-// position and pair, computed on the host exactly as the CPU backend does.
+// Rotates q and k of n_tok rows (NEOX pairs (i, i + n_rot/2), normal pairs (2i, 2i + 1);
+// dimensions past n_rot unchanged), writes rotated q to qr, and stores rotated k and v as f16
+// (round to nearest even) at each row's slot and position. `rope` holds (cos, sin) per position
+// and pair, computed on the host exactly as the CPU backend does.
 // Grid: (head_dim, n_head + 2 · n_kv, n_tok).
 __kernel void rope_store(__global const float* q, __global const float* k,
                          __global const float* v, __global float* qr, __global half* kc,
-                         __global half* vc, __global const float* rope, int pos0, int hd,
-                         int n_rot, int neox, int n_head, int n_kv) {
+                         __global half* vc, __global const float* rope,
+                         __global const int2* places, int n_ctx, int hd, int n_rot, int neox,
+                         int n_head, int n_kv) {
     int d = get_global_id(0), h = get_global_id(1), t = get_global_id(2);
     if (d >= hd) return;
-    int pos = pos0 + t, kvd = n_kv * hd;
+    int2 place = places[t];
+    int pos = place.y, kvd = n_kv * hd;
+    size_t at = ((size_t)place.x * n_ctx + pos) * kvd;
     if (h >= n_head + n_kv) {
         int hv = h - n_head - n_kv;
-        vstore_half(v[(size_t)t * kvd + hv * hd + d], (size_t)pos * kvd + hv * hd + d, vc);
+        vstore_half(v[(size_t)t * kvd + hv * hd + d], at + hv * hd + d, vc);
         return;
     }
     const __global float* src = h < n_head ? q + ((size_t)t * n_head + h) * hd
@@ -40,20 +47,25 @@ __kernel void rope_store(__global const float* q, __global const float* k,
     if (h < n_head) {
         qr[((size_t)t * n_head + h) * hd + d] = y;
     } else {
-        vstore_half(y, (size_t)pos * kvd + (h - n_head) * hd + d, kc);
+        vstore_half(y, at + (h - n_head) * hd + d, kc);
     }
 }
 
-// Causal GQA attention for n_tok queries at positions pos0..: one work-group per (head, token);
-// query head h reads KV head h / (n_head / n_kv). Scores go through `scores`
-// ([n_tok][n_head][n_ctx] floats) so any context length fits. Grid: (wg · n_head, n_tok).
-__kernel void attention(__global const float* qr, __global const half* kc,
-                        __global const half* vc, __global float* scores, int n_ctx, int pos0,
-                        int hd, int n_head, int n_kv, float kq_scale, __global float* out,
-                        __local float* scratch, __local float* qloc) {
+// Causal GQA attention for n_tok query rows, each over positions 0..=pos of its slot: one
+// work-group per (head, row); query head h reads KV head h / (n_head / n_kv). Scores go through
+// `scores` ([n_tok][n_head][n_ctx] floats) so any context length fits. Grid: (wg · n_head, n_tok).
+__kernel void attention(__global const float* qr, __global const half* kc_all,
+                        __global const half* vc_all, __global float* scores, int n_ctx,
+                        __global const int2* places, int hd, int n_head, int n_kv,
+                        float kq_scale, __global float* out, __local float* scratch,
+                        __local float* qloc) {
     int head = get_group_id(0), t = get_group_id(1);
     int lid = get_local_id(0), wg = get_local_size(0);
-    int n_pos = pos0 + t + 1, kvh = head / (n_head / n_kv), kvd = n_kv * hd;
+    int2 place = places[t];
+    int n_pos = place.y + 1, kvh = head / (n_head / n_kv), kvd = n_kv * hd;
+    size_t slot_at = (size_t)place.x * n_ctx * kvd;
+    const __global half* kc = kc_all + slot_at;
+    const __global half* vc = vc_all + slot_at;
     const __global float* qv = qr + ((size_t)t * n_head + head) * hd;
     for (int d = lid; d < hd; d += wg) qloc[d] = qv[d];
     barrier(CLK_LOCAL_MEM_FENCE);

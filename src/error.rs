@@ -45,6 +45,16 @@ pub enum Error {
     /// unit pinned, KV caches past their limit, or an unknown model name.
     #[error("mux: {0}")]
     Mux(String),
+    /// A request cannot run as given: an invalid parameter, a batch that breaks the cache's
+    /// shape, a prompt too long for the context. The caller's fault; retrying as is fails again.
+    #[error("request: {0}")]
+    Request(String),
+    /// The engine is at its limit (queue full): retry later.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The engine is shutting down or its worker for the model has stopped.
+    #[error("engine: {0}")]
+    Engine(String),
     /// A kernel refused its inputs (shapes, lengths).
     #[error("{0}")]
     Kernel(#[from] ternmux_kernels::KernelError),

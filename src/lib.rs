@@ -25,6 +25,7 @@
 pub mod backend;
 pub mod chat;
 pub mod convert;
+pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod model;

@@ -5,8 +5,8 @@
 use half::f16;
 use proptest::prelude::*;
 use std::sync::Arc;
-use ternmux::backend::opencl::{ClDevice, DevBuf, RopeShape, TernaryOut};
-use ternmux::backend::{Device, Placement};
+use ternmux::backend::opencl::{ClDevice, DevBuf, Places, RopeShape, TernaryOut};
+use ternmux::backend::{Device, Placement, RowPlace};
 use ternmux::gguf::GgmlType;
 use ternmux::kernels::dequant::FloatFormat;
 use ternmux::kernels::ternary::TernaryFormat;
@@ -272,20 +272,26 @@ proptest! {
         }
     }
 
-    /// RoPE + f16 KV store + causal GQA attention, against f64 on the same f16-rounded cache.
+    /// RoPE + f16 KV store + causal GQA attention, against f64 on the same f16-rounded cache,
+    /// with the rows of one pass spread over several cache slots (continuous batching).
     #[test]
-    fn rope_and_attention_match_f64(n_kv in 1usize..3, group in 1usize..4, hd_i in 0usize..3, pos0 in 0usize..20, n_tok in 1usize..7, neox in any::<bool>(), seed in any::<u64>()) {
+    fn rope_and_attention_match_f64(n_kv in 1usize..3, group in 1usize..4, hd_i in 0usize..3, pos0 in 0usize..20, n_tok in 1usize..7, slots in 1usize..4, neox in any::<bool>(), seed in any::<u64>()) {
         let Some(d) = device() else { return Ok(()) };
         let hd = [8usize, 32, 64][hd_i];
         let n_rot = if seed % 3 == 0 { hd / 2 } else { hd };
         let n_head = n_kv * group;
-        let n_ctx = pos0 + n_tok + 3;
+        let n_ctx = pos0 + n_tok + slots + 3;
         let sh = RopeShape { head_dim: hd, n_rot, neox, n_head, n_kv };
         let (qd, kvd) = (n_head * hd, n_kv * hd);
         let mut r = Lcg(seed);
+        // Row t belongs to slot t % slots; each slot's rows continue its sequence at pos0 + slot.
+        let rows: Vec<RowPlace> = (0..n_tok)
+            .map(|t| RowPlace { slot: (t % slots) as u32, pos: (pos0 + t % slots + t / slots) as u32 })
+            .collect();
         // Earlier positions already in the cache.
-        let kc0: Vec<f16> = (0..n_ctx * kvd).map(|_| f16::from_f32(r.f())).collect();
-        let vc0: Vec<f16> = (0..n_ctx * kvd).map(|_| f16::from_f32(r.f())).collect();
+        let cells = slots * n_ctx * kvd;
+        let kc0: Vec<f16> = (0..cells).map(|_| f16::from_f32(r.f())).collect();
+        let vc0: Vec<f16> = (0..cells).map(|_| f16::from_f32(r.f())).collect();
         let q: Vec<f32> = (0..n_tok * qd).map(|_| r.f()).collect();
         let k: Vec<f32> = (0..n_tok * kvd).map(|_| r.f()).collect();
         let v: Vec<f32> = (0..n_tok * kvd).map(|_| r.f()).collect();
@@ -301,11 +307,15 @@ proptest! {
         let qrb = d.alloc(n_tok * qd * 4).unwrap();
         let scores = d.alloc(n_tok * n_head * n_ctx * 4).unwrap();
         let ob = d.alloc(n_tok * qd * 4).unwrap();
-        d.rope_store(&qb, &kb, &vb, &qrb, &kcb, &vcb, &rb, pos0, n_tok, sh).unwrap();
-        d.attention(&qrb, &kcb, &vcb, &scores, n_ctx, pos0, n_tok, sh, &ob).unwrap();
+        // A place outside the caches is refused before anything runs.
+        let outside = [RowPlace { slot: slots as u32, pos: 0 }];
+        prop_assert!(Places::new(&d, &outside, slots, n_ctx, None).is_err());
+        let places = Places::new(&d, &rows, slots, n_ctx, None).unwrap();
+        d.rope_store(&qb, &kb, &vb, &qrb, &kcb, &vcb, &rb, &places, sh).unwrap();
+        d.attention(&qrb, &kcb, &vcb, &scores, &places, sh, &ob).unwrap();
         let qr = read_f32(&d, &qrb, n_tok * qd);
-        let mut kc = vec![f16::ZERO; n_ctx * kvd];
-        let mut vc = vec![f16::ZERO; n_ctx * kvd];
+        let mut kc = vec![f16::ZERO; cells];
+        let mut vc = vec![f16::ZERO; cells];
         d.read(&kcb, 0, bytemuck::cast_slice_mut(&mut kc)).unwrap();
         d.read(&vcb, 0, bytemuck::cast_slice_mut(&mut vc)).unwrap();
         let out = read_f32(&d, &ob, n_tok * qd);
@@ -320,8 +330,8 @@ proptest! {
             }
             y
         };
-        for t in 0..n_tok {
-            let p = pos0 + t;
+        for (t, row) in rows.iter().enumerate() {
+            let (p, base) = (row.pos as usize, row.slot as usize * n_ctx * kvd);
             for h in 0..n_head {
                 let want = rot(&q[t * qd + h * hd..t * qd + (h + 1) * hd], p);
                 for (j, w) in want.iter().enumerate() {
@@ -331,13 +341,15 @@ proptest! {
             for h in 0..n_kv {
                 let want = rot(&k[t * kvd + h * hd..t * kvd + (h + 1) * hd], p);
                 for (j, w) in want.iter().enumerate() {
-                    let g = f64::from(kc[p * kvd + h * hd + j].to_f32());
+                    let g = f64::from(kc[base + p * kvd + h * hd + j].to_f32());
                     prop_assert!((g - w).abs() <= w.abs() / 1024.0 + 1e-6, "k p {p} h {h} j {j}: {g} vs {w}");
-                    let gv = vc[p * kvd + h * hd + j];
+                    let gv = vc[base + p * kvd + h * hd + j];
                     prop_assert_eq!(gv, f16::from_f32(v[t * kvd + h * hd + j]));
                 }
             }
-            // Attention in f64 over the device's cache contents (positions ≤ p).
+            // Attention in f64 over the device's cache contents (positions ≤ p of the row's slot).
+            let kc = &kc[base..];
+            let vc = &vc[base..];
             for h in 0..n_head {
                 let kvh = h / group;
                 let qh = &qr[t * qd + h * hd..t * qd + (h + 1) * hd];

@@ -4,7 +4,7 @@
 //! Ternary layers quantize their input per token (int8 absmax, the BitNet training arithmetic);
 //! layers sharing an input (q/k/v, gate/up) quantize it once.
 
-use super::{Backend, Mat, Norm, Resident};
+use super::{Backend, Mat, Norm, Resident, RowPlace};
 use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::model::{FfnAct, KvType, Model, TensorRef, ops};
@@ -64,39 +64,59 @@ impl KvStore {
     }
 }
 
-/// Keys and values of every layer for up to `n_ctx` positions, in host memory, with the RoPE
-/// table of those positions.
+/// Keys and values of every layer for `slots` sequences of up to `n_ctx` positions each, in host
+/// memory, with the RoPE table of those positions.
 pub struct CpuKv {
     k: Vec<KvStore>,
     v: Vec<KvStore>,
     kv_dim: usize,
+    n_ctx: usize,
+    slots: usize,
     /// cos/sin per position and rotated pair (`n_rot/2` per position, filled as positions are used).
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl CpuKv {
-    /// A cache for `n_ctx` positions.
-    pub fn new(model: &Model, n_ctx: usize, ty: KvType) -> CpuKv {
+    /// A cache for `slots` sequences of `n_ctx` positions.
+    pub fn new(model: &Model, n_ctx: usize, slots: usize, ty: KvType) -> CpuKv {
         let c = &model.config;
         let kv_dim = c.n_head_kv * c.head_dim;
+        let len = slots * n_ctx * kv_dim;
         CpuKv {
-            k: (0..c.n_layer)
-                .map(|_| KvStore::new(ty, n_ctx * kv_dim))
-                .collect(),
-            v: (0..c.n_layer)
-                .map(|_| KvStore::new(ty, n_ctx * kv_dim))
-                .collect(),
+            k: (0..c.n_layer).map(|_| KvStore::new(ty, len)).collect(),
+            v: (0..c.n_layer).map(|_| KvStore::new(ty, len)).collect(),
             kv_dim,
+            n_ctx,
+            slots,
             cos: Vec::new(),
             sin: Vec::new(),
         }
     }
-    /// Bytes the keys and values of a cache for `n_ctx` positions take (known before making it).
-    pub fn planned_bytes(model: &Model, n_ctx: usize, ty: KvType) -> usize {
+    /// Bytes the keys and values of a cache for `slots × n_ctx` positions take (known before
+    /// making it).
+    pub fn planned_bytes(model: &Model, n_ctx: usize, slots: usize, ty: KvType) -> usize {
         let c = &model.config;
         let width = if ty == KvType::F16 { 2 } else { 4 };
-        2 * c.n_layer * n_ctx * c.n_head_kv * c.head_dim * width
+        2 * c.n_layer * slots * n_ctx * c.n_head_kv * c.head_dim * width
+    }
+
+    /// Index of `row`'s first value in a layer's cache, checked against the cache's shape.
+    fn at(&self, row: RowPlace) -> Result<usize> {
+        let (slot, pos) = (row.slot as usize, row.pos as usize);
+        if slot >= self.slots {
+            return Err(Error::Request(format!(
+                "row for cache slot {slot} of a cache with {} slots",
+                self.slots
+            )));
+        }
+        if pos >= self.n_ctx {
+            return Err(Error::Context {
+                needed: pos + 1,
+                limit: self.n_ctx,
+            });
+        }
+        Ok((slot * self.n_ctx + pos) * self.kv_dim)
     }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
@@ -323,8 +343,7 @@ impl Backend for CpuExec<'_> {
         &self,
         kv: &mut CpuKv,
         layer: usize,
-        pos0: usize,
-        rows: usize,
+        rows: &[RowPlace],
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
@@ -332,11 +351,14 @@ impl Backend for CpuExec<'_> {
     ) -> Result<()> {
         let c = &self.model.config;
         let (qd, kvd, half) = (c.n_head * c.head_dim, kv.kv_dim, c.n_rot / 2);
-        q_out[..rows * qd].copy_from_slice(&q[..rows * qd]);
-        extend_rope_tables(self.model, pos0 + rows, &mut kv.cos, &mut kv.sin);
+        let n = rows.len();
+        q_out[..n * qd].copy_from_slice(&q[..n * qd]);
+        let end = rows.iter().map(|r| r.pos as usize + 1).max().unwrap_or(0);
+        extend_rope_tables(self.model, end, &mut kv.cos, &mut kv.sin);
         let mut kr = vec![0f32; kvd];
-        for t in 0..rows {
-            let p = pos0 + t;
+        for (t, &row) in rows.iter().enumerate() {
+            let at = kv.at(row)?;
+            let p = row.pos as usize;
             let (ct, st) = (
                 &kv.cos[p * half..(p + 1) * half],
                 &kv.sin[p * half..(p + 1) * half],
@@ -351,8 +373,8 @@ impl Backend for CpuExec<'_> {
             );
             kr.copy_from_slice(&k[t * kvd..(t + 1) * kvd]);
             ops::rope(&mut kr, c.head_dim, c.n_rot, c.rope_neox, ct, st);
-            kv.k[layer].write(p * kvd, &kr);
-            kv.v[layer].write(p * kvd, &v[t * kvd..(t + 1) * kvd]);
+            kv.k[layer].write(at, &kr);
+            kv.v[layer].write(at, &v[t * kvd..(t + 1) * kvd]);
         }
         Ok(())
     }
@@ -361,8 +383,7 @@ impl Backend for CpuExec<'_> {
         &self,
         kv: &CpuKv,
         layer: usize,
-        pos0: usize,
-        rows: usize,
+        rows: &[RowPlace],
         q: &Vec<f32>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
@@ -373,23 +394,28 @@ impl Backend for CpuExec<'_> {
         let kq_scale = 1.0 / (hd as f32).sqrt();
         let (kc, vc) = (&kv.k[layer], &kv.v[layer]);
         let kern = Kernels::get();
-        let work = rows * c.n_head * (pos0 + rows) * hd;
+        // Each row's slot start, checked once.
+        let starts: Vec<usize> = rows
+            .iter()
+            .map(|&r| kv.at(RowPlace { pos: 0, ..r }))
+            .collect::<Result<_>>()?;
+        let work: usize = rows.iter().map(|r| r.pos as usize + 1).sum::<usize>() * c.n_head * hd;
         // Query head h reads KV head h / group.
         let head_job = |(idx, o): (usize, &mut [f32])| {
             let (t, head) = (idx / c.n_head, idx % c.n_head);
             let kvh = head / group;
             let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-            let n_pos = pos0 + t + 1;
+            let (base, n_pos) = (starts[t], rows[t].pos as usize + 1);
             let mut scores: Vec<f32> = (0..n_pos)
-                .map(|p| kc.dot(kern, p * kvd + kvh * hd, qh) * kq_scale)
+                .map(|p| kc.dot(kern, base + p * kvd + kvh * hd, qh) * kq_scale)
                 .collect();
             ops::softmax(&mut scores);
             o.fill(0.0);
             for (p, &a) in scores.iter().enumerate() {
-                vc.axpy(kern, p * kvd + kvh * hd, a, o);
+                vc.axpy(kern, base + p * kvd + kvh * hd, a, o);
             }
         };
-        let out = &mut out[..rows * qd];
+        let out = &mut out[..rows.len() * qd];
         if work > 1 << 16 {
             out.par_chunks_mut(hd).enumerate().for_each(head_job);
         } else {

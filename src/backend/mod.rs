@@ -179,6 +179,18 @@ pub enum Norm {
     Output,
 }
 
+/// Where one row of a pass belongs: its sequence's KV-cache slot and its position there. A pass
+/// may hold rows of several sequences (continuous batching); the linear layers see one batch of
+/// rows, RoPE and attention follow each row's place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RowPlace {
+    /// Cache slot (sequence) of the row.
+    pub slot: u32,
+    /// Position of the row's token in its sequence.
+    pub pos: u32,
+}
+
 /// The weights of one unit (a block or the head) where a backend can compute with them: host
 /// bytes (the mapping itself, or a copy the multiplexer owns) or device buffers.
 pub enum Resident {
@@ -242,28 +254,26 @@ pub trait Backend {
         outs: &mut [(Mat, &mut Self::Buf)],
         accumulate: bool,
     ) -> Result<()>;
-    /// Rotates `q` into `q_out` and `k`, and appends rotated `k` and `v` of `rows` tokens at
-    /// positions `pos0..` to block `layer`'s cache.
+    /// Rotates `q` into `q_out` and `k`, and stores rotated `k` and `v` of each row at its
+    /// place (slot, position) in block `layer`'s cache.
     #[allow(clippy::too_many_arguments)]
     fn rope_store(
         &self,
         kv: &mut Self::Kv,
         layer: usize,
-        pos0: usize,
-        rows: usize,
+        rows: &[RowPlace],
         q: &Self::Buf,
         k: &Self::Buf,
         v: &Self::Buf,
         q_out: &mut Self::Buf,
     ) -> Result<()>;
-    /// Causal grouped-query attention of `rows` queries at positions `pos0..` over block
-    /// `layer`'s cache.
+    /// Causal grouped-query attention of each row's query over positions `0..=pos` of its
+    /// slot in block `layer`'s cache (stored by [`Backend::rope_store`] for this pass's rows).
     fn attention(
         &self,
         kv: &Self::Kv,
         layer: usize,
-        pos0: usize,
-        rows: usize,
+        rows: &[RowPlace],
         q: &Self::Buf,
         out: &mut Self::Buf,
     ) -> Result<()>;

@@ -6,7 +6,7 @@
 use super::Model;
 use crate::backend::cpu::{CpuExec, CpuKv};
 use crate::backend::opencl::{ClExec, ClKv};
-use crate::backend::{Backend, LayerMat, Mat, Norm, Placement};
+use crate::backend::{Backend, LayerMat, Mat, Norm, Placement, RowPlace};
 use crate::error::{Error, Result};
 use crate::mux::meter::Reservation;
 use crate::mux::units::UnitId;
@@ -26,56 +26,82 @@ enum KvStorage {
     OpenCl(ClKv),
 }
 
-/// Keys and values of every layer for up to `n_ctx` positions of one sequence, held by the
-/// model's backend (host memory on the CPU, device memory on OpenCL).
+/// Keys and values of every layer for up to `n_ctx` positions of each of `slots` sequences,
+/// held by the model's backend (host memory on the CPU, device memory on OpenCL). A cache made
+/// by [`KvCache::new`] has one slot, used by [`Model::forward`]; the engine's caches have one
+/// slot per running sequence, filled together by [`Model::forward_batch`].
 pub struct KvCache {
     store: KvStorage,
     n_ctx: usize,
-    len: usize,
+    lens: Vec<usize>,
     _charge: Option<Reservation>,
 }
 
 impl KvCache {
-    /// A cache for `n_ctx` positions on the model's backend.
+    /// A cache for one sequence of `n_ctx` positions on the model's backend.
     pub fn new(model: &Model, n_ctx: usize, ty: KvType) -> Result<KvCache> {
+        KvCache::with_slots(model, n_ctx, 1, ty)
+    }
+
+    /// A cache for `slots` sequences of `n_ctx` positions each (continuous batching).
+    pub fn with_slots(model: &Model, n_ctx: usize, slots: usize, ty: KvType) -> Result<KvCache> {
+        if slots == 0 || n_ctx == 0 {
+            return Err(Error::Request(format!(
+                "a KV cache needs at least one slot and one position (asked {slots} × {n_ctx})"
+            )));
+        }
         let meter = model.runtime_meter();
         let (store, charge) = match &model.placement {
             Placement::Cpu => {
-                let bytes = CpuKv::planned_bytes(model, n_ctx, ty);
+                let bytes = CpuKv::planned_bytes(model, n_ctx, slots, ty);
                 let charge = meter.map(|m| m.reserve(bytes)).transpose()?;
-                (KvStorage::Cpu(CpuKv::new(model, n_ctx, ty)), charge)
+                (KvStorage::Cpu(CpuKv::new(model, n_ctx, slots, ty)), charge)
             }
             Placement::OpenCl(dev) => (
-                KvStorage::OpenCl(ClKv::new(dev, model, n_ctx, ty, meter)?),
+                KvStorage::OpenCl(ClKv::new(dev, model, n_ctx, slots, ty, meter)?),
                 None,
             ),
         };
         Ok(KvCache {
             store,
             n_ctx,
-            len: 0,
+            lens: vec![0; slots],
             _charge: charge,
         })
     }
-    /// Positions filled so far.
+    /// Positions filled so far in slot 0 (the only slot of a [`KvCache::new`] cache).
     pub fn len(&self) -> usize {
-        self.len
+        self.lens[0]
     }
-    /// Whether nothing is cached.
+    /// Whether slot 0 holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.lens[0] == 0
     }
-    /// Capacity in positions.
+    /// Capacity in positions of each slot.
     pub fn capacity(&self) -> usize {
         self.n_ctx
     }
-    /// Forgets everything (the memory is kept).
-    pub fn clear(&mut self) {
-        self.len = 0;
+    /// Number of sequence slots.
+    pub fn slots(&self) -> usize {
+        self.lens.len()
     }
-    /// Keeps only the first `len` positions (reuse of a shared prompt prefix).
+    /// Positions filled in `slot` (0 for a slot out of range).
+    pub fn slot_len(&self, slot: usize) -> usize {
+        self.lens.get(slot).copied().unwrap_or(0)
+    }
+    /// Forgets slot `slot` (its memory is kept for the next sequence).
+    pub fn reset_slot(&mut self, slot: usize) {
+        if let Some(l) = self.lens.get_mut(slot) {
+            *l = 0;
+        }
+    }
+    /// Forgets every slot (the memory is kept).
+    pub fn clear(&mut self) {
+        self.lens.iter_mut().for_each(|l| *l = 0);
+    }
+    /// Keeps only the first `len` positions of slot 0 (reuse of a shared prompt prefix).
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+        self.lens[0] = self.lens[0].min(len);
     }
     /// Bytes held (host or device).
     pub fn bytes(&self) -> usize {
@@ -84,6 +110,17 @@ impl KvCache {
             KvStorage::OpenCl(c) => c.bytes(),
         }
     }
+}
+
+/// The next tokens of one sequence in a batched pass ([`Model::forward_batch`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SeqChunk<'a> {
+    /// The sequence's cache slot; its tokens go at positions `slot_len(slot)..`.
+    pub slot: usize,
+    /// Tokens to append (a prompt chunk, or the one token sampled last).
+    pub tokens: &'a [u32],
+    /// Whether to return the logits of the chunk's last token.
+    pub logits: bool,
 }
 
 /// Which logits a forward pass returns.
@@ -96,75 +133,195 @@ pub enum Logits {
 }
 
 impl Model {
-    /// Runs `tokens` (positions `cache.len()..`) through the model on its backend, appending to
-    /// the cache, and returns logits (`n_vocab` per returned token).
+    /// Runs `tokens` (positions `cache.len()..` of slot 0) through the model on its backend,
+    /// appending to the cache, and returns logits (`n_vocab` per returned token).
     pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
-        let c = &self.config;
         if tokens.is_empty() {
-            return Err(Error::Quant("forward: no tokens".into()));
+            return Err(Error::Request("forward: no tokens".into()));
         }
-        let pos0 = cache.len;
+        let pos0 = cache.lens[0];
+        self.check_tokens(cache, pos0, tokens)?;
+        let places: Vec<RowPlace> = (pos0..pos0 + tokens.len())
+            .map(|p| RowPlace {
+                slot: 0,
+                pos: p as u32,
+            })
+            .collect();
+        let job = Job {
+            tokens,
+            places: &places,
+            out: Out::PerPass(which),
+        };
+        let logits = self.execute(cache, &job)?;
+        cache.lens[0] = pos0 + tokens.len();
+        Ok(logits)
+    }
+
+    /// Runs one pass over chunks of several sequences at once (continuous batching): every
+    /// linear layer sees all rows as one GEMM, so the weights are read once for the batch.
+    /// Returns `n_vocab` logits per chunk with `logits: true`, in order. The slots must be
+    /// distinct and the rows at most [`Model::max_batch_rows`].
+    pub fn forward_batch(&self, cache: &mut KvCache, seqs: &[SeqChunk<'_>]) -> Result<Vec<f32>> {
+        let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if total == 0 {
+            return Err(Error::Request("forward_batch: no tokens".into()));
+        }
+        let limit = self.max_batch_rows(cache);
+        if total > limit {
+            return Err(Error::Request(format!(
+                "forward_batch: {total} rows but one pass takes at most {limit}"
+            )));
+        }
+        let mut seen = vec![false; cache.slots()];
+        for s in seqs {
+            match seen.get_mut(s.slot) {
+                None => {
+                    return Err(Error::Request(format!(
+                        "forward_batch: slot {} of a cache with {} slots",
+                        s.slot,
+                        cache.slots()
+                    )));
+                }
+                Some(true) => {
+                    return Err(Error::Request(format!(
+                        "forward_batch: slot {} appears twice in one pass",
+                        s.slot
+                    )));
+                }
+                Some(x) => *x = true,
+            }
+            if s.tokens.is_empty() {
+                return Err(Error::Request(format!(
+                    "forward_batch: slot {} has no tokens",
+                    s.slot
+                )));
+            }
+            self.check_tokens(cache, cache.lens[s.slot], s.tokens)?;
+        }
+        // Rows whose logits are wanted go last, so the head runs over one contiguous tail.
+        let mut tokens = Vec::with_capacity(total);
+        let mut places = Vec::with_capacity(total);
+        let mut tail = Vec::new();
+        for s in seqs {
+            let pos0 = cache.lens[s.slot];
+            for (i, &t) in s.tokens.iter().enumerate() {
+                let place = RowPlace {
+                    slot: s.slot as u32,
+                    pos: (pos0 + i) as u32,
+                };
+                if s.logits && i + 1 == s.tokens.len() {
+                    tail.push((t, place));
+                } else {
+                    tokens.push(t);
+                    places.push(place);
+                }
+            }
+        }
+        let n_out = tail.len();
+        for (t, p) in tail {
+            tokens.push(t);
+            places.push(p);
+        }
+        let job = Job {
+            tokens: &tokens,
+            places: &places,
+            out: Out::Tail(n_out),
+        };
+        let logits = self.execute(cache, &job)?;
+        for s in seqs {
+            cache.lens[s.slot] += s.tokens.len();
+        }
+        Ok(logits)
+    }
+
+    /// The most rows one [`Model::forward_batch`] pass takes with `cache` (the OpenCL backend
+    /// sizes its attention scratch per pass).
+    pub fn max_batch_rows(&self, cache: &KvCache) -> usize {
+        match &cache.store {
+            KvStorage::Cpu(kv) => CpuExec::new(self).max_tokens_per_pass(kv),
+            KvStorage::OpenCl(kv) => kv.max_pass(),
+        }
+    }
+
+    fn check_tokens(&self, cache: &KvCache, pos0: usize, tokens: &[u32]) -> Result<()> {
         if pos0 + tokens.len() > cache.n_ctx {
             return Err(Error::Context {
                 needed: pos0 + tokens.len(),
                 limit: cache.n_ctx,
             });
         }
-        if let Some(&tok) = tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-            return Err(Error::Quant(format!(
-                "token id {tok} is outside the vocabulary of {}",
-                c.n_vocab
+        let n_vocab = self.config.n_vocab;
+        if let Some(&tok) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(Error::Request(format!(
+                "token id {tok} is outside the vocabulary of {n_vocab}"
             )));
         }
-        let logits = match &mut cache.store {
-            KvStorage::Cpu(kv) => run(&CpuExec::new(self), self, kv, pos0, tokens, which)?,
+        Ok(())
+    }
+
+    /// Runs `job` on the backend that owns `cache`'s storage.
+    fn execute(&self, cache: &mut KvCache, job: &Job<'_>) -> Result<Vec<f32>> {
+        match &mut cache.store {
+            KvStorage::Cpu(kv) => run(&CpuExec::new(self), self, kv, job),
             KvStorage::OpenCl(kv) => {
                 let Placement::OpenCl(dev) = &self.placement else {
                     return Err(Error::Device(
                         "a device KV cache used with a model on the CPU: make a new cache".into(),
                     ));
                 };
-                let exec = ClExec::new(dev, self, kv);
-                run(&exec, self, kv, pos0, tokens, which)?
+                run(&ClExec::new(dev, self, kv), self, kv, job)
             }
-        };
-        cache.len = pos0 + tokens.len();
-        Ok(logits)
+        }
     }
 }
 
-/// Splits `tokens` into passes the backend accepts and concatenates their logits.
-fn run<B: Backend>(
-    be: &B,
-    model: &Model,
-    kv: &mut B::Kv,
-    pos0: usize,
-    tokens: &[u32],
-    which: Logits,
-) -> Result<Vec<f32>> {
-    let step = be.max_tokens_per_pass(kv).max(1);
-    let n_chunks = tokens.len().div_ceil(step);
+/// Rows to run, with their places, and which logits to return.
+struct Job<'a> {
+    tokens: &'a [u32],
+    places: &'a [RowPlace],
+    out: Out,
+}
+
+/// Which rows' logits a job returns.
+enum Out {
+    /// One sequence, split into passes the backend accepts: the last row of the last pass, or
+    /// every row.
+    PerPass(Logits),
+    /// One pass (a batch): its last `n` rows.
+    Tail(usize),
+}
+
+/// Runs a job as passes the backend accepts and concatenates their logits.
+fn run<B: Backend>(be: &B, model: &Model, kv: &mut B::Kv, job: &Job<'_>) -> Result<Vec<f32>> {
     let mut logits = Vec::new();
-    for (i, chunk) in tokens.chunks(step).enumerate() {
-        let last = i + 1 == n_chunks;
-        let want = match which {
-            Logits::All => Some(Logits::All),
-            Logits::Last if last => Some(Logits::Last),
-            Logits::Last => None,
-        };
-        pass(be, model, kv, pos0 + i * step, chunk, want, &mut logits)?;
+    match job.out {
+        Out::Tail(n) => pass(be, model, kv, job.tokens, job.places, n, &mut logits)?,
+        Out::PerPass(which) => {
+            let step = be.max_tokens_per_pass(kv).max(1);
+            let n_chunks = job.tokens.len().div_ceil(step);
+            let chunks = job.tokens.chunks(step).zip(job.places.chunks(step));
+            for (i, (chunk, at)) in chunks.enumerate() {
+                let n_out = match which {
+                    Logits::All => chunk.len(),
+                    Logits::Last if i + 1 == n_chunks => 1,
+                    Logits::Last => 0,
+                };
+                pass(be, model, kv, chunk, at, n_out, &mut logits)?;
+            }
+        }
     }
     Ok(logits)
 }
 
-/// One pass of `tokens` at positions `pos0..`: the architecture's op list.
+/// One pass of `tokens` at `places`: the architecture's op list. The logits of the last `n_out`
+/// rows are appended to `logits`.
 fn pass<B: Backend>(
     be: &B,
     model: &Model,
     kv: &mut B::Kv,
-    pos0: usize,
     tokens: &[u32],
-    which: Option<Logits>,
+    places: &[RowPlace],
+    n_out: usize,
     logits: &mut Vec<f32>,
 ) -> Result<()> {
     let c = &model.config;
@@ -213,8 +370,8 @@ fn pass<B: Backend>(
             ],
             false,
         )?;
-        be.rope_store(kv, li, pos0, t_n, &q, &k, &v, &mut qr)?;
-        be.attention(kv, li, pos0, t_n, &qr, &mut att)?;
+        be.rope_store(kv, li, places, &q, &k, &v, &mut qr)?;
+        be.attention(kv, li, places, &qr, &mut att)?;
         if l.attn_sub_norm.is_some() {
             be.norm_inplace(blk, Norm::AttnSub, &mut att, t_n)?;
         }
@@ -246,11 +403,10 @@ fn pass<B: Backend>(
             true,
         )?;
     }
-    let (row0, rows) = match which {
-        None => return Ok(()),
-        Some(Logits::Last) => (t_n - 1, 1),
-        Some(Logits::All) => (0, t_n),
-    };
+    if n_out == 0 {
+        return Ok(());
+    }
+    let (row0, rows) = (t_n - n_out.min(t_n), n_out.min(t_n));
     let guard = model.acquire(UnitId::Head)?;
     let head = be.unit(&guard)?;
     be.norm(head, Norm::Output, &x, row0, rows, &mut h)?;

@@ -17,10 +17,12 @@
 mod config;
 mod forward;
 pub mod ops;
+mod text_out;
 mod weights;
 
 pub use config::{Arch, Config, FfnAct};
-pub use forward::{KvCache, KvType, Logits};
+pub use forward::{KvCache, KvType, Logits, SeqChunk};
+pub use text_out::TextOut;
 pub use weights::{Layer, Linear, TensorRef, Weights};
 
 use crate::backend::cpu::HostUnit;
@@ -32,7 +34,7 @@ use crate::mux::store::{PageIn, Store};
 use crate::mux::units::UnitId;
 use crate::mux::{Binding, meter::Meter};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::tokenizer::{Tokenizer, Utf8Stream};
+use crate::tokenizer::Tokenizer;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -245,20 +247,10 @@ impl Model {
             cache,
             sampler: Sampler::new(opts.sampling.clone()),
             history: prompt.to_vec(),
-            // Output starts the text only when the prompt holds no text token (e.g. BOS alone).
-            utf8: if prompt
-                .iter()
-                .all(|&t| self.tokenizer.token_bytes(t, false).is_empty())
-            {
-                Utf8Stream::new(&self.tokenizer)
-            } else {
-                Utf8Stream::continuing(&self.tokenizer)
-            },
+            text: TextOut::new(&self.tokenizer, prompt, opts.stop.clone()),
             logits: Some(logits),
             produced: Vec::new(),
             max_tokens: opts.max_tokens,
-            stop: opts.stop.clone(),
-            held: String::new(),
             finished: None,
             timings: Timings {
                 load: self.load_time,
@@ -427,12 +419,10 @@ pub struct TokenStream<'m> {
     cache: KvCache,
     sampler: Sampler,
     history: Vec<u32>,
-    utf8: Utf8Stream<'m>,
+    text: TextOut<'m>,
     logits: Option<Vec<f32>>,
     produced: Vec<u32>,
     max_tokens: usize,
-    stop: Vec<String>,
-    held: String,
     finished: Option<StopReason>,
     timings: Timings,
 }
@@ -449,44 +439,7 @@ impl TokenStream<'_> {
     /// Text held back (an incomplete UTF-8 character or a possible stop-string prefix), released
     /// at the end.
     pub fn flush(&mut self) -> String {
-        if self.finished == Some(StopReason::StopString) {
-            return String::new();
-        }
-        let mut s = std::mem::take(&mut self.held);
-        s.push_str(&self.utf8.finish());
-        s
-    }
-
-    /// Releases what cannot be the start of a stop string; ends the stream on a stop string.
-    fn release(&mut self, text: String) -> String {
-        self.held.push_str(&text);
-        if self.stop.is_empty() {
-            return std::mem::take(&mut self.held);
-        }
-        if let Some(at) = self
-            .stop
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
-        {
-            self.finished = Some(StopReason::StopString);
-            let out = self.held[..at].to_string();
-            self.held.clear();
-            return out;
-        }
-        // Hold back the longest suffix that is a prefix of some stop string.
-        let mut keep = 0;
-        for s in &self.stop {
-            for (i, _) in s.char_indices().skip(1) {
-                if self.held.ends_with(&s[..i]) {
-                    keep = keep.max(i);
-                }
-            }
-        }
-        let cut = self.held.len() - keep;
-        let out = self.held[..cut].to_string();
-        self.held.drain(..cut);
-        out
+        self.text.flush()
     }
 }
 
@@ -526,8 +479,10 @@ impl Iterator for TokenStream<'_> {
             self.finished = Some(StopReason::EndOfGeneration);
             return None;
         }
-        let text = self.utf8.push(id);
-        let text = self.release(text);
+        let text = self.text.push(id);
+        if self.text.stopped() {
+            self.finished = Some(StopReason::StopString);
+        }
         Some(Ok(Piece { id, text }))
     }
 }

@@ -5,9 +5,9 @@
 //! are read.
 
 use super::device::{ClDevice, DevBuf};
-use super::ops::{RopeShape, TernaryOut};
+use super::ops::{Places, RopeShape, TernaryOut};
 use crate::backend::cpu::extend_rope_tables;
-use crate::backend::{Backend, Mat, Norm, Resident};
+use crate::backend::{Backend, Mat, Norm, Resident, RowPlace};
 use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::model::{FfnAct, KvType, Model};
@@ -132,7 +132,8 @@ struct Raw {
 /// Activation buffers of one sequence, reused across passes.
 type Pool = Arc<Mutex<Vec<Raw>>>;
 
-/// One sequence's KV cache in device memory (f16), with the RoPE table and attention scratch.
+/// The KV cache of `slots` sequences in device memory (f16), with the RoPE table, the rows'
+/// places of the current pass, and attention scratch.
 pub struct ClKv {
     k: Vec<DevBuf>,
     v: Vec<DevBuf>,
@@ -141,8 +142,10 @@ pub struct ClKv {
     sin: Vec<f32>,
     rope_filled: usize,
     scores: DevBuf,
+    places: Option<Places>,
     max_pass: usize,
     n_ctx: usize,
+    slots: usize,
     bytes: usize,
     pool: Pool,
     meter: Option<Arc<Meter>>,
@@ -150,12 +153,13 @@ pub struct ClKv {
 }
 
 impl ClKv {
-    /// A cache for `n_ctx` positions on `dev`. With a `meter`, the cache and the activation
-    /// buffers of its passes are charged to it (and refused past its limit).
+    /// A cache for `slots` sequences of `n_ctx` positions on `dev`. With a `meter`, the cache
+    /// and the activation buffers of its passes are charged to it (and refused past its limit).
     pub fn new(
         dev: &ClDevice,
         model: &Model,
         n_ctx: usize,
+        slots: usize,
         ty: KvType,
         meter: Option<&Arc<Meter>>,
     ) -> Result<ClKv> {
@@ -166,7 +170,7 @@ impl ClKv {
         }
         let c = &model.config;
         let kvd = c.n_head_kv * c.head_dim;
-        let layer_bytes = n_ctx * kvd * 2;
+        let layer_bytes = slots * n_ctx * kvd * 2;
         let per_token = c.n_head * n_ctx * 4;
         let max_pass = ((64usize << 20) / per_token.max(1)).clamp(1, MAX_PASS_ROWS);
         let bytes = 2 * c.n_layer * layer_bytes + max_pass * per_token + n_ctx * (c.n_rot / 2) * 8;
@@ -188,13 +192,20 @@ impl ClKv {
             sin: Vec::new(),
             rope_filled: 0,
             scores,
+            places: None,
             max_pass,
             n_ctx,
+            slots,
             bytes,
             pool: Arc::new(Mutex::new(Vec::new())),
             meter: meter.cloned(),
             _charge: charge,
         })
+    }
+
+    /// The most rows one pass may hold (the attention scratch is sized for it).
+    pub fn max_pass(&self) -> usize {
+        self.max_pass
     }
 
     /// Device bytes held (the cache; activation buffers are charged to the meter as made).
@@ -490,15 +501,14 @@ impl Backend for ClExec<'_> {
         &self,
         kv: &mut ClKv,
         layer: usize,
-        pos0: usize,
-        rows: usize,
+        rows: &[RowPlace],
         q: &ClBuf,
         k: &ClBuf,
         v: &ClBuf,
         q_out: &mut ClBuf,
     ) -> Result<()> {
         let half = self.model.config.n_rot / 2;
-        let end = pos0 + rows;
+        let end = rows.iter().map(|r| r.pos as usize + 1).max().unwrap_or(0);
         if end > kv.n_ctx {
             return Err(Error::Context {
                 needed: end,
@@ -517,6 +527,15 @@ impl Backend for ClExec<'_> {
                 .write(&mut kv.rope, from * half * 8, bytemuck::cast_slice(&inter))?;
             kv.rope_filled = end;
         }
+        // The places are uploaded once per pass (every layer's rows are the same).
+        if kv.places.as_ref().is_none_or(|p| p.rows() != rows) {
+            let old = kv.places.take();
+            kv.places = Some(Places::new(self.dev(), rows, kv.slots, kv.n_ctx, old)?);
+        }
+        let places = kv
+            .places
+            .as_ref()
+            .ok_or_else(|| Error::Device("opencl: row places missing".into()))?;
         self.dev().rope_store(
             &q.raw()?.f,
             &k.raw()?.f,
@@ -525,8 +544,7 @@ impl Backend for ClExec<'_> {
             &kv.k[layer],
             &kv.v[layer],
             &kv.rope,
-            pos0,
-            rows,
+            places,
             self.shape(),
         )?;
         q_out.quantized.set(false);
@@ -537,19 +555,23 @@ impl Backend for ClExec<'_> {
         &self,
         kv: &ClKv,
         layer: usize,
-        pos0: usize,
-        rows: usize,
+        rows: &[RowPlace],
         q: &ClBuf,
         out: &mut ClBuf,
     ) -> Result<()> {
+        let places = kv
+            .places
+            .as_ref()
+            .filter(|p| p.rows() == rows)
+            .ok_or_else(|| {
+                Error::Device("opencl: attention over rows whose keys were not stored".into())
+            })?;
         self.dev().attention(
             &q.raw()?.f,
             &kv.k[layer],
             &kv.v[layer],
             &kv.scores,
-            kv.n_ctx,
-            pos0,
-            rows,
+            places,
             self.shape(),
             &out.raw()?.f,
         )?;

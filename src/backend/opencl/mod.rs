@@ -23,4 +23,4 @@ pub mod ops;
 
 pub use device::{Arg, ClDevice, DevBuf, DeviceInfo, Pinned, Unavailable, list_devices};
 pub use exec::{ClExec, ClKv, DevUnit};
-pub use ops::{RopeShape, TernaryOut};
+pub use ops::{Places, RopeShape, TernaryOut};

@@ -6,6 +6,7 @@
 //! [`Error::Device`], never an out-of-bounds read on the device.
 
 use super::device::{Arg, ClDevice, DevBuf};
+use crate::backend::RowPlace;
 use crate::error::{Error, Result};
 use crate::model::FfnAct;
 use ternmux_kernels::dequant::FloatFormat;
@@ -54,6 +55,71 @@ pub struct TernaryOut<'a> {
     pub scale: f32,
     /// Optional bias (f32, `rows`).
     pub bias: Option<&'a DevBuf>,
+}
+
+/// Where the rows of a pass go, on the device (`int2` slot, position per row) with the host
+/// copy it was made from: the kernels index caches by it, so it is checked here against the
+/// caches' shape when made.
+pub struct Places {
+    host: Vec<RowPlace>,
+    buf: DevBuf,
+    slots: usize,
+    n_ctx: usize,
+}
+
+impl Places {
+    /// Uploads `rows` for caches of `slots` slots of `n_ctx` positions, reusing `old`'s device
+    /// buffer when it is large enough. Every slot and position must lie inside the caches.
+    pub fn new(
+        dev: &ClDevice,
+        rows: &[RowPlace],
+        slots: usize,
+        n_ctx: usize,
+        old: Option<Places>,
+    ) -> Result<Places> {
+        if let Some(bad) = rows
+            .iter()
+            .find(|r| r.slot as usize >= slots || r.pos as usize >= n_ctx)
+        {
+            return Err(Error::Device(format!(
+                "opencl: row at slot {} position {} outside caches of {slots} slots of {n_ctx} \
+                 positions",
+                bad.slot, bad.pos
+            )));
+        }
+        let bytes = rows.len().max(1) * std::mem::size_of::<RowPlace>();
+        let mut buf = match old {
+            Some(o) if o.buf.bytes() >= bytes => o.buf,
+            _ => dev.alloc(bytes.next_power_of_two())?,
+        };
+        dev.write(&mut buf, 0, bytemuck::cast_slice(rows))?;
+        Ok(Places {
+            host: rows.to_vec(),
+            buf,
+            slots,
+            n_ctx,
+        })
+    }
+    /// The rows as uploaded.
+    pub fn rows(&self) -> &[RowPlace] {
+        &self.host
+    }
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+    /// One past the largest position.
+    pub fn end(&self) -> usize {
+        self.host
+            .iter()
+            .map(|r| r.pos as usize + 1)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// Shape of a RoPE + KV store.
@@ -336,9 +402,9 @@ impl ClDevice {
         )
     }
 
-    /// Rotates q (into `qr`) and k of `n_tok` tokens at positions `pos0..`, and stores rotated k
-    /// and v as f16 rows of the caches `kc` / `vc`. `rope` holds (cos, sin) pairs per position
-    /// and rotated pair.
+    /// Rotates q (into `qr`) and k of each row of `places`, and stores rotated k and v as f16
+    /// at the row's slot and position of the caches `kc` / `vc` (`slots × n_ctx` positions).
+    /// `rope` holds (cos, sin) pairs per position and rotated pair.
     #[allow(clippy::too_many_arguments)]
     pub fn rope_store(
         &self,
@@ -349,8 +415,7 @@ impl ClDevice {
         kc: &DevBuf,
         vc: &DevBuf,
         rope: &DevBuf,
-        pos0: usize,
-        n_tok: usize,
+        places: &Places,
         sh: RopeShape,
     ) -> Result<()> {
         let (qd, kvd) = (sh.n_head * sh.head_dim, sh.n_kv * sh.head_dim);
@@ -360,13 +425,14 @@ impl ClDevice {
                 sh.n_rot, sh.head_dim
             )));
         }
+        let n_tok = places.len();
         need("q", q, n_tok * qd * 4)?;
         need("k", k, n_tok * kvd * 4)?;
         need("v", v, n_tok * kvd * 4)?;
         need("rotated q", qr, n_tok * qd * 4)?;
-        need("key cache", kc, (pos0 + n_tok) * kvd * 2)?;
-        need("value cache", vc, (pos0 + n_tok) * kvd * 2)?;
-        need("rope table", rope, (pos0 + n_tok) * sh.n_rot / 2 * 8)?;
+        need("key cache", kc, places.slots * places.n_ctx * kvd * 2)?;
+        need("value cache", vc, places.slots * places.n_ctx * kvd * 2)?;
+        need("rope table", rope, places.end() * sh.n_rot / 2 * 8)?;
         self.launch(
             "rope_store",
             &[sh.head_dim, sh.n_head + 2 * sh.n_kv, n_tok],
@@ -379,7 +445,8 @@ impl ClDevice {
                 Arg::Buf(kc),
                 Arg::Buf(vc),
                 Arg::Buf(rope),
-                int(pos0)?,
+                Arg::Buf(&places.buf),
+                int(places.n_ctx)?,
                 int(sh.head_dim)?,
                 int(sh.n_rot)?,
                 Arg::I32(i32::from(sh.neox)),
@@ -389,8 +456,9 @@ impl ClDevice {
         )
     }
 
-    /// Causal GQA attention of `n_tok` queries (`qr`) at positions `pos0..` over f16 caches
-    /// `kc` / `vc` of `n_ctx` positions; `scores` is scratch of `n_tok × n_head × n_ctx` floats.
+    /// Causal GQA attention of each row of `places` (query row `t` of `qr`) over positions
+    /// `0..=pos` of its slot in the f16 caches `kc` / `vc`; `scores` is scratch of
+    /// `n_tok × n_head × n_ctx` floats.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -398,22 +466,21 @@ impl ClDevice {
         kc: &DevBuf,
         vc: &DevBuf,
         scores: &DevBuf,
-        n_ctx: usize,
-        pos0: usize,
-        n_tok: usize,
+        places: &Places,
         sh: RopeShape,
         out: &DevBuf,
     ) -> Result<()> {
         let (qd, kvd) = (sh.n_head * sh.head_dim, sh.n_kv * sh.head_dim);
-        if sh.n_kv == 0 || !sh.n_head.is_multiple_of(sh.n_kv) || pos0 + n_tok > n_ctx {
+        let (n_tok, n_ctx) = (places.len(), places.n_ctx);
+        if sh.n_kv == 0 || !sh.n_head.is_multiple_of(sh.n_kv) {
             return Err(Error::Device(format!(
-                "opencl: attention of {} heads over {} KV heads at {pos0}+{n_tok} of {n_ctx}",
+                "opencl: attention of {} heads over {} KV heads",
                 sh.n_head, sh.n_kv
             )));
         }
         need("queries", qr, n_tok * qd * 4)?;
-        need("key cache", kc, n_ctx * kvd * 2)?;
-        need("value cache", vc, n_ctx * kvd * 2)?;
+        need("key cache", kc, places.slots * n_ctx * kvd * 2)?;
+        need("value cache", vc, places.slots * n_ctx * kvd * 2)?;
         need("scores", scores, n_tok * sh.n_head * n_ctx * 4)?;
         need("attention output", out, n_tok * qd * 4)?;
         let wg = self.row_group().min(128);
@@ -427,7 +494,7 @@ impl ClDevice {
                 Arg::Buf(vc),
                 Arg::Buf(scores),
                 int(n_ctx)?,
-                int(pos0)?,
+                Arg::Buf(&places.buf),
                 int(sh.head_dim)?,
                 int(sh.n_head)?,
                 int(sh.n_kv)?,

@@ -1,0 +1,131 @@
+//! The engine: continuous batching gives the same greedy text as one request at a time, on the
+//! CPU and on OpenCL (PoCL in CI); cancellation frees the slot; a full queue is busy.
+
+use std::time::{Duration, Instant};
+use ternmux::backend::Device;
+use ternmux::engine::metrics::Outcome;
+use ternmux::engine::{Engine, EngineOptions, Event, Request};
+use ternmux::model::{GenerateOptions, Model};
+use ternmux::mux::Mux;
+
+const BUNDLED: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/models/bitllama2c-stories3M-TQ2_0.gguf"
+);
+
+const PROMPTS: [&str; 7] = [
+    "Once upon a time",
+    "The little dog",
+    "Lily and Ben went to the park. They",
+    "One day, a big red ball",
+    "Tom was sad because",
+    "The sun was shining and the birds",
+    "Mom said",
+];
+
+/// Greedy text of each prompt, one request at a time on `device`, without a mux or engine.
+fn sequential(device: Device, max_tokens: usize) -> Vec<Vec<u32>> {
+    let model = Model::open_on(BUNDLED, device).unwrap();
+    let opts = GenerateOptions {
+        max_tokens,
+        ..GenerateOptions::default()
+    };
+    PROMPTS
+        .iter()
+        .map(|p| model.generate(p, &opts, |_| true).unwrap().tokens)
+        .collect()
+}
+
+fn batched(device: Device, max_seqs: usize, max_tokens: usize) -> (Vec<Vec<u32>>, Engine) {
+    let mux = Mux::new(device, 64 << 20).unwrap();
+    mux.register("m", BUNDLED).unwrap();
+    let opts = EngineOptions {
+        max_seqs,
+        prefill_chunk: 5,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(mux, opts).unwrap();
+    // All at once: the first max_seqs run together, the rest join as slots free up, and the
+    // prompts (chunks of 5 tokens) are fed while the others decode.
+    let streams: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| engine.submit("m", Request::text(p, max_tokens)).unwrap())
+        .collect();
+    let out = streams
+        .into_iter()
+        .map(|s| s.collect_text().unwrap().tokens)
+        .collect();
+    (out, engine)
+}
+
+fn check_same(device: Device) {
+    let want = sequential(device, 48);
+    for max_seqs in [3, 8] {
+        let (got, engine) = batched(device, max_seqs, 48);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "prompt {i} ({:?}) with {max_seqs} slots", PROMPTS[i]);
+        }
+        let m = engine.metrics("m").unwrap();
+        let steps = m.steps.load(std::sync::atomic::Ordering::Relaxed);
+        let rows = m.step_rows.load(std::sync::atomic::Ordering::Relaxed);
+        // Batching happened: fewer passes than tokens.
+        assert!(
+            rows > steps,
+            "{rows} rows in {steps} steps: nothing was batched"
+        );
+        assert_eq!(m.outcomes(Outcome::Finished), PROMPTS.len() as u64);
+    }
+}
+
+#[test]
+fn batched_greedy_equals_sequential_cpu() {
+    check_same(Device::Cpu);
+}
+
+#[test]
+fn batched_greedy_equals_sequential_opencl() {
+    match ternmux::backend::opencl::ClDevice::best(false) {
+        Ok(d) => {
+            println!("opencl device: {}", d.info());
+            check_same(Device::OpenCl(None));
+        }
+        Err(why) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run the OpenCL engine test: {why}"
+            );
+            println!("skipped: no OpenCL device ({why})");
+        }
+    }
+}
+
+#[test]
+fn dropping_a_stream_frees_its_slot() {
+    let mux = Mux::new(Device::Cpu, 64 << 20).unwrap();
+    mux.register("m", BUNDLED).unwrap();
+    let opts = EngineOptions {
+        max_seqs: 1,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(mux, opts).unwrap();
+    let s = engine
+        .submit("m", Request::text("Once upon a time", 100_000))
+        .unwrap();
+    // Two tokens arrive, then the client goes away.
+    for _ in 0..2 {
+        assert!(matches!(s.recv(), Some(Event::Token { .. })));
+    }
+    drop(s);
+    // The one slot serves the next request.
+    let next = engine.submit("m", Request::text("The dog", 4)).unwrap();
+    let done = next.collect_text().unwrap();
+    assert_eq!(done.completion_tokens, 4);
+    let m = engine.metrics("m").unwrap();
+    let start = Instant::now();
+    while m.running.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "slot not freed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(m.outcomes(Outcome::Cancelled), 1);
+    assert_eq!(m.outcomes(Outcome::Finished), 1);
+}
