@@ -32,6 +32,7 @@ pub mod model;
 pub mod mux;
 pub mod quant;
 pub mod sampling;
+pub mod server;
 pub mod synth;
 pub mod tokenizer;
 

@@ -99,6 +99,8 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// Stop at the first of these strings (not included in the output).
     pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens (benchmarks that need fixed lengths).
+    pub ignore_eos: bool,
 }
 
 impl Request {
@@ -113,6 +115,7 @@ impl Request {
             max_tokens,
             sampling: SamplingParams::default(),
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -260,6 +263,7 @@ struct Job {
     max_tokens: usize,
     sampling: SamplingParams,
     stop: Vec<String>,
+    ignore_eos: bool,
     events: mpsc::Sender<Event>,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
@@ -461,6 +465,7 @@ impl Engine {
             max_tokens: req.max_tokens,
             sampling: req.sampling,
             stop: req.stop,
+            ignore_eos: req.ignore_eos,
             events: etx,
             cancel: cancel.clone(),
             submitted,

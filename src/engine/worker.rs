@@ -228,7 +228,7 @@ pub(super) fn run(mut ctx: Context) {
                 Some(t) => ctx.metrics.observe_inter_token(now.duration_since(t)),
             }
             s.last_token = Some(now);
-            if tok.is_eog(id) {
+            if tok.is_eog(id) && !s.job.ignore_eos {
                 leaving.push((i, Leave::Done(StopReason::EndOfGeneration)));
                 continue;
             }

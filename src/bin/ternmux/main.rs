@@ -22,8 +22,11 @@ struct Cli {
     command: Command,
 }
 
+mod bench_conc;
 mod bench_mux;
 mod demo;
+mod plot;
+mod serve;
 
 #[derive(Subcommand)]
 enum Command {
@@ -90,8 +93,12 @@ enum Command {
         gen_tokens: usize,
     },
     /// Measure prefill and decode speed on a model (like llama-bench): a random prompt of
-    /// `--prompt-tokens`, then `--gen-tokens` decoded one at a time.
-    Bench(BenchArgs),
+    /// `--prompt-tokens`, then `--gen-tokens` decoded one at a time. `bench concurrency`
+    /// measures many requests at once.
+    Bench(BenchCmd),
+    /// Serve models over an OpenAI-compatible HTTP API (completions, chat, SSE streaming,
+    /// /v1/models, /health, Prometheus /metrics), with continuous batching.
+    Serve(serve::ServeArgs),
     /// Write a synthetic model: random ternary weights at a real shape, with a working tokenizer.
     Synth {
         /// Output GGUF file.
@@ -166,6 +173,22 @@ struct RunArgs {
     /// Where to run: auto (best OpenCL GPU, else CPU), cpu, opencl, opencl:N.
     #[arg(short = 'd', long = "device", default_value = "auto")]
     device: ternmux::backend::Device,
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCmd {
+    #[command(subcommand)]
+    which: Option<BenchWhich>,
+    #[command(flatten)]
+    single: BenchArgs,
+}
+
+#[derive(Subcommand)]
+enum BenchWhich {
+    /// Throughput, time to first token and per-query speed at concurrency 1…128, in process
+    /// or against a server URL; writes summary and per-query CSVs and a PNG chart.
+    Concurrency(bench_conc::ConcArgs),
 }
 
 #[derive(clap::Args)]
@@ -636,7 +659,12 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             }
             Err(why) => writeln!(out, "{why}").map_err(io_failure)?,
         },
-        Command::Bench(a) => bench_model(a, out)?,
+        Command::Bench(BenchCmd {
+            which: Some(BenchWhich::Concurrency(c)),
+            ..
+        }) => bench_conc::bench_concurrency(c, out)?,
+        Command::Bench(b) => bench_model(b.single, out)?,
+        Command::Serve(a) => serve::serve(a, out)?,
         Command::Demo(a) => demo::demo(a, out)?,
         Command::BenchMux(a) => bench_mux::bench_mux(a, out)?,
         Command::Run(a) => run_model(a, out)?,
