@@ -231,12 +231,7 @@ fn handle(engine: &Engine, opts: &ServerOptions, mut rq: tiny_http::Request) {
                 );
                 return respond_json(rq, e.status, &e.body());
             }
-            if let Err(e) = generate(engine, opts, endpoint, &body, rq) {
-                // `generate` answered already unless it handed the request back.
-                if let Some((rq, e)) = e {
-                    respond_json(rq, e.status, &e.body());
-                }
-            }
+            generate(engine, opts, endpoint, &body, rq);
         }
         (_, "/health" | "/metrics" | "/v1/models" | "/v1/completions" | "/v1/chat/completions") => {
             let e = ApiError::new(405, "invalid_request_error", "method not allowed");
@@ -249,17 +244,15 @@ fn handle(engine: &Engine, opts: &ServerOptions, mut rq: tiny_http::Request) {
     }
 }
 
-type Refused = Option<(tiny_http::Request, ApiError)>;
-
-/// Runs a completion; on an error before any answer, hands the request back with the error.
+/// Runs a completion and answers it: JSON, server-sent events, or an error object.
 fn generate(
     engine: &Engine,
     opts: &ServerOptions,
     endpoint: Endpoint,
     body: &[u8],
     rq: tiny_http::Request,
-) -> std::result::Result<(), Refused> {
-    let fail = |rq, e: ApiError| Err(Some((rq, e)));
+) {
+    let fail = |rq, e: ApiError| respond_json(rq, e.status, &e.body());
     let parsed = match api::parse(body, endpoint) {
         Ok(p) => p,
         Err(e) => return fail(rq, e),
@@ -301,14 +294,14 @@ fn generate(
     };
     let head = Head::new(endpoint, &name);
     if !stream_mode {
-        return match stream.collect_text() {
+        match stream.collect_text() {
             Ok(c) => {
                 let body = head.complete(&c.text, c.reason, c.prompt_tokens, c.completion_tokens);
                 respond_json(rq, 200, &body);
-                Ok(())
             }
             Err(e) => fail(rq, e.into()),
-        };
+        }
+        return;
     }
     // Server-sent events over a chunked response, flushed per token.
     let mut w = rq.into_writer();
@@ -319,7 +312,7 @@ fn generate(
         )
         .and_then(|_| w.flush());
     if started.is_err() {
-        return Ok(()); // the client is gone; dropping the stream cancels
+        return; // the client is gone; dropping the stream cancels
     }
     let mut first = true;
     loop {
@@ -329,7 +322,7 @@ fn generate(
             Ok(None) => break,
             Err(()) => {
                 if send_chunk(&mut w, b": keep-alive\n\n").is_err() {
-                    return Ok(());
+                    return;
                 }
                 continue;
             }
@@ -348,7 +341,7 @@ fn generate(
                     let chunk = head.chunk(Some(&f.tail), first, None);
                     first = false;
                     if send_event(&mut w, &chunk).is_err() {
-                        return Ok(());
+                        return;
                     }
                 }
                 let mut end = head.chunk(None, first, Some(f.reason));
@@ -362,7 +355,7 @@ fn generate(
             Event::Failed(e) => (ApiError::from(e).body(), true),
         };
         if send_event(&mut w, &data).is_err() {
-            return Ok(()); // client gone: the stream drops here and the request is cancelled
+            return; // client gone: the stream drops here and the request is cancelled
         }
         if last {
             break;
@@ -370,7 +363,6 @@ fn generate(
     }
     let _ = send_chunk(&mut w, b"data: [DONE]\n\n");
     let _ = w.write_all(b"0\r\n\r\n").and_then(|_| w.flush());
-    Ok(())
 }
 
 fn send_event(w: &mut impl Write, data: &Value) -> std::io::Result<()> {

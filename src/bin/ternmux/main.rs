@@ -95,7 +95,7 @@ enum Command {
     /// Measure prefill and decode speed on a model (like llama-bench): a random prompt of
     /// `--prompt-tokens`, then `--gen-tokens` decoded one at a time. `bench concurrency`
     /// measures many requests at once.
-    Bench(BenchCmd),
+    Bench(Box<BenchCmd>),
     /// Serve models over an OpenAI-compatible HTTP API (completions, chat, SSE streaming,
     /// /v1/models, /health, Prometheus /metrics), with continuous batching.
     Serve(serve::ServeArgs),
@@ -659,11 +659,13 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             }
             Err(why) => writeln!(out, "{why}").map_err(io_failure)?,
         },
-        Command::Bench(BenchCmd {
-            which: Some(BenchWhich::Concurrency(c)),
-            ..
-        }) => bench_conc::bench_concurrency(c, out)?,
-        Command::Bench(b) => bench_model(b.single, out)?,
+        Command::Bench(b) => match *b {
+            BenchCmd {
+                which: Some(BenchWhich::Concurrency(c)),
+                ..
+            } => bench_conc::bench_concurrency(c, out)?,
+            BenchCmd { single, .. } => bench_model(single, out)?,
+        },
         Command::Serve(a) => serve::serve(a, out)?,
         Command::Demo(a) => demo::demo(a, out)?,
         Command::BenchMux(a) => bench_mux::bench_mux(a, out)?,
