@@ -129,3 +129,34 @@ fn dropping_a_stream_frees_its_slot() {
     assert_eq!(m.outcomes(Outcome::Cancelled), 1);
     assert_eq!(m.outcomes(Outcome::Finished), 1);
 }
+
+/// Three models under a budget that holds one and a half of them, all busy at once: the gate
+/// makes them take turns, every request finishes, and each text equals the one-at-a-time text.
+#[test]
+fn models_that_do_not_fit_together_take_turns() {
+    let want = sequential(Device::Cpu, 24);
+    let mux = Mux::new(Device::Cpu, usize::MAX).unwrap();
+    for name in ["a", "b", "c"] {
+        mux.register(name, BUNDLED).unwrap();
+    }
+    let total = mux.stats().model("a").unwrap().total_bytes;
+    mux.set_budget(total * 3 / 2).unwrap();
+    let opts = EngineOptions {
+        max_seqs: 4,
+        slice: Duration::from_millis(2),
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(mux, opts).unwrap();
+    let mut streams = Vec::new();
+    for (i, p) in PROMPTS.iter().enumerate() {
+        for name in ["a", "b", "c"] {
+            streams.push((i, engine.submit(name, Request::text(p, 24)).unwrap()));
+        }
+    }
+    for (i, s) in streams {
+        assert_eq!(s.collect_text().unwrap().tokens, want[i], "prompt {i}");
+    }
+    let stats = engine.mux().stats();
+    assert!(stats.peak <= total * 3 / 2, "budget exceeded");
+    assert!(stats.evictions() > 0, "the models never had to take turns");
+}

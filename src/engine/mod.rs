@@ -10,7 +10,9 @@
 //! cancels the request: its slot (and the KV memory in it) goes to the next request at the next
 //! step. A full queue refuses at once ([`Error::Busy`]) instead of growing memory. Models have
 //! their own workers, so a request for a resident model never waits behind another model's
-//! page-in (only the device itself is shared).
+//! page-in (only the device itself is shared). When the models with requests do not fit in the
+//! weight budget together, they take turns in slices ([`EngineOptions::slice`]) instead of
+//! evicting each other's layers at every step.
 //!
 //! ```
 //! use ternmux::backend::Device;
@@ -30,6 +32,7 @@
 //! # Ok::<(), ternmux::Error>(())
 //! ```
 
+mod gate;
 pub mod metrics;
 mod worker;
 
@@ -58,6 +61,9 @@ pub struct EngineOptions {
     pub prefill_chunk: usize,
     /// KV cache precision.
     pub kv_type: KvType,
+    /// When models with requests do not fit in the weight budget together, how long one runs
+    /// before stepping aside for a waiting one (see the gate in the module docs).
+    pub slice: Duration,
 }
 
 impl Default for EngineOptions {
@@ -68,6 +74,7 @@ impl Default for EngineOptions {
             n_ctx: 0,
             prefill_chunk: 64,
             kv_type: KvType::F16,
+            slice: Duration::from_millis(300),
         }
     }
 }
@@ -281,6 +288,7 @@ struct Worker {
 /// Continuous batching over the models of a [`Mux`] (see the module docs).
 pub struct Engine {
     mux: Arc<Mux>,
+    gate: Arc<gate::Gate>,
     opts: EngineOptions,
     workers: Mutex<Vec<(String, Worker)>>,
 }
@@ -298,6 +306,7 @@ impl Engine {
         }
         let engine = Engine {
             mux: Arc::new(mux),
+            gate: Arc::new(gate::Gate::new(opts.slice)),
             opts,
             workers: Mutex::new(Vec::new()),
         };
@@ -342,7 +351,12 @@ impl Engine {
                 self.opts.max_seqs
             )));
         }
+        let weight_bytes = self.mux.stats().model(name).map_or(0, |m| m.total_bytes);
         let ctx = worker::Context {
+            name: name.to_string(),
+            weight_bytes,
+            mux: self.mux.clone(),
+            gate: self.gate.clone(),
             model: model.clone(),
             cache,
             jobs: rx,

@@ -2,10 +2,12 @@
 //! batched pass per step (a token per decoding sequence, then prompt chunks of newcomers), samples
 //! each sequence's next token in parallel and streams it out.
 
+use super::gate::Gate;
 use super::metrics::{ModelMetrics, Outcome};
 use super::{Event, Finish, Job};
 use crate::error::Error;
 use crate::model::{KvCache, Model, SeqChunk, StopReason, TextOut};
+use crate::mux::Mux;
 use crate::sampling::Sampler;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -15,6 +17,11 @@ use std::time::Instant;
 
 /// What a worker owns.
 pub(super) struct Context {
+    pub name: String,
+    /// Bytes of all the model's units (what the gate admits against the budget).
+    pub weight_bytes: usize,
+    pub mux: Arc<Mux>,
+    pub gate: Arc<Gate>,
     pub model: Arc<Model>,
     pub cache: KvCache,
     pub jobs: Receiver<Job>,
@@ -73,7 +80,12 @@ pub(super) fn run(mut ctx: Context) {
     let mut free: Vec<usize> = (0..ctx.cache.slots()).rev().collect();
     let mut seqs: Vec<Seq<'_>> = Vec::new();
     let mut closed = false;
+    // When this model was admitted by the gate, while it holds it.
+    let mut admitted: Option<Instant> = None;
     loop {
+        if seqs.is_empty() && admitted.take().is_some() {
+            ctx.gate.leave(&ctx.name);
+        }
         // Admit newcomers into free slots (block only when nothing is running).
         while !closed && !free.is_empty() {
             let next = if seqs.is_empty() {
@@ -128,6 +140,20 @@ pub(super) fn run(mut ctx: Context) {
         retire(&mut seqs, leaving, &mut free, &ctx.metrics);
         if seqs.is_empty() {
             continue;
+        }
+        if admitted.is_none() {
+            let (mux, name) = (&ctx.mux, ctx.name.as_str());
+            ctx.gate.enter(
+                name,
+                ctx.weight_bytes,
+                || mux.budget(),
+                || {
+                    mux.stats()
+                        .model(name)
+                        .is_some_and(|m| m.resident_bytes >= m.total_bytes)
+                },
+            );
+            admitted = Some(Instant::now());
         }
         // The step: one row per decoding sequence, then prompt chunks in arrival order.
         let mut rows = 0;
@@ -242,6 +268,10 @@ pub(super) fn run(mut ctx: Context) {
             }
         }
         retire(&mut seqs, leaving, &mut free, &ctx.metrics);
+        if admitted.is_some_and(|since| ctx.gate.should_yield(since)) {
+            admitted = None;
+            ctx.gate.leave(&ctx.name);
+        }
     }
 }
 

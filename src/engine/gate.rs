@@ -1,0 +1,115 @@
+//! Time-slicing of the device between models whose weights do not all fit in the budget.
+//!
+//! Without it, every model with requests runs a batched step whenever it can, and when their
+//! weights together exceed the budget each step of one model evicts layers the next model's step
+//! needs: the device spends its time paging. The gate admits models while their weight bytes fit
+//! in the budget together (a model that is entirely resident already is always admitted: running
+//! it pages nothing); the others wait in arrival order. A model that has run for a
+//! [`super::EngineOptions::slice`] while another waits steps aside after its current step, so a
+//! page-in is paid once per slice instead of once per step. When everything fits, nobody ever
+//! waits at the gate.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The shared gate of one engine.
+pub(super) struct Gate {
+    state: Mutex<State>,
+    changed: Condvar,
+    slice: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    /// Admitted models and their weight bytes.
+    active: Vec<(String, usize)>,
+    /// Models waiting to be admitted, first come first served.
+    waiting: VecDeque<String>,
+}
+
+impl Gate {
+    pub fn new(slice: Duration) -> Gate {
+        Gate {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            slice,
+        }
+    }
+
+    /// Waits until `name` (`bytes` of weights) may run. `budget` reads the current weight
+    /// budget; `resident` says whether all of the model's units are resident now.
+    pub fn enter(
+        &self,
+        name: &str,
+        bytes: usize,
+        budget: impl Fn() -> usize,
+        resident: impl Fn() -> bool,
+    ) {
+        let Ok(mut s) = self.state.lock() else { return };
+        if s.active.iter().any(|(n, _)| n == name) {
+            return;
+        }
+        s.waiting.push_back(name.to_string());
+        loop {
+            let first = s.waiting.front().is_some_and(|n| n == name);
+            let used: usize = s.active.iter().map(|(_, b)| b).sum();
+            let fits = s.active.is_empty() || used.saturating_add(bytes) <= budget();
+            if (first && fits) || resident() {
+                s.waiting.retain(|n| n != name);
+                s.active.push((name.to_string(), bytes));
+                self.changed.notify_all();
+                return;
+            }
+            // Re-check now and then: residency changes without a notification.
+            s = match self.changed.wait_timeout(s, Duration::from_millis(20)) {
+                Ok((s, _)) => s,
+                Err(_) => return,
+            };
+        }
+    }
+
+    /// Whether `name`, admitted at `since`, should step aside for a waiting model.
+    pub fn should_yield(&self, since: Instant) -> bool {
+        since.elapsed() >= self.slice && self.state.lock().is_ok_and(|s| !s.waiting.is_empty())
+    }
+
+    /// `name` stops running (its batch is empty, or its slice is over).
+    pub fn leave(&self, name: &str) {
+        if let Ok(mut s) = self.state.lock() {
+            s.active.retain(|(n, _)| n != name);
+            self.changed.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn admits_what_fits_and_queues_the_rest() {
+        let gate = Arc::new(Gate::new(Duration::from_millis(1)));
+        gate.enter("a", 60, || 100, || false);
+        // b does not fit next to a: it waits until a leaves.
+        let entered = Arc::new(AtomicBool::new(false));
+        let (g, e) = (gate.clone(), entered.clone());
+        let t = std::thread::spawn(move || {
+            g.enter("b", 60, || 100, || false);
+            e.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!entered.load(Ordering::SeqCst));
+        assert!(gate.should_yield(Instant::now() - Duration::from_millis(5)));
+        gate.leave("a");
+        t.join().unwrap();
+        assert!(entered.load(Ordering::SeqCst));
+        // A resident model is admitted at once; a model that fits too.
+        gate.enter("c", 60, || 100, || true);
+        gate.leave("c");
+        gate.enter("d", 40, || 100, || false);
+        assert!(!gate.should_yield(Instant::now()));
+    }
+}
