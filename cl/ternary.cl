@@ -13,6 +13,22 @@
 #define TFMT_TQ1_0 1
 #define TFMT_I2_S 2
 
+// Σ of the four signed bytes of `a`, plus `acc`: one dp4a with ones on NVIDIA (the build adds
+// -DTERNMUX_DP4A where the driver takes inline PTX), else four byte extractions and adds. Only
+// ever applied to activations already selected by a weight mask: weights are never multiplied.
+#ifdef TERNMUX_DP4A
+inline int sum4(uint a, int acc) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0x01010101), "r"(acc));
+    return d;
+}
+#else
+inline int sum4(uint a, int acc) {
+    char4 v = as_char4(a);
+    return acc + v.x + v.y + v.z + v.w;
+}
+#endif
+
 // (code − 1) · x by selection: code 0 → −x, 1 → 0, 2 (and a corrupt 3, as on the CPU) → +x.
 inline int tsel(int code, int x) { return (code & 2) ? x : (code == 0 ? -x : 0); }
 
@@ -72,26 +88,40 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
         const __global uchar* wr = w + (size_t)rr * row_bytes_of(fmt, k);
         const __global char* qa = q + (size_t)t0 * k;
         if (fmt == TFMT_TQ2_0) {
-            // Lane l reads qs bytes 2l, 2l+1 of a block (one 64-byte load per team): byte m of
-            // chunk c = m / 32 holds elements 128c + 32j + m % 32, j = 0..3.
-            int m = 2 * lane, base = 128 * (m / 32) + m % 32;
-#pragma unroll 2
-            for (int b = 0; b < k / 256; b++) {
+            // Two blocks per team pass: lanes 0–15 take block b, lanes 16–31 block b + 1. Lane
+            // l reads qs bytes m..m+3 (m = 4 · (l % 16)): byte m + i of chunk c = m / 32 holds
+            // elements 128c + 32j + m % 32 + i, j = 0..3, so each j pairs 4 codes with 4
+            // consecutive activations (one aligned 32-bit load: k is a multiple of 256 and the
+            // activation buffer is aligned). The codes become byte masks once per block (+1:
+            // code bit 1; −1: code 0), reused for every token of the tile: per 4 weights and
+            // token, two ANDs select the activations and two byte sums add them.
+            int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
+            int nblk = k / 256;
+            for (int b = pair; b < nblk; b += 2) {
                 const __global uchar* blk = wr + b * 66;
-                uchar2 c = vload2(0, blk + m);
+                uint c = (uint)blk[m] | ((uint)blk[m + 1] << 8) | ((uint)blk[m + 2] << 16) |
+                         ((uint)blk[m + 3] << 24);
                 float d = ld_f16(blk + 64);
+                uint c0 = c & 0x03030303u, c1 = (c >> 2) & 0x03030303u;
+                uint c2 = (c >> 4) & 0x03030303u, c3 = (c >> 6) & 0x03030303u;
+                uint p0 = ((c0 >> 1) & 0x01010101u) * 0xFFu, n0 = ((((c0 >> 1) | c0) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+                uint p1 = ((c1 >> 1) & 0x01010101u) * 0xFFu, n1 = ((((c1 >> 1) | c1) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+                uint p2 = ((c2 >> 1) & 0x01010101u) * 0xFFu, n2 = ((((c2 >> 1) | c2) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+                uint p3 = ((c3 >> 1) & 0x01010101u) * 0xFFu, n3 = ((((c3 >> 1) | c3) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+                const __global uint* qb = (const __global uint*)(qa + b * 256 + base);
 #pragma unroll
                 for (int t = 0; t < TB; t++) {
                     if (t < nt) {
-                        const __global char* qt = qa + (size_t)t * k + b * 256 + base;
-                        int sum = 0;
-#pragma unroll
-                        for (int j = 0; j < 4; j++) {
-                            char2 a = vload2(0, qt + 32 * j);
-                            sum += tsel((c.x >> (2 * j)) & 3, a.x);
-                            sum += tsel((c.y >> (2 * j)) & 3, a.y);
-                        }
-                        acc[t] += (float)sum * d;
+                        const __global uint* qt = qb + (size_t)t * (k / 4);
+                        uint a0 = qt[0], a1 = qt[8], a2 = qt[16], a3 = qt[24];
+                        int sp = sum4(a0 & p0, 0), sn = sum4(a0 & n0, 0);
+                        sp = sum4(a1 & p1, sp);
+                        sn = sum4(a1 & n1, sn);
+                        sp = sum4(a2 & p2, sp);
+                        sn = sum4(a2 & n2, sn);
+                        sp = sum4(a3 & p3, sp);
+                        sn = sum4(a3 & n3, sn);
+                        acc[t] += (float)(sp - sn) * d;
                     }
                 }
             }

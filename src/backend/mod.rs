@@ -91,7 +91,11 @@ impl Placement {
                 ternmux_kernels::Kernels::get().isa().name(),
                 rayon::current_num_threads()
             ),
-            Placement::OpenCl(d) => format!("opencl: {}", d.info()),
+            Placement::OpenCl(d) => format!(
+                "opencl: {}{}",
+                d.info(),
+                if d.dp4a() { ", dp4a byte sums" } else { "" }
+            ),
         }
     }
 }

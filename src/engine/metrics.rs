@@ -85,6 +85,10 @@ pub struct ModelMetrics {
     pub steps: AtomicU64,
     /// Rows of all those passes (rows / steps = mean batch size).
     pub step_rows: AtomicU64,
+    /// Nanoseconds in those passes (`Model::forward_batch`, logits read back included).
+    pub forward_ns: AtomicU64,
+    /// Nanoseconds sampling and handing tokens to the streams after the passes.
+    pub sample_ns: AtomicU64,
     outcomes: [AtomicU64; 4],
     ttft: Mutex<LatencyHistogram>,
     inter_token: Mutex<LatencyHistogram>,
@@ -175,7 +179,7 @@ pub fn render(models: &[(String, &ModelMetrics)], mux: &MuxStats) -> String {
             let _ = writeln!(o, "{name}{{model=\"{}\"}} {}", label(model), get(m));
         }
     }
-    let counters: [Series<ModelMetrics>; 4] = [
+    let counters: [Series<ModelMetrics>; 6] = [
         (
             "ternmux_prompt_tokens_total",
             "Prompt tokens run through the model.",
@@ -193,6 +197,16 @@ pub fn render(models: &[(String, &ModelMetrics)], mux: &MuxStats) -> String {
             "ternmux_batch_rows_total",
             "Rows (tokens) of all batched passes.",
             |m| m.step_rows.load(Ordering::Relaxed),
+        ),
+        (
+            "ternmux_batch_forward_nanoseconds_total",
+            "Time in batched forward passes (logits read back included).",
+            |m| m.forward_ns.load(Ordering::Relaxed),
+        ),
+        (
+            "ternmux_batch_sample_nanoseconds_total",
+            "Time sampling and streaming tokens after the passes.",
+            |m| m.sample_ns.load(Ordering::Relaxed),
         ),
     ];
     for (name, help, get) in counters {

@@ -188,7 +188,13 @@ pub(super) fn run(mut ctx: Context) {
                 }
             })
             .collect();
+        let started = Instant::now();
         let result = model.forward_batch(&mut ctx.cache, &chunks);
+        let sampling_from = Instant::now();
+        ctx.metrics.forward_ns.fetch_add(
+            sampling_from.duration_since(started).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
         drop(chunks);
         ctx.metrics.steps.fetch_add(1, Ordering::Relaxed);
         ctx.metrics
@@ -268,6 +274,9 @@ pub(super) fn run(mut ctx: Context) {
             }
         }
         retire(&mut seqs, leaving, &mut free, &ctx.metrics);
+        ctx.metrics
+            .sample_ns
+            .fetch_add(sampling_from.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if admitted.is_some_and(|since| ctx.gate.should_yield(since)) {
             admitted = None;
             ctx.gate.leave(&ctx.name);

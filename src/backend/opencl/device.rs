@@ -244,6 +244,8 @@ pub struct ClDevice {
     compiled: Mutex<Compiled>,
     launches: AtomicU64,
     build_time: std::time::Duration,
+    /// Whether the kernels were built with `-DTERNMUX_DP4A` (NVIDIA inline PTX accepted).
+    dp4a: bool,
     dummy: DevBuf,
 }
 
@@ -346,13 +348,31 @@ impl ClDevice {
             .iter()
             .map(|(n, s)| format!("// ---- {n}\n{s}\n"))
             .collect();
-        let program = Program::create_and_build_from_source(&context, &joined, "-cl-std=CL1.2")
-            .map_err(|log| {
-                Error::Device(format!(
-                    "opencl: the kernels in cl/ failed to build on {}: {log}",
-                    info.name
-                ))
-            })?;
+        // NVIDIA drivers take inline PTX: the ternary GEMM then sums selected activation bytes
+        // with dp4a (sm_61 and later). Where that build fails, the portable one is used.
+        let nvidia = info.platform.contains("NVIDIA");
+        let built = if nvidia {
+            Program::create_and_build_from_source(
+                &context,
+                &joined,
+                "-cl-std=CL1.2 -DTERNMUX_DP4A",
+            )
+            .map(|p| (p, true))
+            .ok()
+        } else {
+            None
+        };
+        let (program, dp4a) = match built {
+            Some(b) => b,
+            None => Program::create_and_build_from_source(&context, &joined, "-cl-std=CL1.2")
+                .map(|p| (p, false))
+                .map_err(|log| {
+                    Error::Device(format!(
+                        "opencl: the kernels in cl/ failed to build on {}: {log}",
+                        info.name
+                    ))
+                })?,
+        };
         let names = program
             .kernel_names()
             .split(';')
@@ -383,6 +403,7 @@ impl ClDevice {
             }),
             launches: AtomicU64::new(0),
             build_time: start.elapsed(),
+            dp4a,
         });
         open.insert(dev.info.raw, dev.clone());
         Ok(dev)
@@ -400,6 +421,10 @@ impl ClDevice {
     /// Time the driver took to build the kernels.
     pub fn build_time(&self) -> std::time::Duration {
         self.build_time
+    }
+    /// Whether the kernels were built with `-DTERNMUX_DP4A` (NVIDIA: byte sums by dp4a).
+    pub fn dp4a(&self) -> bool {
+        self.dp4a
     }
     /// Kernel launches so far (all models on this device).
     pub fn launches(&self) -> u64 {

@@ -203,6 +203,26 @@ fn run_query(
     }
 }
 
+/// Steps, rows, forward ns and sampling ns summed over the in-process engine's models.
+fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 4]> {
+    let Target::Local(engine) = target else {
+        return None;
+    };
+    let mut out = [0u64; 4];
+    for m in models {
+        let c = engine.metrics(m).ok()?;
+        for (o, v) in out.iter_mut().zip([
+            &c.steps,
+            &c.step_rows,
+            &c.forward_ns,
+            &c.sample_ns,
+        ]) {
+            *o += v.load(Ordering::Relaxed);
+        }
+    }
+    Some(out)
+}
+
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -320,6 +340,7 @@ pub fn bench_concurrency(a: ConcArgs, out: &mut impl Write) -> Result<(), Failur
         let tokens = AtomicUsize::new(0);
         let results: Mutex<Vec<Query>> = Mutex::new(Vec::with_capacity(n));
         let failure: Mutex<Option<ternmux::Error>> = Mutex::new(None);
+        let before = step_counters(&target, &models);
         let start = Instant::now();
         let finished = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
@@ -382,6 +403,18 @@ pub fn bench_concurrency(a: ConcArgs, out: &mut impl Write) -> Result<(), Failur
             finished.store(true, Ordering::Relaxed);
         });
         let wall = start.elapsed().as_secs_f64();
+        let after = step_counters(&target, &models);
+        if let (Some(b), Some(a)) = (before, after) {
+            let steps = (a[0] - b[0]).max(1) as f64;
+            eprintln!(
+                "  conc {conc}: {} batched steps, {:.1} rows/step, {:.2} ms forward + {:.2} ms \
+                 sampling/streaming per step",
+                a[0] - b[0],
+                (a[1] - b[1]) as f64 / steps,
+                (a[2] - b[2]) as f64 / steps / 1e6,
+                (a[3] - b[3]) as f64 / steps / 1e6
+            );
+        }
         if let Some(e) = failure.into_inner().ok().flatten() {
             return Err(e.into());
         }
