@@ -49,6 +49,34 @@ inline int i2s_dot4(uchar4 c, const __global char* qt) {
     return sum;
 }
 
+// One output row of a launch: the matrix it belongs to (up to three share the input) and its
+// index there.
+typedef struct {
+    __global const uchar* w;
+    __global float* o;
+    __global const float* bias;
+    int n, hb, rr;
+    float s;
+} Row;
+
+inline Row pick_row(int r, __global const uchar* w0, int n0, __global float* o0, float s0,
+                    __global const float* b0, int hb0, __global const uchar* w1, int n1,
+                    __global float* o1, float s1, __global const float* b1, int hb1,
+                    __global const uchar* w2, int n2, __global float* o2, float s2,
+                    __global const float* b2, int hb2) {
+    Row x;
+    if (r >= n0 && r < n0 + n1) {
+        x.w = w1; x.o = o1; x.bias = b1; x.n = n1; x.hb = hb1; x.s = s1; x.rr = r - n0;
+    } else if (r >= n0 + n1) {
+        x.w = w2; x.o = o2; x.bias = b2; x.n = n2; x.hb = hb2; x.s = s2; x.rr = r - n0 - n1;
+    } else {
+        x.w = w0; x.o = o0; x.bias = b0; x.n = n0; x.hb = hb0; x.s = s0; x.rr = r;
+    }
+    return x;
+}
+
+#define ROW_ARGS w0, n0, o0, s0, b0, hb0, w1, n1, o1, s1, b1, hb1, w2, n2, o2, s2, b2, hb2
+
 inline int row_bytes_of(int fmt, int k) {
     return fmt == TFMT_TQ2_0 ? (k / 256) * 66 : fmt == TFMT_TQ1_0 ? (k / 256) * 54 : k / 4;
 }
@@ -68,16 +96,12 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
     int t0 = get_group_id(1) * TB;
     int nt = min(TB, n_tok - t0);
     // Which matrix this team's row belongs to.
-    __global const uchar* w = w0;
-    __global float* o = o0;
-    __global const float* bias = b0;
-    int n = n0, hb = hb0, rr = r;
-    float s = s0;
-    if (r >= n0 && r < n0 + n1) {
-        w = w1; o = o1; bias = b1; n = n1; hb = hb1; s = s1; rr = r - n0;
-    } else if (r >= n0 + n1) {
-        w = w2; o = o2; bias = b2; n = n2; hb = hb2; s = s2; rr = r - n0 - n1;
-    }
+    Row row = pick_row(r, ROW_ARGS);
+    __global const uchar* w = row.w;
+    __global float* o = row.o;
+    __global const float* bias = row.bias;
+    int n = row.n, hb = row.hb, rr = row.rr;
+    float s = row.s;
     bool valid = rr < n;
     // TB accumulators in registers: every loop over t has a constant trip count (unrolled) and
     // a guard, so no private array is indexed dynamically.
@@ -189,5 +213,95 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
         if (hb) v += bias[rr];
         size_t at = (size_t)(t0 + t) * n + rr;
         o[at] = accumulate ? o[at] + v : v;
+    }
+}
+
+// TQ2_0 × a tile of TB tokens, two output rows per team: the activations of each token are
+// loaded once and applied to both rows' masks, halving the activation traffic that bounds the
+// one-row kernel at batch > 1 (each team re-reads its tile for every row). Same arithmetic and
+// lane layout as the TQ2_0 path of `ternary_matmul`. Grid: (teams · TEAM, token tiles).
+__kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global const float* qsc,
+                                      int n_tok,
+                                      __global const uchar* w0, int n0, __global float* o0,
+                                      float s0, __global const float* b0, int hb0,
+                                      __global const uchar* w1, int n1, __global float* o1,
+                                      float s1, __global const float* b1, int hb1,
+                                      __global const uchar* w2, int n2, __global float* o2,
+                                      float s2, __global const float* b2, int hb2,
+                                      int accumulate, __local float* red) {
+    int lane = get_local_id(0) % TEAM, team = get_local_id(0) / TEAM;
+    int teams = get_local_size(0) / TEAM;
+    int r0 = (get_group_id(0) * teams + team) * 2;
+    int t0 = get_group_id(1) * TB;
+    int nt = min(TB, n_tok - t0);
+    Row ra = pick_row(r0, ROW_ARGS), rb = pick_row(r0 + 1, ROW_ARGS);
+    bool va = ra.rr < ra.n, vb = rb.rr < rb.n;
+    float acc_a[TB], acc_b[TB];
+#pragma unroll
+    for (int t = 0; t < TB; t++) {
+        acc_a[t] = 0.0f;
+        acc_b[t] = 0.0f;
+    }
+    if (va) {
+        int rb_bytes = (k / 256) * 66;
+        const __global uchar* wa = ra.w + (size_t)ra.rr * rb_bytes;
+        // A missing second row reads the first again; its sums are dropped.
+        const __global uchar* wb = vb ? rb.w + (size_t)rb.rr * rb_bytes : wa;
+        const __global char* qa = q + (size_t)t0 * k;
+        int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
+        int nblk = k / 256;
+        for (int b = pair; b < nblk; b += 2) {
+            const __global uchar* ba = wa + b * 66;
+            const __global uchar* bb = wb + b * 66;
+            uint ca = (uint)ba[m] | ((uint)ba[m + 1] << 8) | ((uint)ba[m + 2] << 16) |
+                      ((uint)ba[m + 3] << 24);
+            uint cb = (uint)bb[m] | ((uint)bb[m + 1] << 8) | ((uint)bb[m + 2] << 16) |
+                      ((uint)bb[m + 3] << 24);
+            float da = ld_f16(ba + 64), db = ld_f16(bb + 64);
+            uint pa[4], na[4], pb[4], nb[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                uint x = (ca >> (2 * j)) & 0x03030303u, y = (cb >> (2 * j)) & 0x03030303u;
+                pa[j] = ((x >> 1) & 0x01010101u) * 0xFFu;
+                na[j] = ((((x >> 1) | x) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+                pb[j] = ((y >> 1) & 0x01010101u) * 0xFFu;
+                nb[j] = ((((y >> 1) | y) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+            }
+            const __global uint* qb = (const __global uint*)(qa + b * 256 + base);
+#pragma unroll
+            for (int t = 0; t < TB; t++) {
+                if (t < nt) {
+                    const __global uint* qt = qb + (size_t)t * (k / 4);
+                    int spa = 0, sna = 0, spb = 0, snb = 0;
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        uint a = qt[8 * j];
+                        spa = sum4(a & pa[j], spa);
+                        sna = sum4(a & na[j], sna);
+                        spb = sum4(a & pb[j], spb);
+                        snb = sum4(a & nb[j], snb);
+                    }
+                    acc_a[t] += (float)(spa - sna) * da;
+                    acc_b[t] += (float)(spb - snb) * db;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TB; t++) {
+        red[((team * 2) * TB + t) * TEAM + lane] = acc_a[t];
+        red[((team * 2 + 1) * TB + t) * TEAM + lane] = acc_b[t];
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    // Lanes 0..TB-1 finish row a, lanes 16..16+TB-1 row b (TB ≤ 16).
+    int which = lane / 16, t = lane % 16;
+    Row x = which ? rb : ra;
+    if ((which ? vb : va) && t < nt) {
+        float v = 0.0f;
+        for (int i = 0; i < TEAM; i++) v += red[((team * 2 + which) * TB + t) * TEAM + i];
+        v = v / qsc[t0 + t] * x.s;
+        if (x.hb) v += x.bias[x.rr];
+        size_t at = (size_t)(t0 + t) * x.n + x.rr;
+        x.o[at] = accumulate ? x.o[at] + v : v;
     }
 }

@@ -313,6 +313,20 @@ impl ClDevice {
             }
         }
         args.push(Arg::I32(i32::from(accumulate)));
+        // Batches of TQ2_0 take two rows per team (activations loaded once for both).
+        if fmt == TernaryFormat::Tq2_0 && n_tok > 1 {
+            args.remove(0);
+            args.push(Arg::Local(ROWS_PER_GROUP * 2 * TB * TEAM * 4));
+            return self.launch(
+                "ternary_matmul_tq2_pair",
+                &[
+                    total.div_ceil(ROWS_PER_GROUP * 2) * ROWS_PER_GROUP * TEAM,
+                    n_tok.div_ceil(TB),
+                ],
+                &[ROWS_PER_GROUP * TEAM, 1],
+                &args,
+            );
+        }
         args.push(Arg::Local(ROWS_PER_GROUP * TB * TEAM * 4));
         self.launch(
             "ternary_matmul",
