@@ -77,3 +77,65 @@ __kernel void get_rows(int fmt, int k, int row_bytes, __global const uchar* w,
     if (j >= k) return;
     out[(size_t)t * k + j] = deq(fmt, w + (size_t)tokens[t] * row_bytes, j);
 }
+
+// F16 rows × a tile of FTB tokens, four output rows per team: each token's activations are
+// loaded once per 8 columns and applied to the four rows, cutting the activation traffic that
+// bounds the one-row kernel at batch > 1 (the output head of a batched decode step). Same
+// summation order per row as `float_matmul`'s F16 path. Needs k % 8 == 0.
+// Grid: (teams · FTEAM, token tiles).
+__kernel void float_matmul_f16_quad(int k, int row_bytes, __global const float* x, int n_tok,
+                                    __global const uchar* w, int n, __global float* o, float s,
+                                    int accumulate, __local float* red) {
+    int lane = get_local_id(0) % FTEAM, team = get_local_id(0) / FTEAM;
+    int teams = get_local_size(0) / FTEAM;
+    int r0 = (get_group_id(0) * teams + team) * 4;
+    int t0 = get_group_id(1) * FTB;
+    int nt = min(FTB, n_tok - t0);
+    float acc0[FTB], acc1[FTB], acc2[FTB], acc3[FTB];
+#pragma unroll
+    for (int t = 0; t < FTB; t++) {
+        acc0[t] = 0.0f;
+        acc1[t] = 0.0f;
+        acc2[t] = 0.0f;
+        acc3[t] = 0.0f;
+    }
+    if (r0 < n) {
+        // Rows past the end read the last row again; their sums are dropped.
+        const __global half* w0 = (const __global half*)(w + (size_t)r0 * row_bytes);
+        const __global half* w1 = (const __global half*)(w + (size_t)min(r0 + 1, n - 1) * row_bytes);
+        const __global half* w2 = (const __global half*)(w + (size_t)min(r0 + 2, n - 1) * row_bytes);
+        const __global half* w3 = (const __global half*)(w + (size_t)min(r0 + 3, n - 1) * row_bytes);
+        const __global float* xa = x + (size_t)t0 * k;
+        for (int j = lane; j < k / 8; j += FTEAM) {
+            float8 a = vload_half8(j, w0), b = vload_half8(j, w1);
+            float8 c = vload_half8(j, w2), d = vload_half8(j, w3);
+#pragma unroll
+            for (int t = 0; t < FTB; t++) {
+                if (t < nt) {
+                    float8 xv = vload8(j, xa + (size_t)t * k);
+                    acc0[t] += dot(a.lo, xv.lo) + dot(a.hi, xv.hi);
+                    acc1[t] += dot(b.lo, xv.lo) + dot(b.hi, xv.hi);
+                    acc2[t] += dot(c.lo, xv.lo) + dot(c.hi, xv.hi);
+                    acc3[t] += dot(d.lo, xv.lo) + dot(d.hi, xv.hi);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < FTB; t++) {
+        red[((team * 4 + 0) * FTB + t) * FTEAM + lane] = acc0[t];
+        red[((team * 4 + 1) * FTB + t) * FTEAM + lane] = acc1[t];
+        red[((team * 4 + 2) * FTB + t) * FTEAM + lane] = acc2[t];
+        red[((team * 4 + 3) * FTB + t) * FTEAM + lane] = acc3[t];
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    // Lane l finishes row r0 + l / FTB, token l % FTB (4 rows × FTB tokens = FTEAM lanes).
+    int i = lane / FTB, t = lane % FTB, r = r0 + i;
+    if (r < n && t < nt) {
+        float v = 0.0f;
+        for (int e = 0; e < FTEAM; e++) v += red[((team * 4 + i) * FTB + t) * FTEAM + e];
+        v *= s;
+        size_t at = (size_t)(t0 + t) * n + r;
+        o[at] = accumulate ? o[at] + v : v;
+    }
+}

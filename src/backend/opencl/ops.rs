@@ -362,6 +362,35 @@ impl ClDevice {
         need("activations", x, n_tok * k * 4)?;
         need("weights", w, n * fmt.row_bytes(k))?;
         need("matmul output", out, n_tok * n * 4)?;
+        // Batches of F16 rows take four rows per team (activations loaded once for all four).
+        let quad_local = ROWS_PER_GROUP * 4 * TB * TEAM * 4;
+        if fmt == FloatFormat::F16
+            && n_tok > 1
+            && k.is_multiple_of(8)
+            && TB * 4 == TEAM
+            && self.info().local_mem >= quad_local as u64
+        {
+            return self.launch(
+                "float_matmul_f16_quad",
+                &[
+                    n.div_ceil(ROWS_PER_GROUP * 4) * ROWS_PER_GROUP * TEAM,
+                    n_tok.div_ceil(TB),
+                ],
+                &[ROWS_PER_GROUP * TEAM, 1],
+                &[
+                    int(k)?,
+                    int(fmt.row_bytes(k))?,
+                    Arg::Buf(x),
+                    int(n_tok)?,
+                    Arg::Buf(w),
+                    int(n)?,
+                    Arg::Buf(out),
+                    Arg::F32(scale),
+                    Arg::I32(i32::from(accumulate)),
+                    Arg::Local(quad_local),
+                ],
+            );
+        }
         self.launch(
             "float_matmul",
             &[
