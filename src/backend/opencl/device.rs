@@ -352,13 +352,9 @@ impl ClDevice {
         // with dp4a (sm_61 and later). Where that build fails, the portable one is used.
         let nvidia = info.platform.contains("NVIDIA");
         let built = if nvidia {
-            Program::create_and_build_from_source(
-                &context,
-                &joined,
-                "-cl-std=CL1.2 -DTERNMUX_DP4A",
-            )
-            .map(|p| (p, true))
-            .ok()
+            Program::create_and_build_from_source(&context, &joined, "-cl-std=CL1.2 -DTERNMUX_DP4A")
+                .map(|p| (p, true))
+                .ok()
         } else {
             None
         };

@@ -211,12 +211,10 @@ fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 4]> {
     let mut out = [0u64; 4];
     for m in models {
         let c = engine.metrics(m).ok()?;
-        for (o, v) in out.iter_mut().zip([
-            &c.steps,
-            &c.step_rows,
-            &c.forward_ns,
-            &c.sample_ns,
-        ]) {
+        for (o, v) in out
+            .iter_mut()
+            .zip([&c.steps, &c.step_rows, &c.forward_ns, &c.sample_ns])
+        {
             *o += v.load(Ordering::Relaxed);
         }
     }
