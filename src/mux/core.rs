@@ -363,6 +363,7 @@ impl Core {
             .ok_or_else(|| Error::Mux(format!("model {name} has no unit {unit}")))?;
         let bytes = layout.bytes;
         let mut reuse: Option<(Mem, Option<Event>)> = None;
+        let mut streaming: bool;
         'retry: loop {
             t.clock += 1;
             let now = t.clock;
@@ -399,7 +400,7 @@ impl Core {
                     t.budget
                 )));
             }
-            let streaming = total > t.budget;
+            streaming = total > t.budget;
             // Refuse a page-in that cannot fit even after evicting everything evictable, before
             // evicting anything for it.
             let evictable: usize = t
@@ -493,9 +494,10 @@ impl Core {
         });
         drop(events);
         let guard = self.pinned(key, res);
-        // Later kernels (of any pass: one in-order compute queue) wait for the copy.
+        // The pass's kernels that read the unit wait for the copy: this thread waits, or (for
+        // a streaming model) the compute queue does.
         if let Some(copy) = copying {
-            self.store.wait_ready(&copy)?;
+            self.store.wait_ready(&copy, streaming)?;
         }
         Ok(guard)
     }

@@ -680,6 +680,14 @@ impl ClDevice {
         Ok(())
     }
 
+    /// Blocks the calling thread until `events` have completed (their queues are flushed).
+    pub fn wait_host(&self, events: &[&Event]) -> Result<()> {
+        for e in events {
+            e.wait().map_err(|c| cl_err("wait for an event", c))?;
+        }
+        Ok(())
+    }
+
     /// Submits queued page-ins to the device (non-blocking).
     pub fn flush_copies(&self) -> Result<()> {
         self.copy_queue
