@@ -161,56 +161,72 @@ fn histogram(out: &mut String, name: &str, model: &str, h: &LatencyHistogram) {
 /// Prometheus text for the engine's models and the multiplexer under them.
 pub fn render(models: &[(String, &ModelMetrics)], mux: &MuxStats) -> String {
     let mut o = String::new();
-    let gauges: [Series<ModelMetrics>; 2] = [
+    let series: [(&str, Series<ModelMetrics>); 8] = [
         (
-            "ternmux_queue_length",
-            "Requests waiting for a sequence slot.",
-            |m| m.queued.load(Ordering::Relaxed),
+            "gauge",
+            (
+                "ternmux_queue_length",
+                "Requests waiting for a sequence slot.",
+                |m| m.queued.load(Ordering::Relaxed),
+            ),
         ),
         (
-            "ternmux_running_sequences",
-            "Sequences in the running batch.",
-            |m| m.running.load(Ordering::Relaxed),
+            "gauge",
+            (
+                "ternmux_running_sequences",
+                "Sequences in the running batch.",
+                |m| m.running.load(Ordering::Relaxed),
+            ),
+        ),
+        (
+            "counter",
+            (
+                "ternmux_prompt_tokens_total",
+                "Prompt tokens run through the model.",
+                |m| m.prompt_tokens.load(Ordering::Relaxed),
+            ),
+        ),
+        (
+            "counter",
+            ("ternmux_generated_tokens_total", "Tokens generated.", |m| {
+                m.generated_tokens.load(Ordering::Relaxed)
+            }),
+        ),
+        (
+            "counter",
+            (
+                "ternmux_batch_steps_total",
+                "Batched forward passes run.",
+                |m| m.steps.load(Ordering::Relaxed),
+            ),
+        ),
+        (
+            "counter",
+            (
+                "ternmux_batch_rows_total",
+                "Rows (tokens) of all batched passes.",
+                |m| m.step_rows.load(Ordering::Relaxed),
+            ),
+        ),
+        (
+            "counter",
+            (
+                "ternmux_batch_forward_nanoseconds_total",
+                "Time in batched forward passes (logits read back included).",
+                |m| m.forward_ns.load(Ordering::Relaxed),
+            ),
+        ),
+        (
+            "counter",
+            (
+                "ternmux_batch_sample_nanoseconds_total",
+                "Time sampling and streaming tokens after the passes.",
+                |m| m.sample_ns.load(Ordering::Relaxed),
+            ),
         ),
     ];
-    for (name, help, get) in gauges {
-        header(&mut o, name, "gauge", help);
-        for (model, m) in models {
-            let _ = writeln!(o, "{name}{{model=\"{}\"}} {}", label(model), get(m));
-        }
-    }
-    let counters: [Series<ModelMetrics>; 6] = [
-        (
-            "ternmux_prompt_tokens_total",
-            "Prompt tokens run through the model.",
-            |m| m.prompt_tokens.load(Ordering::Relaxed),
-        ),
-        ("ternmux_generated_tokens_total", "Tokens generated.", |m| {
-            m.generated_tokens.load(Ordering::Relaxed)
-        }),
-        (
-            "ternmux_batch_steps_total",
-            "Batched forward passes run.",
-            |m| m.steps.load(Ordering::Relaxed),
-        ),
-        (
-            "ternmux_batch_rows_total",
-            "Rows (tokens) of all batched passes.",
-            |m| m.step_rows.load(Ordering::Relaxed),
-        ),
-        (
-            "ternmux_batch_forward_nanoseconds_total",
-            "Time in batched forward passes (logits read back included).",
-            |m| m.forward_ns.load(Ordering::Relaxed),
-        ),
-        (
-            "ternmux_batch_sample_nanoseconds_total",
-            "Time sampling and streaming tokens after the passes.",
-            |m| m.sample_ns.load(Ordering::Relaxed),
-        ),
-    ];
-    for (name, help, get) in counters {
-        header(&mut o, name, "counter", help);
+    for (kind, (name, help, get)) in series {
+        header(&mut o, name, kind, help);
         for (model, m) in models {
             let _ = writeln!(o, "{name}{{model=\"{}\"}} {}", label(model), get(m));
         }

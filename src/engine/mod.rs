@@ -172,6 +172,17 @@ pub enum Event {
     Failed(Error),
 }
 
+/// What [`Stream::recv_timeout`] got.
+#[derive(Debug)]
+pub enum Waited {
+    /// An event.
+    Event(Event),
+    /// Nothing within the timeout; the request goes on.
+    TimedOut,
+    /// The stream has ended (after its last event).
+    Ended,
+}
+
 /// A whole generation, collected.
 #[derive(Clone, Debug)]
 pub struct Collected {
@@ -203,13 +214,12 @@ impl Stream {
     pub fn recv(&self) -> Option<Event> {
         self.rx.recv().ok()
     }
-    /// The next event if one arrives within `timeout`; `Err(())` on timeout.
-    #[allow(clippy::result_unit_err)]
-    pub fn recv_timeout(&self, timeout: Duration) -> std::result::Result<Option<Event>, ()> {
+    /// The next event if one arrives within `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Waited {
         match self.rx.recv_timeout(timeout) {
-            Ok(e) => Ok(Some(e)),
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(()),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Ok(None),
+            Ok(e) => Waited::Event(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => Waited::TimedOut,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Waited::Ended,
         }
     }
     /// Prompt tokens of the request (known at submission).

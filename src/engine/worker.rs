@@ -93,7 +93,7 @@ pub(super) fn run(mut ctx: Context) {
             } else {
                 ctx.jobs.try_recv()
             };
-            let job = match next {
+            let mut job = match next {
                 Ok(j) => j,
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -109,13 +109,16 @@ pub(super) fn run(mut ctx: Context) {
             let Some(slot) = free.pop() else { break };
             ctx.cache.reset_slot(slot);
             ctx.metrics.running.fetch_add(1, Ordering::Relaxed);
+            // The prompt starts the history; the stop strings move to the text releaser.
+            let history = std::mem::take(&mut job.prompt);
+            let text = TextOut::new(tok, &history, std::mem::take(&mut job.stop));
             seqs.push(Seq {
                 slot,
-                prompt_len: job.prompt.len(),
-                history: job.prompt.clone(),
+                prompt_len: history.len(),
+                history,
                 fed: 0,
                 sampler: Sampler::new(job.sampling.clone()),
-                text: TextOut::new(tok, &job.prompt, job.stop.clone()),
+                text,
                 first_token: None,
                 last_token: None,
                 produced: 0,

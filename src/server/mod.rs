@@ -26,7 +26,7 @@ pub mod api;
 pub mod client;
 
 use crate::chat::ChatFormat;
-use crate::engine::{Engine, Event, Prompt};
+use crate::engine::{Engine, Event, Prompt, Waited};
 use crate::error::{Error, Result};
 use api::{ApiError, Endpoint, Head, Input};
 use serde_json::{Value, json};
@@ -318,9 +318,9 @@ fn generate(
     loop {
         // A quiet stream (a long prompt, a page-in) still notices a client that went away.
         let ev = match stream.recv_timeout(Duration::from_secs(15)) {
-            Ok(Some(ev)) => ev,
-            Ok(None) => break,
-            Err(()) => {
+            Waited::Event(ev) => ev,
+            Waited::Ended => break,
+            Waited::TimedOut => {
                 if send_chunk(&mut w, b": keep-alive\n\n").is_err() {
                     return;
                 }

@@ -364,53 +364,39 @@ impl ClDevice {
         need("matmul output", out, n_tok * n * 4)?;
         // Batches of F16 rows take four rows per team (activations loaded once for all four).
         let quad_local = ROWS_PER_GROUP * 4 * TB * TEAM * 4;
-        if fmt == FloatFormat::F16
+        let quad = fmt == FloatFormat::F16
             && n_tok > 1
             && k.is_multiple_of(8)
             && TB * 4 == TEAM
-            && self.info().local_mem >= quad_local as u64
-        {
-            return self.launch(
-                "float_matmul_f16_quad",
-                &[
-                    n.div_ceil(ROWS_PER_GROUP * 4) * ROWS_PER_GROUP * TEAM,
-                    n_tok.div_ceil(TB),
-                ],
-                &[ROWS_PER_GROUP * TEAM, 1],
-                &[
-                    int(k)?,
-                    int(fmt.row_bytes(k))?,
-                    Arg::Buf(x),
-                    int(n_tok)?,
-                    Arg::Buf(w),
-                    int(n)?,
-                    Arg::Buf(out),
-                    Arg::F32(scale),
-                    Arg::I32(i32::from(accumulate)),
-                    Arg::Local(quad_local),
-                ],
-            );
+            && self.info().local_mem >= quad_local as u64;
+        let (kernel, rows_per_team, local) = if quad {
+            ("float_matmul_f16_quad", 4, quad_local)
+        } else {
+            ("float_matmul", 1, ROWS_PER_GROUP * TB * TEAM * 4)
+        };
+        let mut args = vec![
+            int(k)?,
+            int(fmt.row_bytes(k))?,
+            Arg::Buf(x),
+            int(n_tok)?,
+            Arg::Buf(w),
+            int(n)?,
+            Arg::Buf(out),
+            Arg::F32(scale),
+            Arg::I32(i32::from(accumulate)),
+            Arg::Local(local),
+        ];
+        if !quad {
+            args.insert(0, Arg::I32(float_format_id(fmt)));
         }
         self.launch(
-            "float_matmul",
+            kernel,
             &[
-                n.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM,
+                n.div_ceil(ROWS_PER_GROUP * rows_per_team) * ROWS_PER_GROUP * TEAM,
                 n_tok.div_ceil(TB),
             ],
             &[ROWS_PER_GROUP * TEAM, 1],
-            &[
-                Arg::I32(float_format_id(fmt)),
-                int(k)?,
-                int(fmt.row_bytes(k))?,
-                Arg::Buf(x),
-                int(n_tok)?,
-                Arg::Buf(w),
-                int(n)?,
-                Arg::Buf(out),
-                Arg::F32(scale),
-                Arg::I32(i32::from(accumulate)),
-                Arg::Local(ROWS_PER_GROUP * TB * TEAM * 4),
-            ],
+            &args,
         )
     }
 

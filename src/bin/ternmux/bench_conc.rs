@@ -94,12 +94,7 @@ enum Target {
 }
 
 fn default_prompts() -> PathBuf {
-    let local = Path::new("prompts/bench_prompts.txt");
-    if local.exists() {
-        local.to_path_buf()
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("prompts/bench_prompts.txt")
-    }
+    crate::shipped(Path::new("prompts/bench_prompts.txt"))
 }
 
 /// Runs one query to the end; `busy` counts refusals (retried after a short wait).

@@ -39,14 +39,7 @@ pub struct DemoArgs {
 }
 
 fn bundled(name: &str) -> PathBuf {
-    let local = Path::new("models").join(name);
-    if local.exists() {
-        local
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models")
-            .join(name)
-    }
+    crate::shipped(&Path::new("models").join(name))
 }
 
 fn mib(b: usize) -> f64 {

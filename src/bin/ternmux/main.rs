@@ -724,6 +724,16 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A file shipped with the project (`rel` from the repository root): from the working
+/// directory when it is there, else from the source tree the binary was built from.
+fn shipped(rel: &std::path::Path) -> PathBuf {
+    if rel.exists() {
+        rel.to_path_buf()
+    } else {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
+}
+
 /// Writes one line and flushes it (progress stays visible through a pipe).
 fn say(out: &mut dyn Write, s: String) -> Result<(), Failure> {
     writeln!(out, "{s}").map_err(io_failure)?;
