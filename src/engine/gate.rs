@@ -69,7 +69,7 @@ impl Gate {
         }
     }
 
-    /// Whether `name`, admitted at `since`, should step aside for a waiting model.
+    /// Whether a model admitted at `since` should step aside for a waiting one.
     pub fn should_yield(&self, since: Instant) -> bool {
         since.elapsed() >= self.slice && self.state.lock().is_ok_and(|s| !s.waiting.is_empty())
     }

@@ -128,8 +128,18 @@ impl ModelMetrics {
     }
 }
 
-/// A metric read per model: name, help text, and how to read it.
-type Series<T> = (&'static str, &'static str, fn(&T) -> u64);
+/// A metric family with one sample per model: kind, name, help text, and how to read it.
+type Series<T> = (&'static str, &'static str, &'static str, fn(&T) -> u64);
+
+/// Writes each family of `series` with one sample per (model, value) of `rows`.
+fn families<T>(out: &mut String, series: &[Series<T>], rows: &[(&str, &T)]) {
+    for &(kind, name, help, get) in series {
+        header(out, name, kind, help);
+        for (model, x) in rows {
+            let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", label(model), get(x));
+        }
+    }
+}
 
 /// Escapes a label value (backslash, quote, newline).
 fn label(v: &str) -> String {
@@ -159,78 +169,59 @@ fn histogram(out: &mut String, name: &str, model: &str, h: &LatencyHistogram) {
 }
 
 /// Prometheus text for the engine's models and the multiplexer under them.
-pub fn render(models: &[(String, &ModelMetrics)], mux: &MuxStats) -> String {
+pub fn render(models: &[(&str, &ModelMetrics)], mux: &MuxStats) -> String {
     let mut o = String::new();
-    let series: [(&str, Series<ModelMetrics>); 8] = [
+    let engine_series: [Series<ModelMetrics>; 8] = [
         (
             "gauge",
-            (
-                "ternmux_queue_length",
-                "Requests waiting for a sequence slot.",
-                |m| m.queued.load(Ordering::Relaxed),
-            ),
+            "ternmux_queue_length",
+            "Requests waiting for a sequence slot.",
+            |m| m.queued.load(Ordering::Relaxed),
         ),
         (
             "gauge",
-            (
-                "ternmux_running_sequences",
-                "Sequences in the running batch.",
-                |m| m.running.load(Ordering::Relaxed),
-            ),
+            "ternmux_running_sequences",
+            "Sequences in the running batch.",
+            |m| m.running.load(Ordering::Relaxed),
         ),
         (
             "counter",
-            (
-                "ternmux_prompt_tokens_total",
-                "Prompt tokens run through the model.",
-                |m| m.prompt_tokens.load(Ordering::Relaxed),
-            ),
+            "ternmux_prompt_tokens_total",
+            "Prompt tokens run through the model.",
+            |m| m.prompt_tokens.load(Ordering::Relaxed),
         ),
         (
             "counter",
-            ("ternmux_generated_tokens_total", "Tokens generated.", |m| {
-                m.generated_tokens.load(Ordering::Relaxed)
-            }),
+            "ternmux_generated_tokens_total",
+            "Tokens generated.",
+            |m| m.generated_tokens.load(Ordering::Relaxed),
         ),
         (
             "counter",
-            (
-                "ternmux_batch_steps_total",
-                "Batched forward passes run.",
-                |m| m.steps.load(Ordering::Relaxed),
-            ),
+            "ternmux_batch_steps_total",
+            "Batched forward passes run.",
+            |m| m.steps.load(Ordering::Relaxed),
         ),
         (
             "counter",
-            (
-                "ternmux_batch_rows_total",
-                "Rows (tokens) of all batched passes.",
-                |m| m.step_rows.load(Ordering::Relaxed),
-            ),
+            "ternmux_batch_rows_total",
+            "Rows (tokens) of all batched passes.",
+            |m| m.step_rows.load(Ordering::Relaxed),
         ),
         (
             "counter",
-            (
-                "ternmux_batch_forward_nanoseconds_total",
-                "Time in batched forward passes (logits read back included).",
-                |m| m.forward_ns.load(Ordering::Relaxed),
-            ),
+            "ternmux_batch_forward_nanoseconds_total",
+            "Time in batched forward passes (logits read back included).",
+            |m| m.forward_ns.load(Ordering::Relaxed),
         ),
         (
             "counter",
-            (
-                "ternmux_batch_sample_nanoseconds_total",
-                "Time sampling and streaming tokens after the passes.",
-                |m| m.sample_ns.load(Ordering::Relaxed),
-            ),
+            "ternmux_batch_sample_nanoseconds_total",
+            "Time sampling and streaming tokens after the passes.",
+            |m| m.sample_ns.load(Ordering::Relaxed),
         ),
     ];
-    for (kind, (name, help, get)) in series {
-        header(&mut o, name, kind, help);
-        for (model, m) in models {
-            let _ = writeln!(o, "{name}{{model=\"{}\"}} {}", label(model), get(m));
-        }
-    }
+    families(&mut o, &engine_series, models);
     header(
         &mut o,
         "ternmux_requests_total",
@@ -301,49 +292,47 @@ pub fn render(models: &[(String, &ModelMetrics)], mux: &MuxStats) -> String {
         header(&mut o, name, "gauge", help);
         let _ = writeln!(o, "{name} {v}");
     }
-    header(
-        &mut o,
-        "ternmux_mux_resident_bytes",
-        "gauge",
-        "Bytes of the model's units now resident.",
-    );
-    for m in &mux.models {
-        let _ = writeln!(
-            o,
-            "ternmux_mux_resident_bytes{{model=\"{}\"}} {}",
-            label(&m.name),
-            m.resident_bytes
-        );
-    }
-    let mux_counters: [Series<crate::mux::ModelStats>; 5] = [
+    let mux_rows: Vec<(&str, &crate::mux::ModelStats)> =
+        mux.models.iter().map(|m| (m.name.as_str(), m)).collect();
+    let mux_series: [Series<crate::mux::ModelStats>; 6] = [
         (
+            "gauge",
+            "ternmux_mux_resident_bytes",
+            "Bytes of the model's units now resident.",
+            |m| m.resident_bytes as u64,
+        ),
+        (
+            "counter",
             "ternmux_mux_hits_total",
             "Unit uses that found the unit resident.",
             |m| m.hits,
         ),
         (
+            "counter",
             "ternmux_mux_page_ins_total",
             "Units paged in (misses).",
             |m| m.misses,
         ),
         (
+            "counter",
             "ternmux_mux_evictions_total",
             "Units of the model evicted.",
             |m| m.evictions,
         ),
-        ("ternmux_mux_page_in_bytes_total", "Bytes paged in.", |m| {
-            m.bytes_in
-        }),
-        ("ternmux_mux_evicted_bytes_total", "Bytes evicted.", |m| {
-            m.bytes_out
-        }),
+        (
+            "counter",
+            "ternmux_mux_page_in_bytes_total",
+            "Bytes paged in.",
+            |m| m.bytes_in,
+        ),
+        (
+            "counter",
+            "ternmux_mux_evicted_bytes_total",
+            "Bytes evicted.",
+            |m| m.bytes_out,
+        ),
     ];
-    for (name, help, get) in mux_counters {
-        header(&mut o, name, "counter", help);
-        for m in &mux.models {
-            let _ = writeln!(o, "{name}{{model=\"{}\"}} {}", label(&m.name), get(m));
-        }
-    }
+    families(&mut o, &mux_series, &mux_rows);
     header(
         &mut o,
         "ternmux_mux_page_in_seconds_total",

@@ -531,8 +531,8 @@ impl Engine {
                     .collect()
             })
             .unwrap_or_default();
-        let refs: Vec<(String, &ModelMetrics)> =
-            snapshot.iter().map(|(n, m)| (n.clone(), &**m)).collect();
+        let refs: Vec<(&str, &ModelMetrics)> =
+            snapshot.iter().map(|(n, m)| (n.as_str(), &**m)).collect();
         metrics::render(&refs, &self.mux.stats())
     }
 

@@ -87,7 +87,7 @@ pub(super) fn run(mut ctx: Context) {
             ctx.gate.leave(&ctx.name);
         }
         // Admit newcomers into free slots (block only when nothing is running).
-        while !closed && !free.is_empty() {
+        while let (false, Some(&slot)) = (closed, free.last()) {
             let next = if seqs.is_empty() {
                 ctx.jobs.recv().map_err(|_| TryRecvError::Disconnected)
             } else {
@@ -106,7 +106,7 @@ pub(super) fn run(mut ctx: Context) {
                 ctx.metrics.outcome(Outcome::Cancelled);
                 continue;
             }
-            let Some(slot) = free.pop() else { break };
+            free.pop();
             ctx.cache.reset_slot(slot);
             ctx.metrics.running.fetch_add(1, Ordering::Relaxed);
             // The prompt starts the history; the stop strings move to the text releaser.
