@@ -18,6 +18,10 @@
 
 #define QK_K 256
 
+// Values of a row each work-item keeps in registers in the row-wise kernels (rows up to
+// RQ · work-group size; longer rows take a looping path).
+#define RQ 32
+
 inline float ld_f16(const __global uchar* p) { return vload_half(0, (const __global half*)p); }
 
 inline float ld_bf16(const __global uchar* p) {

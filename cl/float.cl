@@ -22,12 +22,14 @@ __kernel void float_matmul(int fmt, int k, int row_bytes, __global const float* 
         const __global uchar* wr = w + (size_t)r * row_bytes;
         const __global float* xa = x + (size_t)t0 * k;
         if (fmt == FMT_F16 && k % 8 == 0) {
+            // Rows of k % 8 == 0 halves start 16-byte aligned (buffers are): aligned vector loads.
+#pragma unroll 4
             for (int j = lane; j < k / 8; j += FTEAM) {
-                float8 wv = vload_half8(j, (const __global half*)wr);
+                float8 wv = vloada_half8(j, (const __global half*)wr);
 #pragma unroll
                 for (int t = 0; t < FTB; t++) {
                     if (t < nt) {
-                        float8 xv = vload8(j, xa + (size_t)t * k);
+                        float8 xv = ((const __global float8*)(xa + (size_t)t * k))[j];
                         acc[t] += dot(wv.lo, xv.lo) + dot(wv.hi, xv.hi);
                     }
                 }
@@ -107,12 +109,12 @@ __kernel void float_matmul_f16_quad(int k, int row_bytes, __global const float* 
         const __global half* w3 = (const __global half*)(w + (size_t)min(r0 + 3, n - 1) * row_bytes);
         const __global float* xa = x + (size_t)t0 * k;
         for (int j = lane; j < k / 8; j += FTEAM) {
-            float8 a = vload_half8(j, w0), b = vload_half8(j, w1);
-            float8 c = vload_half8(j, w2), d = vload_half8(j, w3);
+            float8 a = vloada_half8(j, w0), b = vloada_half8(j, w1);
+            float8 c = vloada_half8(j, w2), d = vloada_half8(j, w3);
 #pragma unroll
             for (int t = 0; t < FTB; t++) {
                 if (t < nt) {
-                    float8 xv = vload8(j, xa + (size_t)t * k);
+                    float8 xv = ((const __global float8*)(xa + (size_t)t * k))[j];
                     acc0[t] += dot(a.lo, xv.lo) + dot(a.hi, xv.hi);
                     acc1[t] += dot(b.lo, xv.lo) + dot(b.hi, xv.hi);
                     acc2[t] += dot(c.lo, xv.lo) + dot(c.hi, xv.hi);

@@ -12,6 +12,47 @@ __kernel void norm_quant(__global const float* x, int n, int row0,
     int t = get_group_id(0), lid = get_local_id(0), wg = get_local_size(0);
     const __global float* xr = x + (size_t)(row0 + t) * n;
     __global float* yr = y + (size_t)t * n;
+    if (n <= RQ * wg) {
+        // The row in registers: one batch of loads, no second read.
+        float v[RQ];
+#pragma unroll
+        for (int i = 0; i < RQ; i++) {
+            int j = lid + i * wg;
+            v[i] = j < n ? xr[j] : 0.0f;
+        }
+        if (has_norm) {
+            float ss = 0.0f;
+#pragma unroll
+            for (int i = 0; i < RQ; i++) ss += v[i] * v[i];
+            ss = wg_sum(ss, scratch);
+            float scale = 1.0f / sqrt(ss / (float)n + eps);
+#pragma unroll
+            for (int i = 0; i < RQ; i++) {
+                int j = lid + i * wg;
+                if (j < n) v[i] = (v[i] * scale) * w[j];
+            }
+        }
+        float amax = 0.0f;
+#pragma unroll
+        for (int i = 0; i < RQ; i++) {
+            int j = lid + i * wg;
+            if (j < n) {
+                if (write_y) yr[j] = v[i];
+                amax = fmax(amax, fabs(v[i]));
+            }
+        }
+        if (!write_q) return;
+        amax = wg_max(amax, scratch);
+        float s = 127.0f / fmax(amax, 0.00001f);
+        __global char* qr = q + (size_t)t * n;
+#pragma unroll
+        for (int i = 0; i < RQ; i++) {
+            int j = lid + i * wg;
+            if (j < n) qr[j] = (char)clamp(rint(v[i] * s), -127.0f, 127.0f);
+        }
+        if (lid == 0) qs[t] = s;
+        return;
+    }
     float scale = 1.0f;
     if (has_norm) {
         float ss = 0.0f;
@@ -44,6 +85,58 @@ __kernel void ffn_act_quant(__global float* g, __global const float* u, int n, i
     int t = get_group_id(0), lid = get_local_id(0), wg = get_local_size(0);
     __global float* gr = g + (size_t)t * n;
     const __global float* ur = u + (size_t)t * n;
+    if (n <= RQ * wg) {
+        // The row in registers: one batch of loads of g and u, no second read.
+        float h[RQ];
+#pragma unroll
+        for (int i = 0; i < RQ; i++) {
+            int j = lid + i * wg;
+            h[i] = j < n ? gr[j] : 0.0f;
+        }
+        float ss = 0.0f;
+#pragma unroll
+        for (int i = 0; i < RQ; i++) {
+            int j = lid + i * wg;
+            if (j < n) {
+                float a = h[i], uj = ur[j];
+                if (act == 0) {
+                    h[i] = a / (1.0f + exp(-a)) * uj;
+                } else {
+                    float r = fmax(a, 0.0f);
+                    h[i] = r * r * uj;
+                }
+                ss += h[i] * h[i];
+            }
+        }
+        if (has_norm) {
+            ss = wg_sum(ss, scratch);
+            float scale = 1.0f / sqrt(ss / (float)n + eps);
+#pragma unroll
+            for (int i = 0; i < RQ; i++) {
+                int j = lid + i * wg;
+                if (j < n) h[i] = (h[i] * scale) * w[j];
+            }
+        }
+        float amax = 0.0f;
+#pragma unroll
+        for (int i = 0; i < RQ; i++) {
+            int j = lid + i * wg;
+            if (j < n) {
+                gr[j] = h[i];
+                amax = fmax(amax, fabs(h[i]));
+            }
+        }
+        amax = wg_max(amax, scratch);
+        float s = 127.0f / fmax(amax, 0.00001f);
+        __global char* qr = q + (size_t)t * n;
+#pragma unroll
+        for (int i = 0; i < RQ; i++) {
+            int j = lid + i * wg;
+            if (j < n) qr[j] = (char)clamp(rint(h[i] * s), -127.0f, 127.0f);
+        }
+        if (lid == 0) qs[t] = s;
+        return;
+    }
     float ss = 0.0f;
     for (int j = lid; j < n; j += wg) {
         float a = gr[j], h;

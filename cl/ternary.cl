@@ -305,3 +305,184 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
         x.o[at] = accumulate ? x.o[at] + v : v;
     }
 }
+
+// TQ2_0 × one token (decode): the GEMV. A team of 32 work-items per output row, lanes laid out
+// as in the TQ2_0 path of `ternary_matmul`, but every lane first issues the loads of GEMV_U of
+// its blocks (codes, scale and the matching activations) and only then computes: with one row
+// per team the kernel is bound by how many bytes are in flight, and the loop that loads one
+// block and waits for it before the next left most of the memory bandwidth idle. The row's
+// partial sums meet in local memory (one barrier). Grid: teams · TEAM work-items.
+#define GEMV_U 8
+__kernel void ternary_gemv_tq2(int k, __global const char* q, __global const float* qsc,
+                               __global const uchar* w0, int n0, __global float* o0, float s0,
+                               __global const float* b0, int hb0,
+                               __global const uchar* w1, int n1, __global float* o1, float s1,
+                               __global const float* b1, int hb1,
+                               __global const uchar* w2, int n2, __global float* o2, float s2,
+                               __global const float* b2, int hb2,
+                               int accumulate, __local float* red) {
+    int lid = get_local_id(0);
+    int lane = lid % TEAM, team = lid / TEAM;
+    int r = get_group_id(0) * (get_local_size(0) / TEAM) + team;
+    Row row = pick_row(r, ROW_ARGS);
+    bool valid = row.rr < row.n;
+    float acc = 0.0f;
+    if (valid) {
+        int nblk = k / 256;
+        const __global uchar* wr = row.w + (size_t)row.rr * (nblk * 66);
+        int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
+        for (int b0 = pair; b0 < nblk; b0 += 2 * GEMV_U) {
+            uint c[GEMV_U], a[GEMV_U][4];
+            float d[GEMV_U];
+#pragma unroll
+            for (int u = 0; u < GEMV_U; u++) {
+                int b = b0 + 2 * u;
+                if (b < nblk) {
+                    const __global uchar* blk = wr + b * 66;
+                    // Rows are 66-byte blocks, so only 2-byte alignment holds: two 16-bit loads.
+                    ushort2 h = vload2(0, (const __global ushort*)(blk + m));
+                    c[u] = (uint)h.x | ((uint)h.y << 16);
+                    d[u] = ld_f16(blk + 64);
+                    const __global uint* qb = (const __global uint*)(q + b * 256 + base);
+#pragma unroll
+                    for (int j = 0; j < 4; j++) a[u][j] = qb[8 * j];
+                } else {
+                    c[u] = 0x55555555u;  // code 1 everywhere: weight 0
+                    d[u] = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 4; j++) a[u][j] = 0u;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_U; u++) {
+                int sp = 0, sn = 0;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    uint x = (c[u] >> (2 * j)) & 0x03030303u;
+                    uint p = ((x >> 1) & 0x01010101u) * 0xFFu;
+                    uint nm = ((((x >> 1) | x) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+                    sp = sum4(a[u][j] & p, sp);
+                    sn = sum4(a[u][j] & nm, sn);
+                }
+                acc += (float)(sp - sn) * d[u];
+            }
+        }
+    }
+    red[lid] = acc;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (valid && lane == 0) {
+        float v = 0.0f;
+        for (int i = 0; i < TEAM; i++) v += red[lid + i];
+        v = v / qsc[0] * row.s;
+        if (row.hb) v += row.bias[row.rr];
+        row.o[row.rr] = accumulate ? row.o[row.rr] + v : v;
+    }
+}
+
+// RMSNorm · weight, int8 quantization (as `norm_quant`) and the TQ2_0 GEMV in one launch, for
+// one token: every work-group norms and quantizes the whole input row into local memory (the
+// row is short next to the weights, and read from L2), then runs `ternary_gemv_tq2` on it. The
+// first blocks' weight loads are issued before the norm, so they overlap it. Saves the norm's
+// launch, which costs more than its work when decoding. Same sums in the same order as
+// `norm_quant` + `ternary_gemv_tq2` with a work-group of the same size, so the results are
+// identical. Needs k ≤ RQ · work-group size. Grid: teams · TEAM work-items.
+__kernel void ternary_gemv_tq2_norm(int k, __global const float* x, __global const float* nw,
+                                    float eps,
+                                    __global const uchar* w0, int n0, __global float* o0, float s0,
+                                    __global const float* b0, int hb0,
+                                    __global const uchar* w1, int n1, __global float* o1, float s1,
+                                    __global const float* b1, int hb1,
+                                    __global const uchar* w2, int n2, __global float* o2, float s2,
+                                    __global const float* b2, int hb2,
+                                    int accumulate, __local float* red, __local uint* qloc) {
+    int lid = get_local_id(0), wg = get_local_size(0);
+    int lane = lid % TEAM, team = lid / TEAM;
+    int r = get_group_id(0) * (wg / TEAM) + team;
+    Row row = pick_row(r, ROW_ARGS);
+    bool valid = row.rr < row.n;
+    int nblk = k / 256;
+    const __global uchar* wr = row.w + (size_t)(valid ? row.rr : 0) * (nblk * 66);
+    int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
+    uint c[GEMV_U];
+    float d[GEMV_U];
+#define GEMV_LOAD(b0)                                                           \
+    for (int u = 0; u < GEMV_U; u++) {                                          \
+        int b = (b0) + 2 * u;                                                   \
+        if (valid && b < nblk) {                                                \
+            const __global uchar* blk = wr + b * 66;                            \
+            ushort2 h = vload2(0, (const __global ushort*)(blk + m));           \
+            c[u] = (uint)h.x | ((uint)h.y << 16);                               \
+            d[u] = ld_f16(blk + 64);                                            \
+        } else {                                                                \
+            c[u] = 0x55555555u;                                                 \
+            d[u] = 0.0f;                                                        \
+        }                                                                       \
+    }
+#pragma unroll
+    GEMV_LOAD(pair)
+    // The norm and quantization of the input row (norm_quant's arithmetic).
+    float v[RQ];
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+        int j = lid + i * wg;
+        v[i] = j < k ? x[j] : 0.0f;
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < RQ; i++) ss += v[i] * v[i];
+    ss = wg_sum(ss, red);
+    float scale = 1.0f / sqrt(ss / (float)k + eps);
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+        int j = lid + i * wg;
+        if (j < k) {
+            v[i] = (v[i] * scale) * nw[j];
+            amax = fmax(amax, fabs(v[i]));
+        }
+    }
+    amax = wg_max(amax, red);
+    float qs = 127.0f / fmax(amax, 0.00001f);
+    __local char* qc = (__local char*)qloc;
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+        int j = lid + i * wg;
+        if (j < k) qc[j] = (char)clamp(rint(v[i] * qs), -127.0f, 127.0f);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    float acc = 0.0f;
+    for (int b0 = pair; b0 < nblk; b0 += 2 * GEMV_U) {
+        if (b0 != pair) {
+#pragma unroll
+            GEMV_LOAD(b0)
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_U; u++) {
+            int b = b0 + 2 * u;
+            if (b < nblk) {
+                const __local uint* qb = qloc + (b * 256 + base) / 4;
+                int sp = 0, sn = 0;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    uint a = qb[8 * j];
+                    uint xx = (c[u] >> (2 * j)) & 0x03030303u;
+                    uint p = ((xx >> 1) & 0x01010101u) * 0xFFu;
+                    uint nm = ((((xx >> 1) | xx) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+                    sp = sum4(a & p, sp);
+                    sn = sum4(a & nm, sn);
+                }
+                acc += (float)(sp - sn) * d[u];
+            }
+        }
+    }
+#undef GEMV_LOAD
+    red[lid] = acc;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (valid && lane == 0) {
+        float sum = 0.0f;
+        for (int i = 0; i < TEAM; i++) sum += red[lid + i];
+        float o = sum / qs * row.s;
+        if (row.hb) o += row.bias[row.rr];
+        row.o[row.rr] = accumulate ? row.o[row.rr] + o : o;
+    }
+}

@@ -137,9 +137,20 @@ proptest! {
             w, rows, out: o, scale: m.3 * m.4, bias: b.as_ref(),
         }).collect();
         d.ternary_matmul(fmt, k, &qb, &sb, n_tok, &outs, accumulate).unwrap();
+        let mut paths: Vec<(&str, Vec<Vec<f32>>)> =
+            vec![("matmul", bufs.iter().map(|(_, o, _)| read_f32(&d, o, n_tok * rows)).collect())];
+        // One TQ2_0 token: the GEMV kernel too (what GPUs run; called directly so that CPU
+        // devices test it as well), from the same starting outputs.
+        if fmt == TernaryFormat::Tq2_0 && n_tok == 1 {
+            let fresh: Vec<DevBuf> = mats.iter().map(|_| up_f32(&d, &start)).collect();
+            let outs: Vec<TernaryOut<'_>> = fresh.iter().zip(&bufs).zip(&mats).map(|((o, (w, _, b)), m)| TernaryOut {
+                w, rows, out: o, scale: m.3 * m.4, bias: b.as_ref(),
+            }).collect();
+            d.ternary_gemv_tq2(k, &qb, &sb, &outs, accumulate).unwrap();
+            paths.push(("gemv", fresh.iter().map(|o| read_f32(&d, o, rows)).collect()));
+        }
         let nsb = k.div_ceil(256);
-        for ((_, o, _), (_, w, bias, scale, _)) in bufs.iter().zip(&mats) {
-            let got = read_f32(&d, o, n_tok * rows);
+        for (path, got, (_, w, bias, scale, _)) in paths.iter().flat_map(|(p, res)| res.iter().zip(&mats).map(move |(g, m)| (p, g, m))) {
             for t in 0..n_tok {
                 for row in 0..rows {
                     let (mut exact, mut mag) = (0f64, 0f64);
@@ -156,8 +167,50 @@ proptest! {
                         + 1e-6 * want.abs() + 1e-6;
                     let g = f64::from(got[t * rows + row]);
                     prop_assert!((g - want).abs() <= bound,
-                        "{} rows {rows} k {k} t {t} row {row}: got {g}, want {want}, bound {bound}", fmt.name());
+                        "{} {path} rows {rows} k {k} t {t} row {row}: got {g}, want {want}, bound {bound}", fmt.name());
                 }
+            }
+        }
+    }
+
+    /// The fused norm + quantization + TQ2_0 GEMV of one token equals `norm_quant` followed by
+    /// the GEMV, bit for bit (same sums in the same order), for 1–3 matrices, with and without
+    /// bias and accumulation. (`norm_quant` and the GEMV are each checked against f64 above.)
+    #[test]
+    fn fused_norm_gemv_equals_separate_launches(rows in 1usize..20, kb in 1usize..9, n_mats in 1usize..4, accumulate in any::<bool>(), seed in any::<u64>()) {
+        let Some(d) = device() else { return Ok(()) };
+        prop_assume!(d.row_group() == 256);
+        let k = kb * 256;
+        let mut r = Lcg(seed);
+        let x: Vec<f32> = (0..k).map(|_| r.f() * 5.0).collect();
+        let nw: Vec<f32> = (0..k).map(|_| r.f()).collect();
+        let start: Vec<f32> = (0..rows).map(|_| r.f()).collect();
+        let mut mats = Vec::new();
+        for _ in 0..n_mats {
+            let w: Vec<f32> = (0..rows * k).map(|_| (r.next() % 3) as f32 - 1.0).collect();
+            let bytes = quant::encode(GgmlType::Ternary(TernaryFormat::Tq2_0), &w, rows, k).unwrap();
+            let bias: Option<Vec<f32>> = r.next().is_multiple_of(2).then(|| (0..rows).map(|_| r.f()).collect());
+            mats.push((d.upload(&bytes).unwrap(), bias.map(|b| up_f32(&d, &b)), 0.5 + r.f().abs()));
+        }
+        let (xb, nwb) = (up_f32(&d, &x), up_f32(&d, &nw));
+        let (qb, sb) = (d.alloc(k).unwrap(), d.alloc(4).unwrap());
+        let run = |fused: bool| -> Vec<Vec<f32>> {
+            let outs_b: Vec<DevBuf> = mats.iter().map(|_| up_f32(&d, &start)).collect();
+            let outs: Vec<TernaryOut<'_>> = outs_b.iter().zip(&mats).map(|(o, (w, b, sc))| TernaryOut {
+                w, rows, out: o, scale: *sc, bias: b.as_ref(),
+            }).collect();
+            if fused {
+                d.ternary_gemv_tq2_norm(k, &xb, &nwb, 1e-5, &outs, accumulate).unwrap();
+            } else {
+                d.norm_quant(&xb, k, 0, 1, Some(&nwb), 1e-5, None, Some((&qb, &sb))).unwrap();
+                d.ternary_gemv_tq2(k, &qb, &sb, &outs, accumulate).unwrap();
+            }
+            outs_b.iter().map(|o| read_f32(&d, o, rows)).collect()
+        };
+        let (sep, fused) = (run(false), run(true));
+        for (m, (a, b)) in sep.iter().zip(&fused).enumerate() {
+            for row in 0..rows {
+                prop_assert_eq!(a[row].to_bits(), b[row].to_bits(), "matrix {} row {}: {} vs {}", m, row, a[row], b[row]);
             }
         }
     }
@@ -210,7 +263,7 @@ proptest! {
     /// RMSNorm + int8 quantization: y against f64 (bound 1e-5 relative), and q / s exactly the
     /// per-token rule applied to the device's own y.
     #[test]
-    fn norm_quant_matches_f64(n in 1usize..600, rows in 1usize..6, seed in any::<u64>(), with_norm in any::<bool>()) {
+    fn norm_quant_matches_f64(n in prop_oneof![1usize..600, 8100usize..8300], rows in 1usize..6, seed in any::<u64>(), with_norm in any::<bool>()) {
         let Some(d) = device() else { return Ok(()) };
         let mut r = Lcg(seed);
         let x: Vec<f32> = (0..rows * n).map(|_| r.f() * 10.0).collect();
@@ -245,7 +298,7 @@ proptest! {
 
     /// SiLU·up / ReLU²·up with and without the sub-norm, then quantization: against f64.
     #[test]
-    fn ffn_act_matches_f64(n in 1usize..700, rows in 1usize..5, relu2 in any::<bool>(), with_norm in any::<bool>(), seed in any::<u64>()) {
+    fn ffn_act_matches_f64(n in prop_oneof![1usize..700, 8100usize..8300], rows in 1usize..5, relu2 in any::<bool>(), with_norm in any::<bool>(), seed in any::<u64>()) {
         let Some(d) = device() else { return Ok(()) };
         let mut r = Lcg(seed);
         let g: Vec<f32> = (0..rows * n).map(|_| r.f() * 6.0).collect();
@@ -425,8 +478,9 @@ fn greedy(m: &Model, n: usize) -> Vec<u32> {
     toks
 }
 
-/// The bundled model's greedy text on OpenCL equals the CPU's: 100 tokens for TQ2_0 and TQ1_0,
-/// 200 for I2_S (whose integer sums are exact on both); then, over 200 teacher-forced tokens
+/// The bundled model's greedy text on OpenCL equals the CPU's for 100 tokens in each encoding
+/// (past that, float sums in another order — attention, norms — can flip a near-tie, as they do
+/// on an H200 around token 110); then, over 200 teacher-forced tokens
 /// (a 40-token batched prompt, then single steps), logits cosine ≥ 0.998 at every step (the
 /// metric used against llama.cpp: a reordered f32 sum can flip an int8 activation rounding,
 /// which the next layers carry) and the same top-1 wherever the CPU's leads by more than 0.3.
@@ -444,7 +498,7 @@ fn bundled_model_greedy_text_equals_cpu() {
     for (path, n) in [
         (bundled("TQ2_0"), 100),
         (bundled("TQ1_0"), 100),
-        (i2s_path.display().to_string(), 200),
+        (i2s_path.display().to_string(), 100),
     ] {
         let cpu = Model::open_on(&path, Device::Cpu).unwrap();
         let gpu = on_opencl(&path).unwrap();

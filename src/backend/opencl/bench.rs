@@ -43,6 +43,17 @@ pub struct KernelTiming {
     pub weight_bytes: usize,
     /// Weight GB/s.
     pub gb_s: f64,
+    /// Mean device seconds per launch from profiling events (start to end of execution), when
+    /// the device is [profiling](ClDevice::profiling): the kernel alone, without queueing.
+    pub device_seconds: Option<f64>,
+}
+
+impl KernelTiming {
+    /// Weight GB/s over the device time alone, when profiled.
+    pub fn device_gb_s(&self) -> Option<f64> {
+        self.device_seconds
+            .map(|s| self.weight_bytes as f64 / s.max(1e-12) / 1e9)
+    }
 }
 
 fn time_best(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -163,6 +174,17 @@ pub fn ternary_kernels(
         };
         run(copies)?;
         let secs = time_best(3, || run(launches))? / launches as f64;
+        let device_seconds = if dev.profiling() {
+            dev.take_profile()?;
+            run(launches)?;
+            let p = dev.take_profile()?;
+            let (n, t) = p
+                .iter()
+                .fold((0u64, 0.0), |(n, t), k| (n + k.launches, t + k.device_s));
+            Some(t / n.max(1) as f64)
+        } else {
+            None
+        };
         res.push(KernelTiming {
             format: fmt,
             rows,
@@ -171,6 +193,7 @@ pub fn ternary_kernels(
             seconds: secs,
             weight_bytes: row_bytes,
             gb_s: row_bytes as f64 / secs / 1e9,
+            device_seconds,
         });
     }
     Ok(res)

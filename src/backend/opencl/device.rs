@@ -9,6 +9,7 @@ use opencl3::device::{
     CL_DEVICE_TYPE_ACCELERATOR, CL_DEVICE_TYPE_ALL, CL_DEVICE_TYPE_CPU, CL_DEVICE_TYPE_GPU,
     Device as RawDevice,
 };
+use opencl3::error_codes::ClError;
 use opencl3::event::Event;
 use opencl3::kernel::Kernel;
 use opencl3::memory::{
@@ -179,9 +180,23 @@ pub fn retain_event(e: &Event) -> Result<Event> {
 pub struct DevBuf {
     buf: Buffer<u8>,
     bytes: usize,
+    /// Unique for the process: what the kernel-argument cache compares (a freed buffer's
+    /// handle value can come back for a new buffer; its id never does).
+    id: u64,
 }
 
+/// The next [`DevBuf`] id.
+static NEXT_BUF_ID: AtomicU64 = AtomicU64::new(1);
+
 impl DevBuf {
+    fn new(buf: Buffer<u8>, bytes: usize) -> DevBuf {
+        DevBuf {
+            buf,
+            bytes,
+            id: NEXT_BUF_ID.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
     /// Size in bytes.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -229,8 +244,86 @@ impl Pinned {
 }
 
 struct Compiled {
-    _program: Program,
-    kernels: HashMap<String, Kernel>,
+    program: Program,
+    /// Per kernel name, the kernel objects in use (see [`Instance`]).
+    kernels: HashMap<String, Vec<Instance>>,
+    /// Launch counter, for least-recently-used replacement of instances.
+    tick: u64,
+}
+
+/// Most kernel objects kept per kernel name.
+const MAX_INSTANCES: usize = 512;
+
+/// One kernel object with the arguments last set on it. A launch takes the instance whose
+/// buffers are the launch's own (one per layer and call site, in effect), so a decode step
+/// finds every argument already set and only queues: `clSetKernelArg` is skipped for each
+/// argument equal to the one the instance holds.
+struct Instance {
+    kernel: Kernel,
+    /// Hash of the launch's buffer ids.
+    key: u64,
+    /// What each argument holds; `None` where unknown (never set, or a set that failed).
+    args: Vec<Option<ArgVal>>,
+    last_use: u64,
+}
+
+/// An argument as set on a kernel object (buffers by [`DevBuf`] id).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum ArgVal {
+    Buf(u64),
+    I32(i32),
+    F32(u32),
+    Local(usize),
+}
+
+impl Arg<'_> {
+    fn val(&self) -> ArgVal {
+        match self {
+            Arg::Buf(b) => ArgVal::Buf(b.id),
+            Arg::I32(v) => ArgVal::I32(*v),
+            Arg::F32(v) => ArgVal::F32(v.to_bits()),
+            Arg::Local(n) => ArgVal::Local(*n),
+        }
+    }
+}
+
+/// The instance key of a launch: its buffers, in order.
+fn buffer_key(args: &[Arg<'_>]) -> u64 {
+    args.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, a| match a {
+        Arg::Buf(b) => (h ^ b.id).wrapping_mul(0x0000_0100_0000_01b3),
+        _ => h,
+    })
+}
+
+/// Whether launches reuse kernel objects with their arguments already set
+/// (`TERNMUX_CL_ARG_CACHE=0` turns it off, to measure what it saves).
+fn arg_cache_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_ARG_CACHE").is_none_or(|v| v != "0"))
+}
+
+/// The environment variable that turns on per-kernel profiling (`TERNMUX_CL_PROFILE=1`).
+pub const PROFILE_ENV: &str = "TERNMUX_CL_PROFILE";
+
+/// One launch recorded while profiling: the kernel, the host time spent setting its
+/// arguments and queueing it, and its event (device timestamps).
+struct Launched {
+    name: String,
+    host_ns: u64,
+    event: Event,
+}
+
+/// Time spent in one kernel over the launches since the last [`ClDevice::take_profile`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    /// Kernel name (as in `cl/`).
+    pub name: String,
+    /// Launches of it.
+    pub launches: u64,
+    /// Host seconds spent setting arguments and queueing, summed.
+    pub host_s: f64,
+    /// Device seconds from the start to the end of execution (profiling events), summed.
+    pub device_s: f64,
 }
 
 /// An OpenCL device with its context, in-order queue and built program. One per device per
@@ -247,6 +340,9 @@ pub struct ClDevice {
     /// Whether the kernels were built with `-DTERNMUX_DP4A` (NVIDIA inline PTX accepted).
     dp4a: bool,
     dummy: DevBuf,
+    /// Launches recorded since the last [`ClDevice::take_profile`], when [`PROFILE_ENV`] was
+    /// set at open (the queue then records timestamps).
+    profile: Option<Mutex<Vec<Launched>>>,
 }
 
 static OPEN: OnceLock<Mutex<HashMap<usize, Arc<ClDevice>>>> = OnceLock::new();
@@ -337,8 +433,15 @@ impl ClDevice {
         }
         let raw = RawDevice::new(info.raw as opencl3::types::cl_device_id);
         let context = Context::from_device(&raw).map_err(|e| cl_err("create context", e))?;
-        // No profiling: timestamps per command cost launch latency on some drivers.
-        let queue = CommandQueue::create_default_with_properties(&context, 0, 0)
+        // No profiling unless asked: timestamps per command cost launch latency on some
+        // drivers.
+        let profiling = std::env::var_os(PROFILE_ENV).is_some_and(|v| v != "0" && !v.is_empty());
+        let props = if profiling {
+            opencl3::command_queue::CL_QUEUE_PROFILING_ENABLE
+        } else {
+            0
+        };
+        let queue = CommandQueue::create_default_with_properties(&context, props, 0)
             .map_err(|e| cl_err("create command queue", e))?;
         let copy_queue = CommandQueue::create_default_with_properties(&context, 0, 0)
             .map_err(|e| cl_err("create the copy queue", e))?;
@@ -378,28 +481,35 @@ impl ClDevice {
         let mut kernels = HashMap::new();
         for n in names {
             let k = Kernel::create(&program, &n).map_err(|e| cl_err(&format!("kernel {n}"), e))?;
-            kernels.insert(n, k);
+            kernels.insert(
+                n,
+                vec![Instance {
+                    kernel: k,
+                    key: 0,
+                    args: Vec::new(),
+                    last_use: 0,
+                }],
+            );
         }
         // SAFETY: no host pointer is passed, so the driver owns the storage.
         let dummy =
             unsafe { Buffer::<u8>::create(&context, CL_MEM_READ_WRITE, 16, ptr::null_mut()) }
                 .map_err(|e| cl_err("allocate a placeholder buffer", e))?;
         let dev = Arc::new(ClDevice {
-            dummy: DevBuf {
-                buf: dummy,
-                bytes: 16,
-            },
+            dummy: DevBuf::new(dummy, 16),
             info,
             context,
             queue,
             copy_queue,
             compiled: Mutex::new(Compiled {
-                _program: program,
+                program,
                 kernels,
+                tick: 0,
             }),
             launches: AtomicU64::new(0),
             build_time: start.elapsed(),
             dp4a,
+            profile: profiling.then(|| Mutex::new(Vec::new())),
         });
         open.insert(dev.info.raw, dev.clone());
         Ok(dev)
@@ -427,6 +537,53 @@ impl ClDevice {
         self.launches.load(Ordering::Relaxed)
     }
 
+    /// Whether launches are being profiled ([`PROFILE_ENV`] was set when the device opened).
+    pub fn profiling(&self) -> bool {
+        self.profile.is_some()
+    }
+
+    /// Waits for the queue, then returns the time per kernel of the launches since the last
+    /// call (most device time first) and forgets them. Empty when not [`profiling`](Self::profiling).
+    pub fn take_profile(&self) -> Result<Vec<KernelTime>> {
+        let Some(p) = &self.profile else {
+            return Ok(Vec::new());
+        };
+        self.finish()?;
+        let launched = std::mem::take(
+            &mut *p
+                .lock()
+                .map_err(|_| Error::Device("opencl: profile poisoned".into()))?,
+        );
+        let mut by_name: Vec<KernelTime> = Vec::new();
+        for l in launched {
+            let start = l
+                .event
+                .profiling_command_start()
+                .map_err(|e| cl_err("read a profiling timestamp", e))?;
+            let end = l
+                .event
+                .profiling_command_end()
+                .map_err(|e| cl_err("read a profiling timestamp", e))?;
+            let device_s = end.saturating_sub(start) as f64 * 1e-9;
+            let host_s = l.host_ns as f64 * 1e-9;
+            match by_name.iter_mut().find(|k| k.name == l.name) {
+                Some(k) => {
+                    k.launches += 1;
+                    k.host_s += host_s;
+                    k.device_s += device_s;
+                }
+                None => by_name.push(KernelTime {
+                    name: l.name,
+                    launches: 1,
+                    host_s,
+                    device_s,
+                }),
+            }
+        }
+        by_name.sort_by(|a, b| b.device_s.total_cmp(&a.device_s));
+        Ok(by_name)
+    }
+
     fn create(&self, flags: u64, bytes: usize) -> Result<Buffer<u8>> {
         if bytes as u64 > self.info.max_alloc {
             return Err(Error::Device(format!(
@@ -441,10 +598,7 @@ impl ClDevice {
 
     /// A read-write device buffer of `bytes` bytes (contents unspecified).
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
-        Ok(DevBuf {
-            buf: self.create(CL_MEM_READ_WRITE, bytes)?,
-            bytes,
-        })
+        Ok(DevBuf::new(self.create(CL_MEM_READ_WRITE, bytes)?, bytes))
     }
 
     /// A device buffer holding a copy of `data` (blocking copy). Read-write: kernels may update
@@ -460,10 +614,7 @@ impl ClDevice {
             }
             .map_err(|e| cl_err("upload", e))?;
         }
-        Ok(DevBuf {
-            buf,
-            bytes: data.len(),
-        })
+        Ok(DevBuf::new(buf, data.len()))
     }
 
     /// Copies `data` into `dst` at byte `offset` (blocking).
@@ -595,7 +746,7 @@ impl ClDevice {
                 .create_sub_buffer(CL_MEM_READ_ONLY, origin, bytes)
         }
         .map_err(|e| cl_err("create a sub-buffer", e))?;
-        Ok(DevBuf { buf, bytes })
+        Ok(DevBuf::new(buf, bytes))
     }
 
     /// Queues a copy of `src` into `dst` at `offset` on the copy queue, after the events in
@@ -710,29 +861,77 @@ impl ClDevice {
         local: &[usize],
         args: &[Arg<'_>],
     ) -> Result<()> {
-        let compiled = self
+        let t0 = self.profile.as_ref().map(|_| Instant::now());
+        let mut guard = self
             .compiled
             .lock()
             .map_err(|_| Error::Device("opencl: kernel table poisoned".into()))?;
-        let k = compiled
+        let compiled = &mut *guard;
+        compiled.tick += 1;
+        let tick = compiled.tick;
+        let instances = compiled
             .kernels
-            .get(name)
+            .get_mut(name)
             .ok_or_else(|| Error::Device(format!("opencl: no kernel {name} in cl/")))?;
+        let key = if arg_cache_enabled() {
+            buffer_key(args)
+        } else {
+            0
+        };
+        let at = match instances.iter().position(|x| x.key == key) {
+            Some(at) => at,
+            None if instances.len() < MAX_INSTANCES => {
+                let kernel = Kernel::create(&compiled.program, name)
+                    .map_err(|e| cl_err(&format!("kernel {name}"), e))?;
+                instances.push(Instance {
+                    kernel,
+                    key,
+                    args: Vec::new(),
+                    last_use: 0,
+                });
+                instances.len() - 1
+            }
+            None => {
+                // Full: the least recently used instance takes the new buffers.
+                let at = instances
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, x)| x.last_use)
+                    .map_or(0, |(at, _)| at);
+                instances[at].key = key;
+                at
+            }
+        };
+        let inst = &mut instances[at];
+        inst.last_use = tick;
+        let cache = arg_cache_enabled();
+        if inst.args.len() != args.len() {
+            inst.args = vec![None; args.len()];
+        }
         for (i, a) in args.iter().enumerate() {
-            let i = i as u32;
+            let v = a.val();
+            if cache && inst.args[i] == Some(v) {
+                continue;
+            }
+            // Unknown until the driver accepts it.
+            inst.args[i] = None;
+            let k = &inst.kernel;
+            let ix = i as u32;
             // SAFETY: each argument matches the kernel's parameter list in cl/ (buffers as
             // cl_mem, ints as i32, floats as f32, local memory as a byte count); the driver
             // checks sizes and returns CL_INVALID_ARG_SIZE/INDEX instead of reading past them.
             let set = unsafe {
                 match a {
-                    Arg::Buf(b) => k.set_arg(i, &b.mem()),
-                    Arg::I32(v) => k.set_arg(i, v),
-                    Arg::F32(v) => k.set_arg(i, v),
-                    Arg::Local(n) => k.set_arg_local_buffer(i, *n),
+                    Arg::Buf(b) => k.set_arg(ix, &b.mem()),
+                    Arg::I32(v) => k.set_arg(ix, v),
+                    Arg::F32(v) => k.set_arg(ix, v),
+                    Arg::Local(n) => k.set_arg_local_buffer(ix, *n),
                 }
             };
             set.map_err(|e| cl_err(&format!("argument {i} of {name}"), e))?;
+            inst.args[i] = Some(v);
         }
+        let k = &inst.kernel;
         if global.len() != local.len() || global.is_empty() || global.len() > 3 {
             return Err(Error::Device(format!(
                 "opencl: bad launch geometry for {name}"
@@ -744,20 +943,63 @@ impl ClDevice {
             .zip(local)
             .map(|(&g, &l)| g.div_ceil(l.max(1)) * l.max(1))
             .collect();
-        // SAFETY: every argument is set (the driver reports CL_INVALID_KERNEL_ARGS otherwise);
-        // the size arrays hold `work_dim` entries; buffers outlive the queued launch because
-        // every caller holds them until a later blocking read or `finish`.
-        unsafe {
-            self.queue.enqueue_nd_range_kernel(
-                k.get(),
-                global.len() as u32,
-                ptr::null(),
-                global.as_ptr(),
-                local.as_ptr(),
-                &[],
-            )
+        match (&self.profile, t0) {
+            (Some(p), Some(t0)) => {
+                // SAFETY: as below; the returned event is owned by the profile record.
+                let event = unsafe {
+                    self.queue.enqueue_nd_range_kernel(
+                        k.get(),
+                        global.len() as u32,
+                        ptr::null(),
+                        global.as_ptr(),
+                        local.as_ptr(),
+                        &[],
+                    )
+                }
+                .map_err(|e| cl_err(&format!("launch {name}"), e))?;
+                let host_ns = t0.elapsed().as_nanos() as u64;
+                p.lock()
+                    .map_err(|_| Error::Device("opencl: profile poisoned".into()))?
+                    .push(Launched {
+                        name: name.to_string(),
+                        host_ns,
+                        event,
+                    });
+            }
+            _ => {
+                let rt = cl3::load_library()
+                    .as_ref()
+                    .map_err(|e| cl_err("the OpenCL library", e))?;
+                // The loader's entry point is declared safe by cl3; what makes the call sound:
+                // every argument is set (the driver reports CL_INVALID_KERNEL_ARGS otherwise);
+                // the size arrays hold `work_dim` entries; no event is asked for (a null event
+                // pointer is allowed and saves creating and releasing one per launch); buffers
+                // outlive the queued launch because every caller holds them until a later
+                // blocking read or `finish`.
+                let status = rt.clEnqueueNDRangeKernel(
+                    self.queue.get(),
+                    k.get(),
+                    global.len() as u32,
+                    ptr::null(),
+                    global.as_ptr(),
+                    local.as_ptr(),
+                    0,
+                    ptr::null(),
+                    ptr::null_mut(),
+                );
+                match status {
+                    Some(0) => {}
+                    Some(code) => {
+                        return Err(cl_err(&format!("launch {name}"), ClError(code)));
+                    }
+                    None => {
+                        return Err(Error::Device(
+                            "opencl: the library lacks clEnqueueNDRangeKernel".into(),
+                        ));
+                    }
+                }
+            }
         }
-        .map_err(|e| cl_err(&format!("launch {name}"), e))?;
         self.launches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

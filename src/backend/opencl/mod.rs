@@ -21,6 +21,8 @@ pub mod device;
 pub mod exec;
 pub mod ops;
 
-pub use device::{Arg, ClDevice, DevBuf, DeviceInfo, Pinned, Unavailable, list_devices};
+pub use device::{
+    Arg, ClDevice, DevBuf, DeviceInfo, KernelTime, PROFILE_ENV, Pinned, Unavailable, list_devices,
+};
 pub use exec::{ClExec, ClKv, DevUnit};
 pub use ops::{Places, RopeShape, TernaryOut};

@@ -18,6 +18,8 @@ const TEAM: usize = 32;
 const TB: usize = 8;
 /// Rows per matmul work-group.
 const ROWS_PER_GROUP: usize = 8;
+/// Longest row of [`ClDevice::ternary_gemv_tq2_norm`] (`RQ` values per work-item in cl/).
+pub const FUSED_NORM_MAX_K: usize = 32 * ROWS_PER_GROUP * TEAM;
 
 /// cl/common.cl `FMT_*` id of a float format.
 pub fn float_format_id(f: FloatFormat) -> i32 {
@@ -276,15 +278,10 @@ impl ClDevice {
         }
         need("activations", q, n_tok * k)?;
         need("token scales", s, n_tok * 4)?;
-        for o in outs {
-            need("ternary weights", o.w, o.rows * fmt.row_bytes(k))?;
-            need("matmul output", o.out, n_tok * o.rows * 4)?;
-            if let Some(b) = o.bias {
-                need("bias", b, o.rows * 4)?;
-            }
+        // One TQ2_0 token on a GPU: the GEMV, which keeps more weight loads in flight per team.
+        if fmt == TernaryFormat::Tq2_0 && n_tok == 1 && self.gpu_kernels() {
+            return self.ternary_gemv_tq2(k, q, s, outs, accumulate);
         }
-        let d = self.dummy();
-        let total: usize = outs.iter().map(|o| o.rows).sum();
         let mut args = vec![
             Arg::I32(ternary_format_id(fmt)),
             int(k)?,
@@ -292,26 +289,7 @@ impl ClDevice {
             Arg::Buf(s),
             int(n_tok)?,
         ];
-        for i in 0..3 {
-            match outs.get(i) {
-                Some(o) => args.extend([
-                    Arg::Buf(o.w),
-                    int(o.rows)?,
-                    Arg::Buf(o.out),
-                    Arg::F32(o.scale),
-                    Arg::Buf(o.bias.unwrap_or(d)),
-                    Arg::I32(i32::from(o.bias.is_some())),
-                ]),
-                None => args.extend([
-                    Arg::Buf(d),
-                    Arg::I32(0),
-                    Arg::Buf(d),
-                    Arg::F32(0.0),
-                    Arg::Buf(d),
-                    Arg::I32(0),
-                ]),
-            }
-        }
+        let total = self.push_outs(&mut args, outs, fmt, k, n_tok)?;
         args.push(Arg::I32(i32::from(accumulate)));
         // Batches of TQ2_0 take two rows per team (activations loaded once for both).
         if fmt == TernaryFormat::Tq2_0 && n_tok > 1 {
@@ -337,6 +315,135 @@ impl ClDevice {
             &[ROWS_PER_GROUP * TEAM, 1],
             &args,
         )
+    }
+
+    /// TQ2_0 matrices × one token's int8 activations `q` (scale `s`): the GEMV kernel, which
+    /// issues several blocks' loads per work-item before summing (what a GPU needs to keep its
+    /// memory busy). Same results as [`ternary_matmul`](Self::ternary_matmul) with one token,
+    /// which takes this path on GPUs.
+    pub fn ternary_gemv_tq2(
+        &self,
+        k: usize,
+        q: &DevBuf,
+        s: &DevBuf,
+        outs: &[TernaryOut<'_>],
+        accumulate: bool,
+    ) -> Result<()> {
+        let fmt = TernaryFormat::Tq2_0;
+        if outs.is_empty() || outs.len() > 3 || k == 0 || !k.is_multiple_of(fmt.k_multiple()) {
+            return Err(Error::Device(format!(
+                "opencl: TQ2_0 GEMV of {} matrices with row length {k}",
+                outs.len()
+            )));
+        }
+        need("activations", q, k)?;
+        need("token scales", s, 4)?;
+        let mut args = vec![int(k)?, Arg::Buf(q), Arg::Buf(s)];
+        let total = self.push_outs(&mut args, outs, fmt, k, 1)?;
+        args.push(Arg::I32(i32::from(accumulate)));
+        args.push(Arg::Local(ROWS_PER_GROUP * TEAM * 4));
+        self.launch(
+            "ternary_gemv_tq2",
+            &[total.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM],
+            &[ROWS_PER_GROUP * TEAM],
+            &args,
+        )
+    }
+
+    /// Appends the three (weights, rows, output, scale, bias, has-bias) argument groups of a
+    /// ternary launch, checking each output's sizes; returns the rows of all of them.
+    fn push_outs<'b>(
+        &'b self,
+        args: &mut Vec<Arg<'b>>,
+        outs: &[TernaryOut<'b>],
+        fmt: TernaryFormat,
+        k: usize,
+        n_tok: usize,
+    ) -> Result<usize> {
+        let d = self.dummy();
+        for i in 0..3 {
+            match outs.get(i) {
+                Some(o) => {
+                    need("ternary weights", o.w, o.rows * fmt.row_bytes(k))?;
+                    need("matmul output", o.out, n_tok * o.rows * 4)?;
+                    if let Some(b) = o.bias {
+                        need("bias", b, o.rows * 4)?;
+                    }
+                    args.extend([
+                        Arg::Buf(o.w),
+                        int(o.rows)?,
+                        Arg::Buf(o.out),
+                        Arg::F32(o.scale),
+                        Arg::Buf(o.bias.unwrap_or(d)),
+                        Arg::I32(i32::from(o.bias.is_some())),
+                    ]);
+                }
+                None => args.extend([
+                    Arg::Buf(d),
+                    Arg::I32(0),
+                    Arg::Buf(d),
+                    Arg::F32(0.0),
+                    Arg::Buf(d),
+                    Arg::I32(0),
+                ]),
+            }
+        }
+        Ok(outs.iter().map(|o| o.rows).sum())
+    }
+
+    /// Whether the GPU-shaped kernels are chosen where they exist (the TQ2_0 GEMV, the fused
+    /// norm + GEMV): on GPUs. On CPU devices (PoCL) they are slower than the general kernels —
+    /// launches are cheap there and the extra per-work-group work is not — so they run there
+    /// only when called directly (as the tests do).
+    pub fn gpu_kernels(&self) -> bool {
+        self.info().kind == "GPU"
+    }
+
+    /// RMSNorm of the one-token row `x` times `norm`, its int8 quantization and the TQ2_0
+    /// matrices `outs` (up to three, row length `k`) in one launch: the same results as
+    /// [`norm_quant`](Self::norm_quant) then [`ternary_matmul`](Self::ternary_matmul), one
+    /// launch fewer. Needs `k ≤` [`FUSED_NORM_MAX_K`].
+    pub fn ternary_gemv_tq2_norm(
+        &self,
+        k: usize,
+        x: &DevBuf,
+        norm: &DevBuf,
+        eps: f32,
+        outs: &[TernaryOut<'_>],
+        accumulate: bool,
+    ) -> Result<()> {
+        let fmt = TernaryFormat::Tq2_0;
+        if outs.is_empty()
+            || outs.len() > 3
+            || k == 0
+            || !k.is_multiple_of(fmt.k_multiple())
+            || k > FUSED_NORM_MAX_K
+        {
+            return Err(Error::Device(format!(
+                "opencl: fused norm and TQ2_0 GEMV of {} matrices with row length {k} (needs                  1 to 3, a multiple of 256 up to {FUSED_NORM_MAX_K})",
+                outs.len()
+            )));
+        }
+        need("activations", x, k * 4)?;
+        need("norm weight", norm, k * 4)?;
+        let mut args = vec![int(k)?, Arg::Buf(x), Arg::Buf(norm), Arg::F32(eps)];
+        let total = self.push_outs(&mut args, outs, fmt, k, 1)?;
+        args.push(Arg::I32(i32::from(accumulate)));
+        args.push(Arg::Local(ROWS_PER_GROUP * TEAM * 4));
+        args.push(Arg::Local(k.next_multiple_of(4)));
+        self.launch(
+            "ternary_gemv_tq2_norm",
+            &[total.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM],
+            &[ROWS_PER_GROUP * TEAM],
+            &args,
+        )
+    }
+
+    /// Whether one-token norms fuse into the TQ2_0 GEMV here: on GPUs (see
+    /// [`gpu_kernels`](Self::gpu_kernels)) whose row kernels use the fused kernel's work-group
+    /// size, so the results are identical to the separate launches.
+    pub fn fused_norm_gemv(&self) -> bool {
+        self.gpu_kernels() && self.row_group() == ROWS_PER_GROUP * TEAM
     }
 
     /// A float/block-quantized matrix (`n` rows of `k`) × f32 activations `x` (`n_tok × k`).
@@ -512,7 +619,7 @@ impl ClDevice {
         need("value cache", vc, places.slots * n_ctx * kvd * 2)?;
         need("scores", scores, n_tok * sh.n_head * n_ctx * 4)?;
         need("attention output", out, n_tok * qd * 4)?;
-        let wg = self.row_group().min(128);
+        let wg = self.row_group();
         self.launch(
             "attention",
             &[wg * sh.n_head, n_tok],
@@ -531,6 +638,7 @@ impl ClDevice {
                 Arg::Buf(out),
                 Arg::Local(wg * 4),
                 Arg::Local(sh.head_dim * 4),
+                Arg::Local(wg * 16),
             ],
         )
     }

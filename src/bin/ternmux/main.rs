@@ -423,11 +423,29 @@ fn bench_device(
         out,
         "\n## ternary matmul, weights cold (GB/s of weights; % of the copy bandwidth)".into(),
     )?;
+    if !dev.profiling() {
+        w(
+            out,
+            format!(
+                "(µs per launch queued back to back; set {}=1 for device time per kernel too)",
+                ternmux::backend::opencl::PROFILE_ENV
+            ),
+        )?;
+    }
     w(
         out,
         format!(
-            "{:<7} {:>6} x {:<6} {:>5} {:>10} {:>9} {:>7}",
-            "format", "rows", "cols", "batch", "µs", "GB/s", "% copy"
+            "{:<7} {:>6} x {:<6} {:>5} {:>10} {:>9} {:>7} {:>10} {:>9} {:>7}",
+            "format",
+            "rows",
+            "cols",
+            "batch",
+            "µs",
+            "GB/s",
+            "% copy",
+            "device µs",
+            "GB/s",
+            "% copy"
         ),
     )?;
     let shapes = [
@@ -441,10 +459,16 @@ fn bench_device(
     for fmt in ternmux::kernels::ternary::TernaryFormat::ALL {
         for (name, rows, cols) in shapes {
             for t in bench::ternary_kernels(&dev, fmt, rows, cols, &[1, 8, 32], launches)? {
+                let device = match (t.device_seconds, t.device_gb_s()) {
+                    (Some(s), Some(g)) => {
+                        format!("{:>10.1} {:>9.1} {:>6.0}%", s * 1e6, g, 100.0 * g / copy_bw)
+                    }
+                    _ => format!("{:>10} {:>9} {:>7}", "-", "-", "-"),
+                };
                 w(
                     out,
                     format!(
-                        "{:<7} {:>6} x {:<6} {:>5} {:>10.1} {:>9.1} {:>6.0}%  {name}",
+                        "{:<7} {:>6} x {:<6} {:>5} {:>10.1} {:>9.1} {:>6.0}% {device}  {name}",
                         fmt.name(),
                         t.rows,
                         t.cols,
@@ -478,11 +502,25 @@ fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
     let n_ctx = prompt.len() + a.gen_tokens + 1;
     let (mut best_pp, mut best_tg) = (f64::INFINITY, f64::INFINITY);
     let mut launches_per_token = 0.0;
+    // With TERNMUX_CL_PROFILE=1: device time per kernel of the last repetition.
+    let profiled = match model.placement() {
+        ternmux::backend::Placement::OpenCl(d) if d.profiling() => Some(d.clone()),
+        _ => None,
+    };
+    let take_profile = || -> Result<Vec<ternmux::backend::opencl::KernelTime>, Failure> {
+        Ok(match &profiled {
+            Some(d) => d.take_profile()?,
+            None => Vec::new(),
+        })
+    };
+    let (mut prefill_profile, mut decode_profile) = (Vec::new(), Vec::new());
     for _ in 0..a.reps.max(1) {
         let mut cache = KvCache::new(&model, n_ctx, KvType::F16)?;
+        take_profile()?;
         let t = std::time::Instant::now();
         let mut logits = model.forward(&mut cache, &prompt, Logits::Last)?;
         best_pp = best_pp.min(t.elapsed().as_secs_f64());
+        prefill_profile = take_profile()?;
         if let Some(path) = &a.logits_out {
             let mut buf = Vec::with_capacity(8 + 4 * (prompt.len() + logits.len()));
             buf.extend_from_slice(&(prompt.len() as u32).to_le_bytes());
@@ -508,6 +546,7 @@ fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
             best_tg = best_tg.min(t.elapsed().as_secs_f64());
             launches_per_token = (launches_of(&model) - launches0) as f64 / a.gen_tokens as f64;
         }
+        decode_profile = take_profile()?;
     }
     let pp = prompt.len() as f64 / best_pp;
     let tg = if a.gen_tokens > 0 {
@@ -545,6 +584,54 @@ fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
             )
             .map_err(io_failure)?;
         }
+        if profiled.is_some() {
+            write_profile(out, "prefill (one pass)", &prefill_profile, 1)?;
+            write_profile(out, "decode (per token)", &decode_profile, a.gen_tokens)?;
+        }
+    }
+    Ok(())
+}
+
+/// The per-kernel table of a profiled phase, per `per` units (e.g. per decoded token).
+fn write_profile(
+    out: &mut impl Write,
+    phase: &str,
+    kernels: &[ternmux::backend::opencl::KernelTime],
+    per: usize,
+) -> Result<(), Failure> {
+    let per = per.max(1) as f64;
+    let device: f64 = kernels.iter().map(|k| k.device_s).sum();
+    let host: f64 = kernels.iter().map(|k| k.host_s).sum();
+    let w = |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(io_failure);
+    w(
+        out,
+        format!(
+            "\n## {phase}: device {:.3} ms, host queueing {:.3} ms (profiling events)",
+            device / per * 1e3,
+            host / per * 1e3
+        ),
+    )?;
+    w(
+        out,
+        format!(
+            "{:<28} {:>9} {:>12} {:>12} {:>11} {:>6}",
+            "kernel", "launches", "host µs/l", "device µs/l", "device ms", "share"
+        ),
+    )?;
+    for k in kernels {
+        let n = k.launches.max(1) as f64;
+        w(
+            out,
+            format!(
+                "{:<28} {:>9.1} {:>12.2} {:>12.2} {:>11.3} {:>5.1}%",
+                k.name,
+                k.launches as f64 / per,
+                k.host_s / n * 1e6,
+                k.device_s / n * 1e6,
+                k.device_s / per * 1e3,
+                100.0 * k.device_s / device.max(1e-12)
+            ),
+        )?;
     }
     Ok(())
 }
