@@ -1,4 +1,5 @@
-// Row-wise ops, one work-group per token row: RMSNorm, per-token int8 quantization of a ternary
+// Row-wise ops, one work-group per token row (`regs`: GPUs keep the row in registers; CPU
+// devices loop, which suits their work-item loops around barriers better): RMSNorm, per-token int8 quantization of a ternary
 // layer's input (bitnet.cpp's absmax rule: s = 127 / max(absmax, 1e-5), q = clamp(rint(v·s))), and
 // the FFN activation. Fused so that a layer's input is normed and quantized in one launch.
 
@@ -7,13 +8,13 @@
 __kernel void norm_quant(__global const float* x, int n, int row0,
                          __global const float* w, int has_norm, float eps,
                          __global float* y, int write_y,
-                         __global char* q, __global float* qs, int write_q,
+                         __global char* q, __global float* qs, int write_q, int regs,
                          __local float* scratch) {
     int t = get_group_id(0), lid = get_local_id(0), wg = get_local_size(0);
     const __global float* xr = x + (size_t)(row0 + t) * n;
     __global float* yr = y + (size_t)t * n;
-    if (n <= RQ * wg) {
-        // The row in registers: one batch of loads, no second read.
+    if (regs && n <= RQ * wg) {
+        // The row in registers (GPUs): one batch of loads, no second read.
         float v[RQ];
 #pragma unroll
         for (int i = 0; i < RQ; i++) {
@@ -81,12 +82,13 @@ __kernel void norm_quant(__global const float* x, int n, int row0,
 // the down projection. One work-group per token row.
 __kernel void ffn_act_quant(__global float* g, __global const float* u, int n, int act,
                             __global const float* w, int has_norm, float eps,
-                            __global char* q, __global float* qs, __local float* scratch) {
+                            __global char* q, __global float* qs, int regs,
+                            __local float* scratch) {
     int t = get_group_id(0), lid = get_local_id(0), wg = get_local_size(0);
     __global float* gr = g + (size_t)t * n;
     const __global float* ur = u + (size_t)t * n;
-    if (n <= RQ * wg) {
-        // The row in registers: one batch of loads of g and u, no second read.
+    if (regs && n <= RQ * wg) {
+        // The row in registers (GPUs): one batch of loads of g and u, no second read.
         float h[RQ];
 #pragma unroll
         for (int i = 0; i < RQ; i++) {

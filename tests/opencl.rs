@@ -372,6 +372,26 @@ proptest! {
         d.read(&kcb, 0, bytemuck::cast_slice_mut(&mut kc)).unwrap();
         d.read(&vcb, 0, bytemuck::cast_slice_mut(&mut vc)).unwrap();
         let out = read_f32(&d, &ob, n_tok * qd);
+        // One row per slot (decoding): the fused RoPE + store + attention launch gives the same
+        // caches and the same outputs, bit for bit.
+        if n_tok <= slots {
+            let kcf = d.upload(bytemuck::cast_slice(&kc0)).unwrap();
+            let vcf = d.upload(bytemuck::cast_slice(&vc0)).unwrap();
+            let of = d.alloc(n_tok * qd * 4).unwrap();
+            d.attention_rope(&qb, &kb, &vb, &kcf, &vcf, &rb, &scores, &places, sh, &of).unwrap();
+            let outf = read_f32(&d, &of, n_tok * qd);
+            for (i, (a, b)) in out.iter().zip(&outf).enumerate() {
+                prop_assert_eq!(a.to_bits(), b.to_bits(), "fused attention output {}: {} vs {}", i, a, b);
+            }
+            let mut kf = vec![f16::ZERO; cells];
+            let mut vf = vec![f16::ZERO; cells];
+            d.read(&kcf, 0, bytemuck::cast_slice_mut(&mut kf)).unwrap();
+            d.read(&vcf, 0, bytemuck::cast_slice_mut(&mut vf)).unwrap();
+            prop_assert!(kf == kc && vf == vc, "the fused launch stored other keys or values");
+        } else {
+            let shared = d.attention_rope(&qb, &kb, &vb, &kcb, &vcb, &rb, &scores, &places, sh, &ob);
+            prop_assert!(shared.is_err(), "two rows of one slot must be refused by the fused launch");
+        }
         // f64 rotation with the same (cos, sin) table.
         let rot = |x: &[f32], p: usize| -> Vec<f64> {
             let mut y: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();

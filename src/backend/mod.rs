@@ -298,6 +298,23 @@ pub trait Backend {
         q: &Self::Buf,
         out: &mut Self::Buf,
     ) -> Result<()>;
+    /// [`Backend::rope_store`] then [`Backend::attention`] of the rotated queries (through
+    /// `q_rot`) into `out`, unless the backend fuses the two (then `q_rot` is left as it was).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
+        &self,
+        kv: &mut Self::Kv,
+        layer: usize,
+        rows: &[RowPlace],
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        q_rot: &mut Self::Buf,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        self.rope_store(kv, layer, rows, q, k, v, q_rot)?;
+        self.attention(kv, layer, rows, q_rot, out)
+    }
     /// `g = act(g) · u`, then unit `w`'s FFN sub-norm when `sub_norm`, for `rows` rows.
     #[allow(clippy::too_many_arguments)]
     fn ffn_act(

@@ -371,8 +371,7 @@ fn pass<B: Backend>(
             ],
             false,
         )?;
-        be.rope_store(kv, li, places, &q, &k, &v, &mut qr)?;
-        be.attention(kv, li, places, &qr, &mut att)?;
+        be.rope_attention(kv, li, places, &q, &k, &v, &mut qr, &mut att)?;
         let o = &mut [(Mat::Layer(LayerMat::O), &mut x)];
         if l.attn_sub_norm.is_some() {
             be.norm_project(blk, Norm::AttnSub, &att, t_n, &mut h, o, true)?;

@@ -343,6 +343,8 @@ pub struct ClDevice {
     /// Launches recorded since the last [`ClDevice::take_profile`], when [`PROFILE_ENV`] was
     /// set at open (the queue then records timestamps).
     profile: Option<Mutex<Vec<Launched>>>,
+    /// Whether the GPU-shaped kernel paths are chosen (see `ClDevice::gpu_kernels`).
+    gpu_shaped: bool,
 }
 
 static OPEN: OnceLock<Mutex<HashMap<usize, Arc<ClDevice>>>> = OnceLock::new();
@@ -445,6 +447,11 @@ impl ClDevice {
             .map_err(|e| cl_err("create command queue", e))?;
         let copy_queue = CommandQueue::create_default_with_properties(&context, 0, 0)
             .map_err(|e| cl_err("create the copy queue", e))?;
+        let gpu_shaped = match std::env::var("TERNMUX_CL_GPU_KERNELS").as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => info.kind == "GPU",
+        };
         let start = Instant::now();
         let srcs = sources()?;
         let joined: String = srcs
@@ -510,6 +517,7 @@ impl ClDevice {
             build_time: start.elapsed(),
             dp4a,
             profile: profiling.then(|| Mutex::new(Vec::new())),
+            gpu_shaped,
         });
         open.insert(dev.info.raw, dev.clone());
         Ok(dev)
@@ -535,6 +543,12 @@ impl ClDevice {
     /// Kernel launches so far (all models on this device).
     pub fn launches(&self) -> u64 {
         self.launches.load(Ordering::Relaxed)
+    }
+
+    /// Whether the GPU-shaped kernel paths are chosen (`TERNMUX_CL_GPU_KERNELS` at open, else
+    /// whether the device is a GPU).
+    pub(crate) fn gpu_shaped(&self) -> bool {
+        self.gpu_shaped
     }
 
     /// Whether launches are being profiled ([`PROFILE_ENV`] was set when the device opened).

@@ -20,11 +20,19 @@ use ternmux_kernels::ternary::{TernaryFormat, TernaryMatrix};
 /// Most tokens in one pass (sizes every activation's per-token scale buffer).
 const MAX_PASS_ROWS: usize = 128;
 
-/// Whether one-token norms fuse into the TQ2_0 GEMV that follows them (`TERNMUX_CL_FUSE=0`
-/// turns it off, to measure what it saves).
-fn fuse_enabled() -> bool {
+/// Whether one-token norms fuse into the TQ2_0 GEMV that follows them: off unless
+/// `TERNMUX_CL_FUSE_NORM=1` (on the H200 the fused launch cost more than the two it replaces:
+/// every work-group norms the whole row again; BENCHMARKS.md).
+fn fuse_norm() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_FUSE").is_none_or(|v| v != "0"))
+    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_FUSE_NORM").is_some_and(|v| v == "1"))
+}
+
+/// Whether RoPE, the KV store and attention go in one launch when every row of a pass has its
+/// own slot (`TERNMUX_CL_FUSE_ROPE=0` turns it off, to measure what it saves).
+fn fuse_rope() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_FUSE_ROPE").is_none_or(|v| v != "0"))
 }
 
 /// One matrix of a resident unit.
@@ -300,6 +308,48 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
     Ok(())
 }
 
+impl ClExec<'_> {
+    /// Extends the RoPE table to the rows' last position and uploads the rows' places (once per
+    /// pass: every layer's rows are the same).
+    fn prepare_places(&self, kv: &mut ClKv, rows: &[RowPlace]) -> Result<()> {
+        let half = self.model.config.n_rot / 2;
+        let end = rows.iter().map(|r| r.pos as usize + 1).max().unwrap_or(0);
+        if end > kv.n_ctx {
+            return Err(Error::Context {
+                needed: end,
+                limit: kv.n_ctx,
+            });
+        }
+        if end > kv.rope_filled {
+            extend_rope_tables(self.model, end, &mut kv.cos, &mut kv.sin);
+            let from = kv.rope_filled;
+            let mut inter = Vec::with_capacity((end - from) * half * 2);
+            for i in from * half..end * half {
+                inter.push(kv.cos[i]);
+                inter.push(kv.sin[i]);
+            }
+            self.dev()
+                .write(&mut kv.rope, from * half * 8, bytemuck::cast_slice(&inter))?;
+            kv.rope_filled = end;
+        }
+        // The places are uploaded once per pass (every layer's rows are the same).
+        if kv.places.as_ref().is_none_or(|p| p.rows() != rows) {
+            let old = kv.places.take();
+            kv.places = Some(Places::new(self.dev(), rows, kv.slots, kv.n_ctx, old)?);
+        }
+        Ok(())
+    }
+}
+
+impl ClKv {
+    /// The places of the current pass (uploaded by `prepare_places`).
+    fn pass_places(&self) -> Result<&Places> {
+        self.places
+            .as_ref()
+            .ok_or_else(|| Error::Device("opencl: row places missing".into()))
+    }
+}
+
 impl Backend for ClExec<'_> {
     type Buf = ClBuf;
     type Kv = ClKv;
@@ -515,7 +565,7 @@ impl Backend for ClExec<'_> {
         accumulate: bool,
     ) -> Result<()> {
         // One token into TQ2_0 matrices: norm, quantization and GEMV in one launch.
-        if rows == 1 && fuse_enabled() && self.dev().fused_norm_gemv() {
+        if rows == 1 && fuse_norm() && self.dev().fused_norm_gemv() {
             let mats: Vec<&DevMat> = outs.iter().map(|(m, _)| u.mat(*m)).collect::<Result<_>>()?;
             let k = mats.first().map_or(0, |m| m.cols);
             let w = u.norm(norm)?;
@@ -550,6 +600,41 @@ impl Backend for ClExec<'_> {
         self.project(u, scratch, rows, outs, accumulate)
     }
 
+    fn rope_attention(
+        &self,
+        kv: &mut ClKv,
+        layer: usize,
+        rows: &[RowPlace],
+        q: &ClBuf,
+        k: &ClBuf,
+        v: &ClBuf,
+        q_rot: &mut ClBuf,
+        out: &mut ClBuf,
+    ) -> Result<()> {
+        let mut slots: Vec<u32> = rows.iter().map(|r| r.slot).collect();
+        slots.sort_unstable();
+        if !fuse_rope() || slots.windows(2).any(|w| w[0] == w[1]) {
+            self.rope_store(kv, layer, rows, q, k, v, q_rot)?;
+            return self.attention(kv, layer, rows, q_rot, out);
+        }
+        self.prepare_places(kv, rows)?;
+        let places = kv.pass_places()?;
+        self.dev().attention_rope(
+            &q.raw()?.f,
+            &k.raw()?.f,
+            &v.raw()?.f,
+            &kv.k[layer],
+            &kv.v[layer],
+            &kv.rope,
+            &kv.scores,
+            places,
+            self.shape(),
+            &out.raw()?.f,
+        )?;
+        out.quantized.set(false);
+        Ok(())
+    }
+
     fn rope_store(
         &self,
         kv: &mut ClKv,
@@ -560,35 +645,8 @@ impl Backend for ClExec<'_> {
         v: &ClBuf,
         q_out: &mut ClBuf,
     ) -> Result<()> {
-        let half = self.model.config.n_rot / 2;
-        let end = rows.iter().map(|r| r.pos as usize + 1).max().unwrap_or(0);
-        if end > kv.n_ctx {
-            return Err(Error::Context {
-                needed: end,
-                limit: kv.n_ctx,
-            });
-        }
-        if end > kv.rope_filled {
-            extend_rope_tables(self.model, end, &mut kv.cos, &mut kv.sin);
-            let from = kv.rope_filled;
-            let mut inter = Vec::with_capacity((end - from) * half * 2);
-            for i in from * half..end * half {
-                inter.push(kv.cos[i]);
-                inter.push(kv.sin[i]);
-            }
-            self.dev()
-                .write(&mut kv.rope, from * half * 8, bytemuck::cast_slice(&inter))?;
-            kv.rope_filled = end;
-        }
-        // The places are uploaded once per pass (every layer's rows are the same).
-        if kv.places.as_ref().is_none_or(|p| p.rows() != rows) {
-            let old = kv.places.take();
-            kv.places = Some(Places::new(self.dev(), rows, kv.slots, kv.n_ctx, old)?);
-        }
-        let places = kv
-            .places
-            .as_ref()
-            .ok_or_else(|| Error::Device("opencl: row places missing".into()))?;
+        self.prepare_places(kv, rows)?;
+        let places = kv.pass_places()?;
         self.dev().rope_store(
             &q.raw()?.f,
             &k.raw()?.f,

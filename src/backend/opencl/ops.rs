@@ -206,6 +206,7 @@ impl ClDevice {
                 Arg::Buf(q.map_or(d, |p| p.0)),
                 Arg::Buf(q.map_or(d, |p| p.1)),
                 Arg::I32(i32::from(q.is_some())),
+                Arg::I32(i32::from(self.gpu_kernels())),
                 Arg::Local(wg * 4),
             ],
         )
@@ -250,6 +251,7 @@ impl ClDevice {
                 Arg::F32(eps),
                 Arg::Buf(q),
                 Arg::Buf(s),
+                Arg::I32(i32::from(self.gpu_kernels())),
                 Arg::Local(wg * 4),
             ],
         )
@@ -391,12 +393,14 @@ impl ClDevice {
         Ok(outs.iter().map(|o| o.rows).sum())
     }
 
-    /// Whether the GPU-shaped kernels are chosen where they exist (the TQ2_0 GEMV, the fused
-    /// norm + GEMV): on GPUs. On CPU devices (PoCL) they are slower than the general kernels —
-    /// launches are cheap there and the extra per-work-group work is not — so they run there
-    /// only when called directly (as the tests do).
+    /// Whether the GPU-shaped kernel paths are chosen where they exist (the TQ2_0 GEMV, the
+    /// fused norm + GEMV, rows kept in registers by the row kernels, split value sums in
+    /// attention): on GPUs, unless `TERNMUX_CL_GPU_KERNELS=0|1` says otherwise when the
+    /// device opens. On CPU devices (PoCL) they are slower — launches are cheap there and
+    /// registers live across barriers are not — so CI runs the OpenCL tests a second time with
+    /// `TERNMUX_CL_GPU_KERNELS=1` to check them on PoCL as well.
     pub fn gpu_kernels(&self) -> bool {
-        self.info().kind == "GPU"
+        self.gpu_shaped()
     }
 
     /// RMSNorm of the one-token row `x` times `norm`, its int8 quantization and the TQ2_0
@@ -620,6 +624,7 @@ impl ClDevice {
         need("scores", scores, n_tok * sh.n_head * n_ctx * 4)?;
         need("attention output", out, n_tok * qd * 4)?;
         let wg = self.row_group();
+        let (use_lsc, lsc) = self.local_scores(wg, sh, n_ctx);
         self.launch(
             "attention",
             &[wg * sh.n_head, n_tok],
@@ -636,9 +641,105 @@ impl ClDevice {
                 int(sh.n_kv)?,
                 Arg::F32(1.0 / (sh.head_dim as f32).sqrt()),
                 Arg::Buf(out),
+                Arg::I32(use_lsc),
+                Arg::I32(i32::from(self.gpu_kernels())),
                 Arg::Local(wg * 4),
                 Arg::Local(sh.head_dim * 4),
-                Arg::Local(wg * 16),
+                Arg::Local(wg * 32),
+                Arg::Local(lsc),
+            ],
+        )
+    }
+
+    /// Whether an attention work-group keeps its scores in local memory (`n_ctx` floats next
+    /// to its other local buffers, within the device's local memory), and the bytes to ask for.
+    fn local_scores(&self, wg: usize, sh: RopeShape, n_ctx: usize) -> (i32, usize) {
+        let others = wg * 4 + sh.head_dim * 4 + wg * 32 + sh.head_dim * 12;
+        let want = n_ctx * 4;
+        if others + want + 1024 <= self.info().local_mem as usize {
+            (1, want)
+        } else {
+            (0, 4)
+        }
+    }
+
+    /// [`rope_store`](Self::rope_store) and [`attention`](Self::attention) in one launch, for
+    /// passes where no two rows share a slot (decoding): each row's own key and value are
+    /// stored and used from local memory, earlier positions read from the cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_rope(
+        &self,
+        q: &DevBuf,
+        k: &DevBuf,
+        v: &DevBuf,
+        kc: &DevBuf,
+        vc: &DevBuf,
+        rope: &DevBuf,
+        scores: &DevBuf,
+        places: &Places,
+        sh: RopeShape,
+        out: &DevBuf,
+    ) -> Result<()> {
+        let (qd, kvd) = (sh.n_head * sh.head_dim, sh.n_kv * sh.head_dim);
+        let (n_tok, n_ctx) = (places.len(), places.n_ctx);
+        if sh.n_kv == 0 || !sh.n_head.is_multiple_of(sh.n_kv) {
+            return Err(Error::Device(format!(
+                "opencl: attention of {} heads over {} KV heads",
+                sh.n_head, sh.n_kv
+            )));
+        }
+        if sh.n_rot > sh.head_dim || !sh.n_rot.is_multiple_of(2) {
+            return Err(Error::Device(format!(
+                "opencl: rope of {} dimensions in heads of {}",
+                sh.n_rot, sh.head_dim
+            )));
+        }
+        let mut slots: Vec<u32> = places.rows().iter().map(|r| r.slot).collect();
+        slots.sort_unstable();
+        if slots.windows(2).any(|w| w[0] == w[1]) {
+            return Err(Error::Device(
+                "opencl: fused rope and attention need one row per slot".into(),
+            ));
+        }
+        need("q", q, n_tok * qd * 4)?;
+        need("k", k, n_tok * kvd * 4)?;
+        need("v", v, n_tok * kvd * 4)?;
+        need("key cache", kc, places.slots * n_ctx * kvd * 2)?;
+        need("value cache", vc, places.slots * n_ctx * kvd * 2)?;
+        need("rope table", rope, places.end() * sh.n_rot / 2 * 8)?;
+        need("scores", scores, n_tok * sh.n_head * n_ctx * 4)?;
+        need("attention output", out, n_tok * qd * 4)?;
+        let wg = self.row_group();
+        let (use_lsc, lsc) = self.local_scores(wg, sh, n_ctx);
+        self.launch(
+            "attention_rope",
+            &[wg * sh.n_head, n_tok],
+            &[wg, 1],
+            &[
+                Arg::Buf(q),
+                Arg::Buf(k),
+                Arg::Buf(v),
+                Arg::Buf(kc),
+                Arg::Buf(vc),
+                Arg::Buf(rope),
+                Arg::Buf(scores),
+                int(n_ctx)?,
+                Arg::Buf(&places.buf),
+                int(sh.head_dim)?,
+                int(sh.n_rot)?,
+                Arg::I32(i32::from(sh.neox)),
+                int(sh.n_head)?,
+                int(sh.n_kv)?,
+                Arg::F32(1.0 / (sh.head_dim as f32).sqrt()),
+                Arg::Buf(out),
+                Arg::I32(use_lsc),
+                Arg::I32(i32::from(self.gpu_kernels())),
+                Arg::Local(wg * 4),
+                Arg::Local(sh.head_dim * 4),
+                Arg::Local(wg * 32),
+                Arg::Local(lsc),
+                Arg::Local(sh.head_dim * 8),
+                Arg::Local(sh.head_dim * 4),
             ],
         )
     }
