@@ -17,7 +17,6 @@ run() { "$B" bench -d opencl -m "$M" -p 128 -n 128 -r 3 2>&1 | tail -3; }
 {
   echo "== default"; run
   echo "== TERNMUX_CL_FUSE_ROPE=0 (RoPE + KV store and attention as two launches)"; TERNMUX_CL_FUSE_ROPE=0 run
-  echo "== TERNMUX_CL_FUSE_NORM=1 (norms fused into the GEMV that follows)"; TERNMUX_CL_FUSE_NORM=1 run
   echo "== TERNMUX_CL_ARG_CACHE=0 (every argument set on every launch)"; TERNMUX_CL_ARG_CACHE=0 run
 } | tee "$OUT/decode.txt"
 TERNMUX_CL_PROFILE=1 "$B" bench -d opencl -m "$M" -p 128 -n 64 -r 2 > "$OUT/profile.txt" 2>&1

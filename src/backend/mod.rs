@@ -258,23 +258,6 @@ pub trait Backend {
         outs: &mut [(Mat, &mut Self::Buf)],
         accumulate: bool,
     ) -> Result<()>;
-    /// RMSNorm of the first `rows` rows of `x` times unit `u`'s `norm` weight, then
-    /// [`Backend::project`] of the result: [`Backend::norm`] into `scratch` and `project` from
-    /// it, unless the backend fuses the two (then `scratch` is left as it was).
-    #[allow(clippy::too_many_arguments)]
-    fn norm_project(
-        &self,
-        u: &Self::Unit,
-        norm: Norm,
-        x: &Self::Buf,
-        rows: usize,
-        scratch: &mut Self::Buf,
-        outs: &mut [(Mat, &mut Self::Buf)],
-        accumulate: bool,
-    ) -> Result<()> {
-        self.norm(u, norm, x, 0, rows, scratch)?;
-        self.project(u, scratch, rows, outs, accumulate)
-    }
     /// Rotates `q` into `q_out` and `k`, and stores rotated `k` and `v` of each row at its
     /// place (slot, position) in block `layer`'s cache.
     #[allow(clippy::too_many_arguments)]

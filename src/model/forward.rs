@@ -358,12 +358,11 @@ fn pass<B: Backend>(
         // guard drops (the device keeps computing while the host copies).
         let guard = model.acquire(UnitId::Block(li))?;
         let blk = be.unit(&guard)?;
-        be.norm_project(
+        be.norm(blk, Norm::Attn, &x, 0, t_n, &mut h)?;
+        be.project(
             blk,
-            Norm::Attn,
-            &x,
+            &h,
             t_n,
-            &mut h,
             &mut [
                 (Mat::Layer(LayerMat::Q), &mut q),
                 (Mat::Layer(LayerMat::K), &mut k),
@@ -372,19 +371,22 @@ fn pass<B: Backend>(
             false,
         )?;
         be.rope_attention(kv, li, places, &q, &k, &v, &mut qr, &mut att)?;
-        let o = &mut [(Mat::Layer(LayerMat::O), &mut x)];
         if l.attn_sub_norm.is_some() {
-            be.norm_project(blk, Norm::AttnSub, &att, t_n, &mut h, o, true)?;
-        } else {
-            be.project(blk, &att, t_n, o, true)?;
+            be.norm_inplace(blk, Norm::AttnSub, &mut att, t_n)?;
         }
-
-        be.norm_project(
+        be.project(
             blk,
-            Norm::Ffn,
-            &x,
+            &att,
             t_n,
-            &mut h,
+            &mut [(Mat::Layer(LayerMat::O), &mut x)],
+            true,
+        )?;
+
+        be.norm(blk, Norm::Ffn, &x, 0, t_n, &mut h)?;
+        be.project(
+            blk,
+            &h,
+            t_n,
             &mut [
                 (Mat::Layer(LayerMat::Gate), &mut g),
                 (Mat::Layer(LayerMat::Up), &mut u),

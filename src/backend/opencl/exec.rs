@@ -5,7 +5,7 @@
 //! are read.
 
 use super::device::{ClDevice, DevBuf};
-use super::ops::{FUSED_NORM_MAX_K, Places, RopeShape, TernaryOut};
+use super::ops::{Places, RopeShape, TernaryOut};
 use crate::backend::cpu::extend_rope_tables;
 use crate::backend::{Backend, Mat, Norm, Resident, RowPlace};
 use crate::error::{Error, Result};
@@ -19,14 +19,6 @@ use ternmux_kernels::ternary::{TernaryFormat, TernaryMatrix};
 
 /// Most tokens in one pass (sizes every activation's per-token scale buffer).
 const MAX_PASS_ROWS: usize = 128;
-
-/// Whether one-token norms fuse into the TQ2_0 GEMV that follows them: off unless
-/// `TERNMUX_CL_FUSE_NORM=1` (on the H200 the fused launch cost more than the two it replaces:
-/// every work-group norms the whole row again; BENCHMARKS.md).
-fn fuse_norm() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_FUSE_NORM").is_some_and(|v| v == "1"))
-}
 
 /// Whether RoPE, the KV store and attention go in one launch when every row of a pass has its
 /// own slot (`TERNMUX_CL_FUSE_ROPE=0` turns it off, to measure what it saves).
@@ -552,52 +544,6 @@ impl Backend for ClExec<'_> {
             o.quantized.set(false);
         }
         Ok(())
-    }
-
-    fn norm_project(
-        &self,
-        u: &DevUnit,
-        norm: Norm,
-        x: &ClBuf,
-        rows: usize,
-        scratch: &mut ClBuf,
-        outs: &mut [(Mat, &mut ClBuf)],
-        accumulate: bool,
-    ) -> Result<()> {
-        // One token into TQ2_0 matrices: norm, quantization and GEMV in one launch.
-        if rows == 1 && fuse_norm() && self.dev().fused_norm_gemv() {
-            let mats: Vec<&DevMat> = outs.iter().map(|(m, _)| u.mat(*m)).collect::<Result<_>>()?;
-            let k = mats.first().map_or(0, |m| m.cols);
-            let w = u.norm(norm)?;
-            if mats.len() <= 3
-                && mats
-                    .iter()
-                    .all(|m| m.ty == GgmlType::Ternary(TernaryFormat::Tq2_0) && m.cols == k)
-                && k <= FUSED_NORM_MAX_K
-                && w.bytes() == k * 4
-            {
-                let raws: Vec<&Raw> = outs.iter().map(|(_, o)| o.raw()).collect::<Result<_>>()?;
-                let group: Vec<TernaryOut<'_>> = mats
-                    .iter()
-                    .zip(&raws)
-                    .map(|(m, o)| ternary_out(m, o))
-                    .collect();
-                self.dev().ternary_gemv_tq2_norm(
-                    k,
-                    &x.raw()?.f,
-                    w,
-                    self.model.config.rms_eps,
-                    &group,
-                    accumulate,
-                )?;
-                for (_, o) in outs.iter() {
-                    o.quantized.set(false);
-                }
-                return Ok(());
-            }
-        }
-        self.norm(u, norm, x, 0, rows, scratch)?;
-        self.project(u, scratch, rows, outs, accumulate)
     }
 
     fn rope_attention(

@@ -18,8 +18,6 @@ const TEAM: usize = 32;
 const TB: usize = 8;
 /// Rows per matmul work-group.
 const ROWS_PER_GROUP: usize = 8;
-/// Longest row of [`ClDevice::ternary_gemv_tq2_norm`] (`RQ` values per work-item in cl/).
-pub const FUSED_NORM_MAX_K: usize = 32 * ROWS_PER_GROUP * TEAM;
 
 /// cl/common.cl `FMT_*` id of a float format.
 pub fn float_format_id(f: FloatFormat) -> i32 {
@@ -393,61 +391,14 @@ impl ClDevice {
         Ok(outs.iter().map(|o| o.rows).sum())
     }
 
-    /// Whether the GPU-shaped kernel paths are chosen where they exist (the TQ2_0 GEMV, the
-    /// fused norm + GEMV, rows kept in registers by the row kernels, split value sums in
+    /// Whether the GPU-shaped kernel paths are chosen where they exist (the TQ2_0 GEMV, rows
+    /// kept in registers by the row kernels, split value sums in
     /// attention): on GPUs, unless `TERNMUX_CL_GPU_KERNELS=0|1` says otherwise when the
     /// device opens. On CPU devices (PoCL) they are slower — launches are cheap there and
     /// registers live across barriers are not — so CI runs the OpenCL tests a second time with
     /// `TERNMUX_CL_GPU_KERNELS=1` to check them on PoCL as well.
     pub fn gpu_kernels(&self) -> bool {
         self.gpu_shaped()
-    }
-
-    /// RMSNorm of the one-token row `x` times `norm`, its int8 quantization and the TQ2_0
-    /// matrices `outs` (up to three, row length `k`) in one launch: the same results as
-    /// [`norm_quant`](Self::norm_quant) then [`ternary_matmul`](Self::ternary_matmul), one
-    /// launch fewer. Needs `k ≤` [`FUSED_NORM_MAX_K`].
-    pub fn ternary_gemv_tq2_norm(
-        &self,
-        k: usize,
-        x: &DevBuf,
-        norm: &DevBuf,
-        eps: f32,
-        outs: &[TernaryOut<'_>],
-        accumulate: bool,
-    ) -> Result<()> {
-        let fmt = TernaryFormat::Tq2_0;
-        if outs.is_empty()
-            || outs.len() > 3
-            || k == 0
-            || !k.is_multiple_of(fmt.k_multiple())
-            || k > FUSED_NORM_MAX_K
-        {
-            return Err(Error::Device(format!(
-                "opencl: fused norm and TQ2_0 GEMV of {} matrices with row length {k} (needs                  1 to 3, a multiple of 256 up to {FUSED_NORM_MAX_K})",
-                outs.len()
-            )));
-        }
-        need("activations", x, k * 4)?;
-        need("norm weight", norm, k * 4)?;
-        let mut args = vec![int(k)?, Arg::Buf(x), Arg::Buf(norm), Arg::F32(eps)];
-        let total = self.push_outs(&mut args, outs, fmt, k, 1)?;
-        args.push(Arg::I32(i32::from(accumulate)));
-        args.push(Arg::Local(ROWS_PER_GROUP * TEAM * 4));
-        args.push(Arg::Local(k.next_multiple_of(4)));
-        self.launch(
-            "ternary_gemv_tq2_norm",
-            &[total.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM],
-            &[ROWS_PER_GROUP * TEAM],
-            &args,
-        )
-    }
-
-    /// Whether one-token norms fuse into the TQ2_0 GEMV here: on GPUs (see
-    /// [`gpu_kernels`](Self::gpu_kernels)) whose row kernels use the fused kernel's work-group
-    /// size, so the results are identical to the separate launches.
-    pub fn fused_norm_gemv(&self) -> bool {
-        self.gpu_kernels() && self.row_group() == ROWS_PER_GROUP * TEAM
     }
 
     /// A float/block-quantized matrix (`n` rows of `k`) × f32 activations `x` (`n_tok × k`).
