@@ -199,22 +199,64 @@ pub fn ternary_kernels(
     Ok(res)
 }
 
-/// Per-launch cost of a tiny kernel (one 64-wide row): host time to queue it, and wall time per
-/// launch when queued back to back (the floor under any kernel's time).
-pub fn launch_overhead(dev: &ClDevice, launches: usize) -> Result<(f64, f64)> {
-    let x = dev.alloc(64 * 4)?;
-    let run = |n: usize| -> Result<f64> {
+/// Per-launch cost of a row kernel: host time to queue it, wall time per launch when queued back
+/// to back (the floor under any kernel's time), and — when the device is
+/// [profiling](ClDevice::profiling) — its mean device time.
+#[derive(Clone, Copy, Debug)]
+pub struct LaunchCost {
+    /// Host seconds to queue one launch.
+    pub queue_s: f64,
+    /// Wall seconds per launch, back to back.
+    pub wall_s: f64,
+    /// Device seconds per launch (profiling events), when profiled.
+    pub device_s: Option<f64>,
+}
+
+/// [`LaunchCost`] of `norm_quant` over one row of `n` floats (RMSNorm + int8 quantization when
+/// `norm`; a plain copy when not: the tiniest kernel).
+pub fn launch_overhead(
+    dev: &ClDevice,
+    n: usize,
+    norm: bool,
+    launches: usize,
+) -> Result<LaunchCost> {
+    let x = dev.alloc(n * 4)?;
+    let (y, w) = (
+        dev.alloc(n * 4)?,
+        dev.upload(bytemuck::cast_slice(&vec![1.0f32; n]))?,
+    );
+    let (q, s) = (dev.alloc(n)?, dev.alloc(4)?);
+    let run = |k: usize| -> Result<f64> {
         let t = Instant::now();
-        for _ in 0..n {
-            dev.norm_quant(&x, 64, 0, 1, None, 0.0, Some(&x), None)?;
+        for _ in 0..k {
+            if norm {
+                dev.norm_quant(&x, n, 0, 1, Some(&w), 1e-5, Some(&y), Some((&q, &s)))?;
+            } else {
+                dev.norm_quant(&x, n, 0, 1, None, 0.0, Some(&y), None)?;
+            }
         }
         Ok(t.elapsed().as_secs_f64())
     };
     run(16)?;
     dev.finish()?;
-    let n = launches.max(1);
+    dev.take_profile()?;
+    let k = launches.max(1);
     let t = Instant::now();
-    let queued = run(n)?;
+    let queued = run(k)?;
     dev.finish()?;
-    Ok((queued / n as f64, t.elapsed().as_secs_f64() / n as f64))
+    let wall = t.elapsed().as_secs_f64();
+    let device_s = if dev.profiling() {
+        let p = dev.take_profile()?;
+        let (l, d) = p
+            .iter()
+            .fold((0u64, 0.0), |(l, d), x| (l + x.launches, d + x.device_s));
+        Some(d / l.max(1) as f64)
+    } else {
+        None
+    };
+    Ok(LaunchCost {
+        queue_s: queued / k as f64,
+        wall_s: wall / k as f64,
+        device_s,
+    })
 }

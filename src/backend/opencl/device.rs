@@ -479,6 +479,15 @@ impl ClDevice {
                     ))
                 })?,
         };
+        // `TERNMUX_CL_DUMP=FILE` writes the built program as the driver returns it (PTX on
+        // NVIDIA), to inspect register spills and the instructions chosen.
+        if let Some(path) = std::env::var_os("TERNMUX_CL_DUMP") {
+            let bins = program
+                .get_binaries()
+                .map_err(|e| cl_err("read the program binary", e))?;
+            let bytes = bins.into_iter().next().unwrap_or_default();
+            std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        }
         let names = program
             .kernel_names()
             .split(';')

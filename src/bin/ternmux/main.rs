@@ -410,15 +410,24 @@ fn bench_device(
         )?;
     }
     let copy_bw = bw[0].gb_s;
-    let (queue_s, launch_s) = bench::launch_overhead(&dev, 1000)?;
-    w(
-        out,
-        format!(
-            "launch of a tiny kernel: {:.1} µs to queue, {:.1} µs each back to back",
-            queue_s * 1e6,
-            launch_s * 1e6
-        ),
-    )?;
+    for (what, n, norm) in [
+        ("a tiny kernel (copy of 64 floats)", 64, false),
+        ("norm_quant of one 2560-float row", 2560, true),
+    ] {
+        let c = bench::launch_overhead(&dev, n, norm, 1000)?;
+        let device = c
+            .device_s
+            .map(|d| format!(", {:.1} µs device time", d * 1e6))
+            .unwrap_or_default();
+        w(
+            out,
+            format!(
+                "launch of {what}: {:.1} µs to queue, {:.1} µs each back to back{device}",
+                c.queue_s * 1e6,
+                c.wall_s * 1e6
+            ),
+        )?;
+    }
     w(
         out,
         "\n## ternary matmul, weights cold (GB/s of weights; % of the copy bandwidth)".into(),
