@@ -21,6 +21,8 @@ pub type TokRowFn = unsafe fn(&[u8], &[i8], usize, usize, &mut [f32]);
 pub type DotF32Fn = unsafe fn(&[f32], &[f32]) -> f32;
 /// `Σ f16(w_i) · x_i` from f16 bytes.
 pub type DotF16Fn = unsafe fn(&[u8], &[f32]) -> f32;
+/// `out_i += a · f16(w_i)` over `out.len()` elements of f16 bytes `w`.
+pub type AxpyF16Fn = unsafe fn(f32, &[u8], &mut [f32]);
 /// f16 bytes → f32 conversion.
 pub type F16ToF32Fn = unsafe fn(&[u8], &mut [f32]);
 
@@ -118,6 +120,9 @@ pub struct Kernels {
     pub(crate) f16_to_f32: F16ToF32Fn,
     /// Fused f16 dot product for single-token heads; `None` → convert, then `dot_f32`.
     pub(crate) dot_f16: Option<DotF16Fn>,
+    /// Fused `out += a · f16(w)` (attention values over an f16 cache); `None` → convert, then
+    /// add. Same IEEE operations either way (a multiply, then an add: no FMA), so the same bits.
+    pub(crate) axpy_f16: Option<AxpyF16Fn>,
 }
 
 /// Scalar f16 → f32 conversion (the `half` crate; it uses F16C/FP16 itself when present).
@@ -134,6 +139,7 @@ static SCALAR: Kernels = Kernels {
     dot_f32: crate::reference::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
     dot_f16: None,
+    axpy_f16: None,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -150,6 +156,7 @@ static AVX2: Kernels = Kernels {
     dot_f32: crate::x86_64::avx2::dot_f32,
     f16_to_f32: crate::x86_64::avx2::f16_to_f32,
     dot_f16: Some(crate::x86_64::avx2::dot_f16),
+    axpy_f16: Some(crate::x86_64::avx2::axpy_f16),
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -166,6 +173,7 @@ static AVX512: Kernels = Kernels {
     dot_f32: crate::x86_64::avx512::dot_f32,
     f16_to_f32: crate::x86_64::avx2::f16_to_f32,
     dot_f16: Some(crate::x86_64::avx512::dot_f16),
+    axpy_f16: Some(crate::x86_64::avx2::axpy_f16),
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -178,6 +186,7 @@ static NEON: Kernels = Kernels {
     dot_f32: crate::aarch64::neon::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
     dot_f16: None,
+    axpy_f16: None,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -190,6 +199,7 @@ static NEON_DOTPROD: Kernels = Kernels {
     dot_f32: crate::aarch64::neon::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
     dot_f16: None,
+    axpy_f16: None,
 };
 
 impl Kernels {

@@ -143,7 +143,13 @@ proptest! {
         let x = &xs[..n];
         let exact: f64 = wv.iter().zip(x).map(|(p, &q)| p * f64::from(q)).sum();
         let mag: f64 = wv.iter().zip(x).map(|(p, &q)| (p * f64::from(q)).abs()).sum();
+        // axpy does one multiply and one add per element on every ISA: the same bits.
+        let mut scalar_out: Vec<f32> = x.to_vec();
+        Kernels::for_isa(ternmux_kernels::Isa::Scalar).unwrap().axpy_f16(a, &w, &mut scalar_out);
         for kern in Kernels::available() {
+            let mut same: Vec<f32> = x.to_vec();
+            kern.axpy_f16(a, &w, &mut same);
+            prop_assert!(same.iter().zip(&scalar_out).all(|(p, q)| p.to_bits() == q.to_bits()), "{} axpy_f16 differs from scalar", kern.isa());
             let got = f64::from(kern.dot_f16(&w, x));
             prop_assert!((got - exact).abs() <= gamma(n + 2) * mag + 1e-30, "{} dot_f16 {} vs {}", kern.isa(), got, exact);
             let mut out: Vec<f32> = x.to_vec();

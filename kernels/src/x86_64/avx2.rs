@@ -377,6 +377,36 @@ pub unsafe fn f16_to_f32(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// `out_i += a · f16(w_i)` for `out.len()` elements of little-endian f16 bytes `w`, 8 at a time
+/// with F16C: a multiply, then an add (no FMA), so each element rounds exactly as the scalar
+/// `*o += a * f16(w)` does.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy_f16(a: f32, w: &[u8], out: &mut [f32]) {
+    let n = out.len().min(w.len() / 2);
+    let va = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = load16(&w[2 * i..]);
+        let o = &mut out[i..i + 8];
+        // SAFETY: `o` holds exactly 8 readable and writable f32; loadu/storeu have no alignment
+        // requirement.
+        unsafe {
+            let v = _mm256_add_ps(
+                _mm256_loadu_ps(o.as_ptr()),
+                _mm256_mul_ps(va, _mm256_cvtph_ps(h)),
+            );
+            _mm256_storeu_ps(o.as_mut_ptr(), v);
+        }
+        i += 8;
+    }
+    for j in i..n {
+        out[j] += a * half::f16::from_le_bytes([w[2 * j], w[2 * j + 1]]).to_f32();
+    }
+}
+
 /// The per-token row loop: activation rows in tiles of 8, each with a vector accumulator that
 /// lives across super-blocks (`$update` folds one super-block's unreduced integer vector into it)
 /// and is reduced once per row (`$finish`). Weights are decoded once per tile.
@@ -535,6 +565,15 @@ pub unsafe fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
             *accj = _mm256_fmadd_ps(_mm256_cvtph_ps(h), vx, *accj);
         }
         i += 32;
+    }
+    // Short rows (attention heads of 8–24 dimensions, or a 32-tail) stay vectorized: 8 at a time.
+    while i + 8 <= n {
+        let h = load16(&w[2 * i..]);
+        let xs = &x[i..i + 8];
+        // SAFETY: `xs` holds exactly 8 readable f32; loadu has no alignment requirement.
+        let vx = unsafe { _mm256_loadu_ps(xs.as_ptr()) };
+        acc[0] = _mm256_fmadd_ps(_mm256_cvtph_ps(h), vx, acc[0]);
+        i += 8;
     }
     let mut total = hsum_ps(_mm256_add_ps(
         _mm256_add_ps(acc[0], acc[1]),

@@ -359,6 +359,22 @@ pub unsafe fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
         }
         i += 64;
     }
+    // Short rows (attention heads of 16–48 dimensions, or a 64-tail) stay vectorized: 16 at a
+    // time.
+    while i + 16 <= n {
+        let hb = &w[2 * i..2 * i + 32];
+        let xs = &x[i..i + 16];
+        // SAFETY: `hb` holds 32 readable bytes and `xs` 16 readable f32; loadu has no alignment
+        // requirement.
+        let (h, vx) = unsafe {
+            (
+                _mm256_loadu_si256(hb.as_ptr().cast()),
+                _mm512_loadu_ps(xs.as_ptr()),
+            )
+        };
+        acc[0] = _mm512_fmadd_ps(_mm512_cvtph_ps(h), vx, acc[0]);
+        i += 16;
+    }
     let mut total = _mm512_reduce_add_ps(_mm512_add_ps(
         _mm512_add_ps(acc[0], acc[1]),
         _mm512_add_ps(acc[2], acc[3]),
