@@ -304,13 +304,13 @@ impl Kernels {
 
     /// `out_i += a · f16(w_i)` for little-endian f16 bytes `w` (`out.len()` elements).
     pub fn axpy_f16(&self, a: f32, w: &[u8], out: &mut [f32]) {
-        if let Some(f) = self.axpy_f16 {
-            if w.len() >= 2 * out.len() {
-                // SAFETY: `self` exists only for an ISA this CPU supports; `w` holds the
-                // 2·out.len() bytes the kernel reads (checked above).
-                unsafe { f(a, w, out) };
-                return;
-            }
+        if let Some(f) = self.axpy_f16
+            && w.len() >= 2 * out.len()
+        {
+            // SAFETY: `self` exists only for an ISA this CPU supports; `w` holds the
+            // 2·out.len() bytes the kernel reads (checked above).
+            unsafe { f(a, w, out) };
+            return;
         }
         let mut buf = [0f32; 64];
         for (o, c) in out.chunks_mut(64).zip(w.chunks(128)) {
