@@ -557,13 +557,11 @@ impl Backend for ClExec<'_> {
         q_rot: &mut ClBuf,
         out: &mut ClBuf,
     ) -> Result<()> {
-        let mut slots: Vec<u32> = rows.iter().map(|r| r.slot).collect();
-        slots.sort_unstable();
-        if !fuse_rope() || slots.windows(2).any(|w| w[0] == w[1]) {
+        self.prepare_places(kv, rows)?;
+        if !fuse_rope() || !kv.pass_places()?.one_row_per_slot() {
             self.rope_store(kv, layer, rows, q, k, v, q_rot)?;
             return self.attention(kv, layer, rows, q_rot, out);
         }
-        self.prepare_places(kv, rows)?;
         let places = kv.pass_places()?;
         self.dev().attention_rope(
             &q.raw()?.f,

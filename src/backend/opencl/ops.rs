@@ -65,6 +65,7 @@ pub struct Places {
     buf: DevBuf,
     slots: usize,
     n_ctx: usize,
+    one_per_slot: bool,
 }
 
 impl Places {
@@ -93,12 +94,20 @@ impl Places {
             _ => dev.alloc(bytes.next_power_of_two())?,
         };
         dev.write(&mut buf, 0, bytemuck::cast_slice(rows))?;
+        let mut sorted: Vec<u32> = rows.iter().map(|r| r.slot).collect();
+        sorted.sort_unstable();
         Ok(Places {
             host: rows.to_vec(),
             buf,
             slots,
             n_ctx,
+            one_per_slot: sorted.windows(2).all(|w| w[0] != w[1]),
         })
+    }
+    /// Whether no two rows share a slot (a decode step): what
+    /// [`ClDevice::attention_rope`] needs.
+    pub fn one_row_per_slot(&self) -> bool {
+        self.one_per_slot
     }
     /// The rows as uploaded.
     pub fn rows(&self) -> &[RowPlace] {
@@ -145,6 +154,55 @@ fn need(what: &str, buf: &DevBuf, bytes: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The shape and buffer checks of a RoPE + KV store over `places`: q, k, v rows, the caches and
+/// the (cos, sin) table.
+fn check_rope(
+    sh: RopeShape,
+    places: &Places,
+    [q, k, v]: [&DevBuf; 3],
+    kc: &DevBuf,
+    vc: &DevBuf,
+    rope: &DevBuf,
+) -> Result<()> {
+    if sh.n_rot > sh.head_dim || !sh.n_rot.is_multiple_of(2) {
+        return Err(Error::Device(format!(
+            "opencl: rope of {} dimensions in heads of {}",
+            sh.n_rot, sh.head_dim
+        )));
+    }
+    let (qd, kvd, n_tok) = (sh.n_head * sh.head_dim, sh.n_kv * sh.head_dim, places.len());
+    need("q", q, n_tok * qd * 4)?;
+    need("k", k, n_tok * kvd * 4)?;
+    need("v", v, n_tok * kvd * 4)?;
+    need("key cache", kc, places.slots * places.n_ctx * kvd * 2)?;
+    need("value cache", vc, places.slots * places.n_ctx * kvd * 2)?;
+    need("rope table", rope, places.end() * sh.n_rot / 2 * 8)
+}
+
+/// The shape and buffer checks of attention over `places`: grouped heads, the caches, the score
+/// scratch and the output.
+fn check_attention(
+    sh: RopeShape,
+    places: &Places,
+    kc: &DevBuf,
+    vc: &DevBuf,
+    scores: &DevBuf,
+    out: &DevBuf,
+) -> Result<()> {
+    if sh.n_kv == 0 || !sh.n_head.is_multiple_of(sh.n_kv) {
+        return Err(Error::Device(format!(
+            "opencl: attention of {} heads over {} KV heads",
+            sh.n_head, sh.n_kv
+        )));
+    }
+    let (qd, kvd) = (sh.n_head * sh.head_dim, sh.n_kv * sh.head_dim);
+    let (n_tok, n_ctx) = (places.len(), places.n_ctx);
+    need("key cache", kc, places.slots * n_ctx * kvd * 2)?;
+    need("value cache", vc, places.slots * n_ctx * kvd * 2)?;
+    need("scores", scores, n_tok * sh.n_head * n_ctx * 4)?;
+    need("attention output", out, n_tok * qd * 4)
 }
 
 fn int(v: usize) -> Result<Arg<'static>> {
@@ -509,24 +567,11 @@ impl ClDevice {
         places: &Places,
         sh: RopeShape,
     ) -> Result<()> {
-        let (qd, kvd) = (sh.n_head * sh.head_dim, sh.n_kv * sh.head_dim);
-        if sh.n_rot > sh.head_dim || !sh.n_rot.is_multiple_of(2) {
-            return Err(Error::Device(format!(
-                "opencl: rope of {} dimensions in heads of {}",
-                sh.n_rot, sh.head_dim
-            )));
-        }
-        let n_tok = places.len();
-        need("q", q, n_tok * qd * 4)?;
-        need("k", k, n_tok * kvd * 4)?;
-        need("v", v, n_tok * kvd * 4)?;
-        need("rotated q", qr, n_tok * qd * 4)?;
-        need("key cache", kc, places.slots * places.n_ctx * kvd * 2)?;
-        need("value cache", vc, places.slots * places.n_ctx * kvd * 2)?;
-        need("rope table", rope, places.end() * sh.n_rot / 2 * 8)?;
+        check_rope(sh, places, [q, k, v], kc, vc, rope)?;
+        need("rotated q", qr, places.len() * sh.n_head * sh.head_dim * 4)?;
         self.launch(
             "rope_store",
-            &[sh.head_dim, sh.n_head + 2 * sh.n_kv, n_tok],
+            &[sh.head_dim, sh.n_head + 2 * sh.n_kv, places.len()],
             &[sh.head_dim.min(64), 1, 1],
             &[
                 Arg::Buf(q),
@@ -561,19 +606,9 @@ impl ClDevice {
         sh: RopeShape,
         out: &DevBuf,
     ) -> Result<()> {
-        let (qd, kvd) = (sh.n_head * sh.head_dim, sh.n_kv * sh.head_dim);
         let (n_tok, n_ctx) = (places.len(), places.n_ctx);
-        if sh.n_kv == 0 || !sh.n_head.is_multiple_of(sh.n_kv) {
-            return Err(Error::Device(format!(
-                "opencl: attention of {} heads over {} KV heads",
-                sh.n_head, sh.n_kv
-            )));
-        }
-        need("queries", qr, n_tok * qd * 4)?;
-        need("key cache", kc, places.slots * n_ctx * kvd * 2)?;
-        need("value cache", vc, places.slots * n_ctx * kvd * 2)?;
-        need("scores", scores, n_tok * sh.n_head * n_ctx * 4)?;
-        need("attention output", out, n_tok * qd * 4)?;
+        check_attention(sh, places, kc, vc, scores, out)?;
+        need("queries", qr, n_tok * sh.n_head * sh.head_dim * 4)?;
         let wg = self.row_group();
         let (use_lsc, lsc) = self.local_scores(wg, sh, n_ctx);
         self.launch(
@@ -631,35 +666,14 @@ impl ClDevice {
         sh: RopeShape,
         out: &DevBuf,
     ) -> Result<()> {
-        let (qd, kvd) = (sh.n_head * sh.head_dim, sh.n_kv * sh.head_dim);
         let (n_tok, n_ctx) = (places.len(), places.n_ctx);
-        if sh.n_kv == 0 || !sh.n_head.is_multiple_of(sh.n_kv) {
-            return Err(Error::Device(format!(
-                "opencl: attention of {} heads over {} KV heads",
-                sh.n_head, sh.n_kv
-            )));
-        }
-        if sh.n_rot > sh.head_dim || !sh.n_rot.is_multiple_of(2) {
-            return Err(Error::Device(format!(
-                "opencl: rope of {} dimensions in heads of {}",
-                sh.n_rot, sh.head_dim
-            )));
-        }
-        let mut slots: Vec<u32> = places.rows().iter().map(|r| r.slot).collect();
-        slots.sort_unstable();
-        if slots.windows(2).any(|w| w[0] == w[1]) {
+        check_attention(sh, places, kc, vc, scores, out)?;
+        check_rope(sh, places, [q, k, v], kc, vc, rope)?;
+        if !places.one_row_per_slot() {
             return Err(Error::Device(
                 "opencl: fused rope and attention need one row per slot".into(),
             ));
         }
-        need("q", q, n_tok * qd * 4)?;
-        need("k", k, n_tok * kvd * 4)?;
-        need("v", v, n_tok * kvd * 4)?;
-        need("key cache", kc, places.slots * n_ctx * kvd * 2)?;
-        need("value cache", vc, places.slots * n_ctx * kvd * 2)?;
-        need("rope table", rope, places.end() * sh.n_rot / 2 * 8)?;
-        need("scores", scores, n_tok * sh.n_head * n_ctx * 4)?;
-        need("attention output", out, n_tok * qd * 4)?;
         let wg = self.row_group();
         let (use_lsc, lsc) = self.local_scores(wg, sh, n_ctx);
         self.launch(
