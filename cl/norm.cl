@@ -1,7 +1,10 @@
 // Row-wise ops, one work-group per token row (`regs`: GPUs keep the row in registers; CPU
-// devices loop, which suits their work-item loops around barriers better): RMSNorm, per-token int8 quantization of a ternary
-// layer's input (bitnet.cpp's absmax rule: s = 127 / max(absmax, 1e-5), q = clamp(rint(v·s))), and
-// the FFN activation. Fused so that a layer's input is normed and quantized in one launch.
+// devices loop, which suits their work-item loops around barriers better): RMSNorm, per-token
+// int8 quantization of a ternary layer's input (bitnet.cpp's absmax rule: s = 127 /
+// max(absmax, 1e-5), q = clamp(rint(v·s))), and the FFN activation. Fused so that a layer's input is normed and quantized in one launch.
+// The register paths of the two kernels share their last steps written out twice on purpose:
+// moved into a shared inline function around `wg_sum` / `wg_max`, PoCL's barrier handling hung
+// the engine's OpenCL test (tried this session).
 
 // y = RMSNorm(x row `row0 + t`) · w (when has_norm; else y = x), written to y when write_y;
 // its int8 quantization to q / qs[t] when write_q. x and y may alias (same index, same work-item).

@@ -32,6 +32,17 @@ inline int sum4(uint a, int acc) {
 // (code − 1) · x by selection: code 0 → −x, 1 → 0, 2 (and a corrupt 3, as on the CPU) → +x.
 inline int tsel(int code, int x) { return (code & 2) ? x : (code == 0 ? -x : 0); }
 
+// TQ2_0 byte masks of code plane j (bits 2j+1..2j of each byte of c): all ones where the code
+// has bit 1 set (+1: code 2, and a corrupt 3, as on the CPU), and where it is 0 (−1).
+inline uint tq2_pos(uint c, int j) {
+    uint x = (c >> (2 * j)) & 0x03030303u;
+    return ((x >> 1) & 0x01010101u) * 0xFFu;
+}
+inline uint tq2_neg(uint c, int j) {
+    uint x = (c >> (2 * j)) & 0x03030303u;
+    return ((((x >> 1) | x) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+}
+
 // TQ1_0 trit n of a packed byte: ((b · 3^n) mod 256) · 3 >> 8 (an unpacking step, as on the CPU).
 inline int trit(uint b, uint pow3) { return (int)((((b * pow3) & 255u) * 3u) >> 8); }
 
@@ -59,11 +70,15 @@ typedef struct {
     float s;
 } Row;
 
-inline Row pick_row(int r, __global const uchar* w0, int n0, __global float* o0, float s0,
-                    __global const float* b0, int hb0, __global const uchar* w1, int n1,
-                    __global float* o1, float s1, __global const float* b1, int hb1,
-                    __global const uchar* w2, int n2, __global float* o2, float s2,
-                    __global const float* b2, int hb2) {
+// The parameters of up to three matrices sharing one input (weights, rows, output, scale,
+// bias, has-bias), as every ternary kernel and `pick_row` take them; ROW_ARGS passes them on.
+#define ROW_PARAMS                                                                         \
+    __global const uchar *w0, int n0, __global float *o0, float s0, __global const float *b0, \
+        int hb0, __global const uchar *w1, int n1, __global float *o1, float s1,             \
+        __global const float *b1, int hb1, __global const uchar *w2, int n2,                 \
+        __global float *o2, float s2, __global const float *b2, int hb2
+
+inline Row pick_row(int r, ROW_PARAMS) {
     Row x;
     if (r >= n0 && r < n0 + n1) {
         x.w = w1; x.o = o1; x.bias = b1; x.n = n1; x.hb = hb1; x.s = s1; x.rr = r - n0;
@@ -83,12 +98,7 @@ inline int row_bytes_of(int fmt, int k) {
 
 __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global const float* qsc,
                              int n_tok,
-                             __global const uchar* w0, int n0, __global float* o0, float s0,
-                             __global const float* b0, int hb0,
-                             __global const uchar* w1, int n1, __global float* o1, float s1,
-                             __global const float* b1, int hb1,
-                             __global const uchar* w2, int n2, __global float* o2, float s2,
-                             __global const float* b2, int hb2,
+                             ROW_PARAMS,
                              int accumulate, __local float* red) {
     int lane = get_local_id(0) % TEAM, team = get_local_id(0) / TEAM;
     int rows_per_group = get_local_size(0) / TEAM;
@@ -126,12 +136,8 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
                 uint c = (uint)blk[m] | ((uint)blk[m + 1] << 8) | ((uint)blk[m + 2] << 16) |
                          ((uint)blk[m + 3] << 24);
                 float d = ld_f16(blk + 64);
-                uint c0 = c & 0x03030303u, c1 = (c >> 2) & 0x03030303u;
-                uint c2 = (c >> 4) & 0x03030303u, c3 = (c >> 6) & 0x03030303u;
-                uint p0 = ((c0 >> 1) & 0x01010101u) * 0xFFu, n0 = ((((c0 >> 1) | c0) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
-                uint p1 = ((c1 >> 1) & 0x01010101u) * 0xFFu, n1 = ((((c1 >> 1) | c1) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
-                uint p2 = ((c2 >> 1) & 0x01010101u) * 0xFFu, n2 = ((((c2 >> 1) | c2) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
-                uint p3 = ((c3 >> 1) & 0x01010101u) * 0xFFu, n3 = ((((c3 >> 1) | c3) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+                uint p0 = tq2_pos(c, 0), n0 = tq2_neg(c, 0), p1 = tq2_pos(c, 1), n1 = tq2_neg(c, 1);
+                uint p2 = tq2_pos(c, 2), n2 = tq2_neg(c, 2), p3 = tq2_pos(c, 3), n3 = tq2_neg(c, 3);
                 const __global uint* qb = (const __global uint*)(qa + b * 256 + base);
 #pragma unroll
                 for (int t = 0; t < TB; t++) {
@@ -222,12 +228,7 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
 // lane layout as the TQ2_0 path of `ternary_matmul`. Grid: (teams · TEAM, token tiles).
 __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global const float* qsc,
                                       int n_tok,
-                                      __global const uchar* w0, int n0, __global float* o0,
-                                      float s0, __global const float* b0, int hb0,
-                                      __global const uchar* w1, int n1, __global float* o1,
-                                      float s1, __global const float* b1, int hb1,
-                                      __global const uchar* w2, int n2, __global float* o2,
-                                      float s2, __global const float* b2, int hb2,
+                                      ROW_PARAMS,
                                       int accumulate, __local float* red) {
     int lane = get_local_id(0) % TEAM, team = get_local_id(0) / TEAM;
     int teams = get_local_size(0) / TEAM;
@@ -261,11 +262,10 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
             uint pa[4], na[4], pb[4], nb[4];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                uint x = (ca >> (2 * j)) & 0x03030303u, y = (cb >> (2 * j)) & 0x03030303u;
-                pa[j] = ((x >> 1) & 0x01010101u) * 0xFFu;
-                na[j] = ((((x >> 1) | x) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
-                pb[j] = ((y >> 1) & 0x01010101u) * 0xFFu;
-                nb[j] = ((((y >> 1) | y) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+                pa[j] = tq2_pos(ca, j);
+                na[j] = tq2_neg(ca, j);
+                pb[j] = tq2_pos(cb, j);
+                nb[j] = tq2_neg(cb, j);
             }
             const __global uint* qb = (const __global uint*)(qa + b * 256 + base);
 #pragma unroll
@@ -314,12 +314,7 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
 // partial sums meet in local memory (one barrier). Grid: teams · TEAM work-items.
 #define GEMV_U 8
 __kernel void ternary_gemv_tq2(int k, __global const char* q, __global const float* qsc,
-                               __global const uchar* w0, int n0, __global float* o0, float s0,
-                               __global const float* b0, int hb0,
-                               __global const uchar* w1, int n1, __global float* o1, float s1,
-                               __global const float* b1, int hb1,
-                               __global const uchar* w2, int n2, __global float* o2, float s2,
-                               __global const float* b2, int hb2,
+                               ROW_PARAMS,
                                int accumulate, __local float* red) {
     int lid = get_local_id(0);
     int lane = lid % TEAM, team = lid / TEAM;
@@ -358,11 +353,8 @@ __kernel void ternary_gemv_tq2(int k, __global const char* q, __global const flo
                 int sp = 0, sn = 0;
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
-                    uint x = (c[u] >> (2 * j)) & 0x03030303u;
-                    uint p = ((x >> 1) & 0x01010101u) * 0xFFu;
-                    uint nm = ((((x >> 1) | x) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
-                    sp = sum4(a[u][j] & p, sp);
-                    sn = sum4(a[u][j] & nm, sn);
+                    sp = sum4(a[u][j] & tq2_pos(c[u], j), sp);
+                    sn = sum4(a[u][j] & tq2_neg(c[u], j), sn);
                 }
                 acc += (float)(sp - sn) * d[u];
             }

@@ -343,7 +343,7 @@ pub struct ClDevice {
     /// Launches recorded since the last [`ClDevice::take_profile`], when [`PROFILE_ENV`] was
     /// set at open (the queue then records timestamps).
     profile: Option<Mutex<Vec<Launched>>>,
-    /// Whether the GPU-shaped kernel paths are chosen (see `ClDevice::gpu_kernels`).
+    /// Whether the GPU-shaped kernel paths are chosen ([`ClDevice::gpu_kernels`]).
     gpu_shaped: bool,
 }
 
@@ -554,9 +554,13 @@ impl ClDevice {
         self.launches.load(Ordering::Relaxed)
     }
 
-    /// Whether the GPU-shaped kernel paths are chosen (`TERNMUX_CL_GPU_KERNELS` at open, else
-    /// whether the device is a GPU).
-    pub(crate) fn gpu_shaped(&self) -> bool {
+    /// Whether the GPU-shaped kernel paths are chosen where they exist (the TQ2_0 GEMV, rows
+    /// kept in registers by the row kernels, split value sums in attention): on GPUs, unless
+    /// `TERNMUX_CL_GPU_KERNELS=0|1` says otherwise when the device opens. On CPU devices (PoCL)
+    /// they are slower — launches are cheap there and registers live across barriers are not —
+    /// so CI runs the OpenCL tests a second time with `TERNMUX_CL_GPU_KERNELS=1` to check them
+    /// on PoCL as well.
+    pub fn gpu_kernels(&self) -> bool {
         self.gpu_shaped
     }
 

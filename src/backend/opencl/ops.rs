@@ -449,16 +449,6 @@ impl ClDevice {
         Ok(outs.iter().map(|o| o.rows).sum())
     }
 
-    /// Whether the GPU-shaped kernel paths are chosen where they exist (the TQ2_0 GEMV, rows
-    /// kept in registers by the row kernels, split value sums in
-    /// attention): on GPUs, unless `TERNMUX_CL_GPU_KERNELS=0|1` says otherwise when the
-    /// device opens. On CPU devices (PoCL) they are slower — launches are cheap there and
-    /// registers live across barriers are not — so CI runs the OpenCL tests a second time with
-    /// `TERNMUX_CL_GPU_KERNELS=1` to check them on PoCL as well.
-    pub fn gpu_kernels(&self) -> bool {
-        self.gpu_shaped()
-    }
-
     /// A float/block-quantized matrix (`n` rows of `k`) × f32 activations `x` (`n_tok × k`).
     #[allow(clippy::too_many_arguments)]
     pub fn float_matmul(
@@ -610,31 +600,36 @@ impl ClDevice {
         check_attention(sh, places, kc, vc, scores, out)?;
         need("queries", qr, n_tok * sh.n_head * sh.head_dim * 4)?;
         let wg = self.row_group();
+        let mut args = vec![
+            Arg::Buf(qr),
+            Arg::Buf(kc),
+            Arg::Buf(vc),
+            Arg::Buf(scores),
+            int(n_ctx)?,
+            Arg::Buf(&places.buf),
+            int(sh.head_dim)?,
+            int(sh.n_head)?,
+            int(sh.n_kv)?,
+            Arg::F32(1.0 / (sh.head_dim as f32).sqrt()),
+            Arg::Buf(out),
+        ];
+        args.extend(self.attention_tail(wg, sh, n_ctx));
+        self.launch("attention", &[wg * sh.n_head, n_tok], &[wg, 1], &args)
+    }
+
+    /// The arguments both attention kernels end with: whether scores stay in local memory, the
+    /// GPU-shaped flag, and the local buffers (reduction scratch, the query, the value partial
+    /// sums, the scores).
+    fn attention_tail(&self, wg: usize, sh: RopeShape, n_ctx: usize) -> [Arg<'static>; 6] {
         let (use_lsc, lsc) = self.local_scores(wg, sh, n_ctx);
-        self.launch(
-            "attention",
-            &[wg * sh.n_head, n_tok],
-            &[wg, 1],
-            &[
-                Arg::Buf(qr),
-                Arg::Buf(kc),
-                Arg::Buf(vc),
-                Arg::Buf(scores),
-                int(n_ctx)?,
-                Arg::Buf(&places.buf),
-                int(sh.head_dim)?,
-                int(sh.n_head)?,
-                int(sh.n_kv)?,
-                Arg::F32(1.0 / (sh.head_dim as f32).sqrt()),
-                Arg::Buf(out),
-                Arg::I32(use_lsc),
-                Arg::I32(i32::from(self.gpu_kernels())),
-                Arg::Local(wg * 4),
-                Arg::Local(sh.head_dim * 4),
-                Arg::Local(wg * 32),
-                Arg::Local(lsc),
-            ],
-        )
+        [
+            Arg::I32(use_lsc),
+            Arg::I32(i32::from(self.gpu_kernels())),
+            Arg::Local(wg * 4),
+            Arg::Local(sh.head_dim * 4),
+            Arg::Local(wg * 32),
+            Arg::Local(lsc),
+        ]
     }
 
     /// Whether an attention work-group keeps its scores in local memory (`n_ctx` floats next
@@ -675,37 +670,27 @@ impl ClDevice {
             ));
         }
         let wg = self.row_group();
-        let (use_lsc, lsc) = self.local_scores(wg, sh, n_ctx);
-        self.launch(
-            "attention_rope",
-            &[wg * sh.n_head, n_tok],
-            &[wg, 1],
-            &[
-                Arg::Buf(q),
-                Arg::Buf(k),
-                Arg::Buf(v),
-                Arg::Buf(kc),
-                Arg::Buf(vc),
-                Arg::Buf(rope),
-                Arg::Buf(scores),
-                int(n_ctx)?,
-                Arg::Buf(&places.buf),
-                int(sh.head_dim)?,
-                int(sh.n_rot)?,
-                Arg::I32(i32::from(sh.neox)),
-                int(sh.n_head)?,
-                int(sh.n_kv)?,
-                Arg::F32(1.0 / (sh.head_dim as f32).sqrt()),
-                Arg::Buf(out),
-                Arg::I32(use_lsc),
-                Arg::I32(i32::from(self.gpu_kernels())),
-                Arg::Local(wg * 4),
-                Arg::Local(sh.head_dim * 4),
-                Arg::Local(wg * 32),
-                Arg::Local(lsc),
-                Arg::Local(sh.head_dim * 8),
-                Arg::Local(sh.head_dim * 4),
-            ],
-        )
+        let mut args = vec![
+            Arg::Buf(q),
+            Arg::Buf(k),
+            Arg::Buf(v),
+            Arg::Buf(kc),
+            Arg::Buf(vc),
+            Arg::Buf(rope),
+            Arg::Buf(scores),
+            int(n_ctx)?,
+            Arg::Buf(&places.buf),
+            int(sh.head_dim)?,
+            int(sh.n_rot)?,
+            Arg::I32(i32::from(sh.neox)),
+            int(sh.n_head)?,
+            int(sh.n_kv)?,
+            Arg::F32(1.0 / (sh.head_dim as f32).sqrt()),
+            Arg::Buf(out),
+        ];
+        args.extend(self.attention_tail(wg, sh, n_ctx));
+        // The row's own key and value: as floats, and as f16 for the rounding.
+        args.extend([Arg::Local(sh.head_dim * 8), Arg::Local(sh.head_dim * 4)]);
+        self.launch("attention_rope", &[wg * sh.n_head, n_tok], &[wg, 1], &args)
     }
 }
