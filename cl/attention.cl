@@ -185,14 +185,13 @@ __kernel void attention(__global const float* qr, __global const half* kc_all,
 // every work-group takes its own row's key and value from local memory (no other work-group of
 // the launch reads that position). Earlier positions were stored by earlier passes. Same
 // arithmetic as `rope_store` then `attention`. Grid: (wg · n_head, n_tok).
-__kernel void attention_rope(__global const float* q, __global const float* k,
-                             __global const float* v, __global half* kc_all,
-                             __global half* vc_all, __global const float* rope,
-                             __global float* scores, int n_ctx, __global const int2* places,
-                             int hd, int n_rot, int neox, int n_head, int n_kv, float kq_scale,
-                             __global float* out, int use_lsc, int gpu, __local float* scratch,
-                             __local float* qloc, __local float* part, __local float* lsc,
-                             __local float* cur, __local half* cur_h) {
+inline void rope_attend(__global const float* q, __global const float* k,
+                        __global const float* v, __global half* kc_all, __global half* vc_all,
+                        __global const float* rope, __global float* scores, int n_ctx,
+                        __global const int2* places, int hd, int n_rot, int neox, int n_head,
+                        int n_kv, float kq_scale, __global float* out, int use_lsc, int gpu,
+                        __local float* scratch, __local float* qloc, __local float* part,
+                        __local float* lsc, __local float* cur, __local half* cur_h) {
     int head = get_group_id(0), t = get_group_id(1);
     int lid = get_local_id(0), wg = get_local_size(0);
     int2 place = places[t];
@@ -218,4 +217,30 @@ __kernel void attention_rope(__global const float* q, __global const float* k,
     attend(qloc, kc_all + slot_at, vc_all + slot_at, kvd, hd, pos + 1, pos, cur, cur + hd,
            kq_scale, use_lsc, lsc, scores + ((size_t)t * n_head + head) * n_ctx, scratch, part,
            out + ((size_t)t * n_head + head) * hd, gpu);
+}
+
+#define ROPE_ATTEND_PARAMS                                                                     \
+    __global const float *q, __global const float *k, __global const float *v,                 \
+        __global half *kc_all, __global half *vc_all, __global const float *rope,              \
+        __global float *scores, int n_ctx, __global const int2 *places, int hd, int n_rot,     \
+        int neox, int n_head, int n_kv, float kq_scale, __global float *out, int use_lsc,      \
+        int gpu, __local float *scratch, __local float *qloc, __local float *part,             \
+        __local float *lsc, __local float *cur, __local half *cur_h
+#define ROPE_ATTEND_ARGS                                                                       \
+    q, k, v, kc_all, vc_all, rope, scores, n_ctx, places, hd, n_rot, neox, n_head, n_kv,        \
+        kq_scale, out, use_lsc, gpu, scratch, qloc, part, lsc, cur, cur_h
+
+__kernel void attention_rope(ROPE_ATTEND_PARAMS) { rope_attend(ROPE_ATTEND_ARGS); }
+
+// `attention_rope`, then the sub-norm of each row's attention output (RMSNorm · nw in place and
+// its int8 quantization to tq / tqs[t], as `norm_quant`), done by the last of the row's head
+// work-groups to finish (`ticket[t]`). Needs n_head · hd ≤ RQ · work-group size.
+__kernel void attention_rope_norm(ROPE_ATTEND_PARAMS, volatile __global int* ticket,
+                                  __global const float* nw, float eps, __global char* tq,
+                                  __global float* tqs) {
+    rope_attend(ROPE_ATTEND_ARGS);
+    int t = get_group_id(1), qd = n_head * hd;
+    if (!last_group(ticket + t, n_head, scratch)) return;
+    __global float* row = out + (size_t)t * qd;
+    norm_quant_regs(row, qd, nw, 1, eps, row, 1, tq + (size_t)t * qd, tqs + t, 1, scratch);
 }

@@ -118,3 +118,119 @@ inline float wg_max(float v, __local float* scratch) {
     barrier(CLK_LOCAL_MEM_FENCE);
     return r;
 }
+
+// ---- Row epilogues in registers (n ≤ RQ · work-group size), shared by the row kernels of
+// norm.cl and the launches that end with one (a GEMV or attention whose last work-group then
+// norms the row it finished: `last_group`). Reads go through volatile pointers, so a last work-group
+// reads what other work-groups wrote (from L2, not a stale L1 line). No early return inside
+// (PoCL's barrier handling wants every work-item through each barrier of an inlined function).
+
+// y = RMSNorm(row) · w (when has_norm; else y = row), written to yr when write_y; its int8
+// quantization (s = 127 / max(absmax, 1e-5), q = clamp(rint(y · s))) to qr / *qs when write_q.
+// xr and yr may alias (each work-item reads its values before writing them).
+inline void norm_quant_regs(volatile const __global float* xr, int n, const __global float* w,
+                            int has_norm, float eps, __global float* yr, int write_y,
+                            __global char* qr, __global float* qs, int write_q,
+                            __local float* scratch) {
+    int lid = get_local_id(0), wg = get_local_size(0);
+    float v[RQ];
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+        int j = lid + i * wg;
+        v[i] = j < n ? xr[j] : 0.0f;
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < RQ; i++) ss += v[i] * v[i];
+    ss = wg_sum(ss, scratch);
+    float scale = 1.0f / sqrt(ss / (float)n + eps);
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+        int j = lid + i * wg;
+        if (j < n) {
+            if (has_norm) v[i] = (v[i] * scale) * w[j];
+            if (write_y) yr[j] = v[i];
+            amax = fmax(amax, fabs(v[i]));
+        }
+    }
+    amax = wg_max(amax, scratch);
+    float s = 127.0f / fmax(amax, 0.00001f);
+    if (write_q) {
+#pragma unroll
+        for (int i = 0; i < RQ; i++) {
+            int j = lid + i * wg;
+            if (j < n) qr[j] = (char)clamp(rint(v[i] * s), -127.0f, 127.0f);
+        }
+        if (lid == 0) *qs = s;
+    }
+}
+
+// g = act(g) · u (act 0: SiLU, 1: ReLU²), then RMSNorm · w when has_norm, written back to g and
+// quantized to qr / *qs as in `norm_quant_regs`.
+inline void ffn_act_quant_regs(volatile __global float* gr, volatile const __global float* ur,
+                               int n, int act, const __global float* w, int has_norm, float eps,
+                               __global char* qr, __global float* qs, __local float* scratch) {
+    int lid = get_local_id(0), wg = get_local_size(0);
+    float h[RQ];
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+        int j = lid + i * wg;
+        h[i] = j < n ? gr[j] : 0.0f;
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+        int j = lid + i * wg;
+        if (j < n) {
+            float a = h[i], uj = ur[j];
+            if (act == 0) {
+                h[i] = a / (1.0f + exp(-a)) * uj;
+            } else {
+                float r = fmax(a, 0.0f);
+                h[i] = r * r * uj;
+            }
+            ss += h[i] * h[i];
+        }
+    }
+    ss = wg_sum(ss, scratch);
+    float scale = 1.0f / sqrt(ss / (float)n + eps);
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+        int j = lid + i * wg;
+        if (j < n) {
+            if (has_norm) h[i] = (h[i] * scale) * w[j];
+            gr[j] = h[i];
+            amax = fmax(amax, fabs(h[i]));
+        }
+    }
+    amax = wg_max(amax, scratch);
+    float s = 127.0f / fmax(amax, 0.00001f);
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+        int j = lid + i * wg;
+        if (j < n) qr[j] = (char)clamp(rint(h[i] * s), -127.0f, 127.0f);
+    }
+    if (lid == 0) *qs = s;
+}
+
+// Whether this work-group is the last of `count` to arrive at `ticket` (a counter that starts
+// at 0; the last one puts it back to 0 for the next launch on the in-order queue). Every
+// work-item calls it after its last global write: the fence orders those writes before the
+// ticket, so the last work-group sees every other work-group's results. Top level only (it
+// holds barriers).
+inline int last_group(volatile __global int* ticket, int count, __local float* scratch) {
+    mem_fence(CLK_GLOBAL_MEM_FENCE);
+    barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
+    __local int* flag = (__local int*)scratch;
+    if (get_local_id(0) == 0) {
+        int last = atomic_inc(ticket) == count - 1;
+        if (last) atomic_xchg(ticket, 0);
+        flag[0] = last;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    int last = flag[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return last;
+}

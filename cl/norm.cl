@@ -1,10 +1,9 @@
 // Row-wise ops, one work-group per token row (`regs`: GPUs keep the row in registers; CPU
 // devices loop, which suits their work-item loops around barriers better): RMSNorm, per-token
 // int8 quantization of a ternary layer's input (bitnet.cpp's absmax rule: s = 127 /
-// max(absmax, 1e-5), q = clamp(rint(v·s))), and the FFN activation. Fused so that a layer's input is normed and quantized in one launch.
-// The register paths of the two kernels share their last steps written out twice on purpose:
-// moved into a shared inline function around `wg_sum` / `wg_max`, PoCL's barrier handling hung
-// the engine's OpenCL test (tried this session).
+// max(absmax, 1e-5), q = clamp(rint(v·s))), and the FFN activation. Fused so that a layer's
+// input is normed and quantized in one launch. The register paths are common.cl's
+// `norm_quant_regs` / `ffn_act_quant_regs`, which the GEMV and attention epilogues share.
 
 // y = RMSNorm(x row `row0 + t`) · w (when has_norm; else y = x), written to y when write_y;
 // its int8 quantization to q / qs[t] when write_q. x and y may alias (same index, same work-item).
@@ -18,43 +17,8 @@ __kernel void norm_quant(__global const float* x, int n, int row0,
     __global float* yr = y + (size_t)t * n;
     if (regs && n <= RQ * wg) {
         // The row in registers (GPUs): one batch of loads, no second read.
-        float v[RQ];
-#pragma unroll
-        for (int i = 0; i < RQ; i++) {
-            int j = lid + i * wg;
-            v[i] = j < n ? xr[j] : 0.0f;
-        }
-        if (has_norm) {
-            float ss = 0.0f;
-#pragma unroll
-            for (int i = 0; i < RQ; i++) ss += v[i] * v[i];
-            ss = wg_sum(ss, scratch);
-            float scale = 1.0f / sqrt(ss / (float)n + eps);
-#pragma unroll
-            for (int i = 0; i < RQ; i++) {
-                int j = lid + i * wg;
-                if (j < n) v[i] = (v[i] * scale) * w[j];
-            }
-        }
-        float amax = 0.0f;
-#pragma unroll
-        for (int i = 0; i < RQ; i++) {
-            int j = lid + i * wg;
-            if (j < n) {
-                if (write_y) yr[j] = v[i];
-                amax = fmax(amax, fabs(v[i]));
-            }
-        }
-        if (!write_q) return;
-        amax = wg_max(amax, scratch);
-        float s = 127.0f / fmax(amax, 0.00001f);
-        __global char* qr = q + (size_t)t * n;
-#pragma unroll
-        for (int i = 0; i < RQ; i++) {
-            int j = lid + i * wg;
-            if (j < n) qr[j] = (char)clamp(rint(v[i] * s), -127.0f, 127.0f);
-        }
-        if (lid == 0) qs[t] = s;
+        norm_quant_regs(xr, n, w, has_norm, eps, yr, write_y, q + (size_t)t * n, qs + t, write_q,
+                        scratch);
         return;
     }
     float scale = 1.0f;
@@ -92,54 +56,7 @@ __kernel void ffn_act_quant(__global float* g, __global const float* u, int n, i
     const __global float* ur = u + (size_t)t * n;
     if (regs && n <= RQ * wg) {
         // The row in registers (GPUs): one batch of loads of g and u, no second read.
-        float h[RQ];
-#pragma unroll
-        for (int i = 0; i < RQ; i++) {
-            int j = lid + i * wg;
-            h[i] = j < n ? gr[j] : 0.0f;
-        }
-        float ss = 0.0f;
-#pragma unroll
-        for (int i = 0; i < RQ; i++) {
-            int j = lid + i * wg;
-            if (j < n) {
-                float a = h[i], uj = ur[j];
-                if (act == 0) {
-                    h[i] = a / (1.0f + exp(-a)) * uj;
-                } else {
-                    float r = fmax(a, 0.0f);
-                    h[i] = r * r * uj;
-                }
-                ss += h[i] * h[i];
-            }
-        }
-        if (has_norm) {
-            ss = wg_sum(ss, scratch);
-            float scale = 1.0f / sqrt(ss / (float)n + eps);
-#pragma unroll
-            for (int i = 0; i < RQ; i++) {
-                int j = lid + i * wg;
-                if (j < n) h[i] = (h[i] * scale) * w[j];
-            }
-        }
-        float amax = 0.0f;
-#pragma unroll
-        for (int i = 0; i < RQ; i++) {
-            int j = lid + i * wg;
-            if (j < n) {
-                gr[j] = h[i];
-                amax = fmax(amax, fabs(h[i]));
-            }
-        }
-        amax = wg_max(amax, scratch);
-        float s = 127.0f / fmax(amax, 0.00001f);
-        __global char* qr = q + (size_t)t * n;
-#pragma unroll
-        for (int i = 0; i < RQ; i++) {
-            int j = lid + i * wg;
-            if (j < n) qr[j] = (char)clamp(rint(h[i] * s), -127.0f, 127.0f);
-        }
-        if (lid == 0) qs[t] = s;
+        ffn_act_quant_regs(gr, ur, n, act, w, has_norm, eps, q + (size_t)t * n, qs + t, scratch);
         return;
     }
     float ss = 0.0f;

@@ -313,60 +313,110 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
 // block and waits for it before the next left most of the memory bandwidth idle. The row's
 // partial sums meet in local memory (one barrier). Grid: teams · TEAM work-items.
 #define GEMV_U 8
-__kernel void ternary_gemv_tq2(int k, __global const char* q, __global const float* qsc,
-                               ROW_PARAMS,
-                               int accumulate, __local float* red) {
-    int lid = get_local_id(0);
-    int lane = lid % TEAM, team = lid / TEAM;
-    int r = get_group_id(0) * (get_local_size(0) / TEAM) + team;
-    Row row = pick_row(r, ROW_ARGS);
-    bool valid = row.rr < row.n;
+
+// This lane's share of one row's sum (the row's sums are not yet added across the team).
+inline float gemv_tq2_lane(Row row, int k, const __global char* q, int lane) {
     float acc = 0.0f;
-    if (valid) {
-        int nblk = k / 256;
-        const __global uchar* wr = row.w + (size_t)row.rr * (nblk * 66);
-        int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
-        for (int b0 = pair; b0 < nblk; b0 += 2 * GEMV_U) {
-            uint c[GEMV_U], a[GEMV_U][4];
-            float d[GEMV_U];
+    int nblk = k / 256;
+    const __global uchar* wr = row.w + (size_t)row.rr * (nblk * 66);
+    int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
+    for (int b0 = pair; b0 < nblk; b0 += 2 * GEMV_U) {
+        uint c[GEMV_U], a[GEMV_U][4];
+        float d[GEMV_U];
 #pragma unroll
-            for (int u = 0; u < GEMV_U; u++) {
-                int b = b0 + 2 * u;
-                if (b < nblk) {
-                    const __global uchar* blk = wr + b * 66;
-                    // Rows are 66-byte blocks, so only 2-byte alignment holds: two 16-bit loads.
-                    ushort2 h = vload2(0, (const __global ushort*)(blk + m));
-                    c[u] = (uint)h.x | ((uint)h.y << 16);
-                    d[u] = ld_f16(blk + 64);
-                    const __global uint* qb = (const __global uint*)(q + b * 256 + base);
+        for (int u = 0; u < GEMV_U; u++) {
+            int b = b0 + 2 * u;
+            if (b < nblk) {
+                const __global uchar* blk = wr + b * 66;
+                // Rows are 66-byte blocks, so only 2-byte alignment holds: two 16-bit loads.
+                ushort2 h = vload2(0, (const __global ushort*)(blk + m));
+                c[u] = (uint)h.x | ((uint)h.y << 16);
+                d[u] = ld_f16(blk + 64);
+                const __global uint* qb = (const __global uint*)(q + b * 256 + base);
 #pragma unroll
-                    for (int j = 0; j < 4; j++) a[u][j] = qb[8 * j];
-                } else {
-                    c[u] = 0x55555555u;  // code 1 everywhere: weight 0
-                    d[u] = 0.0f;
+                for (int j = 0; j < 4; j++) a[u][j] = qb[8 * j];
+            } else {
+                c[u] = 0x55555555u;  // code 1 everywhere: weight 0
+                d[u] = 0.0f;
 #pragma unroll
-                    for (int j = 0; j < 4; j++) a[u][j] = 0u;
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < GEMV_U; u++) {
-                int sp = 0, sn = 0;
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    sp = sum4(a[u][j] & tq2_pos(c[u], j), sp);
-                    sn = sum4(a[u][j] & tq2_neg(c[u], j), sn);
-                }
-                acc += (float)(sp - sn) * d[u];
+                for (int j = 0; j < 4; j++) a[u][j] = 0u;
             }
         }
+#pragma unroll
+        for (int u = 0; u < GEMV_U; u++) {
+            int sp = 0, sn = 0;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                sp = sum4(a[u][j] & tq2_pos(c[u], j), sp);
+                sn = sum4(a[u][j] & tq2_neg(c[u], j), sn);
+            }
+            acc += (float)(sp - sn) * d[u];
+        }
     }
+    return acc;
+}
+
+// Adds the team's partial sums (one barrier; every work-item calls it) and writes the row:
+// (Σ / s_token) · scale + bias, added to the output when `accumulate`.
+inline void gemv_store(Row row, float acc, const __global float* qsc, int accumulate,
+                       __local float* red) {
+    int lid = get_local_id(0), lane = lid % TEAM;
     red[lid] = acc;
     barrier(CLK_LOCAL_MEM_FENCE);
-    if (valid && lane == 0) {
+    if (row.rr < row.n && lane == 0) {
         float v = 0.0f;
         for (int i = 0; i < TEAM; i++) v += red[lid + i];
         v = v / qsc[0] * row.s;
         if (row.hb) v += row.bias[row.rr];
         row.o[row.rr] = accumulate ? row.o[row.rr] + v : v;
     }
+}
+
+// The row of this work-item's team.
+inline Row gemv_row(ROW_PARAMS) {
+    int r = get_group_id(0) * (get_local_size(0) / TEAM) + get_local_id(0) / TEAM;
+    return pick_row(r, ROW_ARGS);
+}
+
+__kernel void ternary_gemv_tq2(int k, __global const char* q, __global const float* qsc,
+                               ROW_PARAMS,
+                               int accumulate, __local float* red) {
+    Row row = gemv_row(ROW_ARGS);
+    int lane = get_local_id(0) % TEAM;
+    float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane) : 0.0f;
+    gemv_store(row, acc, qsc, accumulate, red);
+}
+
+// The GEMV of one matrix (output o0, n0 rows) followed by RMSNorm · w and the int8
+// quantization of that output (`norm_quant` of norm.cl with a norm, y written), done by the last
+// work-group to finish: the launch of a residual projection and the next norm in one.
+// Needs n0 ≤ RQ · work-group size.
+__kernel void ternary_gemv_tq2_norm(int k, __global const char* q, __global const float* qsc,
+                                    ROW_PARAMS,
+                                    int accumulate, __local float* red,
+                                    volatile __global int* ticket, __global const float* nw,
+                                    float eps, __global float* y, __global char* tq,
+                                    __global float* tqs) {
+    Row row = gemv_row(ROW_ARGS);
+    int lane = get_local_id(0) % TEAM;
+    float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane) : 0.0f;
+    gemv_store(row, acc, qsc, accumulate, red);
+    if (!last_group(ticket, get_num_groups(0), red)) return;
+    norm_quant_regs(o0, n0, nw, 1, eps, y, 1, tq, tqs, 1, red);
+}
+
+// The GEMV of gate (o0) and up (o1) followed by `ffn_act_quant` of norm.cl on them, done by the
+// last work-group to finish. Needs n0 = n1 ≤ RQ · work-group size.
+__kernel void ternary_gemv_tq2_ffn(int k, __global const char* q, __global const float* qsc,
+                                   ROW_PARAMS,
+                                   int accumulate, __local float* red,
+                                   volatile __global int* ticket, int act,
+                                   __global const float* nw, int has_norm, float eps,
+                                   __global char* tq, __global float* tqs) {
+    Row row = gemv_row(ROW_ARGS);
+    int lane = get_local_id(0) % TEAM;
+    float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane) : 0.0f;
+    gemv_store(row, acc, qsc, accumulate, red);
+    if (!last_group(ticket, get_num_groups(0), red)) return;
+    ffn_act_quant_regs(o0, o1, n0, act, nw, has_norm, eps, tq, tqs, red);
 }

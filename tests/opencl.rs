@@ -5,7 +5,7 @@
 use half::f16;
 use proptest::prelude::*;
 use std::sync::Arc;
-use ternmux::backend::opencl::{ClDevice, DevBuf, Places, RopeShape, TernaryOut};
+use ternmux::backend::opencl::{ClDevice, DevBuf, Places, RopeShape, RowTail, TernaryOut};
 use ternmux::backend::{Device, Placement, RowPlace};
 use ternmux::gguf::GgmlType;
 use ternmux::kernels::dequant::FloatFormat;
@@ -146,7 +146,7 @@ proptest! {
             let outs: Vec<TernaryOut<'_>> = fresh.iter().zip(&bufs).zip(&mats).map(|((o, (w, _, b)), m)| TernaryOut {
                 w, rows, out: o, scale: m.3 * m.4, bias: b.as_ref(),
             }).collect();
-            d.ternary_gemv_tq2(k, &qb, &sb, &outs, accumulate).unwrap();
+            d.ternary_gemv_tq2(k, &qb, &sb, &outs, accumulate, None).unwrap();
             paths.push(("gemv", fresh.iter().map(|o| read_f32(&d, o, rows)).collect()));
         }
         let nsb = k.div_ceil(256);
@@ -283,6 +283,62 @@ proptest! {
         }
     }
 
+    /// The TQ2_0 GEMV with a row epilogue (the residual projection and the next RMSNorm; gate/up
+    /// and the FFN activation) gives what the GEMV and the row kernel give as two launches, and
+    /// again on a second launch (the ticket is back at 0). Rows up to the epilogue's limit.
+    #[test]
+    fn gemv_row_epilogues_equal_two_launches(n in prop_oneof![1usize..300, Just(2560usize), 8000usize..=8192], kb in 1usize..4, relu2 in any::<bool>(), with_norm in any::<bool>(), seed in any::<u64>()) {
+        let Some(d) = device() else { return Ok(()) };
+        let k = kb * 256;
+        let mut r = Lcg(seed);
+        let ty = GgmlType::Ternary(TernaryFormat::Tq2_0);
+        let mut mat = || {
+            let x: Vec<f32> = (0..n * k).map(|_| { let v = r.f(); if v.abs() < 0.3 { 0.0 } else { v.signum() } }).collect();
+            d.upload(&quant::encode(ty, &x, n, k).unwrap()).unwrap()
+        };
+        let (wa, wb2) = (mat(), mat());
+        let q: Vec<i8> = (0..k).map(|_| ((r.next() % 255) as i32 - 127) as i8).collect();
+        let (qb, sb) = (d.upload(bytemuck::cast_slice(&q)).unwrap(), up_f32(&d, &[37.5]));
+        let x0: Vec<f32> = (0..n).map(|_| r.f() * 4.0).collect();
+        let w: Vec<f32> = (0..n).map(|_| r.f()).collect();
+        let nw = up_f32(&d, &w);
+        fn out<'a>(w: &'a DevBuf, o: &'a DevBuf, rows: usize) -> TernaryOut<'a> {
+            TernaryOut { w, rows, out: o, scale: 0.75, bias: None }
+        }
+        // Residual projection + norm: two launches, then one (twice).
+        let (xa, ya, qa, sa) = (up_f32(&d, &x0), d.alloc(n * 4).unwrap(), d.alloc(n).unwrap(), d.alloc(4).unwrap());
+        d.ternary_gemv_tq2(k, &qb, &sb, &[out(&wa, &xa, n)], true, None).unwrap();
+        d.norm_quant(&xa, n, 0, 1, Some(&nw), 1e-5, Some(&ya), Some((&qa, &sa))).unwrap();
+        for round in 0..2 {
+            let (xe, ye, qe, se) = (up_f32(&d, &x0), d.alloc(n * 4).unwrap(), d.alloc(n).unwrap(), d.alloc(4).unwrap());
+            let tail = RowTail::Norm { w: &nw, eps: 1e-5, y: &ye, q: &qe, s: &se };
+            d.ternary_gemv_tq2(k, &qb, &sb, &[out(&wa, &xe, n)], true, Some(&tail)).unwrap();
+            let (a, e) = (read_f32(&d, &xa, n), read_f32(&d, &xe, n));
+            prop_assert!(a.iter().zip(&e).all(|(a, e)| a.to_bits() == e.to_bits()), "residual output differs (round {round})");
+            same_rows(&d, "GEMV norm epilogue", (&ya, &qa, &sa), (&ye, &qe, &se), 1, n)?;
+        }
+        // Gate and up + activation (+ sub-norm).
+        let act = if relu2 { FfnAct::Relu2 } else { FfnAct::Silu };
+        let norm = with_norm.then_some(&nw);
+        let (ga, ua, qa, sa) = (d.alloc(n * 4).unwrap(), d.alloc(n * 4).unwrap(), d.alloc(n).unwrap(), d.alloc(4).unwrap());
+        d.ternary_gemv_tq2(k, &qb, &sb, &[out(&wa, &ga, n), out(&wb2, &ua, n)], false, None).unwrap();
+        d.ffn_act_quant(&ga, &ua, n, 1, act, norm, 1e-5, &qa, &sa).unwrap();
+        for _ in 0..2 {
+            let (ge, ue, qe, se) = (d.alloc(n * 4).unwrap(), d.alloc(n * 4).unwrap(), d.alloc(n).unwrap(), d.alloc(4).unwrap());
+            let tail = RowTail::FfnAct { act, norm, eps: 1e-5, q: &qe, s: &se };
+            d.ternary_gemv_tq2(k, &qb, &sb, &[out(&wa, &ge, n), out(&wb2, &ue, n)], false, Some(&tail)).unwrap();
+            same_rows(&d, "GEMV FFN epilogue", (&ga, &qa, &sa), (&ge, &qe, &se), 1, n)?;
+        }
+        // A row past the epilogue's reach is refused, not computed wrongly.
+        let big = 32 * 256 + 256;
+        let (wbig, obig) = (d.alloc(big * k / 256 * 66).unwrap(), d.alloc(big * 4).unwrap());
+        let (ye, qe, se) = (d.alloc(big * 4).unwrap(), d.alloc(big).unwrap(), d.alloc(4).unwrap());
+        let wbig_n = up_f32(&d, &vec![1.0; big]);
+        let tail = RowTail::Norm { w: &wbig_n, eps: 1e-5, y: &ye, q: &qe, s: &se };
+        let o = TernaryOut { w: &wbig, rows: big, out: &obig, scale: 1.0, bias: None };
+        prop_assert!(d.ternary_gemv_tq2(k, &qb, &sb, &[o], false, Some(&tail)).is_err());
+    }
+
     /// RoPE + f16 KV store + causal GQA attention, against f64 on the same f16-rounded cache,
     /// with the rows of one pass spread over several cache slots (continuous batching).
     #[test]
@@ -336,7 +392,7 @@ proptest! {
             let kcf = d.upload(bytemuck::cast_slice(&kc0)).unwrap();
             let vcf = d.upload(bytemuck::cast_slice(&vc0)).unwrap();
             let of = d.alloc(n_tok * qd * 4).unwrap();
-            d.attention_rope(&qb, &kb, &vb, &kcf, &vcf, &rb, &scores, &places, sh, &of).unwrap();
+            d.attention_rope(&qb, &kb, &vb, &kcf, &vcf, &rb, &scores, &places, sh, &of, None).unwrap();
             let outf = read_f32(&d, &of, n_tok * qd);
             for (i, (a, b)) in out.iter().zip(&outf).enumerate() {
                 prop_assert_eq!(a.to_bits(), b.to_bits(), "fused attention output {}: {} vs {}", i, a, b);
@@ -346,8 +402,21 @@ proptest! {
             d.read(&kcf, 0, bytemuck::cast_slice_mut(&mut kf)).unwrap();
             d.read(&vcf, 0, bytemuck::cast_slice_mut(&mut vf)).unwrap();
             prop_assert!(kf == kc && vf == vc, "the fused launch stored other keys or values");
+            // With the sub-norm as its row epilogue: the same as normalizing that output in a
+            // launch of its own.
+            let w: Vec<f32> = (0..qd).map(|_| r.f()).collect();
+            let wb = up_f32(&d, &w);
+            let (qa, sa) = (d.alloc(n_tok * qd).unwrap(), d.alloc(n_tok * 4).unwrap());
+            d.norm_quant(&of, qd, 0, n_tok, Some(&wb), 1e-5, Some(&of), Some((&qa, &sa))).unwrap();
+            let (kce, vce) = (d.upload(bytemuck::cast_slice(&kc0)).unwrap(), d.upload(bytemuck::cast_slice(&vc0)).unwrap());
+            let (oe, qe, se) = (d.alloc(n_tok * qd * 4).unwrap(), d.alloc(n_tok * qd).unwrap(), d.alloc(n_tok * 4).unwrap());
+            let tail = RowTail::Norm { w: &wb, eps: 1e-5, y: &oe, q: &qe, s: &se };
+            for _ in 0..2 {
+                d.attention_rope(&qb, &kb, &vb, &kce, &vce, &rb, &scores, &places, sh, &oe, Some(&tail)).unwrap();
+                same_rows(&d, "attention sub-norm epilogue", (&of, &qa, &sa), (&oe, &qe, &se), n_tok, qd)?;
+            }
         } else {
-            let shared = d.attention_rope(&qb, &kb, &vb, &kcb, &vcb, &rb, &scores, &places, sh, &ob);
+            let shared = d.attention_rope(&qb, &kb, &vb, &kcb, &vcb, &rb, &scores, &places, sh, &ob, None);
             prop_assert!(shared.is_err(), "two rows of one slot must be refused by the fused launch");
         }
         // f64 rotation with the same (cos, sin) table.
@@ -398,6 +467,63 @@ proptest! {
             }
         }
     }
+}
+
+/// A row op done as a launch's epilogue (`e`: values, int8 rows, scales) against the same op as
+/// a launch of its own (`a`): bit for bit where both take the register path (GPU-shaped
+/// kernels); on CPU devices the row kernel sums in another order, so values agree to 1e-5 of
+/// the row's largest and the quantized values to one step.
+fn same_rows(
+    d: &ClDevice,
+    what: &str,
+    a: (&DevBuf, &DevBuf, &DevBuf),
+    e: (&DevBuf, &DevBuf, &DevBuf),
+    rows: usize,
+    n: usize,
+) -> Result<(), TestCaseError> {
+    let (ya, ye) = (read_f32(d, a.0, rows * n), read_f32(d, e.0, rows * n));
+    let (sa, se) = (read_f32(d, a.2, rows), read_f32(d, e.2, rows));
+    let (mut qa, mut qe) = (vec![0i8; rows * n], vec![0i8; rows * n]);
+    d.read(a.1, 0, bytemuck::cast_slice_mut(&mut qa)).unwrap();
+    d.read(e.1, 0, bytemuck::cast_slice_mut(&mut qe)).unwrap();
+    if d.gpu_kernels() {
+        prop_assert!(
+            ya.iter().zip(&ye).all(|(a, e)| a.to_bits() == e.to_bits()),
+            "{what}: values differ"
+        );
+        prop_assert!(
+            sa.iter().zip(&se).all(|(a, e)| a.to_bits() == e.to_bits()),
+            "{what}: scales differ"
+        );
+        prop_assert!(qa == qe, "{what}: quantized values differ");
+        return Ok(());
+    }
+    for t in 0..rows {
+        let big = ya[t * n..(t + 1) * n]
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        for j in t * n..(t + 1) * n {
+            prop_assert!(
+                (ya[j] - ye[j]).abs() <= 1e-5 * big + 1e-30,
+                "{what}: value {j}: {} vs {}",
+                ya[j],
+                ye[j]
+            );
+            prop_assert!(
+                (i32::from(qa[j]) - i32::from(qe[j])).abs() <= 1,
+                "{what}: q {j}: {} vs {}",
+                qa[j],
+                qe[j]
+            );
+        }
+        prop_assert!(
+            (sa[t] - se[t]).abs() <= 1e-5 * sa[t],
+            "{what}: scale {t}: {} vs {}",
+            sa[t],
+            se[t]
+        );
+    }
+    Ok(())
 }
 
 /// Random bytes for `fmt` with every f16 scale/minimum set to a finite value.

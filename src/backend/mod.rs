@@ -282,7 +282,8 @@ pub trait Backend {
         out: &mut Self::Buf,
     ) -> Result<()>;
     /// [`Backend::rope_store`] then [`Backend::attention`] of the rotated queries (through
-    /// `q_rot`) into `out`, unless the backend fuses the two (then `q_rot` is left as it was).
+    /// `q_rot`) into `out`, then unit `sub_norm`'s [`Norm::AttnSub`] of `out` in place when
+    /// given — unless the backend fuses them (then `q_rot` is left as it was).
     #[allow(clippy::too_many_arguments)]
     fn rope_attention(
         &self,
@@ -294,9 +295,56 @@ pub trait Backend {
         v: &Self::Buf,
         q_rot: &mut Self::Buf,
         out: &mut Self::Buf,
+        sub_norm: Option<&Self::Unit>,
     ) -> Result<()> {
         self.rope_store(kv, layer, rows, q, k, v, q_rot)?;
-        self.attention(kv, layer, rows, q_rot, out)
+        self.attention(kv, layer, rows, q_rot, out)?;
+        match sub_norm {
+            Some(u) => self.norm_inplace(u, Norm::AttnSub, out, rows.len()),
+            None => Ok(()),
+        }
+    }
+    /// `x += inp · W_matᵀ` (a residual projection), then `out` = unit `u`'s `norm` of `x`: the
+    /// [`Backend::project`] and [`Backend::norm`] that follow each other inside every block,
+    /// which a backend may do in one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn project_residual_norm(
+        &self,
+        u: &Self::Unit,
+        inp: &Self::Buf,
+        rows: usize,
+        mat: Mat,
+        x: &mut Self::Buf,
+        norm: Norm,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        self.project(u, inp, rows, &mut [(mat, &mut *x)], true)?;
+        self.norm(u, norm, x, 0, rows, out)
+    }
+    /// The FFN's gate and up projections of `inp` into `g` and `up`, then
+    /// [`Backend::ffn_act`] (which a backend may do in the same launch).
+    #[allow(clippy::too_many_arguments)]
+    fn project_ffn(
+        &self,
+        u: &Self::Unit,
+        inp: &Self::Buf,
+        rows: usize,
+        g: &mut Self::Buf,
+        up: &mut Self::Buf,
+        act: FfnAct,
+        sub_norm: bool,
+    ) -> Result<()> {
+        self.project(
+            u,
+            inp,
+            rows,
+            &mut [
+                (Mat::Layer(LayerMat::Gate), &mut *g),
+                (Mat::Layer(LayerMat::Up), &mut *up),
+            ],
+            false,
+        )?;
+        self.ffn_act(u, g, up, rows, act, sub_norm)
     }
     /// `g = act(g) · u`, then unit `w`'s FFN sub-norm when `sub_norm`, for `rows` rows.
     #[allow(clippy::too_many_arguments)]

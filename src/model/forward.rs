@@ -370,30 +370,26 @@ fn pass<B: Backend>(
             ],
             false,
         )?;
-        be.rope_attention(kv, li, places, &q, &k, &v, &mut qr, &mut att)?;
-        if l.attn_sub_norm.is_some() {
-            be.norm_inplace(blk, Norm::AttnSub, &mut att, t_n)?;
-        }
-        be.project(
+        let sub = l.attn_sub_norm.is_some().then_some(blk);
+        be.rope_attention(kv, li, places, &q, &k, &v, &mut qr, &mut att, sub)?;
+        be.project_residual_norm(
             blk,
             &att,
             t_n,
-            &mut [(Mat::Layer(LayerMat::O), &mut x)],
-            true,
+            Mat::Layer(LayerMat::O),
+            &mut x,
+            Norm::Ffn,
+            &mut h,
         )?;
-
-        be.norm(blk, Norm::Ffn, &x, 0, t_n, &mut h)?;
-        be.project(
+        be.project_ffn(
             blk,
             &h,
             t_n,
-            &mut [
-                (Mat::Layer(LayerMat::Gate), &mut g),
-                (Mat::Layer(LayerMat::Up), &mut u),
-            ],
-            false,
+            &mut g,
+            &mut u,
+            c.ffn_act,
+            l.ffn_sub_norm.is_some(),
         )?;
-        be.ffn_act(blk, &mut g, &u, t_n, c.ffn_act, l.ffn_sub_norm.is_some())?;
         be.project(
             blk,
             &g,

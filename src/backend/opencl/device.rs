@@ -340,12 +340,19 @@ pub struct ClDevice {
     /// Whether the kernels were built with `-DTERNMUX_DP4A` (NVIDIA inline PTX accepted).
     dp4a: bool,
     dummy: DevBuf,
+    /// [`TICKETS`] zeroed counters for the launches whose last work-group finishes the row
+    /// (`last_group` in `cl/common.cl`; one per row of a pass, each back to 0 when its launch
+    /// ends). Shared by every launch: kernels of the one in-order compute queue never overlap.
+    tickets: DevBuf,
     /// Launches recorded since the last [`ClDevice::take_profile`], when [`PROFILE_ENV`] was
     /// set at open (the queue then records timestamps).
     profile: Option<Mutex<Vec<Launched>>>,
     /// Whether the GPU-shaped kernel paths are chosen ([`ClDevice::gpu_kernels`]).
     gpu_shaped: bool,
 }
+
+/// Counters in [`ClDevice::tickets`]: the most rows one launch with a row epilogue may have.
+pub const TICKETS: usize = 4096;
 
 static OPEN: OnceLock<Mutex<HashMap<usize, Arc<ClDevice>>>> = OnceLock::new();
 
@@ -511,8 +518,19 @@ impl ClDevice {
         let dummy =
             unsafe { Buffer::<u8>::create(&context, CL_MEM_READ_WRITE, 16, ptr::null_mut()) }
                 .map_err(|e| cl_err("allocate a placeholder buffer", e))?;
+        let mut tickets = unsafe {
+            // SAFETY: no host pointer is passed, so the driver owns the storage.
+            Buffer::<u8>::create(&context, CL_MEM_READ_WRITE, TICKETS * 4, ptr::null_mut())
+        }
+        .map_err(|e| cl_err("allocate the launch tickets", e))?;
+        let zeros = vec![0u8; TICKETS * 4];
+        // SAFETY: blocking write of TICKETS · 4 bytes into a buffer of that size; `zeros`
+        // outlives the call.
+        unsafe { queue.enqueue_write_buffer(&mut tickets, CL_BLOCKING, 0, &zeros, &[]) }
+            .map_err(|e| cl_err("zero the launch tickets", e))?;
         let dev = Arc::new(ClDevice {
             dummy: DevBuf::new(dummy, 16),
+            tickets: DevBuf::new(tickets, TICKETS * 4),
             info,
             context,
             queue,
@@ -535,6 +553,11 @@ impl ClDevice {
     /// A 16-byte buffer bound to unused kernel arguments.
     pub(crate) fn dummy(&self) -> &DevBuf {
         &self.dummy
+    }
+
+    /// The [`TICKETS`] launch counters of `last_group` (`cl/common.cl`).
+    pub(crate) fn tickets(&self) -> &DevBuf {
+        &self.tickets
     }
 
     /// What the device is.

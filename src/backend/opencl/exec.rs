@@ -4,10 +4,10 @@
 //! forward ops are launches of the `cl/` kernels. Nothing waits for the device until logits
 //! are read.
 
-use super::device::{ClDevice, DevBuf};
-use super::ops::{Places, RopeShape, TernaryOut};
+use super::device::{ClDevice, DevBuf, TICKETS};
+use super::ops::{Places, RopeShape, RowTail, TernaryOut};
 use crate::backend::cpu::extend_rope_tables;
-use crate::backend::{Backend, Mat, Norm, Resident, RowPlace};
+use crate::backend::{Backend, LayerMat, Mat, Norm, Resident, RowPlace};
 use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::model::{FfnAct, KvType, Model};
@@ -301,6 +301,29 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 }
 
 impl ClExec<'_> {
+    /// Unit `u`'s matrices `mats` when they can go in one TQ2_0 GEMV launch with a row
+    /// epilogue over `n` values: one token, its activations already quantized, every matrix
+    /// TQ2_0 with `n` rows of one length, and the row within the epilogue's reach.
+    fn gemv_with_tail<'u>(
+        &self,
+        u: &'u DevUnit,
+        inp: &ClBuf,
+        rows: usize,
+        mats: &[Mat],
+        n: usize,
+    ) -> Result<Option<Vec<&'u DevMat>>> {
+        let dev = self.dev();
+        if rows != 1 || !inp.quantized.get() || !dev.tail_fits(n, dev.gemv_group()) {
+            return Ok(None);
+        }
+        let ms: Vec<&DevMat> = mats.iter().map(|m| u.mat(*m)).collect::<Result<_>>()?;
+        let k = ms.first().map_or(0, |m| m.cols);
+        let fits = ms
+            .iter()
+            .all(|m| m.ty == GgmlType::Ternary(TernaryFormat::Tq2_0) && m.cols == k && m.rows == n);
+        Ok(fits.then_some(ms))
+    }
+
     /// Extends the RoPE table to the rows' last position and uploads the rows' places (once per
     /// pass: every layer's rows are the same).
     fn prepare_places(&self, kv: &mut ClKv, rows: &[RowPlace]) -> Result<()> {
@@ -556,13 +579,33 @@ impl Backend for ClExec<'_> {
         v: &ClBuf,
         q_rot: &mut ClBuf,
         out: &mut ClBuf,
+        sub_norm: Option<&DevUnit>,
     ) -> Result<()> {
         self.prepare_places(kv, rows)?;
         if !fuse_rope() || !kv.pass_places()?.one_row_per_slot() {
             self.rope_store(kv, layer, rows, q, k, v, q_rot)?;
-            return self.attention(kv, layer, rows, q_rot, out);
+            self.attention(kv, layer, rows, q_rot, out)?;
+            return match sub_norm {
+                Some(u) => self.norm_inplace(u, Norm::AttnSub, out, rows.len()),
+                None => Ok(()),
+            };
         }
         let places = kv.pass_places()?;
+        let o = out.raw()?;
+        let qd = self.shape().n_head * self.shape().head_dim;
+        // The sub-norm as the launch's row epilogue where it fits, else its own launch.
+        let fused = sub_norm
+            .filter(|_| self.dev().tail_fits(qd, self.dev().row_group()) && rows.len() <= TICKETS);
+        let tail = match fused {
+            Some(u) => Some(RowTail::Norm {
+                w: u.norm(Norm::AttnSub)?,
+                eps: self.model.config.rms_eps,
+                y: &o.f,
+                q: &o.q,
+                s: &o.s,
+            }),
+            None => None,
+        };
         self.dev().attention_rope(
             &q.raw()?.f,
             &k.raw()?.f,
@@ -573,10 +616,103 @@ impl Backend for ClExec<'_> {
             &kv.scores,
             places,
             self.shape(),
-            &out.raw()?.f,
+            &o.f,
+            tail.as_ref(),
         )?;
-        out.quantized.set(false);
-        Ok(())
+        out.quantized.set(fused.is_some());
+        match (sub_norm, fused) {
+            (Some(u), None) => self.norm_inplace(u, Norm::AttnSub, out, rows.len()),
+            _ => Ok(()),
+        }
+    }
+
+    fn project_residual_norm(
+        &self,
+        u: &DevUnit,
+        inp: &ClBuf,
+        rows: usize,
+        mat: Mat,
+        x: &mut ClBuf,
+        norm: Norm,
+        out: &mut ClBuf,
+    ) -> Result<()> {
+        let n = self.model.config.n_embd;
+        match self.gemv_with_tail(u, inp, rows, &[mat], n)? {
+            Some(mats) => {
+                let (xr, o) = (x.raw()?, out.raw()?);
+                let tail = RowTail::Norm {
+                    w: u.norm(norm)?,
+                    eps: self.model.config.rms_eps,
+                    y: &o.f,
+                    q: &o.q,
+                    s: &o.s,
+                };
+                let ir = inp.raw()?;
+                let outs = [ternary_out(mats[0], xr)];
+                self.dev().ternary_gemv_tq2(
+                    mats[0].cols,
+                    &ir.q,
+                    &ir.s,
+                    &outs,
+                    true,
+                    Some(&tail),
+                )?;
+                x.quantized.set(false);
+                out.quantized.set(true);
+                Ok(())
+            }
+            None => {
+                self.project(u, inp, rows, &mut [(mat, &mut *x)], true)?;
+                self.norm(u, norm, x, 0, rows, out)
+            }
+        }
+    }
+
+    fn project_ffn(
+        &self,
+        u: &DevUnit,
+        inp: &ClBuf,
+        rows: usize,
+        g: &mut ClBuf,
+        up: &mut ClBuf,
+        act: FfnAct,
+        sub_norm: bool,
+    ) -> Result<()> {
+        let (gate, upm) = (Mat::Layer(LayerMat::Gate), Mat::Layer(LayerMat::Up));
+        let n = self.model.config.n_ff;
+        match self.gemv_with_tail(u, inp, rows, &[gate, upm], n)? {
+            Some(mats) => {
+                let (gr, ur) = (g.raw()?, up.raw()?);
+                let tail = RowTail::FfnAct {
+                    act,
+                    norm: if sub_norm {
+                        Some(u.norm(Norm::FfnSub)?)
+                    } else {
+                        None
+                    },
+                    eps: self.model.config.rms_eps,
+                    q: &gr.q,
+                    s: &gr.s,
+                };
+                let ir = inp.raw()?;
+                let outs = [ternary_out(mats[0], gr), ternary_out(mats[1], ur)];
+                self.dev().ternary_gemv_tq2(
+                    mats[0].cols,
+                    &ir.q,
+                    &ir.s,
+                    &outs,
+                    false,
+                    Some(&tail),
+                )?;
+                g.quantized.set(true);
+                up.quantized.set(false);
+                Ok(())
+            }
+            None => {
+                self.project(u, inp, rows, &mut [(gate, &mut *g), (upm, &mut *up)], false)?;
+                self.ffn_act(u, g, up, rows, act, sub_norm)
+            }
+        }
     }
 
     fn rope_store(

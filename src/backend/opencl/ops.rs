@@ -5,7 +5,7 @@
 //! Buffers are raw bytes ([`DevBuf`]); lengths are checked here so a wrong shape is an
 //! [`Error::Device`], never an out-of-bounds read on the device.
 
-use super::device::{Arg, ClDevice, DevBuf};
+use super::device::{Arg, ClDevice, DevBuf, TICKETS};
 use crate::backend::RowPlace;
 use crate::error::{Error, Result};
 use crate::model::FfnAct;
@@ -18,6 +18,49 @@ const TEAM: usize = 32;
 const TB: usize = 8;
 /// Rows per matmul work-group.
 const ROWS_PER_GROUP: usize = 8;
+/// Values of a row each work-item keeps in registers in the row epilogues (cl/common.cl `RQ`).
+const RQ: usize = 32;
+
+/// The row op the last work-group of a one-token launch does once every other work-group has
+/// written its part of the row (`last_group` in cl/common.cl): what would otherwise be the next
+/// launch. Rows up to [`ClDevice::tail_fits`] values.
+pub enum RowTail<'a> {
+    /// RMSNorm · `w` of the launch's row (a GEMV's first output, the attention output), into
+    /// `y` (a GEMV; in place for attention), and its int8 quantization into `q` / `s`.
+    Norm {
+        /// Norm weight (f32, one per value of the row).
+        w: &'a DevBuf,
+        /// RMS epsilon.
+        eps: f32,
+        /// Where the normed row goes (ignored by attention, which norms in place).
+        y: &'a DevBuf,
+        /// Quantized row (int8).
+        q: &'a DevBuf,
+        /// Its scale (one f32 per row).
+        s: &'a DevBuf,
+    },
+    /// `act(gate) · up` of a GEMV's outputs 0 and 1 (into gate), the optional sub-norm, and the
+    /// int8 quantization into `q` / `s`.
+    FfnAct {
+        /// SiLU or ReLU².
+        act: FfnAct,
+        /// Sub-norm weight, if the block has one.
+        norm: Option<&'a DevBuf>,
+        /// RMS epsilon.
+        eps: f32,
+        /// Quantized row (int8).
+        q: &'a DevBuf,
+        /// Its scale.
+        s: &'a DevBuf,
+    },
+}
+
+fn act_id(act: FfnAct) -> i32 {
+    match act {
+        FfnAct::Silu => 0,
+        FfnAct::Relu2 => 1,
+    }
+}
 
 /// cl/common.cl `FMT_*` id of a float format.
 pub fn float_format_id(f: FloatFormat) -> i32 {
@@ -298,10 +341,7 @@ impl ClDevice {
                 Arg::Buf(g),
                 Arg::Buf(u),
                 int(n)?,
-                Arg::I32(match act {
-                    FfnAct::Silu => 0,
-                    FfnAct::Relu2 => 1,
-                }),
+                Arg::I32(act_id(act)),
                 Arg::Buf(norm.unwrap_or(self.dummy())),
                 Arg::I32(i32::from(norm.is_some())),
                 Arg::F32(eps),
@@ -338,7 +378,7 @@ impl ClDevice {
         need("token scales", s, n_tok * 4)?;
         // One TQ2_0 token on a GPU: the GEMV, which keeps more weight loads in flight per team.
         if fmt == TernaryFormat::Tq2_0 && n_tok == 1 && self.gpu_kernels() {
-            return self.ternary_gemv_tq2(k, q, s, outs, accumulate);
+            return self.ternary_gemv_tq2(k, q, s, outs, accumulate, None);
         }
         let mut args = vec![
             Arg::I32(ternary_format_id(fmt)),
@@ -375,10 +415,25 @@ impl ClDevice {
         )
     }
 
+    /// Whether a row of `n` values fits the row epilogue of a launch with work-groups of `wg`
+    /// ([`RowTail`]): GPU-shaped kernels only, unless `TERNMUX_CL_ROW_TAILS=0`.
+    pub fn tail_fits(&self, n: usize, wg: usize) -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on =
+            *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_ROW_TAILS").is_none_or(|v| v != "0"));
+        on && self.gpu_kernels() && n <= RQ * wg
+    }
+
+    /// Work-group size of the GEMV ([`ternary_gemv_tq2`](Self::ternary_gemv_tq2)).
+    pub fn gemv_group(&self) -> usize {
+        ROWS_PER_GROUP * TEAM
+    }
+
     /// TQ2_0 matrices × one token's int8 activations `q` (scale `s`): the GEMV kernel, which
     /// issues several blocks' loads per work-item before summing (what a GPU needs to keep its
     /// memory busy). Same results as [`ternary_matmul`](Self::ternary_matmul) with one token,
-    /// which takes this path on GPUs.
+    /// which takes this path on GPUs. With a `tail`, the launch's last work-group then does that
+    /// row op on the outputs (one launch instead of two; same results).
     pub fn ternary_gemv_tq2(
         &self,
         k: usize,
@@ -386,6 +441,7 @@ impl ClDevice {
         s: &DevBuf,
         outs: &[TernaryOut<'_>],
         accumulate: bool,
+        tail: Option<&RowTail<'_>>,
     ) -> Result<()> {
         let fmt = TernaryFormat::Tq2_0;
         if outs.is_empty() || outs.len() > 3 || k == 0 || !k.is_multiple_of(fmt.k_multiple()) {
@@ -399,13 +455,62 @@ impl ClDevice {
         let mut args = vec![int(k)?, Arg::Buf(q), Arg::Buf(s)];
         let total = self.push_outs(&mut args, outs, fmt, k, 1)?;
         args.push(Arg::I32(i32::from(accumulate)));
-        args.push(Arg::Local(ROWS_PER_GROUP * TEAM * 4));
-        self.launch(
-            "ternary_gemv_tq2",
-            &[total.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM],
-            &[ROWS_PER_GROUP * TEAM],
-            &args,
-        )
+        let wg = self.gemv_group();
+        args.push(Arg::Local(wg * 4));
+        let n = outs[0].rows;
+        if tail.is_some() && n > RQ * wg {
+            return Err(Error::Device(format!(
+                "opencl: a GEMV row epilogue holds rows of up to {} values, not {n}",
+                RQ * wg
+            )));
+        }
+        let name = match tail {
+            None => "ternary_gemv_tq2",
+            Some(RowTail::Norm { w, eps, y, q, s }) => {
+                need("norm weight", w, n * 4)?;
+                need("norm output", y, n * 4)?;
+                need("quantized output", q, n)?;
+                need("token scale", s, 4)?;
+                args.extend([
+                    Arg::Buf(self.tickets()),
+                    Arg::Buf(w),
+                    Arg::F32(*eps),
+                    Arg::Buf(y),
+                    Arg::Buf(q),
+                    Arg::Buf(s),
+                ]);
+                "ternary_gemv_tq2_norm"
+            }
+            Some(RowTail::FfnAct {
+                act,
+                norm,
+                eps,
+                q,
+                s,
+            }) => {
+                if outs.len() != 2 || outs[1].rows != n {
+                    return Err(Error::Device(
+                        "opencl: the FFN epilogue needs gate and up outputs of one length".into(),
+                    ));
+                }
+                if let Some(w) = norm {
+                    need("sub-norm weight", w, n * 4)?;
+                }
+                need("quantized output", q, n)?;
+                need("token scale", s, 4)?;
+                args.extend([
+                    Arg::Buf(self.tickets()),
+                    Arg::I32(act_id(*act)),
+                    Arg::Buf(norm.unwrap_or(self.dummy())),
+                    Arg::I32(i32::from(norm.is_some())),
+                    Arg::F32(*eps),
+                    Arg::Buf(q),
+                    Arg::Buf(s),
+                ]);
+                "ternary_gemv_tq2_ffn"
+            }
+        };
+        self.launch(name, &[total.div_ceil(ROWS_PER_GROUP) * wg], &[wg], &args)
     }
 
     /// Appends the three (weights, rows, output, scale, bias, has-bias) argument groups of a
@@ -660,6 +765,7 @@ impl ClDevice {
         places: &Places,
         sh: RopeShape,
         out: &DevBuf,
+        tail: Option<&RowTail<'_>>,
     ) -> Result<()> {
         let (n_tok, n_ctx) = (places.len(), places.n_ctx);
         check_attention(sh, places, kc, vc, scores, out)?;
@@ -691,6 +797,34 @@ impl ClDevice {
         args.extend(self.attention_tail(wg, sh, n_ctx));
         // The row's own key and value: as floats, and as f16 for the rounding.
         args.extend([Arg::Local(sh.head_dim * 8), Arg::Local(sh.head_dim * 4)]);
-        self.launch("attention_rope", &[wg * sh.n_head, n_tok], &[wg, 1], &args)
+        let name = match tail {
+            None => "attention_rope",
+            Some(RowTail::Norm { w, eps, q, s, .. }) => {
+                let qd = sh.n_head * sh.head_dim;
+                if qd > RQ * wg || n_tok > TICKETS {
+                    return Err(Error::Device(format!(
+                        "opencl: an attention row epilogue holds up to {TICKETS} rows of up to {}                          values, not {n_tok} of {qd}",
+                        RQ * wg
+                    )));
+                }
+                need("sub-norm weight", w, qd * 4)?;
+                need("quantized output", q, n_tok * qd)?;
+                need("token scales", s, n_tok * 4)?;
+                args.extend([
+                    Arg::Buf(self.tickets()),
+                    Arg::Buf(w),
+                    Arg::F32(*eps),
+                    Arg::Buf(q),
+                    Arg::Buf(s),
+                ]);
+                "attention_rope_norm"
+            }
+            Some(RowTail::FfnAct { .. }) => {
+                return Err(Error::Device(
+                    "opencl: attention ends with a norm, not an FFN activation".into(),
+                ));
+            }
+        };
+        self.launch(name, &[wg * sh.n_head, n_tok], &[wg, 1], &args)
     }
 }
