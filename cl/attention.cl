@@ -234,7 +234,7 @@ __kernel void attention_rope(ROPE_ATTEND_PARAMS) { rope_attend(ROPE_ATTEND_ARGS)
 
 // `attention_rope`, then the sub-norm of each row's attention output (RMSNorm · nw in place and
 // its int8 quantization to tq / tqs[t], as `norm_quant`), done by the last of the row's head
-// work-groups to finish (`ticket[t]`). Needs n_head · hd ≤ RQ · work-group size.
+// work-groups to finish (`ticket[t]`).
 __kernel void attention_rope_norm(ROPE_ATTEND_PARAMS, volatile __global int* ticket,
                                   __global const float* nw, float eps, __global char* tq,
                                   __global float* tqs) {
@@ -242,5 +242,5 @@ __kernel void attention_rope_norm(ROPE_ATTEND_PARAMS, volatile __global int* tic
     int t = get_group_id(1), qd = n_head * hd;
     if (!last_group(ticket + t, n_head, scratch)) return;
     __global float* row = out + (size_t)t * qd;
-    norm_quant_regs(row, qd, nw, 1, eps, row, 1, tq + (size_t)t * qd, tqs + t, 1, scratch);
+    norm_quant_row(row, qd, nw, 1, eps, row, 1, tq + (size_t)t * qd, tqs + t, 1, scratch);
 }

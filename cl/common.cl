@@ -91,10 +91,50 @@ inline float deq(int fmt, const __global uchar* row, int j) {
     return 0.0f;
 }
 
+#ifdef TERNMUX_DP4A
+// NVIDIA (inline PTX accepted): sums and maxima across the 32 work-items of a warp by register
+// shuffles, with no local memory and no barrier. Every work-item of the warp gets the result;
+// all 32 must call it.
+inline float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        uint t;
+        asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;"
+                     : "=r"(t)
+                     : "r"(as_uint(v)), "r"(o));
+        v += as_float(t);
+    }
+    return v;
+}
+inline float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        uint t;
+        asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;"
+                     : "=r"(t)
+                     : "r"(as_uint(v)), "r"(o));
+        v = fmax(v, as_float(t));
+    }
+    return v;
+}
+#endif
+
 // Work-group sum / max of one float per work-item (`scratch` holds get_local_size(0) floats).
-// Every work-item gets the result.
+// Every work-item gets the result. On NVIDIA with work-groups of whole warps: warp shuffles,
+// then one barrier over the warps' partial results (two barriers instead of log2(size) + 2).
 inline float wg_sum(float v, __local float* scratch) {
     int lid = get_local_id(0), n = get_local_size(0);
+#ifdef TERNMUX_DP4A
+    if (n % 32 == 0) {
+        v = warp_sum(v);
+        if (lid % 32 == 0) scratch[lid / 32] = v;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        float r = 0.0f;
+        for (int i = 0; i < n / 32; i++) r += scratch[i];
+        barrier(CLK_LOCAL_MEM_FENCE);
+        return r;
+    }
+#endif
     scratch[lid] = v;
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int s = n / 2; s > 0; s >>= 1) {
@@ -108,6 +148,17 @@ inline float wg_sum(float v, __local float* scratch) {
 
 inline float wg_max(float v, __local float* scratch) {
     int lid = get_local_id(0), n = get_local_size(0);
+#ifdef TERNMUX_DP4A
+    if (n % 32 == 0) {
+        v = warp_max(v);
+        if (lid % 32 == 0) scratch[lid / 32] = v;
+        barrier(CLK_LOCAL_MEM_FENCE);
+        float r = scratch[0];
+        for (int i = 1; i < n / 32; i++) r = fmax(r, scratch[i]);
+        barrier(CLK_LOCAL_MEM_FENCE);
+        return r;
+    }
+#endif
     scratch[lid] = v;
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int s = n / 2; s > 0; s >>= 1) {
@@ -119,16 +170,87 @@ inline float wg_max(float v, __local float* scratch) {
     return r;
 }
 
-// ---- Row epilogues in registers (n ≤ RQ · work-group size), shared by the row kernels of
-// norm.cl and the launches that end with one (a GEMV or attention whose last work-group then
-// norms the row it finished: `last_group`). Reads go through volatile pointers, so a last work-group
-// reads what other work-groups wrote (from L2, not a stale L1 line). No early return inside
-// (PoCL's barrier handling wants every work-item through each barrier of an inlined function).
+// ---- Row ops of one work-group over one row, shared by the row kernels of norm.cl and by the
+// launches that end with one (a GEMV or attention whose last work-group then norms the row it
+// finished: `last_group`, whose acquire fence makes the other work-groups' writes visible).
+// `*_regs`: the row in registers (n ≤ RQ · work-group size; one batch of loads; GPUs' own row
+// kernels). `*_row`: loops over the row, reading it again (few registers — an epilogue must not
+// lower the occupancy of the kernel it ends; CPU devices). Both give the same bits: the same
+// per-work-item order of every sum. No early return inside (PoCL's barrier handling wants every
+// work-item through each barrier of an inlined function).
 
 // y = RMSNorm(row) · w (when has_norm; else y = row), written to yr when write_y; its int8
 // quantization (s = 127 / max(absmax, 1e-5), q = clamp(rint(y · s))) to qr / *qs when write_q.
 // xr and yr may alias (each work-item reads its values before writing them).
-inline void norm_quant_regs(volatile const __global float* xr, int n, const __global float* w,
+inline void norm_quant_row(const __global float* xr, int n, const __global float* w,
+                           int has_norm, float eps, __global float* yr, int write_y,
+                           __global char* qr, __global float* qs, int write_q,
+                           __local float* scratch) {
+    int lid = get_local_id(0), wg = get_local_size(0);
+    float ss = 0.0f;
+#pragma unroll 4
+    for (int j = lid; j < n; j += wg) ss += xr[j] * xr[j];
+    ss = wg_sum(ss, scratch);
+    float scale = 1.0f / sqrt(ss / (float)n + eps);
+    float amax = 0.0f;
+#pragma unroll 4
+    for (int j = lid; j < n; j += wg) {
+        float v = has_norm ? (xr[j] * scale) * w[j] : xr[j];
+        if (write_y) yr[j] = v;
+        amax = fmax(amax, fabs(v));
+    }
+    amax = wg_max(amax, scratch);
+    float s = 127.0f / fmax(amax, 0.00001f);
+    if (write_q) {
+#pragma unroll 4
+        for (int j = lid; j < n; j += wg) {
+            float v = write_y ? yr[j] : (has_norm ? (xr[j] * scale) * w[j] : xr[j]);
+            qr[j] = (char)clamp(rint(v * s), -127.0f, 127.0f);
+        }
+        if (lid == 0) *qs = s;
+    }
+}
+
+// g = act(g) · u (act 0: SiLU, 1: ReLU²), then RMSNorm · w when has_norm, written back to g and
+// quantized to qr / *qs as in `norm_quant_row`.
+inline void ffn_act_quant_row(__global float* gr, const __global float* ur, int n, int act,
+                              const __global float* w, int has_norm, float eps,
+                              __global char* qr, __global float* qs, __local float* scratch) {
+    int lid = get_local_id(0), wg = get_local_size(0);
+    float ss = 0.0f;
+#pragma unroll 4
+    for (int j = lid; j < n; j += wg) {
+        float a = gr[j], h;
+        if (act == 0) {
+            h = a / (1.0f + exp(-a)) * ur[j];
+        } else {
+            float r = fmax(a, 0.0f);
+            h = r * r * ur[j];
+        }
+        gr[j] = h;
+        ss += h * h;
+    }
+    ss = wg_sum(ss, scratch);
+    float scale = 1.0f / sqrt(ss / (float)n + eps);
+    float amax = 0.0f;
+#pragma unroll 4
+    for (int j = lid; j < n; j += wg) {
+        float v = gr[j];
+        if (has_norm) {
+            v = (v * scale) * w[j];
+            gr[j] = v;
+        }
+        amax = fmax(amax, fabs(v));
+    }
+    amax = wg_max(amax, scratch);
+    float s = 127.0f / fmax(amax, 0.00001f);
+#pragma unroll 4
+    for (int j = lid; j < n; j += wg) qr[j] = (char)clamp(rint(gr[j] * s), -127.0f, 127.0f);
+    if (lid == 0) *qs = s;
+}
+
+// `norm_quant_row` with the row in registers.
+inline void norm_quant_regs(const __global float* xr, int n, const __global float* w,
                             int has_norm, float eps, __global float* yr, int write_y,
                             __global char* qr, __global float* qs, int write_q,
                             __local float* scratch) {
@@ -166,24 +288,25 @@ inline void norm_quant_regs(volatile const __global float* xr, int n, const __gl
     }
 }
 
-// g = act(g) · u (act 0: SiLU, 1: ReLU²), then RMSNorm · w when has_norm, written back to g and
-// quantized to qr / *qs as in `norm_quant_regs`.
-inline void ffn_act_quant_regs(volatile __global float* gr, volatile const __global float* ur,
+// `ffn_act_quant_row` with the row in registers.
+inline void ffn_act_quant_regs(__global float* gr, const __global float* ur,
                                int n, int act, const __global float* w, int has_norm, float eps,
                                __global char* qr, __global float* qs, __local float* scratch) {
     int lid = get_local_id(0), wg = get_local_size(0);
-    float h[RQ];
+    // Every load issued before any use.
+    float h[RQ], up[RQ];
 #pragma unroll
     for (int i = 0; i < RQ; i++) {
         int j = lid + i * wg;
         h[i] = j < n ? gr[j] : 0.0f;
+        up[i] = j < n ? ur[j] : 0.0f;
     }
     float ss = 0.0f;
 #pragma unroll
     for (int i = 0; i < RQ; i++) {
         int j = lid + i * wg;
         if (j < n) {
-            float a = h[i], uj = ur[j];
+            float a = h[i], uj = up[i];
             if (act == 0) {
                 h[i] = a / (1.0f + exp(-a)) * uj;
             } else {
@@ -215,22 +338,36 @@ inline void ffn_act_quant_regs(volatile __global float* gr, volatile const __glo
     if (lid == 0) *qs = s;
 }
 
+// A device-wide memory fence (acquire and release). NVIDIA's OpenCL compiles
+// mem_fence(CLK_GLOBAL_MEM_FENCE) to a work-group-scope `membar.cta` (read in the PTX), so where
+// inline PTX builds it is `fence.acq_rel.gpu`; on CPU devices (PoCL) mem_fence suffices. The host
+// turns the row epilogues off on other GPUs (`ClDevice::tail_fits`).
+inline void device_fence(void) {
+#ifdef TERNMUX_DP4A
+    asm volatile("fence.acq_rel.gpu;");
+#else
+    mem_fence(CLK_GLOBAL_MEM_FENCE);
+#endif
+}
+
 // Whether this work-group is the last of `count` to arrive at `ticket` (a counter that starts
 // at 0; the last one puts it back to 0 for the next launch on the in-order queue). Every
 // work-item calls it after its last global write: the fence orders those writes before the
-// ticket, so the last work-group sees every other work-group's results. Top level only (it
-// holds barriers).
+// ticket (the barrier orders the work-group's writes before work-item 0's release fence), so the
+// last work-group sees every other work-group's results. Top level only (it holds barriers).
 inline int last_group(volatile __global int* ticket, int count, __local float* scratch) {
-    mem_fence(CLK_GLOBAL_MEM_FENCE);
     barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
     __local int* flag = (__local int*)scratch;
     if (get_local_id(0) == 0) {
+        device_fence();
         int last = atomic_inc(ticket) == count - 1;
         if (last) atomic_xchg(ticket, 0);
+        device_fence();
         flag[0] = last;
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     int last = flag[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
+    // Global too: no load of the epilogue moves above it.
+    barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
     return last;
 }

@@ -2,8 +2,8 @@
 // devices loop, which suits their work-item loops around barriers better): RMSNorm, per-token
 // int8 quantization of a ternary layer's input (bitnet.cpp's absmax rule: s = 127 /
 // max(absmax, 1e-5), q = clamp(rint(v·s))), and the FFN activation. Fused so that a layer's
-// input is normed and quantized in one launch. The register paths are common.cl's
-// `norm_quant_regs` / `ffn_act_quant_regs`, which the GEMV and attention epilogues share.
+// input is normed and quantized in one launch. Both paths are common.cl's row functions
+// (`*_regs` and `*_row`; the GEMV and attention epilogues use the `*_row` ones).
 
 // y = RMSNorm(x row `row0 + t`) · w (when has_norm; else y = x), written to y when write_y;
 // its int8 quantization to q / qs[t] when write_q. x and y may alias (same index, same work-item).
@@ -21,28 +21,8 @@ __kernel void norm_quant(__global const float* x, int n, int row0,
                         scratch);
         return;
     }
-    float scale = 1.0f;
-    if (has_norm) {
-        float ss = 0.0f;
-        for (int j = lid; j < n; j += wg) ss += xr[j] * xr[j];
-        ss = wg_sum(ss, scratch);
-        scale = 1.0f / sqrt(ss / (float)n + eps);
-    }
-    float amax = 0.0f;
-    for (int j = lid; j < n; j += wg) {
-        float v = has_norm ? (xr[j] * scale) * w[j] : xr[j];
-        if (write_y) yr[j] = v;
-        amax = fmax(amax, fabs(v));
-    }
-    if (!write_q) return;
-    amax = wg_max(amax, scratch);
-    float s = 127.0f / fmax(amax, 0.00001f);
-    __global char* qr = q + (size_t)t * n;
-    for (int j = lid; j < n; j += wg) {
-        float v = write_y ? yr[j] : (has_norm ? (xr[j] * scale) * w[j] : xr[j]);
-        qr[j] = (char)clamp(rint(v * s), -127.0f, 127.0f);
-    }
-    if (lid == 0) qs[t] = s;
+    norm_quant_row(xr, n, w, has_norm, eps, yr, write_y, q + (size_t)t * n, qs + t, write_q,
+                   scratch);
 }
 
 // g = act(g) · u (act 0: SiLU, 1: ReLU²), then the optional sub-norm, then int8 quantization for
@@ -59,35 +39,5 @@ __kernel void ffn_act_quant(__global float* g, __global const float* u, int n, i
         ffn_act_quant_regs(gr, ur, n, act, w, has_norm, eps, q + (size_t)t * n, qs + t, scratch);
         return;
     }
-    float ss = 0.0f;
-    for (int j = lid; j < n; j += wg) {
-        float a = gr[j], h;
-        if (act == 0) {
-            h = a / (1.0f + exp(-a)) * ur[j];
-        } else {
-            float r = fmax(a, 0.0f);
-            h = r * r * ur[j];
-        }
-        gr[j] = h;
-        ss += h * h;
-    }
-    float scale = 1.0f;
-    if (has_norm) {
-        ss = wg_sum(ss, scratch);
-        scale = 1.0f / sqrt(ss / (float)n + eps);
-    }
-    float amax = 0.0f;
-    for (int j = lid; j < n; j += wg) {
-        float v = gr[j];
-        if (has_norm) {
-            v = (v * scale) * w[j];
-            gr[j] = v;
-        }
-        amax = fmax(amax, fabs(v));
-    }
-    amax = wg_max(amax, scratch);
-    float s = 127.0f / fmax(amax, 0.00001f);
-    __global char* qr = q + (size_t)t * n;
-    for (int j = lid; j < n; j += wg) qr[j] = (char)clamp(rint(gr[j] * s), -127.0f, 127.0f);
-    if (lid == 0) qs[t] = s;
+    ffn_act_quant_row(gr, ur, n, act, w, has_norm, eps, q + (size_t)t * n, qs + t, scratch);
 }

@@ -356,16 +356,23 @@ inline float gemv_tq2_lane(Row row, int k, const __global char* q, int lane) {
     return acc;
 }
 
-// Adds the team's partial sums (one barrier; every work-item calls it) and writes the row:
+// Adds the team's partial sums (every work-item calls it) and writes the row:
 // (Σ / s_token) · scale + bias, added to the output when `accumulate`.
 inline void gemv_store(Row row, float acc, const __global float* qsc, int accumulate,
                        __local float* red) {
     int lid = get_local_id(0), lane = lid % TEAM;
+#ifdef TERNMUX_DP4A
+    // NVIDIA: a team is one warp, so its sums meet by shuffles (no local memory, no barrier).
+    float v = warp_sum(acc);
+#else
     red[lid] = acc;
     barrier(CLK_LOCAL_MEM_FENCE);
-    if (row.rr < row.n && lane == 0) {
-        float v = 0.0f;
+    float v = 0.0f;
+    if (lane == 0) {
         for (int i = 0; i < TEAM; i++) v += red[lid + i];
+    }
+#endif
+    if (row.rr < row.n && lane == 0) {
         v = v / qsc[0] * row.s;
         if (row.hb) v += row.bias[row.rr];
         row.o[row.rr] = accumulate ? row.o[row.rr] + v : v;
@@ -390,7 +397,6 @@ __kernel void ternary_gemv_tq2(int k, __global const char* q, __global const flo
 // The GEMV of one matrix (output o0, n0 rows) followed by RMSNorm · w and the int8
 // quantization of that output (`norm_quant` of norm.cl with a norm, y written), done by the last
 // work-group to finish: the launch of a residual projection and the next norm in one.
-// Needs n0 ≤ RQ · work-group size.
 __kernel void ternary_gemv_tq2_norm(int k, __global const char* q, __global const float* qsc,
                                     ROW_PARAMS,
                                     int accumulate, __local float* red,
@@ -402,11 +408,11 @@ __kernel void ternary_gemv_tq2_norm(int k, __global const char* q, __global cons
     float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane) : 0.0f;
     gemv_store(row, acc, qsc, accumulate, red);
     if (!last_group(ticket, get_num_groups(0), red)) return;
-    norm_quant_regs(o0, n0, nw, 1, eps, y, 1, tq, tqs, 1, red);
+    norm_quant_row(o0, n0, nw, 1, eps, y, 1, tq, tqs, 1, red);
 }
 
 // The GEMV of gate (o0) and up (o1) followed by `ffn_act_quant` of norm.cl on them, done by the
-// last work-group to finish. Needs n0 = n1 ≤ RQ · work-group size.
+// last work-group to finish. Needs n0 = n1.
 __kernel void ternary_gemv_tq2_ffn(int k, __global const char* q, __global const float* qsc,
                                    ROW_PARAMS,
                                    int accumulate, __local float* red,
@@ -418,5 +424,5 @@ __kernel void ternary_gemv_tq2_ffn(int k, __global const char* q, __global const
     float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane) : 0.0f;
     gemv_store(row, acc, qsc, accumulate, red);
     if (!last_group(ticket, get_num_groups(0), red)) return;
-    ffn_act_quant_regs(o0, o1, n0, act, nw, has_norm, eps, tq, tqs, red);
+    ffn_act_quant_row(o0, o1, n0, act, nw, has_norm, eps, tq, tqs, red);
 }

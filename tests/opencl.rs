@@ -285,9 +285,10 @@ proptest! {
 
     /// The TQ2_0 GEMV with a row epilogue (the residual projection and the next RMSNorm; gate/up
     /// and the FFN activation) gives what the GEMV and the row kernel give as two launches, and
-    /// again on a second launch (the ticket is back at 0). Rows up to the epilogue's limit.
+    /// again on a second launch (the ticket is back at 0); rows past what the row kernels keep
+    /// in registers too.
     #[test]
-    fn gemv_row_epilogues_equal_two_launches(n in prop_oneof![1usize..300, Just(2560usize), 8000usize..=8192], kb in 1usize..4, relu2 in any::<bool>(), with_norm in any::<bool>(), seed in any::<u64>()) {
+    fn gemv_row_epilogues_equal_two_launches(n in prop_oneof![1usize..300, Just(2560usize), 8000usize..8400], kb in 1usize..4, relu2 in any::<bool>(), with_norm in any::<bool>(), seed in any::<u64>()) {
         let Some(d) = device() else { return Ok(()) };
         let k = kb * 256;
         let mut r = Lcg(seed);
@@ -329,14 +330,6 @@ proptest! {
             d.ternary_gemv_tq2(k, &qb, &sb, &[out(&wa, &ge, n), out(&wb2, &ue, n)], false, Some(&tail)).unwrap();
             same_rows(&d, "GEMV FFN epilogue", (&ga, &qa, &sa), (&ge, &qe, &se), 1, n)?;
         }
-        // A row past the epilogue's reach is refused, not computed wrongly.
-        let big = 32 * 256 + 256;
-        let (wbig, obig) = (d.alloc(big * k / 256 * 66).unwrap(), d.alloc(big * 4).unwrap());
-        let (ye, qe, se) = (d.alloc(big * 4).unwrap(), d.alloc(big).unwrap(), d.alloc(4).unwrap());
-        let wbig_n = up_f32(&d, &vec![1.0; big]);
-        let tail = RowTail::Norm { w: &wbig_n, eps: 1e-5, y: &ye, q: &qe, s: &se };
-        let o = TernaryOut { w: &wbig, rows: big, out: &obig, scale: 1.0, bias: None };
-        prop_assert!(d.ternary_gemv_tq2(k, &qb, &sb, &[o], false, Some(&tail)).is_err());
     }
 
     /// RoPE + f16 KV store + causal GQA attention, against f64 on the same f16-rounded cache,
@@ -470,9 +463,8 @@ proptest! {
 }
 
 /// A row op done as a launch's epilogue (`e`: values, int8 rows, scales) against the same op as
-/// a launch of its own (`a`): bit for bit where both take the register path (GPU-shaped
-/// kernels); on CPU devices the row kernel sums in another order, so values agree to 1e-5 of
-/// the row's largest and the quantized values to one step.
+/// a launch of its own (`a`): bit for bit (every path of the row ops keeps one order of sums per
+/// work-item, cl/common.cl).
 fn same_rows(
     d: &ClDevice,
     what: &str,
@@ -486,43 +478,17 @@ fn same_rows(
     let (mut qa, mut qe) = (vec![0i8; rows * n], vec![0i8; rows * n]);
     d.read(a.1, 0, bytemuck::cast_slice_mut(&mut qa)).unwrap();
     d.read(e.1, 0, bytemuck::cast_slice_mut(&mut qe)).unwrap();
-    if d.gpu_kernels() {
-        prop_assert!(
-            ya.iter().zip(&ye).all(|(a, e)| a.to_bits() == e.to_bits()),
-            "{what}: values differ"
-        );
-        prop_assert!(
-            sa.iter().zip(&se).all(|(a, e)| a.to_bits() == e.to_bits()),
-            "{what}: scales differ"
-        );
-        prop_assert!(qa == qe, "{what}: quantized values differ");
-        return Ok(());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    if let Some(j) = (0..rows * n).find(|&j| ya[j].to_bits() != ye[j].to_bits()) {
+        prop_assert!(false, "{what}: value {j}: {} vs {}", ya[j], ye[j]);
     }
-    for t in 0..rows {
-        let big = ya[t * n..(t + 1) * n]
-            .iter()
-            .fold(0f32, |m, v| m.max(v.abs()));
-        for j in t * n..(t + 1) * n {
-            prop_assert!(
-                (ya[j] - ye[j]).abs() <= 1e-5 * big + 1e-30,
-                "{what}: value {j}: {} vs {}",
-                ya[j],
-                ye[j]
-            );
-            prop_assert!(
-                (i32::from(qa[j]) - i32::from(qe[j])).abs() <= 1,
-                "{what}: q {j}: {} vs {}",
-                qa[j],
-                qe[j]
-            );
-        }
-        prop_assert!(
-            (sa[t] - se[t]).abs() <= 1e-5 * sa[t],
-            "{what}: scale {t}: {} vs {}",
-            sa[t],
-            se[t]
-        );
-    }
+    prop_assert!(
+        bits(&sa) == bits(&se),
+        "{what}: scales {:?} vs {:?}",
+        sa,
+        se
+    );
+    prop_assert!(qa == qe, "{what}: quantized values differ");
     Ok(())
 }
 

@@ -313,7 +313,7 @@ impl ClExec<'_> {
         n: usize,
     ) -> Result<Option<Vec<&'u DevMat>>> {
         let dev = self.dev();
-        if rows != 1 || !inp.quantized.get() || !dev.tail_fits(n, dev.gemv_group()) {
+        if rows != 1 || !inp.quantized.get() || !dev.row_tails() {
             return Ok(None);
         }
         let ms: Vec<&DevMat> = mats.iter().map(|m| u.mat(*m)).collect::<Result<_>>()?;
@@ -592,10 +592,8 @@ impl Backend for ClExec<'_> {
         }
         let places = kv.pass_places()?;
         let o = out.raw()?;
-        let qd = self.shape().n_head * self.shape().head_dim;
         // The sub-norm as the launch's row epilogue where it fits, else its own launch.
-        let fused = sub_norm
-            .filter(|_| self.dev().tail_fits(qd, self.dev().row_group()) && rows.len() <= TICKETS);
+        let fused = sub_norm.filter(|_| self.dev().row_tails() && rows.len() <= TICKETS);
         let tail = match fused {
             Some(u) => Some(RowTail::Norm {
                 w: u.norm(Norm::AttnSub)?,

@@ -18,12 +18,10 @@ const TEAM: usize = 32;
 const TB: usize = 8;
 /// Rows per matmul work-group.
 const ROWS_PER_GROUP: usize = 8;
-/// Values of a row each work-item keeps in registers in the row epilogues (cl/common.cl `RQ`).
-const RQ: usize = 32;
 
 /// The row op the last work-group of a one-token launch does once every other work-group has
 /// written its part of the row (`last_group` in cl/common.cl): what would otherwise be the next
-/// launch. Rows up to [`ClDevice::tail_fits`] values.
+/// launch ([`ClDevice::row_tails`] says when the forward pass asks for one).
 pub enum RowTail<'a> {
     /// RMSNorm · `w` of the launch's row (a GEMV's first output, the attention output), into
     /// `y` (a GEMV; in place for attention), and its int8 quantization into `q` / `s`.
@@ -415,13 +413,15 @@ impl ClDevice {
         )
     }
 
-    /// Whether a row of `n` values fits the row epilogue of a launch with work-groups of `wg`
-    /// ([`RowTail`]): GPU-shaped kernels only, unless `TERNMUX_CL_ROW_TAILS=0`.
-    pub fn tail_fits(&self, n: usize, wg: usize) -> bool {
+    /// Whether the forward pass ends one-token launches with their row op ([`RowTail`]): with
+    /// the GPU-shaped kernels, on devices where the kernels have a device-wide fence (NVIDIA's
+    /// inline PTX; CPU devices, whose caches are coherent), unless `TERNMUX_CL_ROW_TAILS=0`.
+    pub fn row_tails(&self) -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let on =
             *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_ROW_TAILS").is_none_or(|v| v != "0"));
-        on && self.gpu_kernels() && n <= RQ * wg
+        let fence = self.dp4a() || self.info().kind == "CPU";
+        on && fence && self.gpu_kernels()
     }
 
     /// Work-group size of the GEMV ([`ternary_gemv_tq2`](Self::ternary_gemv_tq2)).
@@ -458,12 +458,6 @@ impl ClDevice {
         let wg = self.gemv_group();
         args.push(Arg::Local(wg * 4));
         let n = outs[0].rows;
-        if tail.is_some() && n > RQ * wg {
-            return Err(Error::Device(format!(
-                "opencl: a GEMV row epilogue holds rows of up to {} values, not {n}",
-                RQ * wg
-            )));
-        }
         let name = match tail {
             None => "ternary_gemv_tq2",
             Some(RowTail::Norm { w, eps, y, q, s }) => {
@@ -801,10 +795,9 @@ impl ClDevice {
             None => "attention_rope",
             Some(RowTail::Norm { w, eps, q, s, .. }) => {
                 let qd = sh.n_head * sh.head_dim;
-                if qd > RQ * wg || n_tok > TICKETS {
+                if n_tok > TICKETS {
                     return Err(Error::Device(format!(
-                        "opencl: an attention row epilogue holds up to {TICKETS} rows of up to {}                          values, not {n_tok} of {qd}",
-                        RQ * wg
+                        "opencl: an attention row epilogue takes up to {TICKETS} rows, not {n_tok}"
                     )));
                 }
                 need("sub-norm weight", w, qd * 4)?;
