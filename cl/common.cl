@@ -170,8 +170,8 @@ inline float wg_max(float v, __local float* scratch) {
     return r;
 }
 
-// ---- Row ops of one work-group over one row, shared by the row kernels of norm.cl and by the
-// launches that end with one (a GEMV or attention whose last work-group then norms the row it
+// ---- RMSNorm + quantization of one row by one work-group, shared by `norm_quant` (norm.cl) and
+// the launches that end with it (a GEMV or attention whose last work-group then norms the row it
 // finished: `last_group`, whose acquire fence makes the other work-groups' writes visible).
 // `*_regs`: the row in registers (n ≤ RQ · work-group size; one batch of loads; GPUs' own row
 // kernels). `*_row`: loops over the row, reading it again (few registers — an epilogue must not
@@ -211,44 +211,6 @@ inline void norm_quant_row(const __global float* xr, int n, const __global float
     }
 }
 
-// g = act(g) · u (act 0: SiLU, 1: ReLU²), then RMSNorm · w when has_norm, written back to g and
-// quantized to qr / *qs as in `norm_quant_row`.
-inline void ffn_act_quant_row(__global float* gr, const __global float* ur, int n, int act,
-                              const __global float* w, int has_norm, float eps,
-                              __global char* qr, __global float* qs, __local float* scratch) {
-    int lid = get_local_id(0), wg = get_local_size(0);
-    float ss = 0.0f;
-#pragma unroll 4
-    for (int j = lid; j < n; j += wg) {
-        float a = gr[j], h;
-        if (act == 0) {
-            h = a / (1.0f + exp(-a)) * ur[j];
-        } else {
-            float r = fmax(a, 0.0f);
-            h = r * r * ur[j];
-        }
-        gr[j] = h;
-        ss += h * h;
-    }
-    ss = wg_sum(ss, scratch);
-    float scale = 1.0f / sqrt(ss / (float)n + eps);
-    float amax = 0.0f;
-#pragma unroll 4
-    for (int j = lid; j < n; j += wg) {
-        float v = gr[j];
-        if (has_norm) {
-            v = (v * scale) * w[j];
-            gr[j] = v;
-        }
-        amax = fmax(amax, fabs(v));
-    }
-    amax = wg_max(amax, scratch);
-    float s = 127.0f / fmax(amax, 0.00001f);
-#pragma unroll 4
-    for (int j = lid; j < n; j += wg) qr[j] = (char)clamp(rint(gr[j] * s), -127.0f, 127.0f);
-    if (lid == 0) *qs = s;
-}
-
 // `norm_quant_row` with the row in registers.
 inline void norm_quant_regs(const __global float* xr, int n, const __global float* w,
                             int has_norm, float eps, __global float* yr, int write_y,
@@ -286,56 +248,6 @@ inline void norm_quant_regs(const __global float* xr, int n, const __global floa
         }
         if (lid == 0) *qs = s;
     }
-}
-
-// `ffn_act_quant_row` with the row in registers.
-inline void ffn_act_quant_regs(__global float* gr, const __global float* ur,
-                               int n, int act, const __global float* w, int has_norm, float eps,
-                               __global char* qr, __global float* qs, __local float* scratch) {
-    int lid = get_local_id(0), wg = get_local_size(0);
-    // Every load issued before any use.
-    float h[RQ], up[RQ];
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        h[i] = j < n ? gr[j] : 0.0f;
-        up[i] = j < n ? ur[j] : 0.0f;
-    }
-    float ss = 0.0f;
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        if (j < n) {
-            float a = h[i], uj = up[i];
-            if (act == 0) {
-                h[i] = a / (1.0f + exp(-a)) * uj;
-            } else {
-                float r = fmax(a, 0.0f);
-                h[i] = r * r * uj;
-            }
-            ss += h[i] * h[i];
-        }
-    }
-    ss = wg_sum(ss, scratch);
-    float scale = 1.0f / sqrt(ss / (float)n + eps);
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        if (j < n) {
-            if (has_norm) h[i] = (h[i] * scale) * w[j];
-            gr[j] = h[i];
-            amax = fmax(amax, fabs(h[i]));
-        }
-    }
-    amax = wg_max(amax, scratch);
-    float s = 127.0f / fmax(amax, 0.00001f);
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        if (j < n) qr[j] = (char)clamp(rint(h[i] * s), -127.0f, 127.0f);
-    }
-    if (lid == 0) *qs = s;
 }
 
 // A device-wide memory fence (acquire and release). NVIDIA's OpenCL compiles

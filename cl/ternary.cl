@@ -410,19 +410,3 @@ __kernel void ternary_gemv_tq2_norm(int k, __global const char* q, __global cons
     if (!last_group(ticket, get_num_groups(0), red)) return;
     norm_quant_row(o0, n0, nw, 1, eps, y, 1, tq, tqs, 1, red);
 }
-
-// The GEMV of gate (o0) and up (o1) followed by `ffn_act_quant` of norm.cl on them, done by the
-// last work-group to finish. Needs n0 = n1.
-__kernel void ternary_gemv_tq2_ffn(int k, __global const char* q, __global const float* qsc,
-                                   ROW_PARAMS,
-                                   int accumulate, __local float* red,
-                                   volatile __global int* ticket, int act,
-                                   __global const float* nw, int has_norm, float eps,
-                                   __global char* tq, __global float* tqs) {
-    Row row = gemv_row(ROW_ARGS);
-    int lane = get_local_id(0) % TEAM;
-    float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane) : 0.0f;
-    gemv_store(row, acc, qsc, accumulate, red);
-    if (!last_group(ticket, get_num_groups(0), red)) return;
-    ffn_act_quant_row(o0, o1, n0, act, nw, has_norm, eps, tq, tqs, red);
-}

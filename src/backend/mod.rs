@@ -321,31 +321,6 @@ pub trait Backend {
         self.project(u, inp, rows, &mut [(mat, &mut *x)], true)?;
         self.norm(u, norm, x, 0, rows, out)
     }
-    /// The FFN's gate and up projections of `inp` into `g` and `up`, then
-    /// [`Backend::ffn_act`] (which a backend may do in the same launch).
-    #[allow(clippy::too_many_arguments)]
-    fn project_ffn(
-        &self,
-        u: &Self::Unit,
-        inp: &Self::Buf,
-        rows: usize,
-        g: &mut Self::Buf,
-        up: &mut Self::Buf,
-        act: FfnAct,
-        sub_norm: bool,
-    ) -> Result<()> {
-        self.project(
-            u,
-            inp,
-            rows,
-            &mut [
-                (Mat::Layer(LayerMat::Gate), &mut *g),
-                (Mat::Layer(LayerMat::Up), &mut *up),
-            ],
-            false,
-        )?;
-        self.ffn_act(u, g, up, rows, act, sub_norm)
-    }
     /// `g = act(g) · u`, then unit `w`'s FFN sub-norm when `sub_norm`, for `rows` rows.
     #[allow(clippy::too_many_arguments)]
     fn ffn_act(

@@ -381,15 +381,17 @@ fn pass<B: Backend>(
             Norm::Ffn,
             &mut h,
         )?;
-        be.project_ffn(
+        be.project(
             blk,
             &h,
             t_n,
-            &mut g,
-            &mut u,
-            c.ffn_act,
-            l.ffn_sub_norm.is_some(),
+            &mut [
+                (Mat::Layer(LayerMat::Gate), &mut g),
+                (Mat::Layer(LayerMat::Up), &mut u),
+            ],
+            false,
         )?;
+        be.ffn_act(blk, &mut g, &u, t_n, c.ffn_act, l.ffn_sub_norm.is_some())?;
         be.project(
             blk,
             &g,

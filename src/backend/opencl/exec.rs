@@ -7,7 +7,7 @@
 use super::device::{ClDevice, DevBuf, TICKETS};
 use super::ops::{Places, RopeShape, RowTail, TernaryOut};
 use crate::backend::cpu::extend_rope_tables;
-use crate::backend::{Backend, LayerMat, Mat, Norm, Resident, RowPlace};
+use crate::backend::{Backend, Mat, Norm, Resident, RowPlace};
 use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::model::{FfnAct, KvType, Model};
@@ -595,7 +595,7 @@ impl Backend for ClExec<'_> {
         // The sub-norm as the launch's row epilogue where it fits, else its own launch.
         let fused = sub_norm.filter(|_| self.dev().row_tails() && rows.len() <= TICKETS);
         let tail = match fused {
-            Some(u) => Some(RowTail::Norm {
+            Some(u) => Some(RowTail {
                 w: u.norm(Norm::AttnSub)?,
                 eps: self.model.config.rms_eps,
                 y: &o.f,
@@ -638,7 +638,7 @@ impl Backend for ClExec<'_> {
         match self.gemv_with_tail(u, inp, rows, &[mat], n)? {
             Some(mats) => {
                 let (xr, o) = (x.raw()?, out.raw()?);
-                let tail = RowTail::Norm {
+                let tail = RowTail {
                     w: u.norm(norm)?,
                     eps: self.model.config.rms_eps,
                     y: &o.f,
@@ -662,53 +662,6 @@ impl Backend for ClExec<'_> {
             None => {
                 self.project(u, inp, rows, &mut [(mat, &mut *x)], true)?;
                 self.norm(u, norm, x, 0, rows, out)
-            }
-        }
-    }
-
-    fn project_ffn(
-        &self,
-        u: &DevUnit,
-        inp: &ClBuf,
-        rows: usize,
-        g: &mut ClBuf,
-        up: &mut ClBuf,
-        act: FfnAct,
-        sub_norm: bool,
-    ) -> Result<()> {
-        let (gate, upm) = (Mat::Layer(LayerMat::Gate), Mat::Layer(LayerMat::Up));
-        let n = self.model.config.n_ff;
-        match self.gemv_with_tail(u, inp, rows, &[gate, upm], n)? {
-            Some(mats) => {
-                let (gr, ur) = (g.raw()?, up.raw()?);
-                let tail = RowTail::FfnAct {
-                    act,
-                    norm: if sub_norm {
-                        Some(u.norm(Norm::FfnSub)?)
-                    } else {
-                        None
-                    },
-                    eps: self.model.config.rms_eps,
-                    q: &gr.q,
-                    s: &gr.s,
-                };
-                let ir = inp.raw()?;
-                let outs = [ternary_out(mats[0], gr), ternary_out(mats[1], ur)];
-                self.dev().ternary_gemv_tq2(
-                    mats[0].cols,
-                    &ir.q,
-                    &ir.s,
-                    &outs,
-                    false,
-                    Some(&tail),
-                )?;
-                g.quantized.set(true);
-                up.quantized.set(false);
-                Ok(())
-            }
-            None => {
-                self.project(u, inp, rows, &mut [(gate, &mut *g), (upm, &mut *up)], false)?;
-                self.ffn_act(u, g, up, rows, act, sub_norm)
             }
         }
     }

@@ -19,38 +19,22 @@ const TB: usize = 8;
 /// Rows per matmul work-group.
 const ROWS_PER_GROUP: usize = 8;
 
-/// The row op the last work-group of a one-token launch does once every other work-group has
-/// written its part of the row (`last_group` in cl/common.cl): what would otherwise be the next
-/// launch ([`ClDevice::row_tails`] says when the forward pass asks for one).
-pub enum RowTail<'a> {
-    /// RMSNorm · `w` of the launch's row (a GEMV's first output, the attention output), into
-    /// `y` (a GEMV; in place for attention), and its int8 quantization into `q` / `s`.
-    Norm {
-        /// Norm weight (f32, one per value of the row).
-        w: &'a DevBuf,
-        /// RMS epsilon.
-        eps: f32,
-        /// Where the normed row goes (ignored by attention, which norms in place).
-        y: &'a DevBuf,
-        /// Quantized row (int8).
-        q: &'a DevBuf,
-        /// Its scale (one f32 per row).
-        s: &'a DevBuf,
-    },
-    /// `act(gate) · up` of a GEMV's outputs 0 and 1 (into gate), the optional sub-norm, and the
-    /// int8 quantization into `q` / `s`.
-    FfnAct {
-        /// SiLU or ReLU².
-        act: FfnAct,
-        /// Sub-norm weight, if the block has one.
-        norm: Option<&'a DevBuf>,
-        /// RMS epsilon.
-        eps: f32,
-        /// Quantized row (int8).
-        q: &'a DevBuf,
-        /// Its scale.
-        s: &'a DevBuf,
-    },
+/// The norm the last work-group of a launch does once every other work-group has written its
+/// part of the row (`last_group` in cl/common.cl): what would otherwise be the next launch —
+/// RMSNorm · `w` of the launch's row (a GEMV's output, each attention output row), into `y` (a
+/// GEMV; attention norms in place), and its int8 quantization into `q` / `s`
+/// ([`ClDevice::row_tails`] says when the forward pass asks for one).
+pub struct RowTail<'a> {
+    /// Norm weight (f32, one per value of the row).
+    pub w: &'a DevBuf,
+    /// RMS epsilon.
+    pub eps: f32,
+    /// Where the normed row goes (ignored by attention, which norms in place).
+    pub y: &'a DevBuf,
+    /// Quantized rows (int8).
+    pub q: &'a DevBuf,
+    /// Their scales (one f32 per row).
+    pub s: &'a DevBuf,
 }
 
 fn act_id(act: FfnAct) -> i32 {
@@ -460,7 +444,7 @@ impl ClDevice {
         let n = outs[0].rows;
         let name = match tail {
             None => "ternary_gemv_tq2",
-            Some(RowTail::Norm { w, eps, y, q, s }) => {
+            Some(RowTail { w, eps, y, q, s }) => {
                 need("norm weight", w, n * 4)?;
                 need("norm output", y, n * 4)?;
                 need("quantized output", q, n)?;
@@ -474,34 +458,6 @@ impl ClDevice {
                     Arg::Buf(s),
                 ]);
                 "ternary_gemv_tq2_norm"
-            }
-            Some(RowTail::FfnAct {
-                act,
-                norm,
-                eps,
-                q,
-                s,
-            }) => {
-                if outs.len() != 2 || outs[1].rows != n {
-                    return Err(Error::Device(
-                        "opencl: the FFN epilogue needs gate and up outputs of one length".into(),
-                    ));
-                }
-                if let Some(w) = norm {
-                    need("sub-norm weight", w, n * 4)?;
-                }
-                need("quantized output", q, n)?;
-                need("token scale", s, 4)?;
-                args.extend([
-                    Arg::Buf(self.tickets()),
-                    Arg::I32(act_id(*act)),
-                    Arg::Buf(norm.unwrap_or(self.dummy())),
-                    Arg::I32(i32::from(norm.is_some())),
-                    Arg::F32(*eps),
-                    Arg::Buf(q),
-                    Arg::Buf(s),
-                ]);
-                "ternary_gemv_tq2_ffn"
             }
         };
         self.launch(name, &[total.div_ceil(ROWS_PER_GROUP) * wg], &[wg], &args)
@@ -793,7 +749,7 @@ impl ClDevice {
         args.extend([Arg::Local(sh.head_dim * 8), Arg::Local(sh.head_dim * 4)]);
         let name = match tail {
             None => "attention_rope",
-            Some(RowTail::Norm { w, eps, q, s, .. }) => {
+            Some(RowTail { w, eps, q, s, .. }) => {
                 let qd = sh.n_head * sh.head_dim;
                 if n_tok > TICKETS {
                     return Err(Error::Device(format!(
@@ -811,11 +767,6 @@ impl ClDevice {
                     Arg::Buf(s),
                 ]);
                 "attention_rope_norm"
-            }
-            Some(RowTail::FfnAct { .. }) => {
-                return Err(Error::Device(
-                    "opencl: attention ends with a norm, not an FFN activation".into(),
-                ));
             }
         };
         self.launch(name, &[wg * sh.n_head, n_tok], &[wg, 1], &args)
