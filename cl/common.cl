@@ -95,26 +95,21 @@ inline float deq(int fmt, const __global uchar* row, int j) {
 // NVIDIA (inline PTX accepted): sums and maxima across the 32 work-items of a warp by register
 // shuffles, with no local memory and no barrier. Every work-item of the warp gets the result;
 // all 32 must call it.
+inline float shfl_xor(float v, int lane_mask) {
+    uint t;
+    asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;"
+                 : "=r"(t)
+                 : "r"(as_uint(v)), "r"(lane_mask));
+    return as_float(t);
+}
 inline float warp_sum(float v) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        uint t;
-        asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;"
-                     : "=r"(t)
-                     : "r"(as_uint(v)), "r"(o));
-        v += as_float(t);
-    }
+    for (int o = 16; o > 0; o >>= 1) v += shfl_xor(v, o);
     return v;
 }
 inline float warp_max(float v) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        uint t;
-        asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;"
-                     : "=r"(t)
-                     : "r"(as_uint(v)), "r"(o));
-        v = fmax(v, as_float(t));
-    }
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, shfl_xor(v, o));
     return v;
 }
 #endif

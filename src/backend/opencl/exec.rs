@@ -582,43 +582,41 @@ impl Backend for ClExec<'_> {
         sub_norm: Option<&DevUnit>,
     ) -> Result<()> {
         self.prepare_places(kv, rows)?;
-        if !fuse_rope() || !kv.pass_places()?.one_row_per_slot() {
+        let fuse = fuse_rope() && kv.pass_places()?.one_row_per_slot();
+        // The sub-norm as the fused launch's row epilogue where the device takes one, else its
+        // own launch.
+        let epilogue = sub_norm.filter(|_| fuse && self.dev().row_tails() && rows.len() <= TICKETS);
+        if fuse {
+            let o = out.raw()?;
+            let tail = match epilogue {
+                Some(u) => Some(RowTail {
+                    w: u.norm(Norm::AttnSub)?,
+                    eps: self.model.config.rms_eps,
+                    y: &o.f,
+                    q: &o.q,
+                    s: &o.s,
+                }),
+                None => None,
+            };
+            self.dev().attention_rope(
+                &q.raw()?.f,
+                &k.raw()?.f,
+                &v.raw()?.f,
+                &kv.k[layer],
+                &kv.v[layer],
+                &kv.rope,
+                &kv.scores,
+                kv.pass_places()?,
+                self.shape(),
+                &o.f,
+                tail.as_ref(),
+            )?;
+            out.quantized.set(epilogue.is_some());
+        } else {
             self.rope_store(kv, layer, rows, q, k, v, q_rot)?;
             self.attention(kv, layer, rows, q_rot, out)?;
-            return match sub_norm {
-                Some(u) => self.norm_inplace(u, Norm::AttnSub, out, rows.len()),
-                None => Ok(()),
-            };
         }
-        let places = kv.pass_places()?;
-        let o = out.raw()?;
-        // The sub-norm as the launch's row epilogue where it fits, else its own launch.
-        let fused = sub_norm.filter(|_| self.dev().row_tails() && rows.len() <= TICKETS);
-        let tail = match fused {
-            Some(u) => Some(RowTail {
-                w: u.norm(Norm::AttnSub)?,
-                eps: self.model.config.rms_eps,
-                y: &o.f,
-                q: &o.q,
-                s: &o.s,
-            }),
-            None => None,
-        };
-        self.dev().attention_rope(
-            &q.raw()?.f,
-            &k.raw()?.f,
-            &v.raw()?.f,
-            &kv.k[layer],
-            &kv.v[layer],
-            &kv.rope,
-            &kv.scores,
-            places,
-            self.shape(),
-            &o.f,
-            tail.as_ref(),
-        )?;
-        out.quantized.set(fused.is_some());
-        match (sub_norm, fused) {
+        match (sub_norm, epilogue) {
             (Some(u), None) => self.norm_inplace(u, Norm::AttnSub, out, rows.len()),
             _ => Ok(()),
         }
