@@ -174,6 +174,24 @@ inline float wg_max(float v, __local float* scratch) {
 // per-work-item order of every sum. No early return inside (PoCL's barrier handling wants every
 // work-item through each barrier of an inlined function).
 
+// bitnet.cpp's per-token int8 rule, for every row function: the scale of a row whose
+// work-items' largest |value| is `amax` (s = 127 / max(absmax, 1e-5); a work-group reduction, so
+// every work-item calls it), one value quantized (q = clamp(rint(v · s))), and a row held in
+// registers (v[i] is value lid + i · wg) quantized into qr, its scale into *qs.
+inline float quant_scale(float amax, __local float* scratch) {
+    return 127.0f / fmax(wg_max(amax, scratch), 0.00001f);
+}
+inline char quant_one(float v, float s) { return (char)clamp(rint(v * s), -127.0f, 127.0f); }
+inline void quant_regs(const float* v, int n, float s, __global char* qr, __global float* qs) {
+    int lid = get_local_id(0), wg = get_local_size(0);
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+        int j = lid + i * wg;
+        if (j < n) qr[j] = quant_one(v[i], s);
+    }
+    if (lid == 0) *qs = s;
+}
+
 // y = RMSNorm(row) · w (when has_norm; else y = row), written to yr when write_y; its int8
 // quantization (s = 127 / max(absmax, 1e-5), q = clamp(rint(y · s))) to qr / *qs when write_q.
 // xr and yr may alias (each work-item reads its values before writing them).
@@ -194,13 +212,11 @@ inline void norm_quant_row(const __global float* xr, int n, const __global float
         if (write_y) yr[j] = v;
         amax = fmax(amax, fabs(v));
     }
-    amax = wg_max(amax, scratch);
-    float s = 127.0f / fmax(amax, 0.00001f);
+    float s = quant_scale(amax, scratch);
     if (write_q) {
 #pragma unroll 4
         for (int j = lid; j < n; j += wg) {
-            float v = write_y ? yr[j] : (has_norm ? (xr[j] * scale) * w[j] : xr[j]);
-            qr[j] = (char)clamp(rint(v * s), -127.0f, 127.0f);
+            qr[j] = quant_one(write_y ? yr[j] : (has_norm ? (xr[j] * scale) * w[j] : xr[j]), s);
         }
         if (lid == 0) *qs = s;
     }
@@ -233,16 +249,8 @@ inline void norm_quant_regs(const __global float* xr, int n, const __global floa
             amax = fmax(amax, fabs(v[i]));
         }
     }
-    amax = wg_max(amax, scratch);
-    float s = 127.0f / fmax(amax, 0.00001f);
-    if (write_q) {
-#pragma unroll
-        for (int i = 0; i < RQ; i++) {
-            int j = lid + i * wg;
-            if (j < n) qr[j] = (char)clamp(rint(v[i] * s), -127.0f, 127.0f);
-        }
-        if (lid == 0) *qs = s;
-    }
+    float s = quant_scale(amax, scratch);
+    if (write_q) quant_regs(v, n, s, qr, qs);
 }
 
 // A device-wide memory fence (acquire and release). NVIDIA's OpenCL compiles

@@ -57,10 +57,9 @@ inline void ffn_act_quant_row(__global float* gr, const __global float* ur, int 
         }
         amax = fmax(amax, fabs(v));
     }
-    amax = wg_max(amax, scratch);
-    float s = 127.0f / fmax(amax, 0.00001f);
+    float s = quant_scale(amax, scratch);
 #pragma unroll 4
-    for (int j = lid; j < n; j += wg) qr[j] = (char)clamp(rint(gr[j] * s), -127.0f, 127.0f);
+    for (int j = lid; j < n; j += wg) qr[j] = quant_one(gr[j], s);
     if (lid == 0) *qs = s;
 }
 
@@ -104,14 +103,7 @@ inline void ffn_act_quant_regs(__global float* gr, const __global float* ur,
             amax = fmax(amax, fabs(h[i]));
         }
     }
-    amax = wg_max(amax, scratch);
-    float s = 127.0f / fmax(amax, 0.00001f);
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        if (j < n) qr[j] = (char)clamp(rint(h[i] * s), -127.0f, 127.0f);
-    }
-    if (lid == 0) *qs = s;
+    quant_regs(h, n, quant_scale(amax, scratch), qr, qs);
 }
 
 // g = act(g) · u (act 0: SiLU, 1: ReLU²), then the optional sub-norm, then int8 quantization for

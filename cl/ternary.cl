@@ -311,7 +311,8 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
 // its blocks (codes, scale and the matching activations) and only then computes: with one row
 // per team the kernel is bound by how many bytes are in flight, and the loop that loads one
 // block and waits for it before the next left most of the memory bandwidth idle. The row's
-// partial sums meet in local memory (one barrier). Grid: teams · TEAM work-items.
+// partial sums meet by warp shuffles on NVIDIA, else in local memory (one barrier). Grid: teams ·
+// TEAM work-items.
 #define GEMV_U 8
 
 // This lane's share of one row's sum (the row's sums are not yet added across the team).

@@ -301,27 +301,23 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 }
 
 impl ClExec<'_> {
-    /// Unit `u`'s matrices `mats` when they can go in one TQ2_0 GEMV launch with a row
-    /// epilogue over `n` values: one token, its activations already quantized, every matrix
-    /// TQ2_0 with `n` rows of one length, and the row within the epilogue's reach.
+    /// Unit `u`'s matrix `mat` when its one-token product can be a TQ2_0 GEMV launch ending
+    /// with a row epilogue over its `n` output values: one token, its activations already
+    /// quantized, the matrix TQ2_0 with `n` rows, and a device that takes epilogues.
     fn gemv_with_tail<'u>(
         &self,
         u: &'u DevUnit,
         inp: &ClBuf,
         rows: usize,
-        mats: &[Mat],
+        mat: Mat,
         n: usize,
-    ) -> Result<Option<Vec<&'u DevMat>>> {
-        let dev = self.dev();
-        if rows != 1 || !inp.quantized.get() || !dev.row_tails() {
+    ) -> Result<Option<&'u DevMat>> {
+        if rows != 1 || !inp.quantized.get() || !self.dev().row_tails() {
             return Ok(None);
         }
-        let ms: Vec<&DevMat> = mats.iter().map(|m| u.mat(*m)).collect::<Result<_>>()?;
-        let k = ms.first().map_or(0, |m| m.cols);
-        let fits = ms
-            .iter()
-            .all(|m| m.ty == GgmlType::Ternary(TernaryFormat::Tq2_0) && m.cols == k && m.rows == n);
-        Ok(fits.then_some(ms))
+        let m = u.mat(mat)?;
+        let fits = m.ty == GgmlType::Ternary(TernaryFormat::Tq2_0) && m.rows == n;
+        Ok(fits.then_some(m))
     }
 
     /// Extends the RoPE table to the rows' last position and uploads the rows' places (once per
@@ -633,8 +629,8 @@ impl Backend for ClExec<'_> {
         out: &mut ClBuf,
     ) -> Result<()> {
         let n = self.model.config.n_embd;
-        match self.gemv_with_tail(u, inp, rows, &[mat], n)? {
-            Some(mats) => {
+        match self.gemv_with_tail(u, inp, rows, mat, n)? {
+            Some(m) => {
                 let (xr, o) = (x.raw()?, out.raw()?);
                 let tail = RowTail {
                     w: u.norm(norm)?,
@@ -644,15 +640,9 @@ impl Backend for ClExec<'_> {
                     s: &o.s,
                 };
                 let ir = inp.raw()?;
-                let outs = [ternary_out(mats[0], xr)];
-                self.dev().ternary_gemv_tq2(
-                    mats[0].cols,
-                    &ir.q,
-                    &ir.s,
-                    &outs,
-                    true,
-                    Some(&tail),
-                )?;
+                let outs = [ternary_out(m, xr)];
+                self.dev()
+                    .ternary_gemv_tq2(m.cols, &ir.q, &ir.s, &outs, true, Some(&tail))?;
                 x.quantized.set(false);
                 out.quantized.set(true);
                 Ok(())

@@ -408,11 +408,6 @@ impl ClDevice {
         on && fence && self.gpu_kernels()
     }
 
-    /// Work-group size of the GEMV ([`ternary_gemv_tq2`](Self::ternary_gemv_tq2)).
-    pub fn gemv_group(&self) -> usize {
-        ROWS_PER_GROUP * TEAM
-    }
-
     /// TQ2_0 matrices × one token's int8 activations `q` (scale `s`): the GEMV kernel, which
     /// issues several blocks' loads per work-item before summing (what a GPU needs to keep its
     /// memory busy). Same results as [`ternary_matmul`](Self::ternary_matmul) with one token,
@@ -439,7 +434,7 @@ impl ClDevice {
         let mut args = vec![int(k)?, Arg::Buf(q), Arg::Buf(s)];
         let total = self.push_outs(&mut args, outs, fmt, k, 1)?;
         args.push(Arg::I32(i32::from(accumulate)));
-        let wg = self.gemv_group();
+        let wg = ROWS_PER_GROUP * TEAM;
         args.push(Arg::Local(wg * 4));
         let n = outs[0].rows;
         let name = match tail {
