@@ -32,15 +32,42 @@ inline int sum4(uint a, int acc) {
 // (code − 1) · x by selection: code 0 → −x, 1 → 0, 2 (and a corrupt 3, as on the CPU) → +x.
 inline int tsel(int code, int x) { return (code & 2) ? x : (code == 0 ? -x : 0); }
 
-// TQ2_0 byte masks of code plane j (bits 2j+1..2j of each byte of c): all ones where the code
-// has bit 1 set (+1: code 2, and a corrupt 3, as on the CPU), and where it is 0 (−1).
-inline uint tq2_pos(uint c, int j) {
-    uint x = (c >> (2 * j)) & 0x03030303u;
-    return ((x >> 1) & 0x01010101u) * 0xFFu;
+// Byte masks from bit `bit` (0..7) of each byte of `c`: 0xFF where it is set. On NVIDIA one
+// byte permute with sign replication (`prmt`, selector 0xBA98) after moving the bit to bit 7;
+// elsewhere the bit times 0xFF (no carries: each byte's product is below 256).
+#ifdef TERNMUX_DP4A
+inline uint bit_bytes(uint c, int bit) {
+    uint d;
+    asm("prmt.b32 %0, %1, 0, 0xBA98;" : "=r"(d) : "r"(c << (7 - bit)));
+    return d;
 }
-inline uint tq2_neg(uint c, int j) {
-    uint x = (c >> (2 * j)) & 0x03030303u;
-    return ((((x >> 1) | x) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+#else
+inline uint bit_bytes(uint c, int bit) { return ((c >> bit) & 0x01010101u) * 0xFFu; }
+#endif
+
+// TQ2_0 code plane j (bits 2j+1..2j of each byte of c) as two byte masks that apply it to four
+// activations by selection (`tq2_apply`): +1 (code 2, and a corrupt 3 as on the CPU) keeps the
+// byte, 0 (code 1) clears it, −1 (code 0) flips its bits (~a = −a − 1 in two's complement; the
+// −1 of each flipped byte is given back by `tq2_neg_count`). x: bytes kept, y: bytes flipped.
+inline uint2 tq2_plane(uint c, int j) {
+    uint m1 = bit_bytes(c, 2 * j + 1), m0 = bit_bytes(c, 2 * j);
+    return (uint2)(m1 | ~m0, ~(m1 | m0));
+}
+
+// Four activations selected by a plane's masks: one three-input logic op (lop3 on NVIDIA).
+inline uint tq2_apply(uint a, uint2 m) { return (a & m.x) ^ m.y; }
+
+// How many of the 16 codes in c are 0 (weight −1): the correction to the byte sums of
+// `tq2_apply`.
+inline int tq2_neg_count(uint c) { return popcount(~(c | (c >> 1)) & 0x55555555u); }
+
+// Σ weight · activation over the 16 codes of c against the activations a0..a3 (plane j of c
+// pairs with aj).
+inline int tq2_dot16(uint c, uint a0, uint a1, uint a2, uint a3) {
+    int acc = sum4(tq2_apply(a0, tq2_plane(c, 0)), tq2_neg_count(c));
+    acc = sum4(tq2_apply(a1, tq2_plane(c, 1)), acc);
+    acc = sum4(tq2_apply(a2, tq2_plane(c, 2)), acc);
+    return sum4(tq2_apply(a3, tq2_plane(c, 3)), acc);
 }
 
 // TQ1_0 trit n of a packed byte: ((b · 3^n) mod 256) · 3 >> 8 (an unpacking step, as on the CPU).
@@ -126,9 +153,9 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
             // l reads qs bytes m..m+3 (m = 4 · (l % 16)): byte m + i of chunk c = m / 32 holds
             // elements 128c + 32j + m % 32 + i, j = 0..3, so each j pairs 4 codes with 4
             // consecutive activations (one aligned 32-bit load: k is a multiple of 256 and the
-            // activation buffer is aligned). The codes become byte masks once per block (+1:
-            // code bit 1; −1: code 0), reused for every token of the tile: per 4 weights and
-            // token, two ANDs select the activations and two byte sums add them.
+            // activation buffer is aligned). The codes become two byte masks per plane once per
+            // block (`tq2_plane`), reused for every token of the tile: per 4 weights and token,
+            // one logic op selects the activations and one byte sum adds them.
             int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
             int nblk = k / 256;
             for (int b = pair; b < nblk; b += 2) {
@@ -136,22 +163,19 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
                 uint c = (uint)blk[m] | ((uint)blk[m + 1] << 8) | ((uint)blk[m + 2] << 16) |
                          ((uint)blk[m + 3] << 24);
                 float d = ld_f16(blk + 64);
-                uint p0 = tq2_pos(c, 0), n0 = tq2_neg(c, 0), p1 = tq2_pos(c, 1), n1 = tq2_neg(c, 1);
-                uint p2 = tq2_pos(c, 2), n2 = tq2_neg(c, 2), p3 = tq2_pos(c, 3), n3 = tq2_neg(c, 3);
+                uint2 m0 = tq2_plane(c, 0), m1 = tq2_plane(c, 1), m2 = tq2_plane(c, 2),
+                      m3 = tq2_plane(c, 3);
+                int neg = tq2_neg_count(c);
                 const __global uint* qb = (const __global uint*)(qa + b * 256 + base);
 #pragma unroll
                 for (int t = 0; t < TB; t++) {
                     if (t < nt) {
                         const __global uint* qt = qb + (size_t)t * (k / 4);
-                        uint a0 = qt[0], a1 = qt[8], a2 = qt[16], a3 = qt[24];
-                        int sp = sum4(a0 & p0, 0), sn = sum4(a0 & n0, 0);
-                        sp = sum4(a1 & p1, sp);
-                        sn = sum4(a1 & n1, sn);
-                        sp = sum4(a2 & p2, sp);
-                        sn = sum4(a2 & n2, sn);
-                        sp = sum4(a3 & p3, sp);
-                        sn = sum4(a3 & n3, sn);
-                        acc[t] += (float)(sp - sn) * d;
+                        int sum = sum4(tq2_apply(qt[0], m0), neg);
+                        sum = sum4(tq2_apply(qt[8], m1), sum);
+                        sum = sum4(tq2_apply(qt[16], m2), sum);
+                        sum = sum4(tq2_apply(qt[24], m3), sum);
+                        acc[t] += (float)sum * d;
                     }
                 }
             }
@@ -259,30 +283,27 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
             uint cb = (uint)bb[m] | ((uint)bb[m + 1] << 8) | ((uint)bb[m + 2] << 16) |
                       ((uint)bb[m + 3] << 24);
             float da = ld_f16(ba + 64), db = ld_f16(bb + 64);
-            uint pa[4], na[4], pb[4], nb[4];
+            uint2 ma[4], mb[4];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                pa[j] = tq2_pos(ca, j);
-                na[j] = tq2_neg(ca, j);
-                pb[j] = tq2_pos(cb, j);
-                nb[j] = tq2_neg(cb, j);
+                ma[j] = tq2_plane(ca, j);
+                mb[j] = tq2_plane(cb, j);
             }
+            int nega = tq2_neg_count(ca), negb = tq2_neg_count(cb);
             const __global uint* qb = (const __global uint*)(qa + b * 256 + base);
 #pragma unroll
             for (int t = 0; t < TB; t++) {
                 if (t < nt) {
                     const __global uint* qt = qb + (size_t)t * (k / 4);
-                    int spa = 0, sna = 0, spb = 0, snb = 0;
+                    int sa = nega, sb = negb;
 #pragma unroll
                     for (int j = 0; j < 4; j++) {
                         uint a = qt[8 * j];
-                        spa = sum4(a & pa[j], spa);
-                        sna = sum4(a & na[j], sna);
-                        spb = sum4(a & pb[j], spb);
-                        snb = sum4(a & nb[j], snb);
+                        sa = sum4(tq2_apply(a, ma[j]), sa);
+                        sb = sum4(tq2_apply(a, mb[j]), sb);
                     }
-                    acc_a[t] += (float)(spa - sna) * da;
-                    acc_b[t] += (float)(spb - snb) * db;
+                    acc_a[t] += (float)sa * da;
+                    acc_b[t] += (float)sb * db;
                 }
             }
         }
@@ -345,13 +366,7 @@ inline float gemv_tq2_lane(Row row, int k, const __global char* q, int lane) {
         }
 #pragma unroll
         for (int u = 0; u < GEMV_U; u++) {
-            int sp = 0, sn = 0;
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                sp = sum4(a[u][j] & tq2_pos(c[u], j), sp);
-                sn = sum4(a[u][j] & tq2_neg(c[u], j), sn);
-            }
-            acc += (float)(sp - sn) * d[u];
+            acc += (float)tq2_dot16(c[u], a[u][0], a[u][1], a[u][2], a[u][3]) * d[u];
         }
     }
     return acc;
