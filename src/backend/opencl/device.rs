@@ -502,8 +502,20 @@ impl ClDevice {
             .map(str::to_string)
             .collect::<Vec<_>>();
         let mut kernels = HashMap::new();
+        // With the dump, FILE.kernels lists what the driver gives each kernel: the largest
+        // work-group it can launch and its private (spill / stack) and local bytes.
+        let mut limits = String::new();
         for n in names {
             let k = Kernel::create(&program, &n).map_err(|e| cl_err(&format!("kernel {n}"), e))?;
+            if std::env::var_os("TERNMUX_CL_DUMP").is_some() {
+                let id = info.raw as opencl3::types::cl_device_id;
+                limits.push_str(&format!(
+                    "{n}: work-group ≤ {:?}, private {:?} B, local {:?} B\n",
+                    k.get_work_group_size(id).ok(),
+                    k.get_private_mem_size(id).ok(),
+                    k.get_local_mem_size(id).ok()
+                ));
+            }
             kernels.insert(
                 n,
                 vec![Instance {
@@ -513,6 +525,11 @@ impl ClDevice {
                     last_use: 0,
                 }],
             );
+        }
+        if let Some(path) = std::env::var_os("TERNMUX_CL_DUMP") {
+            let mut path = std::path::PathBuf::from(path);
+            path.as_mut_os_string().push(".kernels");
+            std::fs::write(&path, limits).map_err(|e| Error::io(&path, e))?;
         }
         // SAFETY: no host pointer is passed, so the driver owns the storage.
         let dummy =
