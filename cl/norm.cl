@@ -26,13 +26,6 @@ __kernel void norm_quant(__global const float* x, int n, int row0,
                    scratch);
 }
 
-// One value of the FFN activation: act(a) · u (act 0: SiLU, 1: ReLU²).
-inline float ffn_act_one(float a, float u, int act) {
-    if (act == 0) return a / (1.0f + exp(-a)) * u;
-    float r = fmax(a, 0.0f);
-    return r * r * u;
-}
-
 // g = act(g) · u (act 0: SiLU, 1: ReLU²), then RMSNorm · w when has_norm, written back to g and
 // quantized to qr / *qs as in `norm_quant_row`.
 inline void ffn_act_quant_row(__global float* gr, const __global float* ur, int n, int act,
@@ -42,7 +35,13 @@ inline void ffn_act_quant_row(__global float* gr, const __global float* ur, int 
     float ss = 0.0f;
 #pragma unroll 4
     for (int j = lid; j < n; j += wg) {
-        float h = ffn_act_one(gr[j], ur[j], act);
+        float a = gr[j], h;
+        if (act == 0) {
+            h = a / (1.0f + exp(-a)) * ur[j];
+        } else {
+            float r = fmax(a, 0.0f);
+            h = r * r * ur[j];
+        }
         gr[j] = h;
         ss += h * h;
     }
@@ -82,7 +81,13 @@ inline void ffn_act_quant_regs(__global float* gr, const __global float* ur,
     for (int i = 0; i < RQ; i++) {
         int j = lid + i * wg;
         if (j < n) {
-            h[i] = ffn_act_one(h[i], up[i], act);
+            float a = h[i], uj = up[i];
+            if (act == 0) {
+                h[i] = a / (1.0f + exp(-a)) * uj;
+            } else {
+                float r = fmax(a, 0.0f);
+                h[i] = r * r * uj;
+            }
             ss += h[i] * h[i];
         }
     }
@@ -116,50 +121,4 @@ __kernel void ffn_act_quant(__global float* g, __global const float* u, int n, i
         return;
     }
     ffn_act_quant_row(gr, ur, n, act, w, has_norm, eps, q + (size_t)t * n, qs + t, scratch);
-}
-
-// The int8 input of a one-token GEMV made by each of its work-groups from a float row, instead
-// of the launch before it: h = act(g) · u when act ≥ 0 (else h = g), then RMSNorm · w when
-// has_norm, quantized into lq (n values in local memory); returns the row's scale. The same
-// arithmetic in the same per-work-item order as `norm_quant_regs` (act < 0) and
-// `ffn_act_quant_regs`, so the same bits as those launches. n ≤ RQ · work-group size. Top level
-// only (barriers inside).
-inline float row_to_local(const __global float* g, const __global float* u, int act, int n,
-                          const __global float* w, int has_norm, float eps, __local char* lq,
-                          __local float* scratch) {
-    int lid = get_local_id(0), wg = get_local_size(0);
-    float h[RQ];
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        h[i] = j < n ? g[j] : 0.0f;
-    }
-    if (act >= 0) {
-#pragma unroll
-        for (int i = 0; i < RQ; i++) {
-            int j = lid + i * wg;
-            if (j < n) h[i] = ffn_act_one(h[i], u[j], act);
-        }
-    }
-    float ss = 0.0f;
-#pragma unroll
-    for (int i = 0; i < RQ; i++) ss += h[i] * h[i];
-    ss = wg_sum(ss, scratch);
-    float scale = 1.0f / sqrt(ss / (float)n + eps);
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        if (j < n) {
-            if (has_norm) h[i] = (h[i] * scale) * w[j];
-            amax = fmax(amax, fabs(h[i]));
-        }
-    }
-    float s = quant_scale(amax, scratch);
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        if (j < n) lq[j] = quant_one(h[i], s);
-    }
-    return s;
 }

@@ -336,38 +336,7 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
 // TEAM work-items.
 #define GEMV_U 8
 
-// This lane's codes and block scales of blocks b0, b0 + 2, … (GEMV_U of them) of row `wr`;
-// blocks past the row get code 1 (weight 0) and scale 0.
-inline void gemv_tq2_codes(const __global uchar* wr, int nblk, int b0, int m, uint* c, float* d) {
-#pragma unroll
-    for (int u = 0; u < GEMV_U; u++) {
-        int b = b0 + 2 * u;
-        if (b < nblk) {
-            const __global uchar* blk = wr + b * 66;
-            // Rows are 66-byte blocks, so only 2-byte alignment holds: two 16-bit loads.
-            ushort2 h = vload2(0, (const __global ushort*)(blk + m));
-            c[u] = (uint)h.x | ((uint)h.y << 16);
-            d[u] = ld_f16(blk + 64);
-        } else {
-            c[u] = 0x55555555u;
-            d[u] = 0.0f;
-        }
-    }
-}
-
-// Σ over GEMV_U blocks of the lane's codes c against its activations a (block scales d).
-inline float gemv_tq2_sum(const uint* c, const float* d, uint (*a)[4]) {
-    float acc = 0.0f;
-#pragma unroll
-    for (int u = 0; u < GEMV_U; u++) {
-        acc += (float)tq2_dot16(c[u], a[u][0], a[u][1], a[u][2], a[u][3]) * d[u];
-    }
-    return acc;
-}
-
-// This lane's share of one row's sum (the row's sums are not yet added across the team), the
-// activations `q` in global memory. Every load of a pass (codes, scales, activations) is issued
-// before its sums.
+// This lane's share of one row's sum (the row's sums are not yet added across the team).
 inline float gemv_tq2_lane(Row row, int k, const __global char* q, int lane) {
     float acc = 0.0f;
     int nblk = k / 256;
@@ -376,44 +345,37 @@ inline float gemv_tq2_lane(Row row, int k, const __global char* q, int lane) {
     for (int b0 = pair; b0 < nblk; b0 += 2 * GEMV_U) {
         uint c[GEMV_U], a[GEMV_U][4];
         float d[GEMV_U];
-        gemv_tq2_codes(wr, nblk, b0, m, c, d);
 #pragma unroll
         for (int u = 0; u < GEMV_U; u++) {
-            int b = min(b0 + 2 * u, nblk - 1);  // past the row: any block (its codes are 0)
-            const __global uint* qb = (const __global uint*)(q + b * 256 + base);
+            int b = b0 + 2 * u;
+            if (b < nblk) {
+                const __global uchar* blk = wr + b * 66;
+                // Rows are 66-byte blocks, so only 2-byte alignment holds: two 16-bit loads.
+                ushort2 h = vload2(0, (const __global ushort*)(blk + m));
+                c[u] = (uint)h.x | ((uint)h.y << 16);
+                d[u] = ld_f16(blk + 64);
+                const __global uint* qb = (const __global uint*)(q + b * 256 + base);
 #pragma unroll
-            for (int j = 0; j < 4; j++) a[u][j] = qb[8 * j];
+                for (int j = 0; j < 4; j++) a[u][j] = qb[8 * j];
+            } else {
+                c[u] = 0x55555555u;  // code 1 everywhere: weight 0
+                d[u] = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 4; j++) a[u][j] = 0u;
+            }
         }
-        acc += gemv_tq2_sum(c, d, a);
-    }
-    return acc;
-}
-
-// `gemv_tq2_lane` with the activations in local memory (made there by `row_to_local`).
-inline float gemv_tq2_lane_local(Row row, int k, const __local char* q, int lane) {
-    float acc = 0.0f;
-    int nblk = k / 256;
-    const __global uchar* wr = row.w + (size_t)row.rr * (nblk * 66);
-    int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
-    for (int b0 = pair; b0 < nblk; b0 += 2 * GEMV_U) {
-        uint c[GEMV_U], a[GEMV_U][4];
-        float d[GEMV_U];
-        gemv_tq2_codes(wr, nblk, b0, m, c, d);
 #pragma unroll
         for (int u = 0; u < GEMV_U; u++) {
-            int b = min(b0 + 2 * u, nblk - 1);
-            const __local uint* qb = (const __local uint*)(q + b * 256 + base);
-#pragma unroll
-            for (int j = 0; j < 4; j++) a[u][j] = qb[8 * j];
+            acc += (float)tq2_dot16(c[u], a[u][0], a[u][1], a[u][2], a[u][3]) * d[u];
         }
-        acc += gemv_tq2_sum(c, d, a);
     }
     return acc;
 }
 
 // Adds the team's partial sums (every work-item calls it) and writes the row:
 // (Σ / s_token) · scale + bias, added to the output when `accumulate`.
-inline void gemv_store(Row row, float acc, float s_tok, int accumulate, __local float* red) {
+inline void gemv_store(Row row, float acc, const __global float* qsc, int accumulate,
+                       __local float* red) {
     int lid = get_local_id(0), lane = lid % TEAM;
 #ifdef TERNMUX_DP4A
     // NVIDIA: a team is one warp, so its sums meet by shuffles (no local memory, no barrier).
@@ -427,7 +389,7 @@ inline void gemv_store(Row row, float acc, float s_tok, int accumulate, __local 
     }
 #endif
     if (row.rr < row.n && lane == 0) {
-        v = v / s_tok * row.s;
+        v = v / qsc[0] * row.s;
         if (row.hb) v += row.bias[row.rr];
         row.o[row.rr] = accumulate ? row.o[row.rr] + v : v;
     }
@@ -445,7 +407,7 @@ __kernel void ternary_gemv_tq2(int k, __global const char* q, __global const flo
     Row row = gemv_row(ROW_ARGS);
     int lane = get_local_id(0) % TEAM;
     float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane) : 0.0f;
-    gemv_store(row, acc, qsc[0], accumulate, red);
+    gemv_store(row, acc, qsc, accumulate, red);
 }
 
 // The GEMV of one matrix (output o0, n0 rows) followed by RMSNorm · w and the int8
@@ -460,23 +422,7 @@ __kernel void ternary_gemv_tq2_norm(int k, __global const char* q, __global cons
     Row row = gemv_row(ROW_ARGS);
     int lane = get_local_id(0) % TEAM;
     float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane) : 0.0f;
-    gemv_store(row, acc, qsc[0], accumulate, red);
+    gemv_store(row, acc, qsc, accumulate, red);
     if (!last_group(ticket, get_num_groups(0), red)) return;
     norm_quant_row(o0, n0, nw, 1, eps, y, 1, tq, tqs, 1, red);
-}
-
-// The GEMV with its input made by each work-group (`row_to_local` in norm.cl): the RMSNorm of
-// a residual row (act < 0) or the FFN activation of g and u (act 0: SiLU, 1: ReLU²) with its
-// optional sub-norm, quantized into local memory — the launch before a projection folded into
-// it. `lq` holds k bytes. Same results as that launch followed by `ternary_gemv_tq2`.
-__kernel void ternary_gemv_tq2_pre(int k, __global const float* g, __global const float* u,
-                                   int act, __global const float* nw, int has_norm, float eps,
-                                   ROW_PARAMS,
-                                   int accumulate, __local float* red, __local char* lq) {
-    float s_tok = row_to_local(g, u, act, k, nw, has_norm, eps, lq, red);
-    barrier(CLK_LOCAL_MEM_FENCE);
-    Row row = gemv_row(ROW_ARGS);
-    int lane = get_local_id(0) % TEAM;
-    float acc = row.rr < row.n ? gemv_tq2_lane_local(row, k, lq, lane) : 0.0f;
-    gemv_store(row, acc, s_tok, accumulate, red);
 }

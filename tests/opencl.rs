@@ -5,7 +5,7 @@
 use half::f16;
 use proptest::prelude::*;
 use std::sync::Arc;
-use ternmux::backend::opencl::{ClDevice, DevBuf, Places, RopeShape, RowHead, RowTail, TernaryOut};
+use ternmux::backend::opencl::{ClDevice, DevBuf, Places, RopeShape, RowTail, TernaryOut};
 use ternmux::backend::{Device, Placement, RowPlace};
 use ternmux::gguf::GgmlType;
 use ternmux::kernels::dequant::FloatFormat;
@@ -313,58 +313,6 @@ proptest! {
             let (a, e) = (read_f32(&d, &xa, n), read_f32(&d, &xe, n));
             prop_assert!(a.iter().zip(&e).all(|(a, e)| a.to_bits() == e.to_bits()), "residual output differs (round {round})");
             same_rows(&d, "GEMV norm epilogue", (&ya, &qa, &sa), (&ye, &qe, &se), 1, n)?;
-        }
-    }
-
-    /// The TQ2_0 GEMV that makes its own input (RMSNorm of a residual row for 1–3 matrices, or
-    /// the FFN activation with and without its sub-norm) gives what the row kernel and the GEMV
-    /// give as two launches, bit for bit; where the device does not take row heads the launch
-    /// is refused with an error instead.
-    #[test]
-    fn gemv_row_head_equals_two_launches(kb in prop_oneof![1usize..4, 26usize..33], n in 1usize..300, n_mats in 1usize..4, mode in 0usize..5, accumulate in any::<bool>(), seed in any::<u64>()) {
-        let Some(d) = device() else { return Ok(()) };
-        let k = kb * 256;
-        let mut r = Lcg(seed);
-        let ty = GgmlType::Ternary(TernaryFormat::Tq2_0);
-        let mats: Vec<DevBuf> = (0..n_mats).map(|_| {
-            let x: Vec<f32> = (0..n * k).map(|_| { let v = r.f(); if v.abs() < 0.3 { 0.0 } else { v.signum() } }).collect();
-            d.upload(&quant::encode(ty, &x, n, k).unwrap()).unwrap()
-        }).collect();
-        // mode 0: norm only (a block's first projection); 1–4: SiLU / ReLU² without and with
-        // the sub-norm (the down projection).
-        let g: Vec<f32> = (0..k).map(|_| r.f() * 6.0).collect();
-        let u: Vec<f32> = (0..k).map(|_| r.f() * 3.0).collect();
-        let w: Vec<f32> = (0..k).map(|_| r.f()).collect();
-        let (gb, ub, wb) = (up_f32(&d, &g), up_f32(&d, &u), up_f32(&d, &w));
-        let act = [FfnAct::Silu, FfnAct::Relu2][mode % 2];
-        let up = (mode > 0).then_some((&ub, act));
-        let norm = (mode == 0 || mode > 2).then_some(&wb);
-        let start: Vec<f32> = (0..n).map(|_| r.f()).collect();
-        fn out<'a>(w: &'a DevBuf, o: &'a DevBuf, rows: usize) -> TernaryOut<'a> {
-            TernaryOut { w, rows, out: o, scale: 0.75, bias: None }
-        }
-        let head = RowHead { g: &gb, up, norm, eps: 1e-5 };
-        let fused: Vec<DevBuf> = (0..n_mats).map(|_| up_f32(&d, &start)).collect();
-        let outs: Vec<TernaryOut<'_>> = mats.iter().zip(&fused).map(|(m, o)| out(m, o, n)).collect();
-        let done = d.ternary_gemv_tq2_pre(k, &head, &outs, accumulate);
-        if !d.row_heads(k) {
-            prop_assert!(done.is_err(), "a device without row heads ran one");
-            return Ok(());
-        }
-        done.unwrap();
-        // The same as two launches.
-        let (qb, sb) = (d.alloc(k).unwrap(), d.alloc(4).unwrap());
-        let g2 = up_f32(&d, &g);
-        match up {
-            None => d.norm_quant(&g2, k, 0, 1, norm, 1e-5, None, Some((&qb, &sb))).unwrap(),
-            Some((ub, act)) => d.ffn_act_quant(&g2, ub, k, 1, act, norm, 1e-5, &qb, &sb).unwrap(),
-        }
-        let apart: Vec<DevBuf> = (0..n_mats).map(|_| up_f32(&d, &start)).collect();
-        let outs: Vec<TernaryOut<'_>> = mats.iter().zip(&apart).map(|(m, o)| out(m, o, n)).collect();
-        d.ternary_gemv_tq2(k, &qb, &sb, &outs, accumulate, None).unwrap();
-        for (i, (a, f)) in apart.iter().zip(&fused).enumerate() {
-            let (a, f) = (read_f32(&d, a, n), read_f32(&d, f, n));
-            prop_assert!(a.iter().zip(&f).all(|(a, f)| a.to_bits() == f.to_bits()), "matrix {i} (mode {mode}, k {k}): {:?} vs {:?}", &a[..n.min(4)], &f[..n.min(4)]);
         }
     }
 

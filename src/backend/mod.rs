@@ -321,39 +321,6 @@ pub trait Backend {
         self.project(u, inp, rows, &mut [(mat, &mut *x)], true)?;
         self.norm(u, norm, x, 0, rows, out)
     }
-    /// `h` = unit `u`'s `norm` of `x` (`rows` rows), then `outs_i = h · W_iᵀ`: the
-    /// [`Backend::norm`] and [`Backend::project`] that open every block, which a backend may do
-    /// in one launch (then `h` is left as it was).
-    #[allow(clippy::too_many_arguments)]
-    fn norm_project(
-        &self,
-        u: &Self::Unit,
-        norm: Norm,
-        x: &Self::Buf,
-        rows: usize,
-        h: &mut Self::Buf,
-        outs: &mut [(Mat, &mut Self::Buf)],
-    ) -> Result<()> {
-        self.norm(u, norm, x, 0, rows, h)?;
-        self.project(u, h, rows, outs, false)
-    }
-    /// [`Backend::ffn_act`] of `g` and `up`, then `x += g · W_matᵀ` (the down projection into
-    /// the residual), which a backend may do in one launch (then `g` is left as it was).
-    #[allow(clippy::too_many_arguments)]
-    fn ffn_act_project(
-        &self,
-        u: &Self::Unit,
-        g: &mut Self::Buf,
-        up: &Self::Buf,
-        rows: usize,
-        act: FfnAct,
-        sub_norm: bool,
-        mat: Mat,
-        x: &mut Self::Buf,
-    ) -> Result<()> {
-        self.ffn_act(u, g, up, rows, act, sub_norm)?;
-        self.project(u, g, rows, &mut [(mat, x)], true)
-    }
     /// `g = act(g) · u`, then unit `w`'s FFN sub-norm when `sub_norm`, for `rows` rows.
     #[allow(clippy::too_many_arguments)]
     fn ffn_act(

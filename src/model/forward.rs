@@ -358,17 +358,17 @@ fn pass<B: Backend>(
         // guard drops (the device keeps computing while the host copies).
         let guard = model.acquire(UnitId::Block(li))?;
         let blk = be.unit(&guard)?;
-        be.norm_project(
+        be.norm(blk, Norm::Attn, &x, 0, t_n, &mut h)?;
+        be.project(
             blk,
-            Norm::Attn,
-            &x,
+            &h,
             t_n,
-            &mut h,
             &mut [
                 (Mat::Layer(LayerMat::Q), &mut q),
                 (Mat::Layer(LayerMat::K), &mut k),
                 (Mat::Layer(LayerMat::V), &mut v),
             ],
+            false,
         )?;
         let sub = l.attn_sub_norm.is_some().then_some(blk);
         be.rope_attention(kv, li, places, &q, &k, &v, &mut qr, &mut att, sub)?;
@@ -391,15 +391,13 @@ fn pass<B: Backend>(
             ],
             false,
         )?;
-        be.ffn_act_project(
+        be.ffn_act(blk, &mut g, &u, t_n, c.ffn_act, l.ffn_sub_norm.is_some())?;
+        be.project(
             blk,
-            &mut g,
-            &u,
+            &g,
             t_n,
-            c.ffn_act,
-            l.ffn_sub_norm.is_some(),
-            Mat::Layer(LayerMat::Down),
-            &mut x,
+            &mut [(Mat::Layer(LayerMat::Down), &mut x)],
+            true,
         )?;
     }
     if n_out == 0 {

@@ -5,7 +5,7 @@
 //! are read.
 
 use super::device::{ClDevice, DevBuf, TICKETS};
-use super::ops::{Places, RopeShape, RowHead, RowTail, TernaryOut};
+use super::ops::{Places, RopeShape, RowTail, TernaryOut};
 use crate::backend::cpu::extend_rope_tables;
 use crate::backend::{Backend, Mat, Norm, Resident, RowPlace};
 use crate::error::{Error, Result};
@@ -318,26 +318,6 @@ impl ClExec<'_> {
         let m = u.mat(mat)?;
         let fits = m.ty == GgmlType::Ternary(TernaryFormat::Tq2_0) && m.rows == n;
         Ok(fits.then_some(m))
-    }
-
-    /// Unit `u`'s matrices `mats` when their one-token product can be one TQ2_0 GEMV launch that
-    /// makes its own input from a float row of `k` values ([`RowHead`]): one token, every matrix
-    /// TQ2_0 with rows of `k`, at most three, and a device that takes row heads.
-    fn gemv_with_head<'u>(
-        &self,
-        u: &'u DevUnit,
-        mats: &[Mat],
-        rows: usize,
-        k: usize,
-    ) -> Result<Option<Vec<&'u DevMat>>> {
-        if rows != 1 || mats.is_empty() || mats.len() > 3 || !self.dev().row_heads(k) {
-            return Ok(None);
-        }
-        let ms: Vec<&DevMat> = mats.iter().map(|m| u.mat(*m)).collect::<Result<_>>()?;
-        let fits = ms
-            .iter()
-            .all(|m| m.ty == GgmlType::Ternary(TernaryFormat::Tq2_0) && m.cols == k);
-        Ok(fits.then_some(ms))
     }
 
     /// Extends the RoPE table to the rows' last position and uploads the rows' places (once per
@@ -672,73 +652,6 @@ impl Backend for ClExec<'_> {
                 self.norm(u, norm, x, 0, rows, out)
             }
         }
-    }
-
-    fn norm_project(
-        &self,
-        u: &DevUnit,
-        norm: Norm,
-        x: &ClBuf,
-        rows: usize,
-        h: &mut ClBuf,
-        outs: &mut [(Mat, &mut ClBuf)],
-    ) -> Result<()> {
-        let names: Vec<Mat> = outs.iter().map(|(m, _)| *m).collect();
-        let k = self.model.config.n_embd;
-        let Some(ms) = self.gemv_with_head(u, &names, rows, k)? else {
-            self.norm(u, norm, x, 0, rows, h)?;
-            return self.project(u, h, rows, outs, false);
-        };
-        let head = RowHead {
-            g: &x.raw()?.f,
-            up: None,
-            norm: Some(u.norm(norm)?),
-            eps: self.model.config.rms_eps,
-        };
-        let raws: Vec<&Raw> = outs.iter().map(|(_, o)| o.raw()).collect::<Result<_>>()?;
-        let group: Vec<TernaryOut<'_>> = ms
-            .iter()
-            .zip(&raws)
-            .map(|(m, o)| ternary_out(m, o))
-            .collect();
-        self.dev().ternary_gemv_tq2_pre(k, &head, &group, false)?;
-        for (_, o) in outs.iter() {
-            o.quantized.set(false);
-        }
-        Ok(())
-    }
-
-    fn ffn_act_project(
-        &self,
-        unit: &DevUnit,
-        g: &mut ClBuf,
-        up: &ClBuf,
-        rows: usize,
-        act: FfnAct,
-        sub_norm: bool,
-        mat: Mat,
-        x: &mut ClBuf,
-    ) -> Result<()> {
-        let k = self.model.config.n_ff;
-        let Some(ms) = self.gemv_with_head(unit, &[mat], rows, k)? else {
-            self.ffn_act(unit, g, up, rows, act, sub_norm)?;
-            return self.project(unit, g, rows, &mut [(mat, x)], true);
-        };
-        let head = RowHead {
-            g: &g.raw()?.f,
-            up: Some((&up.raw()?.f, act)),
-            norm: if sub_norm {
-                Some(unit.norm(Norm::FfnSub)?)
-            } else {
-                None
-            },
-            eps: self.model.config.rms_eps,
-        };
-        let xr = x.raw()?;
-        let group: Vec<TernaryOut<'_>> = ms.iter().map(|m| ternary_out(m, xr)).collect();
-        self.dev().ternary_gemv_tq2_pre(k, &head, &group, true)?;
-        x.quantized.set(false);
-        Ok(())
     }
 
     fn rope_store(

@@ -37,24 +37,6 @@ pub struct RowTail<'a> {
     pub s: &'a DevBuf,
 }
 
-/// Values of a row each work-item holds in registers in the row kernels (cl/common.cl `RQ`).
-const RQ: usize = 32;
-
-/// The launch before a one-token projection, done by every work-group of the GEMV itself
-/// (`row_to_local` in cl/norm.cl): the float row `g` — FFN-activated with `up` when given
-/// (`act(g) · up`), then RMSNorm · `norm` when given — quantized to int8 in local memory.
-/// [`ClDevice::row_heads`] says when the forward pass asks for it.
-pub struct RowHead<'a> {
-    /// The float row (the residual stream, or the FFN gate).
-    pub g: &'a DevBuf,
-    /// The FFN up row and the activation, when the row is an FFN's.
-    pub up: Option<(&'a DevBuf, FfnAct)>,
-    /// Norm weight (f32, one per value), when normed.
-    pub norm: Option<&'a DevBuf>,
-    /// RMS epsilon.
-    pub eps: f32,
-}
-
 fn act_id(act: FfnAct) -> i32 {
     match act {
         FfnAct::Silu => 0,
@@ -474,72 +456,6 @@ impl ClDevice {
             }
         };
         self.launch(name, &[total.div_ceil(ROWS_PER_GROUP) * wg], &[wg], &args)
-    }
-
-    /// Whether a one-token TQ2_0 GEMV over rows of `k` values can make its own input
-    /// ([`RowHead`]): GPU-shaped kernels whose row work-group is the GEMV's (so the norm sums
-    /// add in the order of the launch it replaces: the same bits), the row held in registers,
-    /// room for it in local memory, unless `TERNMUX_CL_ROW_HEADS=0`.
-    pub fn row_heads(&self, k: usize) -> bool {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on =
-            *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_ROW_HEADS").is_none_or(|v| v != "0"));
-        let wg = ROWS_PER_GROUP * TEAM;
-        let local = (k + wg * 4) as u64;
-        on && self.gpu_kernels()
-            && self.row_group() == wg
-            && k <= RQ * wg
-            && local <= self.info().local_mem
-    }
-
-    /// [`ternary_gemv_tq2`](Self::ternary_gemv_tq2) whose input is the float row of `head`,
-    /// normed / activated and quantized by each work-group: the launch that made the int8
-    /// input folded into the GEMV (same results; [`row_heads`](Self::row_heads) must hold).
-    pub fn ternary_gemv_tq2_pre(
-        &self,
-        k: usize,
-        head: &RowHead<'_>,
-        outs: &[TernaryOut<'_>],
-        accumulate: bool,
-    ) -> Result<()> {
-        let fmt = TernaryFormat::Tq2_0;
-        if outs.is_empty()
-            || outs.len() > 3
-            || !k.is_multiple_of(fmt.k_multiple())
-            || !self.row_heads(k)
-        {
-            return Err(Error::Device(format!(
-                "opencl: TQ2_0 GEMV with its input row of {k} values made in the launch, over {} matrices",
-                outs.len()
-            )));
-        }
-        need("input row", head.g, k * 4)?;
-        if let Some((u, _)) = head.up {
-            need("ffn up", u, k * 4)?;
-        }
-        if let Some(w) = head.norm {
-            need("norm weight", w, k * 4)?;
-        }
-        let mut args = vec![
-            int(k)?,
-            Arg::Buf(head.g),
-            Arg::Buf(head.up.map_or(self.dummy(), |(u, _)| u)),
-            Arg::I32(head.up.map_or(-1, |(_, a)| act_id(a))),
-            Arg::Buf(head.norm.unwrap_or(self.dummy())),
-            Arg::I32(i32::from(head.norm.is_some())),
-            Arg::F32(head.eps),
-        ];
-        let total = self.push_outs(&mut args, outs, fmt, k, 1)?;
-        args.push(Arg::I32(i32::from(accumulate)));
-        let wg = ROWS_PER_GROUP * TEAM;
-        args.push(Arg::Local(wg * 4));
-        args.push(Arg::Local(k));
-        self.launch(
-            "ternary_gemv_tq2_pre",
-            &[total.div_ceil(ROWS_PER_GROUP) * wg],
-            &[wg],
-            &args,
-        )
     }
 
     /// Appends the three (weights, rows, output, scale, bias, has-bias) argument groups of a
