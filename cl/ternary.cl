@@ -32,6 +32,19 @@ inline int sum4(uint a, int acc) {
 // (code − 1) · x by selection: code 0 → −x, 1 → 0, 2 (and a corrupt 3, as on the CPU) → +x.
 inline int tsel(int code, int x) { return (code & 2) ? x : (code == 0 ? -x : 0); }
 
+// TQ2_0 byte masks of code plane j (bits 2j+1..2j of each byte of c): all ones where the code
+// has bit 1 set (+1: code 2, and a corrupt 3, as on the CPU), and where it is 0 (−1). The GEMM
+// paths make them once per block and apply them to every token of a tile (an AND and a byte sum
+// each); the GEMV uses the one-op select below, which measured faster there and slower here.
+inline uint tq2_pos(uint c, int j) {
+    uint x = (c >> (2 * j)) & 0x03030303u;
+    return ((x >> 1) & 0x01010101u) * 0xFFu;
+}
+inline uint tq2_neg(uint c, int j) {
+    uint x = (c >> (2 * j)) & 0x03030303u;
+    return ((((x >> 1) | x) & 0x01010101u) ^ 0x01010101u) * 0xFFu;
+}
+
 // Byte masks from bit `bit` (0..7) of each byte of `c`: 0xFF where it is set. On NVIDIA one
 // byte permute with sign replication (`prmt`, selector 0xBA98) after moving the bit to bit 7;
 // elsewhere the bit times 0xFF (no carries: each byte's product is below 256).
@@ -153,9 +166,10 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
             // l reads qs bytes m..m+3 (m = 4 · (l % 16)): byte m + i of chunk c = m / 32 holds
             // elements 128c + 32j + m % 32 + i, j = 0..3, so each j pairs 4 codes with 4
             // consecutive activations (one aligned 32-bit load: k is a multiple of 256 and the
-            // activation buffer is aligned). The codes become two byte masks per plane once per
-            // block (`tq2_plane`), reused for every token of the tile: per 4 weights and token,
-            // one logic op selects the activations and one byte sum adds them.
+            // activation buffer is aligned). The codes become byte masks once per block (+1:
+            // code bit 1; −1: code 0), reused for every token of the tile: per 4 weights and
+            // token, two ANDs select the activations and two byte sums add them (the one-op
+            // select of the GEMV, `tq2_apply`, measured slower here on the H100).
             int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
             int nblk = k / 256;
             for (int b = pair; b < nblk; b += 2) {
@@ -163,19 +177,22 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
                 uint c = (uint)blk[m] | ((uint)blk[m + 1] << 8) | ((uint)blk[m + 2] << 16) |
                          ((uint)blk[m + 3] << 24);
                 float d = ld_f16(blk + 64);
-                uint2 m0 = tq2_plane(c, 0), m1 = tq2_plane(c, 1), m2 = tq2_plane(c, 2),
-                      m3 = tq2_plane(c, 3);
-                int neg = tq2_neg_count(c);
+                uint p0 = tq2_pos(c, 0), n0 = tq2_neg(c, 0), p1 = tq2_pos(c, 1), n1 = tq2_neg(c, 1);
+                uint p2 = tq2_pos(c, 2), n2 = tq2_neg(c, 2), p3 = tq2_pos(c, 3), n3 = tq2_neg(c, 3);
                 const __global uint* qb = (const __global uint*)(qa + b * 256 + base);
 #pragma unroll
                 for (int t = 0; t < TB; t++) {
                     if (t < nt) {
                         const __global uint* qt = qb + (size_t)t * (k / 4);
-                        int sum = sum4(tq2_apply(qt[0], m0), neg);
-                        sum = sum4(tq2_apply(qt[8], m1), sum);
-                        sum = sum4(tq2_apply(qt[16], m2), sum);
-                        sum = sum4(tq2_apply(qt[24], m3), sum);
-                        acc[t] += (float)sum * d;
+                        uint a0 = qt[0], a1 = qt[8], a2 = qt[16], a3 = qt[24];
+                        int sp = sum4(a0 & p0, 0), sn = sum4(a0 & n0, 0);
+                        sp = sum4(a1 & p1, sp);
+                        sn = sum4(a1 & n1, sn);
+                        sp = sum4(a2 & p2, sp);
+                        sn = sum4(a2 & n2, sn);
+                        sp = sum4(a3 & p3, sp);
+                        sn = sum4(a3 & n3, sn);
+                        acc[t] += (float)(sp - sn) * d;
                     }
                 }
             }
@@ -283,27 +300,30 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
             uint cb = (uint)bb[m] | ((uint)bb[m + 1] << 8) | ((uint)bb[m + 2] << 16) |
                       ((uint)bb[m + 3] << 24);
             float da = ld_f16(ba + 64), db = ld_f16(bb + 64);
-            uint2 ma[4], mb[4];
+            uint pa[4], na[4], pb[4], nb[4];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                ma[j] = tq2_plane(ca, j);
-                mb[j] = tq2_plane(cb, j);
+                pa[j] = tq2_pos(ca, j);
+                na[j] = tq2_neg(ca, j);
+                pb[j] = tq2_pos(cb, j);
+                nb[j] = tq2_neg(cb, j);
             }
-            int nega = tq2_neg_count(ca), negb = tq2_neg_count(cb);
             const __global uint* qb = (const __global uint*)(qa + b * 256 + base);
 #pragma unroll
             for (int t = 0; t < TB; t++) {
                 if (t < nt) {
                     const __global uint* qt = qb + (size_t)t * (k / 4);
-                    int sa = nega, sb = negb;
+                    int spa = 0, sna = 0, spb = 0, snb = 0;
 #pragma unroll
                     for (int j = 0; j < 4; j++) {
                         uint a = qt[8 * j];
-                        sa = sum4(tq2_apply(a, ma[j]), sa);
-                        sb = sum4(tq2_apply(a, mb[j]), sb);
+                        spa = sum4(a & pa[j], spa);
+                        sna = sum4(a & na[j], sna);
+                        spb = sum4(a & pb[j], spb);
+                        snb = sum4(a & nb[j], snb);
                     }
-                    acc_a[t] += (float)sa * da;
-                    acc_b[t] += (float)sb * db;
+                    acc_a[t] += (float)(spa - sna) * da;
+                    acc_b[t] += (float)(spb - snb) * db;
                 }
             }
         }
