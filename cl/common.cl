@@ -222,18 +222,13 @@ inline void norm_quant_row(const __global float* xr, int n, const __global float
     }
 }
 
-// `norm_quant_row` with the row in registers.
-inline void norm_quant_regs(const __global float* xr, int n, const __global float* w,
-                            int has_norm, float eps, __global float* yr, int write_y,
-                            __global char* qr, __global float* qs, int write_q,
-                            __local float* scratch) {
+// The norm and quantization of a row already in registers (v[i] is value lid + i · wg, zero
+// past n), as `norm_quant_row` does them: shared by `norm_quant_regs` and the FFN activation's
+// register path (norm.cl), which differ only in how the row got there.
+inline void norm_quant_held(float* v, int n, const __global float* w, int has_norm, float eps,
+                            __global float* yr, int write_y, __global char* qr,
+                            __global float* qs, int write_q, __local float* scratch) {
     int lid = get_local_id(0), wg = get_local_size(0);
-    float v[RQ];
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        v[i] = j < n ? xr[j] : 0.0f;
-    }
     float ss = 0.0f;
 #pragma unroll
     for (int i = 0; i < RQ; i++) ss += v[i] * v[i];
@@ -251,6 +246,21 @@ inline void norm_quant_regs(const __global float* xr, int n, const __global floa
     }
     float s = quant_scale(amax, scratch);
     if (write_q) quant_regs(v, n, s, qr, qs);
+}
+
+// `norm_quant_row` with the row in registers.
+inline void norm_quant_regs(const __global float* xr, int n, const __global float* w,
+                            int has_norm, float eps, __global float* yr, int write_y,
+                            __global char* qr, __global float* qs, int write_q,
+                            __local float* scratch) {
+    int lid = get_local_id(0), wg = get_local_size(0);
+    float v[RQ];
+#pragma unroll
+    for (int i = 0; i < RQ; i++) {
+        int j = lid + i * wg;
+        v[i] = j < n ? xr[j] : 0.0f;
+    }
+    norm_quant_held(v, n, w, has_norm, eps, yr, write_y, qr, qs, write_q, scratch);
 }
 
 // A device-wide memory fence (acquire and release). NVIDIA's OpenCL compiles

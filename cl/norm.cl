@@ -76,7 +76,6 @@ inline void ffn_act_quant_regs(__global float* gr, const __global float* ur,
         h[i] = j < n ? gr[j] : 0.0f;
         up[i] = j < n ? ur[j] : 0.0f;
     }
-    float ss = 0.0f;
 #pragma unroll
     for (int i = 0; i < RQ; i++) {
         int j = lid + i * wg;
@@ -88,22 +87,10 @@ inline void ffn_act_quant_regs(__global float* gr, const __global float* ur,
                 float r = fmax(a, 0.0f);
                 h[i] = r * r * uj;
             }
-            ss += h[i] * h[i];
         }
     }
-    ss = wg_sum(ss, scratch);
-    float scale = 1.0f / sqrt(ss / (float)n + eps);
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        if (j < n) {
-            if (has_norm) h[i] = (h[i] * scale) * w[j];
-            gr[j] = h[i];
-            amax = fmax(amax, fabs(h[i]));
-        }
-    }
-    quant_regs(h, n, quant_scale(amax, scratch), qr, qs);
+    // Zero past n, so the sum of squares is the one the looping path adds.
+    norm_quant_held(h, n, w, has_norm, eps, gr, 1, qr, qs, 1, scratch);
 }
 
 // g = act(g) · u (act 0: SiLU, 1: ReLU²), then the optional sub-norm, then int8 quantization for

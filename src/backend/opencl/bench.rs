@@ -6,7 +6,7 @@
 //! least 88 MB for the smallest matrix measured (TQ1_0 2560 × 2560), above the 50 MB L2 of an
 //! H100/H200 — so they measure weights streamed from device memory, as in decoding.
 
-use super::device::{ClDevice, DevBuf};
+use super::device::{ClDevice, DevBuf, KernelTime};
 use super::ops::TernaryOut;
 use crate::error::Result;
 use std::time::Instant;
@@ -54,6 +54,14 @@ impl KernelTiming {
         self.device_seconds
             .map(|s| self.weight_bytes as f64 / s.max(1e-12) / 1e9)
     }
+}
+
+/// Mean device seconds per launch over a profile's kernels.
+fn mean_device_s(profile: &[KernelTime]) -> f64 {
+    let (n, t) = profile
+        .iter()
+        .fold((0u64, 0.0), |(n, t), k| (n + k.launches, t + k.device_s));
+    t / n.max(1) as f64
 }
 
 fn time_best(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
@@ -177,11 +185,7 @@ pub fn ternary_kernels(
         let device_seconds = if dev.profiling() {
             dev.take_profile()?;
             run(launches)?;
-            let p = dev.take_profile()?;
-            let (n, t) = p
-                .iter()
-                .fold((0u64, 0.0), |(n, t), k| (n + k.launches, t + k.device_s));
-            Some(t / n.max(1) as f64)
+            Some(mean_device_s(&dev.take_profile()?))
         } else {
             None
         };
@@ -246,11 +250,7 @@ pub fn launch_overhead(
     dev.finish()?;
     let wall = t.elapsed().as_secs_f64();
     let device_s = if dev.profiling() {
-        let p = dev.take_profile()?;
-        let (l, d) = p
-            .iter()
-            .fold((0u64, 0.0), |(l, d), x| (l + x.launches, d + x.device_s));
-        Some(d / l.max(1) as f64)
+        Some(mean_device_s(&dev.take_profile()?))
     } else {
         None
     };

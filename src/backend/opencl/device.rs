@@ -488,12 +488,13 @@ impl ClDevice {
         };
         // `TERNMUX_CL_DUMP=FILE` writes the built program as the driver returns it (PTX on
         // NVIDIA), to inspect register spills and the instructions chosen.
-        if let Some(path) = std::env::var_os("TERNMUX_CL_DUMP") {
+        let dump = std::env::var_os("TERNMUX_CL_DUMP");
+        if let Some(path) = &dump {
             let bins = program
                 .get_binaries()
                 .map_err(|e| cl_err("read the program binary", e))?;
             let bytes = bins.into_iter().next().unwrap_or_default();
-            std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+            std::fs::write(path, bytes).map_err(|e| Error::io(path, e))?;
         }
         let names = program
             .kernel_names()
@@ -507,7 +508,7 @@ impl ClDevice {
         let mut limits = String::new();
         for n in names {
             let k = Kernel::create(&program, &n).map_err(|e| cl_err(&format!("kernel {n}"), e))?;
-            if std::env::var_os("TERNMUX_CL_DUMP").is_some() {
+            if dump.is_some() {
                 let id = info.raw as opencl3::types::cl_device_id;
                 limits.push_str(&format!(
                     "{n}: work-group ≤ {:?}, private {:?} B, local {:?} B\n",
@@ -526,7 +527,7 @@ impl ClDevice {
                 }],
             );
         }
-        if let Some(path) = std::env::var_os("TERNMUX_CL_DUMP") {
+        if let Some(path) = dump {
             let mut path = std::path::PathBuf::from(path);
             path.as_mut_os_string().push(".kernels");
             std::fs::write(&path, limits).map_err(|e| Error::io(&path, e))?;
