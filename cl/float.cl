@@ -141,3 +141,103 @@ __kernel void float_matmul_f16_quad(int k, int row_bytes, __global const float* 
         o[at] = accumulate ? o[at] + v : v;
     }
 }
+
+// F16 rows × a batch of f32 activations, tiled for GPUs (the output head of a batched decode
+// step): a work-item owns FT_RPT rows × FT_TPT tokens, the work-group's tokens are staged in
+// local memory FT_CHUNK columns at a time and shared by all its teams, and each weight is read
+// once per token tile (the row-team kernels above read every token's activations from global
+// memory for each row). Lane layout within a team as in `ternary_matmul_tq2_tiled`: lane =
+// tg · rgroups + rg, rows rg · FT_RPT.., tokens tg, tg + tgroups, …; the work-group's teams take
+// consecutive row blocks. Rows start 64-byte aligned (aligned 16-byte weight loads). Each chunk's products are summed apart and then added to the
+// running sum (error bound γ(FT_CHUNK + k / FT_CHUNK)). Needs k % FT_CHUNK == 0.
+// Grid: (row tiles · local size, token tiles); local: `xs16`, tile tokens · FT_STRIDE floats.
+#define FT_RPT 4
+#define FT_TPT 8
+#define FT_CHUNK 32
+#define FT_STRIDE 36
+
+__kernel void float_matmul_f16_tiled(int k, int row_bytes, __global const float* x, int n_tok,
+                                     int tgroups, __global const uchar* w, int n,
+                                     __global float* o, float s, int accumulate,
+                                     __local float4* xs16) {
+    // Declared as float4: NVIDIA aligns a local argument only to its declared type.
+    __local float* xs = (__local float*)xs16;
+    int lane = get_local_id(0) % FTEAM, team = get_local_id(0) / FTEAM;
+    int teams = get_local_size(0) / FTEAM;
+    int rgroups = FTEAM / tgroups;
+    int rg = lane % rgroups, tg = lane / rgroups;
+    int tile_rows = teams * rgroups * FT_RPT, tile_toks = tgroups * FT_TPT;
+    int r0 = get_group_id(0) * tile_rows + (team * rgroups + rg) * FT_RPT;
+    int t0 = get_group_id(1) * tile_toks;
+    int nt = min(tile_toks, n_tok - t0);
+    // Rows past the end read the last row; their sums are dropped.
+    const __global half* wr[FT_RPT];
+#pragma unroll
+    for (int r = 0; r < FT_RPT; r++) {
+        wr[r] = (const __global half*)(w + (size_t)min(r0 + r, n - 1) * row_bytes);
+    }
+    float acc[FT_RPT][FT_TPT];
+#pragma unroll
+    for (int r = 0; r < FT_RPT; r++) {
+#pragma unroll
+        for (int t = 0; t < FT_TPT; t++) acc[r][t] = 0.0f;
+    }
+    for (int c = 0; c < k / FT_CHUNK; c++) {
+        barrier(CLK_LOCAL_MEM_FENCE);
+        for (int u = get_local_id(0); u < nt * (FT_CHUNK / 4); u += get_local_size(0)) {
+            int t = u / (FT_CHUNK / 4), g = u % (FT_CHUNK / 4);
+            float4 v = *(const __global float4*)(x + (size_t)(t0 + t) * k + c * FT_CHUNK + 4 * g);
+            *(__local float4*)(xs + t * FT_STRIDE + 4 * g) = v;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        float part[FT_RPT][FT_TPT];
+#pragma unroll
+        for (int r = 0; r < FT_RPT; r++) {
+#pragma unroll
+            for (int t = 0; t < FT_TPT; t++) part[r][t] = 0.0f;
+        }
+#pragma unroll
+        for (int e = 0; e < FT_CHUNK; e += 8) {
+            float8 wv[FT_RPT];
+#pragma unroll
+            for (int r = 0; r < FT_RPT; r++) wv[r] = vloada_half8((c * FT_CHUNK + e) / 8, wr[r]);
+#pragma unroll
+            for (int t = 0; t < FT_TPT; t++) {
+                int tl = tg + tgroups * t;
+                if (tl < nt) {
+                    float4 a = *(__local const float4*)(xs + tl * FT_STRIDE + e);
+                    float4 b = *(__local const float4*)(xs + tl * FT_STRIDE + e + 4);
+#pragma unroll
+                    for (int r = 0; r < FT_RPT; r++) {
+                        float p = part[r][t];
+                        p = fma(wv[r].s0, a.x, p);
+                        p = fma(wv[r].s1, a.y, p);
+                        p = fma(wv[r].s2, a.z, p);
+                        p = fma(wv[r].s3, a.w, p);
+                        p = fma(wv[r].s4, b.x, p);
+                        p = fma(wv[r].s5, b.y, p);
+                        p = fma(wv[r].s6, b.z, p);
+                        part[r][t] = fma(wv[r].s7, b.w, p);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < FT_RPT; r++) {
+#pragma unroll
+            for (int t = 0; t < FT_TPT; t++) acc[r][t] += part[r][t];
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < FT_TPT; t++) {
+        int tl = tg + tgroups * t;
+#pragma unroll
+        for (int r = 0; r < FT_RPT; r++) {
+            if (tl < nt && r0 + r < n) {
+                size_t at = (size_t)(t0 + tl) * n + r0 + r;
+                float v = acc[r][t] * s;
+                o[at] = accumulate ? o[at] + v : v;
+            }
+        }
+    }
+}

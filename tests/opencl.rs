@@ -36,6 +36,26 @@ fn opencl_device_named() {
     );
 }
 
+/// Reads small and large (staged through pinned memory) append what the buffer holds, after
+/// what the vector already had, and a later read of a larger buffer grows the staging.
+#[test]
+fn reads_append_buffer_contents() {
+    let Some(d) = device() else { return };
+    for n in [1000usize, 300_000, 700_000, 400_000] {
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+        let b = up_f32(&d, &v);
+        let mut out = vec![-1.0f32, -2.0];
+        d.read_f32_append(&b, n, &mut out).unwrap();
+        assert_eq!(out.len(), n + 2);
+        assert_eq!(&out[..2], &[-1.0, -2.0]);
+        assert!(out[2..] == v[..], "read of {n} floats differs");
+        // A shorter read of the same buffer takes its prefix.
+        let mut part = Vec::new();
+        d.read_f32_append(&b, n / 2, &mut part).unwrap();
+        assert!(part[..] == v[..n / 2]);
+    }
+}
+
 fn read_f32(d: &ClDevice, b: &DevBuf, n: usize) -> Vec<f32> {
     let mut v = vec![0f32; n];
     d.read(b, 0, bytemuck::cast_slice_mut(&mut v)).unwrap();
@@ -52,10 +72,6 @@ fn gamma(n: usize) -> f64 {
     n as f64 * u / (1.0 - n as f64 * u)
 }
 
-fn cfg() -> ProptestConfig {
-    ProptestConfig::with_cases(12)
-}
-
 fn ternary_case() -> impl Strategy<Value = (TernaryFormat, usize, usize, usize, u64)> {
     (
         prop_oneof![
@@ -63,9 +79,11 @@ fn ternary_case() -> impl Strategy<Value = (TernaryFormat, usize, usize, usize, 
             Just(TernaryFormat::Tq1_0),
             Just(TernaryFormat::I2S)
         ],
-        1usize..20,
+        prop_oneof![3 => 1usize..20, 1 => 20usize..80],
         1usize..5,
-        1usize..12,
+        // Small batches, and batches past one tile of the GPU's tiled TQ2_0 GEMM (16, 32 and
+        // 64 tokens).
+        prop_oneof![3 => 1usize..12, 1 => 12usize..100],
         any::<u64>(),
     )
         .prop_map(|(f, rows, kb, n_tok, seed)| {
@@ -99,7 +117,9 @@ impl Lcg {
 }
 
 proptest! {
-    #![proptest_config(cfg())]
+    // 48 cases: formats × batch sizes × the GPU kernels' paths (GEMV, tiled GEMMs of 1, 2, 4
+    // or 8 token groups, several token tiles) all draw from one run.
+    #![proptest_config(ProptestConfig::with_cases(48))]
 
     /// Ternary matmul (1–3 matrices per launch, any batch, accumulate and bias) against
     /// Σ w·q / s_t · scale in f64. Bound: TQ sums are exact per lane and block, then summed in
@@ -176,7 +196,7 @@ proptest! {
     /// Float and block-quantized matmul (heads, embeddings) against the CPU decoder (bit-exact
     /// with gguf-py) and an f64 dot: bound γ(k/8 + 40) · Σ|w·x|.
     #[test]
-    fn float_matmul_matches_f64(fi in 0usize..9, rows in 1usize..20, kb in 1usize..4, n_tok in 1usize..11, seed in any::<u64>()) {
+    fn float_matmul_matches_f64(fi in prop_oneof![1 => Just(1usize), 2 => 0usize..9], rows in prop_oneof![3 => 1usize..20, 1 => 20usize..300], kb in 1usize..4, n_tok in prop_oneof![3 => 1usize..11, 1 => 11usize..80], seed in any::<u64>()) {
         let Some(d) = device() else { return Ok(()) };
         let fmt = [FloatFormat::F32, FloatFormat::F16, FloatFormat::BF16, FloatFormat::Q8_0,
             FloatFormat::Q4_0, FloatFormat::Q4_1, FloatFormat::Q4K, FloatFormat::Q5K, FloatFormat::Q6K][fi];

@@ -742,9 +742,6 @@ impl Backend for ClExec<'_> {
     fn read(&self, x: &ClBuf, len: usize, out: &mut Vec<f32>) -> Result<()> {
         let r = x.raw()?;
         check_len("read", r.cap, len)?;
-        let at = out.len();
-        out.resize(at + len, 0.0);
-        self.dev()
-            .read(&r.f, 0, bytemuck::cast_slice_mut(&mut out[at..]))
+        self.dev().read_f32_append(&r.f, len, out)
     }
 }

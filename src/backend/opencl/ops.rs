@@ -18,6 +18,34 @@ const TEAM: usize = 32;
 const TB: usize = 8;
 /// Rows per matmul work-group.
 const ROWS_PER_GROUP: usize = 8;
+/// The tiled TQ2_0 GEMM's rows and tokens per work-item and local words per staged token
+/// (cl/ternary.cl `TT_RPT`, `TT_TPT`, `TT_STRIDE`).
+const TILED_RPT: usize = 2;
+const TILED_TPT: usize = 16;
+const TILED_STRIDE: usize = 36;
+/// The smallest batch that takes the tiled TQ2_0 GEMM: on the H100, 8–16 tokens ran 7–10%
+/// faster on the two-row kernel, 32 and more faster tiled.
+const TILED_MIN_TOKENS: usize = 17;
+
+/// The tiled F16 GEMM (cl/float.cl `float_matmul_f16_tiled`): tokens per work-item (`FT_TPT`;
+/// rows per work-item are 4, `FT_RPT`), columns staged per step (`FT_CHUNK`), local floats per
+/// staged token (`FT_STRIDE`), teams per work-group, and the smallest batch that takes it.
+const FLOAT_TILED_TPT: usize = 8;
+const FLOAT_TILED_CHUNK: usize = 32;
+const FLOAT_TILED_STRIDE: usize = 36;
+const FLOAT_TILED_TEAMS: usize = 8;
+const FLOAT_TILED_MIN_TOKENS: usize = 9;
+
+/// Token groups per team and teams per work-group of the tiled GEMM for a batch of `n_tok`:
+/// up to 32 tokens, 8 teams with a tile of 32 (2 groups); more, 4 teams with a tile of 64 (4
+/// groups), which reads the weights and makes the masks half as often. Both stage 36 KiB.
+fn tiled_shape(n_tok: usize) -> (usize, usize) {
+    if n_tok <= 2 * TILED_TPT {
+        (n_tok.div_ceil(TILED_TPT).max(1), 8)
+    } else {
+        (4, 4)
+    }
+}
 
 /// The norm the last work-group of a launch does once every other work-group has written its
 /// part of the row (`last_group` in cl/common.cl): what would otherwise be the next launch —
@@ -371,7 +399,23 @@ impl ClDevice {
         ];
         let total = self.push_outs(&mut args, outs, fmt, k, n_tok)?;
         args.push(Arg::I32(i32::from(accumulate)));
-        // Batches of TQ2_0 take two rows per team (activations loaded once for both).
+        // Batches of TQ2_0 on a GPU: the tiled kernel (activations staged in local memory,
+        // each work-item a block of rows × tokens).
+        if fmt == TernaryFormat::Tq2_0 && n_tok >= TILED_MIN_TOKENS && self.tiled_gemm() {
+            args.remove(0);
+            let (tgroups, teams) = tiled_shape(n_tok);
+            args.insert(4, Arg::I32(tgroups as i32));
+            let (rows, toks) = (TEAM / tgroups * TILED_RPT, tgroups * TILED_TPT);
+            let words = teams * (toks * TILED_STRIDE).max(rows * toks);
+            args.push(Arg::Local(words * 4));
+            return self.launch(
+                "ternary_matmul_tq2_tiled",
+                &[total.div_ceil(rows) * teams * TEAM, n_tok.div_ceil(toks)],
+                &[teams * TEAM, 1],
+                &args,
+            );
+        }
+        // Other batches of TQ2_0 take two rows per team (activations loaded once for both).
         if fmt == TernaryFormat::Tq2_0 && n_tok > 1 {
             args.remove(0);
             args.push(Arg::Local(ROWS_PER_GROUP * 2 * TB * TEAM * 4));
@@ -395,6 +439,15 @@ impl ClDevice {
             &[ROWS_PER_GROUP * TEAM, 1],
             &args,
         )
+    }
+
+    /// Whether batches take the tiled GEMMs (`ternary_matmul_tq2_tiled`,
+    /// `float_matmul_f16_tiled`): with the GPU-shaped kernels, unless `TERNMUX_CL_TILED=0` (the
+    /// row-team kernels instead, for comparison).
+    fn tiled_gemm(&self) -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_TILED").is_none_or(|v| v != "0"))
+            && self.gpu_kernels()
     }
 
     /// Whether the forward pass ends one-token launches with their row op ([`RowTail`]): with
@@ -522,7 +575,46 @@ impl ClDevice {
         need("activations", x, n_tok * k * 4)?;
         need("weights", w, n * fmt.row_bytes(k))?;
         need("matmul output", out, n_tok * n * 4)?;
-        // Batches of F16 rows take four rows per team (activations loaded once for all four).
+        // Batches of F16 rows on a GPU: the tiled kernel (tokens staged in local memory, each
+        // work-item a block of rows × tokens).
+        if fmt == FloatFormat::F16
+            && n_tok >= FLOAT_TILED_MIN_TOKENS
+            && k.is_multiple_of(FLOAT_TILED_CHUNK)
+            && self.tiled_gemm()
+        {
+            let tgroups = n_tok
+                .div_ceil(FLOAT_TILED_TPT)
+                .next_power_of_two()
+                .min(TEAM / 4);
+            let (rows, toks) = (
+                FLOAT_TILED_TEAMS * TEAM / tgroups * 4,
+                tgroups * FLOAT_TILED_TPT,
+            );
+            let args = [
+                int(k)?,
+                int(fmt.row_bytes(k))?,
+                Arg::Buf(x),
+                int(n_tok)?,
+                Arg::I32(tgroups as i32),
+                Arg::Buf(w),
+                int(n)?,
+                Arg::Buf(out),
+                Arg::F32(scale),
+                Arg::I32(i32::from(accumulate)),
+                Arg::Local(toks * FLOAT_TILED_STRIDE * 4),
+            ];
+            return self.launch(
+                "float_matmul_f16_tiled",
+                &[
+                    n.div_ceil(rows) * FLOAT_TILED_TEAMS * TEAM,
+                    n_tok.div_ceil(toks),
+                ],
+                &[FLOAT_TILED_TEAMS * TEAM, 1],
+                &args,
+            );
+        }
+        // Other batches of F16 rows take four rows per team (activations loaded once for all
+        // four).
         let quad_local = ROWS_PER_GROUP * 4 * TB * TEAM * 4;
         let quad = fmt == FloatFormat::F16
             && n_tok > 1

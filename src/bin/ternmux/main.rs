@@ -23,6 +23,7 @@ struct Cli {
 }
 
 mod bench_conc;
+mod bench_model;
 mod bench_mux;
 mod demo;
 mod plot;
@@ -222,6 +223,10 @@ struct BenchArgs {
     /// u32 vocab, f32 logits; little-endian), for comparison with another engine.
     #[arg(long = "logits-out")]
     logits_out: Option<PathBuf>,
+    /// Also decode this many sequences at once (one token each per pass, as the engine batches
+    /// them) and report the total tok/s and, when profiling, the kernels of one pass.
+    #[arg(short = 'b', long = "batch", default_value_t = 1)]
+    batch: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -364,14 +369,6 @@ fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Kernel launches so far on the model's OpenCL device (0 on the CPU).
-fn launches_of(model: &ternmux::model::Model) -> u64 {
-    match model.placement() {
-        ternmux::backend::Placement::OpenCl(d) => d.launches(),
-        ternmux::backend::Placement::Cpu => 0,
-    }
-}
-
 fn bench_device(
     device: ternmux::backend::Device,
     copy_mib: usize,
@@ -493,158 +490,6 @@ fn bench_device(
     Ok(())
 }
 
-fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
-    use ternmux::model::{KvCache, KvType, Logits};
-    set_threads(a.threads)?;
-    let model = open_model(&a.model, a.device)?;
-    let n_vocab = model.config.n_vocab as u64;
-    // A fixed pseudo-random prompt (llama-bench also uses random tokens).
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let prompt: Vec<u32> = (0..a.prompt_tokens.max(1))
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n_vocab) as u32
-        })
-        .collect();
-    let n_ctx = prompt.len() + a.gen_tokens + 1;
-    let (mut best_pp, mut best_tg) = (f64::INFINITY, f64::INFINITY);
-    let mut launches_per_token = 0.0;
-    // With TERNMUX_CL_PROFILE=1: device time per kernel of the last repetition.
-    let profiled = match model.placement() {
-        ternmux::backend::Placement::OpenCl(d) if d.profiling() => Some(d.clone()),
-        _ => None,
-    };
-    let take_profile = || -> Result<Vec<ternmux::backend::opencl::KernelTime>, Failure> {
-        Ok(match &profiled {
-            Some(d) => d.take_profile()?,
-            None => Vec::new(),
-        })
-    };
-    let (mut prefill_profile, mut decode_profile) = (Vec::new(), Vec::new());
-    for _ in 0..a.reps.max(1) {
-        let mut cache = KvCache::new(&model, n_ctx, KvType::F16)?;
-        take_profile()?;
-        let t = std::time::Instant::now();
-        let mut logits = model.forward(&mut cache, &prompt, Logits::Last)?;
-        best_pp = best_pp.min(t.elapsed().as_secs_f64());
-        prefill_profile = take_profile()?;
-        if let Some(path) = &a.logits_out {
-            let mut buf = Vec::with_capacity(8 + 4 * (prompt.len() + logits.len()));
-            buf.extend_from_slice(&(prompt.len() as u32).to_le_bytes());
-            prompt
-                .iter()
-                .for_each(|t| buf.extend_from_slice(&t.to_le_bytes()));
-            buf.extend_from_slice(&(logits.len() as u32).to_le_bytes());
-            logits
-                .iter()
-                .for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
-            std::fs::write(path, buf).map_err(|e| ternmux::Error::Io {
-                path: path.clone(),
-                source: e,
-            })?;
-        }
-        let launches0 = launches_of(&model);
-        let t = std::time::Instant::now();
-        for _ in 0..a.gen_tokens {
-            let next = ternmux::sampling::argmax(&logits);
-            logits = model.forward(&mut cache, &[next], Logits::Last)?;
-        }
-        if a.gen_tokens > 0 {
-            best_tg = best_tg.min(t.elapsed().as_secs_f64());
-            launches_per_token = (launches_of(&model) - launches0) as f64 / a.gen_tokens as f64;
-        }
-        decode_profile = take_profile()?;
-    }
-    let pp = prompt.len() as f64 / best_pp;
-    let tg = if a.gen_tokens > 0 {
-        a.gen_tokens as f64 / best_tg
-    } else {
-        0.0
-    };
-    let threads = rayon::current_num_threads();
-    let isa = ternmux::kernels::Kernels::get().isa();
-    if a.json {
-        writeln!(
-            out,
-            "{{\"engine\":\"ternmux\",\"model\":{:?},\"threads\":{threads},\"isa\":\"{isa}\",\"prompt_tokens\":{},\"gen_tokens\":{},\"prefill_tok_s\":{pp:.3},\"decode_tok_s\":{tg:.3}}}",
-            a.model.display().to_string(),
-            prompt.len(),
-            a.gen_tokens
-        )
-        .map_err(io_failure)?;
-    } else {
-        writeln!(
-            out,
-            "model: {} ({}), {}, best of {}",
-            a.model.display(),
-            model.config.arch_name,
-            model.placement().describe(),
-            a.reps.max(1)
-        )
-        .map_err(io_failure)?;
-        writeln!(out, "prefill pp{:<5} {pp:>9.2} tok/s", prompt.len()).map_err(io_failure)?;
-        writeln!(out, "decode  tg{:<5} {tg:>9.2} tok/s", a.gen_tokens).map_err(io_failure)?;
-        if launches_per_token > 0.0 {
-            writeln!(
-                out,
-                "kernel launches per decoded token: {launches_per_token:.0}"
-            )
-            .map_err(io_failure)?;
-        }
-        if profiled.is_some() {
-            write_profile(out, "prefill (one pass)", &prefill_profile, 1)?;
-            write_profile(out, "decode (per token)", &decode_profile, a.gen_tokens)?;
-        }
-    }
-    Ok(())
-}
-
-/// The per-kernel table of a profiled phase, per `per` units (e.g. per decoded token).
-fn write_profile(
-    out: &mut impl Write,
-    phase: &str,
-    kernels: &[ternmux::backend::opencl::KernelTime],
-    per: usize,
-) -> Result<(), Failure> {
-    let per = per.max(1) as f64;
-    let device: f64 = kernels.iter().map(|k| k.device_s).sum();
-    let host: f64 = kernels.iter().map(|k| k.host_s).sum();
-    let w = |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(io_failure);
-    w(
-        out,
-        format!(
-            "\n## {phase}: device {:.3} ms, host queueing {:.3} ms (profiling events)",
-            device / per * 1e3,
-            host / per * 1e3
-        ),
-    )?;
-    w(
-        out,
-        format!(
-            "{:<28} {:>9} {:>12} {:>12} {:>11} {:>6}",
-            "kernel", "launches", "host µs/l", "device µs/l", "device ms", "share"
-        ),
-    )?;
-    for k in kernels {
-        let n = k.launches.max(1) as f64;
-        w(
-            out,
-            format!(
-                "{:<28} {:>9.1} {:>12.2} {:>12.2} {:>11.3} {:>5.1}%",
-                k.name,
-                k.launches as f64 / per,
-                k.host_s / n * 1e6,
-                k.device_s / n * 1e6,
-                k.device_s / per * 1e3,
-                100.0 * k.device_s / device.max(1e-12)
-            ),
-        )?;
-    }
-    Ok(())
-}
-
 #[allow(clippy::too_many_arguments)]
 fn chat(
     model: PathBuf,
@@ -742,8 +587,9 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
                     json: false,
                     device,
                     logits_out: None,
+                    batch: 1,
                 };
-                bench_model(a, out)?;
+                bench_model::bench_model(a, out)?;
             }
         }
         Command::Devices => match ternmux::backend::opencl::list_devices() {
@@ -760,7 +606,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
                 which: Some(BenchWhich::Concurrency(c)),
                 ..
             } => bench_conc::bench_concurrency(c, out)?,
-            BenchCmd { single, .. } => bench_model(single, out)?,
+            BenchCmd { single, .. } => bench_model::bench_model(single, out)?,
         },
         Command::Serve(a) => serve::serve(a, out)?,
         Command::Demo(a) => demo::demo(a, out)?,
