@@ -464,7 +464,7 @@ fn bench_device(
     ];
     for fmt in ternmux::kernels::ternary::TernaryFormat::ALL {
         for (name, rows, cols) in shapes {
-            for t in bench::ternary_kernels(&dev, fmt, rows, cols, &[1, 8, 32], launches)? {
+            for t in bench::ternary_kernels(&dev, fmt, rows, cols, &[1, 8, 32, 64], launches)? {
                 let device = match (t.device_seconds, t.device_gb_s()) {
                     (Some(s), Some(g)) => {
                         format!("{:>10.1} {:>9.1} {:>6.0}%", s * 1e6, g, 100.0 * g / copy_bw)
