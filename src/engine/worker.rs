@@ -79,6 +79,9 @@ pub(super) fn run(mut ctx: Context) {
     let n_ctx = ctx.cache.capacity();
     let mut free: Vec<usize> = (0..ctx.cache.slots()).rev().collect();
     let mut seqs: Vec<Seq<'_>> = Vec::new();
+    // The step's logits, one vector for the worker's life (a fresh one per step costs the OS
+    // zeroing of up to n_slots × n_vocab floats each time).
+    let mut logits: Vec<f32> = Vec::new();
     let mut closed = false;
     // When this model was admitted by the gate, while it holds it.
     let mut admitted: Option<Instant> = None;
@@ -192,7 +195,7 @@ pub(super) fn run(mut ctx: Context) {
             })
             .collect();
         let started = Instant::now();
-        let result = model.forward_batch(&mut ctx.cache, &chunks);
+        let result = model.forward_batch_into(&mut ctx.cache, &chunks, &mut logits);
         let sampling_from = Instant::now();
         ctx.metrics.forward_ns.fetch_add(
             sampling_from.duration_since(started).as_nanos() as u64,
@@ -203,20 +206,17 @@ pub(super) fn run(mut ctx: Context) {
         ctx.metrics
             .step_rows
             .fetch_add(rows as u64, Ordering::Relaxed);
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                // The pass failed for every sequence in it: each gets the error.
-                let msg = e.to_string();
-                for s in seqs.drain(..) {
-                    let _ = s.job.events.send(Event::Failed(Error::Engine(msg.clone())));
-                    ctx.metrics.outcome(Outcome::Failed);
-                    ctx.metrics.running.fetch_sub(1, Ordering::Relaxed);
-                    free.push(s.slot);
-                }
-                continue;
+        if let Err(e) = result {
+            // The pass failed for every sequence in it: each gets the error.
+            let msg = e.to_string();
+            for s in seqs.drain(..) {
+                let _ = s.job.events.send(Event::Failed(Error::Engine(msg.clone())));
+                ctx.metrics.outcome(Outcome::Failed);
+                ctx.metrics.running.fetch_sub(1, Ordering::Relaxed);
+                free.push(s.slot);
             }
-        };
+            continue;
+        }
         for &(i, n, _) in &plan {
             let s = &mut seqs[i];
             if !s.decoding() {

@@ -152,7 +152,8 @@ impl Model {
             places: &places,
             out: Out::PerPass(which),
         };
-        let logits = self.execute(cache, &job)?;
+        let mut logits = Vec::new();
+        self.execute(cache, &job, &mut logits)?;
         cache.lens[0] = pos0 + tokens.len();
         Ok(logits)
     }
@@ -162,6 +163,21 @@ impl Model {
     /// Returns `n_vocab` logits per chunk with `logits: true`, in order. The slots must be
     /// distinct and the rows at most [`Model::max_batch_rows`].
     pub fn forward_batch(&self, cache: &mut KvCache, seqs: &[SeqChunk<'_>]) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        self.forward_batch_into(cache, seqs, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`Model::forward_batch`] into `logits` (cleared first), whose memory is reused: a server
+    /// stepping a batch keeps one vector, instead of allocating (and the OS zeroing) the
+    /// batch's logits every step — 65 MB for 128 rows of a 128k vocabulary.
+    pub fn forward_batch_into(
+        &self,
+        cache: &mut KvCache,
+        seqs: &[SeqChunk<'_>],
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        logits.clear();
         let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         if total == 0 {
             return Err(Error::Request("forward_batch: no tokens".into()));
@@ -227,11 +243,11 @@ impl Model {
             places: &places,
             out: Out::Tail(n_out),
         };
-        let logits = self.execute(cache, &job)?;
+        self.execute(cache, &job, logits)?;
         for s in seqs {
             cache.lens[s.slot] += s.tokens.len();
         }
-        Ok(logits)
+        Ok(())
     }
 
     /// The most rows one [`Model::forward_batch`] pass takes with `cache` (the OpenCL backend
@@ -260,16 +276,16 @@ impl Model {
     }
 
     /// Runs `job` on the backend that owns `cache`'s storage.
-    fn execute(&self, cache: &mut KvCache, job: &Job<'_>) -> Result<Vec<f32>> {
+    fn execute(&self, cache: &mut KvCache, job: &Job<'_>, logits: &mut Vec<f32>) -> Result<()> {
         match &mut cache.store {
-            KvStorage::Cpu(kv) => run(&CpuExec::new(self), self, kv, job),
+            KvStorage::Cpu(kv) => run(&CpuExec::new(self), self, kv, job, logits),
             KvStorage::OpenCl(kv) => {
                 let Placement::OpenCl(dev) = &self.placement else {
                     return Err(Error::Device(
                         "a device KV cache used with a model on the CPU: make a new cache".into(),
                     ));
                 };
-                run(&ClExec::new(dev, self, kv), self, kv, job)
+                run(&ClExec::new(dev, self, kv), self, kv, job, logits)
             }
         }
     }
@@ -291,11 +307,16 @@ enum Out {
     Tail(usize),
 }
 
-/// Runs a job as passes the backend accepts and concatenates their logits.
-fn run<B: Backend>(be: &B, model: &Model, kv: &mut B::Kv, job: &Job<'_>) -> Result<Vec<f32>> {
-    let mut logits = Vec::new();
+/// Runs a job as passes the backend accepts and appends their logits to `logits`.
+fn run<B: Backend>(
+    be: &B,
+    model: &Model,
+    kv: &mut B::Kv,
+    job: &Job<'_>,
+    logits: &mut Vec<f32>,
+) -> Result<()> {
     match job.out {
-        Out::Tail(n) => pass(be, model, kv, job.tokens, job.places, n, &mut logits)?,
+        Out::Tail(n) => pass(be, model, kv, job.tokens, job.places, n, logits)?,
         Out::PerPass(which) => {
             let step = be.max_tokens_per_pass(kv).max(1);
             let n_chunks = job.tokens.len().div_ceil(step);
@@ -306,11 +327,11 @@ fn run<B: Backend>(be: &B, model: &Model, kv: &mut B::Kv, job: &Job<'_>) -> Resu
                     Logits::Last if i + 1 == n_chunks => 1,
                     Logits::Last => 0,
                 };
-                pass(be, model, kv, chunk, at, n_out, &mut logits)?;
+                pass(be, model, kv, chunk, at, n_out, logits)?;
             }
         }
     }
-    Ok(logits)
+    Ok(())
 }
 
 /// One pass of `tokens` at `places`: the architecture's op list. The logits of the last `n_out`

@@ -164,6 +164,8 @@ fn bench_batched_decode(
         if let Some(d) = &profiled {
             d.take_profile()?;
         }
+        // One logits vector for every pass, as the engine keeps.
+        let mut logits = Vec::new();
         let t = std::time::Instant::now();
         for _ in 0..a.gen_tokens {
             let ids = next.clone();
@@ -176,7 +178,7 @@ fn bench_batched_decode(
                     logits: true,
                 })
                 .collect();
-            let logits = model.forward_batch(&mut cache, &seqs)?;
+            model.forward_batch_into(&mut cache, &seqs, &mut logits)?;
             // In parallel, as the engine samples.
             next.par_iter_mut()
                 .zip(logits.par_chunks_exact(n_vocab))
