@@ -3,11 +3,16 @@
 //! Without it, every model with requests runs a batched step whenever it can, and when their
 //! weights together exceed the budget each step of one model evicts layers the next model's step
 //! needs: the device spends its time paging. The gate admits models while their weight bytes fit
-//! in the budget together (a model that is entirely resident already is always admitted: running
-//! it pages nothing); the others wait in arrival order. A model that has run for a
-//! [`super::EngineOptions::slice`] while another waits steps aside after its current step, so a
-//! page-in is paid once per slice instead of once per step. When everything fits, nobody ever
-//! waits at the gate.
+//! in the budget together; the others wait in arrival order. A model that has run for a
+//! [`super::EngineOptions::slice`] while another waits steps aside after its current step and
+//! queues again behind the waiting ones, so a page-in is paid once per slice instead of once per
+//! step. When everything fits, nobody ever waits at the gate.
+//!
+//! Residency is no pass: a model whose layers are all still on the device is admitted only when
+//! it fits next to the running ones too. (An earlier rule admitted any fully resident model at
+//! once; a model that had just stepped aside was still resident, so it came straight back, three
+//! models ran in a budget for two, and every step paged — 217 ms per 27-row step with four 2B
+//! models on the H100.)
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
@@ -37,15 +42,9 @@ impl Gate {
         }
     }
 
-    /// Waits until `name` (`bytes` of weights) may run. `budget` reads the current weight
-    /// budget; `resident` says whether all of the model's units are resident now.
-    pub fn enter(
-        &self,
-        name: &str,
-        bytes: usize,
-        budget: impl Fn() -> usize,
-        resident: impl Fn() -> bool,
-    ) {
+    /// Waits until `name` (`bytes` of weights) may run: it is first in line and fits next to
+    /// the running models (or none runs). `budget` reads the current weight budget.
+    pub fn enter(&self, name: &str, bytes: usize, budget: impl Fn() -> usize) {
         let Ok(mut s) = self.state.lock() else { return };
         if s.active.iter().any(|(n, _)| n == name) {
             return;
@@ -55,13 +54,13 @@ impl Gate {
             let first = s.waiting.front().is_some_and(|n| n == name);
             let used: usize = s.active.iter().map(|(_, b)| b).sum();
             let fits = s.active.is_empty() || used.saturating_add(bytes) <= budget();
-            if (first && fits) || resident() {
+            if first && fits {
                 s.waiting.retain(|n| n != name);
                 s.active.push((name.to_string(), bytes));
                 self.changed.notify_all();
                 return;
             }
-            // Re-check now and then: residency changes without a notification.
+            // Re-check now and then: the budget changes without a notification.
             s = match self.changed.wait_timeout(s, Duration::from_millis(20)) {
                 Ok((s, _)) => s,
                 Err(_) => return,
@@ -92,12 +91,12 @@ mod tests {
     #[test]
     fn admits_what_fits_and_queues_the_rest() {
         let gate = Arc::new(Gate::new(Duration::from_millis(1)));
-        gate.enter("a", 60, || 100, || false);
+        gate.enter("a", 60, || 100);
         // b does not fit next to a: it waits until a leaves.
         let entered = Arc::new(AtomicBool::new(false));
         let (g, e) = (gate.clone(), entered.clone());
         let t = std::thread::spawn(move || {
-            g.enter("b", 60, || 100, || false);
+            g.enter("b", 60, || 100);
             e.store(true, Ordering::SeqCst);
         });
         std::thread::sleep(Duration::from_millis(50));
@@ -106,10 +105,32 @@ mod tests {
         gate.leave("a");
         t.join().unwrap();
         assert!(entered.load(Ordering::SeqCst));
-        // A resident model is admitted at once; a model that fits too.
-        gate.enter("c", 60, || 100, || true);
-        gate.leave("c");
-        gate.enter("d", 40, || 100, || false);
-        assert!(!gate.should_yield(Instant::now()));
+        // A model that fits next to b is admitted at once, and nobody waits.
+        gate.enter("d", 40, || 100);
+        assert!(!gate.should_yield(Instant::now() - Duration::from_millis(5)));
+    }
+
+    /// A model that stepped aside queues behind the one it made room for, even though its
+    /// weights are all still resident (nothing has paged them out yet).
+    #[test]
+    fn a_model_that_steps_aside_waits_its_turn() {
+        let gate = Arc::new(Gate::new(Duration::from_millis(1)));
+        gate.enter("a", 60, || 100);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (g, o) = (gate.clone(), order.clone());
+        let c = std::thread::spawn(move || {
+            g.enter("c", 60, || 100);
+            o.lock().unwrap().push("c");
+            std::thread::sleep(Duration::from_millis(30));
+            g.leave("c");
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        // a's slice is over and c waits: a steps aside and asks again at once.
+        assert!(gate.should_yield(Instant::now() - Duration::from_millis(5)));
+        gate.leave("a");
+        gate.enter("a", 60, || 100);
+        order.lock().unwrap().push("a");
+        c.join().unwrap();
+        assert_eq!(*order.lock().unwrap(), vec!["c", "a"]);
     }
 }

@@ -62,7 +62,10 @@ pub struct EngineOptions {
     /// KV cache precision.
     pub kv_type: KvType,
     /// When models with requests do not fit in the weight budget together, how long one runs
-    /// before stepping aside for a waiting one (see the gate in the module docs).
+    /// before stepping aside for a waiting one (see the gate in the module docs). Default 1 s:
+    /// with four 2B models under a budget for two on the H100, 1 s gave 1.2–1.3× the throughput
+    /// of 300 ms at concurrency 4–64 with average TTFT still under 0.5 s; 2 s gained no more and
+    /// doubled the worst TTFT.
     pub slice: Duration,
 }
 
@@ -74,7 +77,7 @@ impl Default for EngineOptions {
             n_ctx: 0,
             prefill_chunk: 64,
             kv_type: KvType::F16,
-            slice: Duration::from_millis(300),
+            slice: Duration::from_millis(1000),
         }
     }
 }

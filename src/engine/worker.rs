@@ -148,17 +148,9 @@ pub(super) fn run(mut ctx: Context) {
             continue;
         }
         if admitted.is_none() {
-            let (mux, name) = (&ctx.mux, ctx.name.as_str());
-            ctx.gate.enter(
-                name,
-                ctx.weight_bytes,
-                || mux.budget(),
-                || {
-                    mux.stats()
-                        .model(name)
-                        .is_some_and(|m| m.resident_bytes >= m.total_bytes)
-                },
-            );
+            let mux = &ctx.mux;
+            ctx.gate
+                .enter(ctx.name.as_str(), ctx.weight_bytes, || mux.budget());
             admitted = Some(Instant::now());
         }
         // The step: one row per decoding sequence, then prompt chunks in arrival order.

@@ -35,6 +35,11 @@ pub struct EngineArgs {
     /// CPU worker threads (default: all cores).
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
+    /// When the models' weights do not fit the budget together: how long (ms) a model runs
+    /// before it steps aside for a waiting one. Longer pays fewer page-ins per token; shorter
+    /// lets a waiting model start sooner.
+    #[arg(long = "slice-ms", default_value_t = 1000)]
+    pub slice_ms: u64,
 }
 
 impl EngineArgs {
@@ -45,6 +50,7 @@ impl EngineArgs {
             queue: self.queue,
             n_ctx: self.ctx,
             prefill_chunk: self.prefill_chunk,
+            slice: std::time::Duration::from_millis(self.slice_ms.max(1)),
             ..EngineOptions::default()
         }
     }
