@@ -464,17 +464,32 @@ __kernel void ternary_gemv_tq2_norm(int k, __global const char* q, __global cons
 // words one code word pairs with (planes j = 0..3, elements 32j + 4i..4i+3) are contiguous (one
 // 16-byte local load), rows padded to TT_STRIDE words so that the tokens of one load fall in
 // different banks. Per row and chunk the sums are exact integers that start from the chunk's
-// `tq2_neg_count` correction, scaled by the block's d once. Grid: (row tiles · teams ·
-// TEAM, token tiles); local: `tile16`, teams · max(tile tokens · TT_STRIDE, tile rows · tile
-// tokens) words.
+// `tq2_neg_count` correction, scaled by the block's d once.
+//
+// When the matrix has too few row tiles to fill the device (the 2560-row projections of a 2B
+// model), `splits` work-groups share a tile, each taking a contiguous share of its rounds; their
+// sums meet in `part` (splits · n_tok · rows floats) and the last to arrive, by a per-tile
+// ticket in `tickets`, adds them in split order — deterministic, one launch.
+//
+// Grid: (row tiles · teams · TEAM, token tiles, splits); local: `tile16`, teams · max(tile
+// tokens · TT_STRIDE, tile rows · tile tokens) + 1 words (the last one a flag).
 #define TT_RPT 2
 #define TT_TPT 16
 #define TT_STRIDE 36
 
+// One output of the tiled GEMM: (Σ / s_token) · scale + bias, added when `accumulate`.
+inline void tiled_store(Row x, float v, const __global float* qsc, int t, int accumulate) {
+    v = v / qsc[t] * x.s;
+    if (x.hb) v += x.bias[x.rr];
+    size_t at = (size_t)t * x.n + x.rr;
+    x.o[at] = accumulate ? x.o[at] + v : v;
+}
+
 __kernel void ternary_matmul_tq2_tiled(int k, __global const char* q, __global const float* qsc,
                                        int n_tok, int tgroups,
                                        ROW_PARAMS,
-                                       int accumulate, __local uint4* tile16) {
+                                       int accumulate, __local uint4* tile16, int splits,
+                                       __global float* part, volatile __global int* tickets) {
     // Declared as uint4: NVIDIA aligns a local argument only to its declared type, and the
     // tile is read 16 bytes at a time.
     __local uint* tile = (__local uint*)tile16;
@@ -504,7 +519,10 @@ __kernel void ternary_matmul_tq2_tiled(int k, __global const char* q, __global c
     __local uint* acts = tile + team * tile_toks * TT_STRIDE;
     int nchunk = k / 128;
     int rounds = (nchunk + teams - 1) / teams;
-    for (int round = 0; round < rounds; round++) {
+    // This work-group's share of the rounds when the row length is split (dimension 2).
+    int split = get_group_id(2);
+    int round0 = rounds * split / splits, round1 = rounds * (split + 1) / splits;
+    for (int round = round0; round < round1; round++) {
         int c = round * teams + team;
         bool live = c < nchunk;
         barrier(CLK_LOCAL_MEM_FENCE);
@@ -595,16 +613,53 @@ __kernel void ternary_matmul_tq2_tiled(int k, __global const char* q, __global c
         }
     }
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (int o = get_local_id(0); o < tile_rows * tile_toks; o += get_local_size(0)) {
-        int rl = o % tile_rows, tl = o / tile_rows;
-        Row x = pick_row(r_tile + rl, ROW_ARGS);
-        if (tl < nt && x.rr < x.n) {
-            float v = 0.0f;
-            for (int w = 0; w < teams; w++) v += red[(w * tile_toks + tl) * tile_rows + rl];
-            v = v / qsc[t0 + tl] * x.s;
-            if (x.hb) v += x.bias[x.rr];
-            size_t at = (size_t)(t0 + tl) * x.n + x.rr;
-            x.o[at] = accumulate ? x.o[at] + v : v;
+    int total = n0 + n1 + n2;
+    // Row length split over `splits` work-groups (dimension 2): each writes its sums to `part`
+    // (split-major, then token, then row of the launch) and the last of the tile's work-groups
+    // to arrive (its ticket; device-wide fences as in `last_group`) adds them in split order.
+    // Barriers stay at top level and every work-item passes them (PoCL).
+    if (splits > 1) {
+        for (int o = get_local_id(0); o < tile_rows * tile_toks; o += get_local_size(0)) {
+            int rl = o % tile_rows, tl = o / tile_rows;
+            if (tl < nt && r_tile + rl < total) {
+                float v = 0.0f;
+                for (int w = 0; w < teams; w++) v += red[(w * tile_toks + tl) * tile_rows + rl];
+                part[((size_t)split * n_tok + t0 + tl) * total + r_tile + rl] = v;
+            }
+        }
+    }
+    barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
+    __local int* flag = (__local int*)(red + teams * tile_toks * tile_rows);
+    if (get_local_id(0) == 0) {
+        int last = 1;
+        if (splits > 1) {
+            volatile __global int* ticket = tickets + get_group_id(1) * get_num_groups(0) +
+                                            get_group_id(0);
+            device_fence();
+            last = atomic_inc(ticket) == splits - 1;
+            if (last) atomic_xchg(ticket, 0);
+            device_fence();
+        }
+        flag[0] = last;
+    }
+    barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
+    if (flag[0]) {
+        for (int o = get_local_id(0); o < tile_rows * tile_toks; o += get_local_size(0)) {
+            int rl = o % tile_rows, tl = o / tile_rows;
+            Row x = pick_row(r_tile + rl, ROW_ARGS);
+            if (tl < nt && x.rr < x.n) {
+                float v = 0.0f;
+                if (splits == 1) {
+                    for (int w = 0; w < teams; w++) {
+                        v += red[(w * tile_toks + tl) * tile_rows + rl];
+                    }
+                } else {
+                    for (int sp = 0; sp < splits; sp++) {
+                        v += part[((size_t)sp * n_tok + t0 + tl) * total + r_tile + rl];
+                    }
+                }
+                tiled_store(x, v, qsc, t0 + tl, accumulate);
+            }
         }
     }
 }

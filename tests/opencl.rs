@@ -80,7 +80,9 @@ fn ternary_case() -> impl Strategy<Value = (TernaryFormat, usize, usize, usize, 
             Just(TernaryFormat::I2S)
         ],
         prop_oneof![3 => 1usize..20, 1 => 20usize..80],
-        1usize..5,
+        // Up to 27 blocks (the 2B down projection's 6912) now and then: rows long enough that
+        // the tiled GEMM splits them over work-groups.
+        prop_oneof![3 => 1usize..5, 1 => 5usize..28],
         // Small batches, and batches past one tile of the GPU's tiled TQ2_0 GEMM (16, 32 and
         // 64 tokens).
         prop_oneof![3 => 1usize..12, 1 => 12usize..100],
@@ -116,6 +118,151 @@ impl Lcg {
     }
 }
 
+/// One ternary matmul case (1–3 matrices, bias, accumulate) against Σ w·q / s_t · scale in
+/// f64, by every path the device takes for it (and the GEMV's, for one TQ2_0 token).
+fn check_ternary(
+    fmt: TernaryFormat,
+    rows: usize,
+    k: usize,
+    n_tok: usize,
+    seed: u64,
+    n_mats: usize,
+    accumulate: bool,
+) -> Result<(), TestCaseError> {
+    let Some(d) = device() else { return Ok(()) };
+    let mut r = Lcg(seed);
+    let mut mats = Vec::new();
+    for _ in 0..n_mats {
+        // Sparse-ish ternary weights with varied magnitudes per block.
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| {
+                let v = r.f();
+                let m = 1.0 + (i / 256 % 7) as f32;
+                if v.abs() < 0.3 { 0.0 } else { v.signum() * m }
+            })
+            .collect();
+        let ty = GgmlType::Ternary(fmt);
+        let bytes = quant::encode(ty, &x, rows, k).unwrap();
+        let w = quant::decode(ty, &bytes, rows, k).unwrap();
+        let bias: Option<Vec<f32>> = r
+            .next()
+            .is_multiple_of(2)
+            .then(|| (0..rows).map(|_| r.f()).collect());
+        // The kernel's output scale carries I2_S's per-tensor w_s (the decoded values hold it).
+        let w_s = if fmt == TernaryFormat::I2S {
+            quant::i2s_scale(&bytes, rows, k)
+        } else {
+            1.0
+        };
+        let scale = 0.5 + r.f().abs();
+        mats.push((bytes, w, bias, scale, w_s));
+    }
+    let q: Vec<i8> = (0..n_tok * k)
+        .map(|_| ((r.next() % 255) as i32 - 127) as i8)
+        .collect();
+    let s: Vec<f32> = (0..n_tok).map(|_| 1.0 + r.f().abs() * 100.0).collect();
+    let qb = d.upload(bytemuck::cast_slice(&q)).unwrap();
+    let sb = up_f32(&d, &s);
+    let start: Vec<f32> = (0..n_tok * rows).map(|_| r.f()).collect();
+    let bufs: Vec<(DevBuf, DevBuf, Option<DevBuf>)> = mats
+        .iter()
+        .map(|(bytes, _, bias, _, _)| {
+            (
+                d.upload(bytes).unwrap(),
+                up_f32(&d, &start),
+                bias.as_ref().map(|b| up_f32(&d, b)),
+            )
+        })
+        .collect();
+    let outs: Vec<TernaryOut<'_>> = bufs
+        .iter()
+        .zip(&mats)
+        .map(|((w, o, b), m)| TernaryOut {
+            w,
+            rows,
+            out: o,
+            scale: m.3 * m.4,
+            bias: b.as_ref(),
+        })
+        .collect();
+    d.ternary_matmul(fmt, k, &qb, &sb, n_tok, &outs, accumulate)
+        .unwrap();
+    let mut paths: Vec<(&str, Vec<Vec<f32>>)> = vec![(
+        "matmul",
+        bufs.iter()
+            .map(|(_, o, _)| read_f32(&d, o, n_tok * rows))
+            .collect(),
+    )];
+    // One TQ2_0 token: the GEMV kernel too (what GPUs run; called directly so that CPU
+    // devices test it as well), from the same starting outputs.
+    if fmt == TernaryFormat::Tq2_0 && n_tok == 1 {
+        let fresh: Vec<DevBuf> = mats.iter().map(|_| up_f32(&d, &start)).collect();
+        let outs: Vec<TernaryOut<'_>> = fresh
+            .iter()
+            .zip(&bufs)
+            .zip(&mats)
+            .map(|((o, (w, _, b)), m)| TernaryOut {
+                w,
+                rows,
+                out: o,
+                scale: m.3 * m.4,
+                bias: b.as_ref(),
+            })
+            .collect();
+        d.ternary_gemv_tq2(k, &qb, &sb, &outs, accumulate, None)
+            .unwrap();
+        paths.push((
+            "gemv",
+            fresh.iter().map(|o| read_f32(&d, o, rows)).collect(),
+        ));
+    }
+    let nsb = k.div_ceil(256);
+    for (path, got, (_, w, bias, scale, _)) in paths
+        .iter()
+        .flat_map(|(p, res)| res.iter().zip(&mats).map(move |(g, m)| (p, g, m)))
+    {
+        for t in 0..n_tok {
+            for row in 0..rows {
+                let (mut exact, mut mag) = (0f64, 0f64);
+                for j in 0..k {
+                    let p = f64::from(w[row * k + j]) * f64::from(q[t * k + j]);
+                    exact += p;
+                    mag += p.abs();
+                }
+                let st = f64::from(s[t]);
+                let mut want = exact / st * f64::from(*scale);
+                if let Some(b) = bias {
+                    want += f64::from(b[row]);
+                }
+                if accumulate {
+                    want += f64::from(start[t * rows + row]);
+                }
+                let bound = (gamma(nsb + 40) * mag / st + 1e-6 * exact.abs() / st)
+                    * f64::from(*scale)
+                    + 1e-6 * want.abs()
+                    + 1e-6;
+                let g = f64::from(got[t * rows + row]);
+                prop_assert!(
+                    (g - want).abs() <= bound,
+                    "{} {path} rows {rows} k {k} t {t} row {row}: got {g}, want {want}, bound {bound}",
+                    fmt.name()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rows long enough, and tiles few enough, that the tiled TQ2_0 GEMM splits each row over
+/// several work-groups (with `TERNMUX_CL_GPU_KERNELS=1` on PoCL; on GPUs always): the split
+/// sums must meet exactly once each.
+#[test]
+fn ternary_matmul_split_rows_match_f64() {
+    for (rows, k, n_tok) in [(40, 6912, 40), (17, 2560, 70), (3, 4096, 20)] {
+        check_ternary(TernaryFormat::Tq2_0, rows, k, n_tok, rows as u64, 2, true).unwrap();
+    }
+}
+
 proptest! {
     // 48 cases: formats × batch sizes × the GPU kernels' paths (GEMV, tiled GEMMs of 1, 2, 4
     // or 8 token groups, several token tiles) all draw from one run.
@@ -126,71 +273,7 @@ proptest! {
     /// f32 (≤ γ(nsb + 32 + 2) · Σ|w·q|/s_t); I2_S is exact up to the final division and scale.
     #[test]
     fn ternary_matmul_matches_f64((fmt, rows, k, n_tok, seed) in ternary_case(), n_mats in 1usize..4, accumulate in any::<bool>()) {
-        let Some(d) = device() else { return Ok(()) };
-        let mut r = Lcg(seed);
-        let mut mats = Vec::new();
-        for _ in 0..n_mats {
-            // Sparse-ish ternary weights with varied magnitudes per block.
-            let x: Vec<f32> = (0..rows * k).map(|i| {
-                let v = r.f();
-                let m = 1.0 + (i / 256 % 7) as f32;
-                if v.abs() < 0.3 { 0.0 } else { v.signum() * m }
-            }).collect();
-            let ty = GgmlType::Ternary(fmt);
-            let bytes = quant::encode(ty, &x, rows, k).unwrap();
-            let w = quant::decode(ty, &bytes, rows, k).unwrap();
-            let bias: Option<Vec<f32>> = r.next().is_multiple_of(2).then(|| (0..rows).map(|_| r.f()).collect());
-            // The kernel's output scale carries I2_S's per-tensor w_s (the decoded values hold it).
-            let w_s = if fmt == TernaryFormat::I2S { quant::i2s_scale(&bytes, rows, k) } else { 1.0 };
-            let scale = 0.5 + r.f().abs();
-            mats.push((bytes, w, bias, scale, w_s));
-        }
-        let q: Vec<i8> = (0..n_tok * k).map(|_| ((r.next() % 255) as i32 - 127) as i8).collect();
-        let s: Vec<f32> = (0..n_tok).map(|_| 1.0 + r.f().abs() * 100.0).collect();
-        let qb = d.upload(bytemuck::cast_slice(&q)).unwrap();
-        let sb = up_f32(&d, &s);
-        let start: Vec<f32> = (0..n_tok * rows).map(|_| r.f()).collect();
-        let bufs: Vec<(DevBuf, DevBuf, Option<DevBuf>)> = mats.iter().map(|(bytes, _, bias, _, _)| {
-            (d.upload(bytes).unwrap(), up_f32(&d, &start), bias.as_ref().map(|b| up_f32(&d, b)))
-        }).collect();
-        let outs: Vec<TernaryOut<'_>> = bufs.iter().zip(&mats).map(|((w, o, b), m)| TernaryOut {
-            w, rows, out: o, scale: m.3 * m.4, bias: b.as_ref(),
-        }).collect();
-        d.ternary_matmul(fmt, k, &qb, &sb, n_tok, &outs, accumulate).unwrap();
-        let mut paths: Vec<(&str, Vec<Vec<f32>>)> =
-            vec![("matmul", bufs.iter().map(|(_, o, _)| read_f32(&d, o, n_tok * rows)).collect())];
-        // One TQ2_0 token: the GEMV kernel too (what GPUs run; called directly so that CPU
-        // devices test it as well), from the same starting outputs.
-        if fmt == TernaryFormat::Tq2_0 && n_tok == 1 {
-            let fresh: Vec<DevBuf> = mats.iter().map(|_| up_f32(&d, &start)).collect();
-            let outs: Vec<TernaryOut<'_>> = fresh.iter().zip(&bufs).zip(&mats).map(|((o, (w, _, b)), m)| TernaryOut {
-                w, rows, out: o, scale: m.3 * m.4, bias: b.as_ref(),
-            }).collect();
-            d.ternary_gemv_tq2(k, &qb, &sb, &outs, accumulate, None).unwrap();
-            paths.push(("gemv", fresh.iter().map(|o| read_f32(&d, o, rows)).collect()));
-        }
-        let nsb = k.div_ceil(256);
-        for (path, got, (_, w, bias, scale, _)) in paths.iter().flat_map(|(p, res)| res.iter().zip(&mats).map(move |(g, m)| (p, g, m))) {
-            for t in 0..n_tok {
-                for row in 0..rows {
-                    let (mut exact, mut mag) = (0f64, 0f64);
-                    for j in 0..k {
-                        let p = f64::from(w[row * k + j]) * f64::from(q[t * k + j]);
-                        exact += p;
-                        mag += p.abs();
-                    }
-                    let st = f64::from(s[t]);
-                    let mut want = exact / st * f64::from(*scale);
-                    if let Some(b) = bias { want += f64::from(b[row]); }
-                    if accumulate { want += f64::from(start[t * rows + row]); }
-                    let bound = (gamma(nsb + 40) * mag / st + 1e-6 * exact.abs() / st) * f64::from(*scale)
-                        + 1e-6 * want.abs() + 1e-6;
-                    let g = f64::from(got[t * rows + row]);
-                    prop_assert!((g - want).abs() <= bound,
-                        "{} {path} rows {rows} k {k} t {t} row {row}: got {g}, want {want}, bound {bound}", fmt.name());
-                }
-            }
-        }
+        check_ternary(fmt, rows, k, n_tok, seed, n_mats, accumulate)?;
     }
 
     /// Float and block-quantized matmul (heads, embeddings) against the CPU decoder (bit-exact

@@ -352,6 +352,10 @@ pub struct ClDevice {
     /// Pinned host memory that large reads (the logits of a batch) land in first: the driver
     /// copies into pageable memory at a fifth of the speed. Grown on demand.
     read_stage: Mutex<Option<Pinned>>,
+    /// Partial sums of launches that split a row length over work-groups (the tiled GEMM of
+    /// small matrices). Shared like [`ClDevice::tickets`]: launches on the one in-order compute
+    /// queue never overlap. Grown on demand.
+    split_part: Mutex<Option<DevBuf>>,
 }
 
 /// Reads of at least this many bytes go through [`ClDevice::read_stage`].
@@ -570,6 +574,7 @@ impl ClDevice {
             profile: profiling.then(|| Mutex::new(Vec::new())),
             gpu_shaped,
             read_stage: Mutex::new(None),
+            split_part: Mutex::new(None),
         });
         open.insert(dev.info.raw, dev.clone());
         Ok(dev)
@@ -732,6 +737,29 @@ impl ClDevice {
         }
         .map_err(|e| cl_err("read", e))?;
         Ok(())
+    }
+
+    /// Runs `f` with the device's split-sum scratch buffer, at least `bytes` long (see
+    /// [`ClDevice::split_part`]); the lock is held meanwhile, so `f` queues its launch with it.
+    pub(crate) fn with_split_part<T>(
+        &self,
+        bytes: usize,
+        f: impl FnOnce(&DevBuf) -> Result<T>,
+    ) -> Result<T> {
+        let mut part = self
+            .split_part
+            .lock()
+            .map_err(|_| Error::Device("opencl: split scratch poisoned".into()))?;
+        if part.as_ref().is_none_or(|b| b.bytes < bytes) {
+            // A buffer still used by a queued launch lives until that launch ends (OpenCL keeps
+            // memory objects of enqueued commands).
+            *part = None;
+            *part = Some(self.alloc(bytes.max(4))?);
+        }
+        match part.as_ref() {
+            Some(b) => f(b),
+            None => Err(Error::Device("opencl: no split scratch".into())),
+        }
     }
 
     /// Appends the first `len` floats of `src` to `out` (blocking). Large reads land in pinned

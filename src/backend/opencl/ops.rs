@@ -26,6 +26,10 @@ const TILED_STRIDE: usize = 36;
 /// The smallest batch that takes the tiled TQ2_0 GEMM: on the H100, 8–16 tokens ran 7–10%
 /// faster on the two-row kernel, 32 and more faster tiled.
 const TILED_MIN_TOKENS: usize = 17;
+/// Work-groups per compute unit below which the tiled GEMM splits the row length over several
+/// work-groups per tile, and the most it splits it.
+const TILED_GROUPS_PER_CU: usize = 4;
+const TILED_MAX_SPLITS: usize = 8;
 
 /// The tiled F16 GEMM (cl/float.cl `float_matmul_f16_tiled`): tokens per work-item (`FT_TPT`;
 /// rows per work-item are 4, `FT_RPT`), columns staged per step (`FT_CHUNK`), local floats per
@@ -406,14 +410,23 @@ impl ClDevice {
             let (tgroups, teams) = tiled_shape(n_tok);
             args.insert(4, Arg::I32(tgroups as i32));
             let (rows, toks) = (TEAM / tgroups * TILED_RPT, tgroups * TILED_TPT);
-            let words = teams * (toks * TILED_STRIDE).max(rows * toks);
+            let words = teams * (toks * TILED_STRIDE).max(rows * toks) + 1;
             args.push(Arg::Local(words * 4));
-            return self.launch(
-                "ternary_matmul_tq2_tiled",
-                &[total.div_ceil(rows) * teams * TEAM, n_tok.div_ceil(toks)],
-                &[teams * TEAM, 1],
-                &args,
-            );
+            let tiles = (total.div_ceil(rows), n_tok.div_ceil(toks));
+            let rounds = (k / 128).div_ceil(teams);
+            let splits = self.tiled_splits(tiles.0 * tiles.1, rounds);
+            let global = [tiles.0 * teams * TEAM, tiles.1, splits];
+            let local = [teams * TEAM, 1, 1];
+            args.push(int(splits)?);
+            if splits == 1 {
+                args.extend([Arg::Buf(self.dummy()), Arg::Buf(self.tickets())]);
+                return self.launch("ternary_matmul_tq2_tiled", &global, &local, &args);
+            }
+            return self.with_split_part(splits * n_tok * total * 4, |part| {
+                let mut args = args;
+                args.extend([Arg::Buf(part), Arg::Buf(self.tickets())]);
+                self.launch("ternary_matmul_tq2_tiled", &global, &local, &args)
+            });
         }
         // Other batches of TQ2_0 take two rows per team (activations loaded once for both).
         if fmt == TernaryFormat::Tq2_0 && n_tok > 1 {
@@ -448,6 +461,22 @@ impl ClDevice {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_TILED").is_none_or(|v| v != "0"))
             && self.gpu_kernels()
+    }
+
+    /// Work-groups that share one tile of the tiled TQ2_0 GEMM, each a share of its `rounds`:
+    /// enough that `tiles` tiles make [`TILED_GROUPS_PER_CU`] work-groups per compute unit,
+    /// at most [`TILED_MAX_SPLITS`]; 1 where the kernels have no device-wide fence (the last
+    /// work-group's ticket needs one) or the tiles outnumber the tickets.
+    fn tiled_splits(&self, tiles: usize, rounds: usize) -> usize {
+        let fence = self.dp4a() || self.info().kind == "CPU";
+        let target = TILED_GROUPS_PER_CU * self.info().compute_units.max(1) as usize;
+        if !fence || tiles >= target || tiles > super::device::TICKETS {
+            return 1;
+        }
+        target
+            .div_ceil(tiles)
+            .min(rounds)
+            .clamp(1, TILED_MAX_SPLITS)
     }
 
     /// Whether the forward pass ends one-token launches with their row op ([`RowTail`]): with
