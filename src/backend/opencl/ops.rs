@@ -27,8 +27,10 @@ const TILED_STRIDE: usize = 36;
 /// faster on the two-row kernel, 32 and more faster tiled.
 const TILED_MIN_TOKENS: usize = 17;
 /// Work-groups per compute unit below which the tiled GEMM splits the row length over several
-/// work-groups per tile, and the most it splits it.
-const TILED_GROUPS_PER_CU: usize = 4;
+/// work-groups per tile, and the most it splits it. On the H100, batch-64 passes of the 2B model
+/// took 25.0 / 25.7 ms with 2 per CU, 25.2 / 26.0 with 4, 26.2 / 26.9 with 8 and 26.9 / 29.1
+/// without splitting.
+const TILED_GROUPS_PER_CU: usize = 2;
 const TILED_MAX_SPLITS: usize = 8;
 
 /// The tiled F16 GEMM (cl/float.cl `float_matmul_f16_tiled`): tokens per work-item (`FT_TPT`;
