@@ -763,8 +763,8 @@ impl ClDevice {
     }
 
     /// Appends the first `len` floats of `src` to `out` (blocking). Large reads land in pinned
-    /// memory first and are copied from there, which on the H100 is faster than the driver's
-    /// own path into pageable memory.
+    /// memory first and are copied from there by all cores, which on the H100 is faster than the
+    /// driver's own path into pageable memory.
     pub fn read_f32_append(&self, src: &DevBuf, len: usize, out: &mut Vec<f32>) -> Result<()> {
         let bytes = len * 4;
         if bytes < STAGED_READ_MIN {
@@ -786,7 +786,11 @@ impl ClDevice {
         self.read(src, 0, &mut pinned.as_mut_slice()[..bytes])?;
         let data = &pinned.as_slice()[..bytes];
         match bytemuck::try_cast_slice::<u8, f32>(data) {
-            Ok(f) => out.extend_from_slice(f),
+            // In parallel: one thread copies 32 MB (64 rows of a 128k vocabulary) in ~3 ms.
+            Ok(f) => {
+                use rayon::prelude::*;
+                out.par_extend(f.par_iter().copied());
+            }
             Err(_) => out.extend(
                 data.chunks_exact(4)
                     .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])),
