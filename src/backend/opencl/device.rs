@@ -349,8 +349,9 @@ pub struct ClDevice {
     profile: Option<Mutex<Vec<Launched>>>,
     /// Whether the GPU-shaped kernel paths are chosen ([`ClDevice::gpu_kernels`]).
     gpu_shaped: bool,
-    /// Pinned host memory that large reads (the logits of a batch) land in first: the driver
-    /// copies into pageable memory at a fifth of the speed. Grown on demand.
+    /// Pinned host memory that large reads (the logits of a batch) land in first: transfers to
+    /// and from pageable memory go through the driver's own staging (host→device 10 against
+    /// 55 GB/s pinned on the H100, `ternmux bench-device`). Grown on demand.
     read_stage: Mutex<Option<Pinned>>,
     /// Partial sums of launches that split a row length over work-groups (the tiled GEMM of
     /// small matrices). Shared like [`ClDevice::tickets`]: launches on the one in-order compute
@@ -360,6 +361,28 @@ pub struct ClDevice {
 
 /// Reads of at least this many bytes go through [`ClDevice::read_stage`].
 const STAGED_READ_MIN: usize = 1 << 20;
+
+/// Runs `f` on the value in `slot` (a buffer the device keeps and grows on demand), made anew
+/// by `make` when there is none or it is not `big_enough`; the lock is held meanwhile.
+fn with_grown<T, R>(
+    slot: &Mutex<Option<T>>,
+    what: &str,
+    big_enough: impl Fn(&T) -> bool,
+    make: impl FnOnce() -> Result<T>,
+    f: impl FnOnce(&mut T) -> Result<R>,
+) -> Result<R> {
+    let mut held = slot
+        .lock()
+        .map_err(|_| Error::Device(format!("opencl: {what} poisoned")))?;
+    if held.as_ref().is_none_or(|t| !big_enough(t)) {
+        *held = None;
+        *held = Some(make()?);
+    }
+    match held.as_mut() {
+        Some(t) => f(t),
+        None => Err(Error::Device(format!("opencl: no {what}"))),
+    }
+}
 
 /// Counters in [`ClDevice::tickets`]: the most rows one launch with a row epilogue may have.
 pub const TICKETS: usize = 4096;
@@ -746,20 +769,15 @@ impl ClDevice {
         bytes: usize,
         f: impl FnOnce(&DevBuf) -> Result<T>,
     ) -> Result<T> {
-        let mut part = self
-            .split_part
-            .lock()
-            .map_err(|_| Error::Device("opencl: split scratch poisoned".into()))?;
-        if part.as_ref().is_none_or(|b| b.bytes < bytes) {
-            // A buffer still used by a queued launch lives until that launch ends (OpenCL keeps
-            // memory objects of enqueued commands).
-            *part = None;
-            *part = Some(self.alloc(bytes.max(4))?);
-        }
-        match part.as_ref() {
-            Some(b) => f(b),
-            None => Err(Error::Device("opencl: no split scratch".into())),
-        }
+        // A buffer replaced while a queued launch still uses it lives until that launch ends
+        // (OpenCL keeps the memory objects of enqueued commands).
+        with_grown(
+            &self.split_part,
+            "split scratch",
+            |b| b.bytes >= bytes,
+            || self.alloc(bytes.max(4)),
+            |b| f(b),
+        )
     }
 
     /// Appends the first `len` floats of `src` to `out` (blocking). Large reads land in pinned
@@ -772,31 +790,28 @@ impl ClDevice {
             out.resize(at + len, 0.0);
             return self.read(src, 0, bytemuck::cast_slice_mut(&mut out[at..]));
         }
-        let mut stage = self
-            .read_stage
-            .lock()
-            .map_err(|_| Error::Device("opencl: read staging poisoned".into()))?;
-        if stage.as_ref().is_none_or(|p| p.bytes < bytes) {
-            *stage = None;
-            *stage = Some(self.pinned(bytes)?);
-        }
-        let Some(pinned) = stage.as_mut() else {
-            return Err(Error::Device("opencl: no read staging".into()));
-        };
-        self.read(src, 0, &mut pinned.as_mut_slice()[..bytes])?;
-        let data = &pinned.as_slice()[..bytes];
-        match bytemuck::try_cast_slice::<u8, f32>(data) {
-            // In parallel: one thread copies 32 MB (64 rows of a 128k vocabulary) in ~3 ms.
-            Ok(f) => {
-                use rayon::prelude::*;
-                out.par_extend(f.par_iter().copied());
-            }
-            Err(_) => out.extend(
-                data.chunks_exact(4)
-                    .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])),
-            ),
-        }
-        Ok(())
+        with_grown(
+            &self.read_stage,
+            "read staging",
+            |p| p.bytes >= bytes,
+            || self.pinned(bytes),
+            |pinned| {
+                self.read(src, 0, &mut pinned.as_mut_slice()[..bytes])?;
+                let data = &pinned.as_slice()[..bytes];
+                match bytemuck::try_cast_slice::<u8, f32>(data) {
+                    // On all cores: a batch's logits are tens of megabytes.
+                    Ok(f) => {
+                        use rayon::prelude::*;
+                        out.par_extend(f.par_iter().copied());
+                    }
+                    Err(_) => out.extend(
+                        data.chunks_exact(4)
+                            .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])),
+                    ),
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Device-to-device copy of `bytes` bytes (queued; returns its event for timing).

@@ -33,9 +33,10 @@ const TILED_MIN_TOKENS: usize = 17;
 const TILED_GROUPS_PER_CU: usize = 2;
 const TILED_MAX_SPLITS: usize = 8;
 
-/// The tiled F16 GEMM (cl/float.cl `float_matmul_f16_tiled`): tokens per work-item (`FT_TPT`;
-/// rows per work-item are 4, `FT_RPT`), columns staged per step (`FT_CHUNK`), local floats per
-/// staged token (`FT_STRIDE`), teams per work-group, and the smallest batch that takes it.
+/// The tiled F16 GEMM (cl/float.cl `float_matmul_f16_tiled`): rows and tokens per work-item
+/// (`FT_RPT`, `FT_TPT`), columns staged per step (`FT_CHUNK`), local floats per staged token
+/// (`FT_STRIDE`), teams per work-group, and the smallest batch that takes it.
+const FLOAT_TILED_RPT: usize = 4;
 const FLOAT_TILED_TPT: usize = 8;
 const FLOAT_TILED_CHUNK: usize = 32;
 const FLOAT_TILED_STRIDE: usize = 36;
@@ -470,7 +471,7 @@ impl ClDevice {
     /// at most [`TILED_MAX_SPLITS`]; 1 where the kernels have no device-wide fence (the last
     /// work-group's ticket needs one) or the tiles outnumber the tickets.
     fn tiled_splits(&self, tiles: usize, rounds: usize) -> usize {
-        let fence = self.dp4a() || self.info().kind == "CPU";
+        let fence = self.device_fences();
         let target = TILED_GROUPS_PER_CU * self.info().compute_units.max(1) as usize;
         if !fence || tiles >= target || tiles > super::device::TICKETS {
             return 1;
@@ -488,8 +489,14 @@ impl ClDevice {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let on =
             *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_ROW_TAILS").is_none_or(|v| v != "0"));
-        let fence = self.dp4a() || self.info().kind == "CPU";
-        on && fence && self.gpu_kernels()
+        on && self.device_fences() && self.gpu_kernels()
+    }
+
+    /// Whether the kernels have a device-wide fence, which a launch's last work-group needs to
+    /// see the others' writes (`device_fence` in cl/common.cl): NVIDIA's inline PTX, and CPU
+    /// devices, whose caches are coherent.
+    fn device_fences(&self) -> bool {
+        self.dp4a() || self.info().kind == "CPU"
     }
 
     /// TQ2_0 matrices × one token's int8 activations `q` (scale `s`): the GEMV kernel, which
@@ -613,12 +620,11 @@ impl ClDevice {
             && k.is_multiple_of(FLOAT_TILED_CHUNK)
             && self.tiled_gemm()
         {
-            let tgroups = n_tok
-                .div_ceil(FLOAT_TILED_TPT)
-                .next_power_of_two()
-                .min(TEAM / 4);
+            // Token groups per team: a power of two dividing the team, at most 8 (64 tokens,
+            // 9 KiB of local memory); larger batches take several token tiles.
+            let tgroups = n_tok.div_ceil(FLOAT_TILED_TPT).next_power_of_two().min(8);
             let (rows, toks) = (
-                FLOAT_TILED_TEAMS * TEAM / tgroups * 4,
+                FLOAT_TILED_TEAMS * TEAM / tgroups * FLOAT_TILED_RPT,
                 tgroups * FLOAT_TILED_TPT,
             );
             let args = [
