@@ -13,7 +13,7 @@ __kernel void norm_quant(__global const float* x, int n, int row0,
                          __global float* y, int write_y,
                          __global char* q, __global float* qs, int write_q, int regs,
                          __local float* scratch) {
-    int t = get_group_id(0), lid = get_local_id(0), wg = get_local_size(0);
+    int t = get_group_id(0), wg = get_local_size(0);
     const __global float* xr = x + (size_t)(row0 + t) * n;
     __global float* yr = y + (size_t)t * n;
     if (regs && n <= RQ * wg) {
@@ -99,7 +99,7 @@ __kernel void ffn_act_quant(__global float* g, __global const float* u, int n, i
                             __global const float* w, int has_norm, float eps,
                             __global char* q, __global float* qs, int regs,
                             __local float* scratch) {
-    int t = get_group_id(0), lid = get_local_id(0), wg = get_local_size(0);
+    int t = get_group_id(0), wg = get_local_size(0);
     __global float* gr = g + (size_t)t * n;
     const __global float* ur = u + (size_t)t * n;
     if (regs && n <= RQ * wg) {

@@ -146,6 +146,17 @@ fn bench_batched_decode(
     for _ in 0..a.reps.max(1) {
         let mut cache = KvCache::with_slots(model, n_ctx, a.batch, KvType::F16)?;
         let rows = model.max_batch_rows(&cache).max(1);
+        if a.batch > rows {
+            return Err(Failure {
+                error: ternmux::Error::Request(format!(
+                    "--batch {}: one pass of this model takes at most {rows} rows here",
+                    a.batch
+                )),
+                hint: Some(
+                    "ask for a smaller --batch (the engine's steps are capped the same way)",
+                ),
+            });
+        }
         let mut next = vec![0u32; a.batch];
         for (slot, next) in next.iter_mut().enumerate() {
             for (i, chunk) in prompt.chunks(rows).enumerate() {
