@@ -304,6 +304,8 @@ pub struct Engine {
     gate: Arc<gate::Gate>,
     opts: EngineOptions,
     workers: Mutex<Vec<(String, Worker)>>,
+    /// Workers started so far: each takes the next OpenCL compute queue (`ClDevice::bind_lane`).
+    started: std::sync::atomic::AtomicUsize,
 }
 
 impl Engine {
@@ -322,6 +324,7 @@ impl Engine {
             gate: Arc::new(gate::Gate::new(opts.slice)),
             opts,
             workers: Mutex::new(Vec::new()),
+            started: std::sync::atomic::AtomicUsize::new(0),
         };
         for name in engine.mux.names() {
             engine.start(&name)?;
@@ -376,6 +379,9 @@ impl Engine {
             metrics: metrics.clone(),
             prefill_chunk: self.opts.prefill_chunk.min(max_rows),
             max_rows,
+            lane: self
+                .started
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         let thread = std::thread::Builder::new()
             .name(format!("ternmux-{name}"))

@@ -28,6 +28,8 @@ pub(super) struct Context {
     pub metrics: Arc<ModelMetrics>,
     pub prefill_chunk: usize,
     pub max_rows: usize,
+    /// The OpenCL compute queue this worker's passes go on (models side by side).
+    pub lane: usize,
 }
 
 /// A running sequence.
@@ -74,6 +76,7 @@ enum Leave {
 
 /// Runs until the queue is closed and the last sequence has finished.
 pub(super) fn run(mut ctx: Context) {
+    crate::backend::opencl::ClDevice::bind_lane(ctx.lane);
     let model = ctx.model.clone();
     let tok = &model.tokenizer;
     let n_ctx = ctx.cache.capacity();

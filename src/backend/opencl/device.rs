@@ -331,7 +331,9 @@ pub struct KernelTime {
 pub struct ClDevice {
     info: DeviceInfo,
     context: Context,
-    queue: CommandQueue,
+    /// In-order compute queues, each with what its launches share (see [`Lane`]); a thread
+    /// queues on the one [`ClDevice::bind_lane`] chose for it (the first by default).
+    lanes: Vec<Lane>,
     /// A second in-order queue for weight page-ins, so copies overlap kernels.
     copy_queue: CommandQueue,
     compiled: Mutex<Compiled>,
@@ -340,26 +342,42 @@ pub struct ClDevice {
     /// Whether the kernels were built with `-DTERNMUX_DP4A` (NVIDIA inline PTX accepted).
     dp4a: bool,
     dummy: DevBuf,
-    /// [`TICKETS`] zeroed counters for the launches whose last work-group finishes the row
-    /// (`last_group` in `cl/common.cl`; one per row of a pass, each back to 0 when its launch
-    /// ends). Shared by every launch: kernels of the one in-order compute queue never overlap.
-    tickets: DevBuf,
     /// Launches recorded since the last [`ClDevice::take_profile`], when [`PROFILE_ENV`] was
     /// set at open (the queue then records timestamps).
     profile: Option<Mutex<Vec<Launched>>>,
     /// Whether the GPU-shaped kernel paths are chosen ([`ClDevice::gpu_kernels`]).
     gpu_shaped: bool,
+}
+
+/// One compute queue and what the launches on it share. Launches on one in-order queue never
+/// overlap, so these need no more than that; several lanes let the models of an engine (one
+/// worker thread each) run their passes at the same time — a model's kernels never wait
+/// behind another model's.
+struct Lane {
+    queue: CommandQueue,
+    /// [`TICKETS`] zeroed counters for the launches whose last work-group finishes the row
+    /// (`last_group` in `cl/common.cl`; one per row of a pass, or per tile of a split GEMM; each
+    /// back to 0 when its launch ends).
+    tickets: DevBuf,
     /// Pinned host memory that large reads (the logits of a batch) land in first: transfers to
     /// and from pageable memory go through the driver's own staging (host→device 10 against
     /// 55 GB/s pinned on the H100, `ternmux bench-device`). Grown on demand.
     read_stage: Mutex<Option<Pinned>>,
     /// Partial sums of launches that split a row length over work-groups (the tiled GEMM of
-    /// small matrices). Shared like [`ClDevice::tickets`]: launches on the one in-order compute
-    /// queue never overlap. Grown on demand.
+    /// small matrices). Grown on demand.
     split_part: Mutex<Option<DevBuf>>,
 }
 
-/// Reads of at least this many bytes go through [`ClDevice::read_stage`].
+thread_local! {
+    /// The lane this thread queues on ([`ClDevice::bind_lane`]).
+    static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Compute queues per device (`TERNMUX_CL_QUEUES` overrides; 1 puts every model on one queue,
+/// as before lanes existed).
+const LANES: usize = 4;
+
+/// Reads of at least this many bytes go through a lane's `read_stage`.
 const STAGED_READ_MIN: usize = 1 << 20;
 
 /// Runs `f` on the value in `slot` (a buffer the device keeps and grows on demand), made anew
@@ -384,7 +402,7 @@ fn with_grown<T, R>(
     }
 }
 
-/// Counters in [`ClDevice::tickets`]: the most rows one launch with a row epilogue may have.
+/// Counters in a lane's `tickets`: the most rows (or tiles) one launch with an epilogue may have.
 pub const TICKETS: usize = 4096;
 
 static OPEN: OnceLock<Mutex<HashMap<usize, Arc<ClDevice>>>> = OnceLock::new();
@@ -483,8 +501,17 @@ impl ClDevice {
         } else {
             0
         };
-        let queue = CommandQueue::create_default_with_properties(&context, props, 0)
-            .map_err(|e| cl_err("create command queue", e))?;
+        let n_lanes = std::env::var("TERNMUX_CL_QUEUES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(LANES)
+            .clamp(1, 16);
+        let queues = (0..n_lanes)
+            .map(|_| {
+                CommandQueue::create_default_with_properties(&context, props, 0)
+                    .map_err(|e| cl_err("create command queue", e))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let copy_queue = CommandQueue::create_default_with_properties(&context, 0, 0)
             .map_err(|e| cl_err("create the copy queue", e))?;
         let gpu_shaped = match std::env::var("TERNMUX_CL_GPU_KERNELS").as_deref() {
@@ -569,22 +596,30 @@ impl ClDevice {
         let dummy =
             unsafe { Buffer::<u8>::create(&context, CL_MEM_READ_WRITE, 16, ptr::null_mut()) }
                 .map_err(|e| cl_err("allocate a placeholder buffer", e))?;
-        let mut tickets = unsafe {
-            // SAFETY: no host pointer is passed, so the driver owns the storage.
-            Buffer::<u8>::create(&context, CL_MEM_READ_WRITE, TICKETS * 4, ptr::null_mut())
-        }
-        .map_err(|e| cl_err("allocate the launch tickets", e))?;
         let zeros = vec![0u8; TICKETS * 4];
-        // SAFETY: blocking write of TICKETS · 4 bytes into a buffer of that size; `zeros`
-        // outlives the call.
-        unsafe { queue.enqueue_write_buffer(&mut tickets, CL_BLOCKING, 0, &zeros, &[]) }
-            .map_err(|e| cl_err("zero the launch tickets", e))?;
+        let mut lanes = Vec::with_capacity(queues.len());
+        for queue in queues {
+            let mut tickets = unsafe {
+                // SAFETY: no host pointer is passed, so the driver owns the storage.
+                Buffer::<u8>::create(&context, CL_MEM_READ_WRITE, TICKETS * 4, ptr::null_mut())
+            }
+            .map_err(|e| cl_err("allocate the launch tickets", e))?;
+            // SAFETY: blocking write of TICKETS · 4 bytes into a buffer of that size; `zeros`
+            // outlives the call.
+            unsafe { queue.enqueue_write_buffer(&mut tickets, CL_BLOCKING, 0, &zeros, &[]) }
+                .map_err(|e| cl_err("zero the launch tickets", e))?;
+            lanes.push(Lane {
+                queue,
+                tickets: DevBuf::new(tickets, TICKETS * 4),
+                read_stage: Mutex::new(None),
+                split_part: Mutex::new(None),
+            });
+        }
         let dev = Arc::new(ClDevice {
             dummy: DevBuf::new(dummy, 16),
-            tickets: DevBuf::new(tickets, TICKETS * 4),
             info,
             context,
-            queue,
+            lanes,
             copy_queue,
             compiled: Mutex::new(Compiled {
                 program,
@@ -596,8 +631,6 @@ impl ClDevice {
             dp4a,
             profile: profiling.then(|| Mutex::new(Vec::new())),
             gpu_shaped,
-            read_stage: Mutex::new(None),
-            split_part: Mutex::new(None),
         });
         open.insert(dev.info.raw, dev.clone());
         Ok(dev)
@@ -610,7 +643,7 @@ impl ClDevice {
 
     /// The [`TICKETS`] launch counters of `last_group` (`cl/common.cl`).
     pub(crate) fn tickets(&self) -> &DevBuf {
-        &self.tickets
+        &self.lane().tickets
     }
 
     /// What the device is.
@@ -712,7 +745,8 @@ impl ClDevice {
             // SAFETY: blocking write of `data.len()` bytes into a buffer at least that large;
             // `data` outlives the call.
             unsafe {
-                self.queue
+                self.lane()
+                    .queue
                     .enqueue_write_buffer(&mut buf, CL_BLOCKING, 0, data, &[])
             }
             .map_err(|e| cl_err("upload", e))?;
@@ -734,7 +768,8 @@ impl ClDevice {
         }
         // SAFETY: bounds checked above; blocking, so `data` outlives the transfer.
         unsafe {
-            self.queue
+            self.lane()
+                .queue
                 .enqueue_write_buffer(&mut dst.buf, CL_BLOCKING, offset, data, &[])
         }
         .map_err(|e| cl_err("write", e))?;
@@ -755,7 +790,8 @@ impl ClDevice {
         }
         // SAFETY: bounds checked above; blocking, so `out` is written before the call returns.
         unsafe {
-            self.queue
+            self.lane()
+                .queue
                 .enqueue_read_buffer(&src.buf, CL_BLOCKING, offset, out, &[])
         }
         .map_err(|e| cl_err("read", e))?;
@@ -763,7 +799,7 @@ impl ClDevice {
     }
 
     /// Runs `f` with the device's split-sum scratch buffer, at least `bytes` long (see
-    /// [`ClDevice::split_part`]); the lock is held meanwhile, so `f` queues its launch with it.
+    /// the lane's `split_part`); the lock is held meanwhile, so `f` queues its launch with it.
     pub(crate) fn with_split_part<T>(
         &self,
         bytes: usize,
@@ -772,7 +808,7 @@ impl ClDevice {
         // A buffer replaced while a queued launch still uses it lives until that launch ends
         // (OpenCL keeps the memory objects of enqueued commands).
         with_grown(
-            &self.split_part,
+            &self.lane().split_part,
             "split scratch",
             |b| b.bytes >= bytes,
             || self.alloc(bytes.max(4)),
@@ -791,7 +827,7 @@ impl ClDevice {
             return self.read(src, 0, bytemuck::cast_slice_mut(&mut out[at..]));
         }
         with_grown(
-            &self.read_stage,
+            &self.lane().read_stage,
             "read staging",
             |p| p.bytes >= bytes,
             || self.pinned(bytes),
@@ -821,7 +857,8 @@ impl ClDevice {
         }
         // SAFETY: both ranges lie inside their buffers (checked above).
         unsafe {
-            self.queue
+            self.lane()
+                .queue
                 .enqueue_copy_buffer(&src.buf, &mut dst.buf, 0, 0, bytes, &[])
         }
         .map_err(|e| cl_err("copy", e))
@@ -834,7 +871,7 @@ impl ClDevice {
         // SAFETY: blocking map of the whole buffer; the pointer stays valid until unmapped in
         // `Pinned`'s owner's drop (the buffer's release).
         unsafe {
-            self.queue.enqueue_map_buffer(
+            self.lane().queue.enqueue_map_buffer(
                 &buf,
                 CL_BLOCKING,
                 CL_MAP_READ | CL_MAP_WRITE,
@@ -869,7 +906,7 @@ impl ClDevice {
         // SAFETY: ranges checked above; `src` is mapped host memory owned by the driver-backed
         // buffer, which outlives the queued copy as long as the caller waits (documented).
         unsafe {
-            self.queue.enqueue_write_buffer(
+            self.lane().queue.enqueue_write_buffer(
                 &mut dst.buf,
                 opencl3::types::CL_NON_BLOCKING,
                 0,
@@ -971,7 +1008,8 @@ impl ClDevice {
     /// use by a forward pass).
     pub fn fence(&self) -> Result<Event> {
         // SAFETY: a marker with an empty wait list reads no memory.
-        unsafe { self.queue.enqueue_marker_with_wait_list(&[]) }.map_err(|e| cl_err("marker", e))
+        unsafe { self.lane().queue.enqueue_marker_with_wait_list(&[]) }
+            .map_err(|e| cl_err("marker", e))
     }
 
     /// Makes kernels queued from now on wait for `events` (page-ins on the copy queue).
@@ -981,7 +1019,7 @@ impl ClDevice {
         }
         let wait: Vec<_> = events.iter().map(|e| e.get()).collect();
         // SAFETY: the events belong to this device's context and are alive for the call.
-        unsafe { self.queue.enqueue_barrier_with_wait_list(&wait) }
+        unsafe { self.lane().queue.enqueue_barrier_with_wait_list(&wait) }
             .map_err(|e| cl_err("barrier", e))?;
         Ok(())
     }
@@ -1102,7 +1140,7 @@ impl ClDevice {
             (Some(p), Some(t0)) => {
                 // SAFETY: as below; the returned event is owned by the profile record.
                 let event = unsafe {
-                    self.queue.enqueue_nd_range_kernel(
+                    self.lane().queue.enqueue_nd_range_kernel(
                         k.get(),
                         global.len() as u32,
                         ptr::null(),
@@ -1132,7 +1170,7 @@ impl ClDevice {
                 // outlive the queued launch because every caller holds them until a later
                 // blocking read or `finish`.
                 let status = rt.clEnqueueNDRangeKernel(
-                    self.queue.get(),
+                    self.lane().queue.get(),
                     k.get(),
                     global.len() as u32,
                     ptr::null(),
@@ -1159,8 +1197,31 @@ impl ClDevice {
         Ok(())
     }
 
-    /// Waits for every queued command.
+    /// Waits for every command queued on every compute queue.
     pub fn finish(&self) -> Result<()> {
-        self.queue.finish().map_err(|e| cl_err("finish", e))
+        for lane in &self.lanes {
+            lane.queue.finish().map_err(|e| cl_err("finish", e))?;
+        }
+        Ok(())
+    }
+
+    /// The compute queue (and its tickets and scratch) this thread queues on.
+    fn lane(&self) -> &Lane {
+        &self.lanes[LANE.with(|l| l.get()) % self.lanes.len()]
+    }
+
+    /// Makes this thread queue its kernels (and reads, writes, markers and barriers) on
+    /// compute queue `i` (modulo the device's queues; `TERNMUX_CL_QUEUES`, 4 by default): the
+    /// engine gives each model's worker its own, so models' passes run side by side instead of
+    /// one after another. Every thread starts on queue 0. Work on one queue stays in order;
+    /// work on different queues is ordered only by events (the multiplexer's page-in and
+    /// eviction fences are events, so they hold across queues).
+    pub fn bind_lane(i: usize) {
+        LANE.with(|l| l.set(i));
+    }
+
+    /// Compute queues of this device.
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
     }
 }
