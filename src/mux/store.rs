@@ -204,9 +204,9 @@ impl Store {
     }
 
     /// Makes the kernels that will read a paged-in unit wait for its copy. Normally the calling
-    /// thread waits (`on_device` false): the compute queue is shared by every model on the
-    /// device, and a barrier there would make the kernels of a model whose units are resident
-    /// wait behind another model's page-in. A streaming model (larger than the budget; the
+    /// thread waits (`on_device` false): a compute queue may be shared by several models (one
+    /// per engine worker by default, fewer with `TERNMUX_CL_QUEUES`), and a barrier there would
+    /// make the kernels of a model whose units are resident wait behind another model's page-in. A streaming model (larger than the budget; the
     /// engine runs it alone) uses a barrier on the compute queue instead, so the host keeps
     /// queueing and the next copy overlaps more of the compute (measured: 74 vs 57 tok/s at 2×
     /// the budget on the H200).
