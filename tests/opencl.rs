@@ -56,6 +56,20 @@ fn reads_append_buffer_contents() {
     }
 }
 
+/// The page-in cost probes of `ternmux bench-device` run and time something.
+#[test]
+fn page_in_cost_probes_run() {
+    let Some(d) = device() else { return };
+    let c = ternmux::backend::opencl::bench::page_in_costs(&d, 5).unwrap();
+    println!(
+        "copy round trip {:.1} µs, sub-buffer {:.1} µs",
+        c.copy_round_trip_s * 1e6,
+        c.sub_buffer_s * 1e6
+    );
+    assert!(c.copy_round_trip_s > 0.0 && c.copy_round_trip_s < 1.0);
+    assert!(c.sub_buffer_s > 0.0 && c.sub_buffer_s < 1.0);
+}
+
 fn read_f32(d: &ClDevice, b: &DevBuf, n: usize) -> Vec<f32> {
     let mut v = vec![0f32; n];
     d.read(b, 0, bytemuck::cast_slice_mut(&mut v)).unwrap();

@@ -120,6 +120,50 @@ pub fn transfer_bandwidth(dev: &ClDevice, bytes: usize, reps: usize) -> Result<V
     ])
 }
 
+/// Fixed costs inside a multiplexer page-in, each the median of `reps` tries: a 4 KiB copy from
+/// pinned memory on the copy queue waited for by the host (the round trip of a page-in's
+/// event), and one read-only sub-buffer view (a unit makes one per tensor).
+#[derive(Clone, Copy, Debug)]
+pub struct PageInCosts {
+    /// Seconds from queueing a 4 KiB pinned copy on the copy queue to its event completing.
+    pub copy_round_trip_s: f64,
+    /// Seconds to create one sub-buffer view.
+    pub sub_buffer_s: f64,
+}
+
+/// Measures [`PageInCosts`] on `dev`.
+pub fn page_in_costs(dev: &ClDevice, reps: usize) -> Result<PageInCosts> {
+    let reps = reps.max(3);
+    let small = 4 << 10;
+    let pinned = dev.pinned(small)?;
+    let mut dst = dev.alloc(small)?;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut trips = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        let ev = dev.write_async(&mut dst, 0, &pinned, small, &[])?;
+        dev.flush_copies()?;
+        dev.wait_host(&[&ev])?;
+        trips.push(t.elapsed().as_secs_f64());
+    }
+    let align = dev.info().base_align.max(256);
+    let parent = dev.alloc(align * 16)?;
+    let mut views = Vec::with_capacity(reps);
+    for i in 0..reps {
+        let t = Instant::now();
+        let v = dev.sub_buffer(&parent, (i % 16) * align, align)?;
+        views.push(t.elapsed().as_secs_f64());
+        drop(v);
+    }
+    Ok(PageInCosts {
+        copy_round_trip_s: median(trips),
+        sub_buffer_s: median(views),
+    })
+}
+
 /// Pseudo-random bytes with every TQ block scale set to a finite f16 (1.0).
 fn weights(fmt: TernaryFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     let n = fmt.tensor_bytes(rows, cols).unwrap_or(0);

@@ -425,6 +425,16 @@ fn bench_device(
             ),
         )?;
     }
+    let p = bench::page_in_costs(&dev, 101)?;
+    w(
+        out,
+        format!(
+            "page-in pieces: a 4 KiB pinned copy on the copy queue waited for {:.1} µs; a \
+             sub-buffer view {:.1} µs (medians)",
+            p.copy_round_trip_s * 1e6,
+            p.sub_buffer_s * 1e6
+        ),
+    )?;
     w(
         out,
         "\n## ternary matmul, weights cold (GB/s of weights; % of the copy bandwidth)".into(),
