@@ -6,7 +6,7 @@
 use crate::{Failure, say as w};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use ternmux::backend::{Device, Placement};
 use ternmux::kernels::ternary::TernaryFormat;
 use ternmux::model::GenerateOptions;
@@ -157,8 +157,8 @@ fn page_in_sweep(
     w(
         out,
         format!(
-            "{:>10} {:>8} {:>12} {:>12} {:>10}",
-            "unit", "path", "page-in GB/s", "peak GB/s", "of peak"
+            "{:>10} {:>8} {:>12} {:>12} {:>10} {:>17}",
+            "unit", "path", "page-in GB/s", "peak GB/s", "of peak", "host fill (mean)"
         ),
     )?;
     let sizes = [
@@ -214,6 +214,16 @@ fn page_in_sweep(
             mux.page_in("b", UnitId::Block(0))?;
             mux.quiesce()?;
             let mut secs = Vec::new();
+            // The host's share of each page-in: the fill (copy into the staging ring or the
+            // driver's own staging, queueing, the unit's views), before the wait for the copy.
+            let fill_total = |m: &Mux| {
+                let s = m.stats();
+                ["a", "b"]
+                    .iter()
+                    .filter_map(|n| s.model(n).map(|x| (x.page_in_total, x.misses)))
+                    .fold((Duration::ZERO, 0), |(t, n), (d, k)| (t + d, n + k))
+            };
+            let (fill0, n0) = fill_total(&mux);
             for r in 0..a.reps.max(1) {
                 let name = if r % 2 == 0 { "a" } else { "b" };
                 let t = Instant::now();
@@ -221,17 +231,21 @@ fn page_in_sweep(
                 mux.quiesce()?;
                 secs.push(t.elapsed().as_secs_f64());
             }
+            let (fill1, n1) = fill_total(&mux);
+            let fill_ms = (fill1 - fill0).as_secs_f64() * 1e3 / (n1 - n0).max(1) as f64;
+            let mean_ms = secs.iter().sum::<f64>() * 1e3 / secs.len().max(1) as f64;
             let gb_s = unit as f64 / median(secs) / 1e9;
             let (peak_what, peak) = peak_gb_s(placement, unit, a.reps)?;
             w(
                 out,
                 format!(
-                    "{:>7.2} MiB {:>8} {:>12.2} {:>12.2} {:>9.0}%   (peak: {peak_what})",
+                    "{:>7.2} MiB {:>8} {:>12.2} {:>12.2} {:>9.0}% {:>14.3} ms   (peak: {peak_what}; mean page-in {mean_ms:.3} ms)",
                     unit as f64 / (1u64 << 20) as f64,
                     format!("{mode:?}").to_lowercase(),
                     gb_s,
                     peak,
-                    100.0 * gb_s / peak.max(1e-9)
+                    100.0 * gb_s / peak.max(1e-9),
+                    fill_ms,
                 ),
             )?;
         }
