@@ -57,16 +57,35 @@ pub(crate) enum Mem {
     Device(DevBuf),
 }
 
-/// Copies `src` into `dst` with several threads when it is large.
-fn par_copy(dst: &mut [u8], src: &[u8]) {
+/// Copies each `(offset, src)` into `dst` at `offset`, on all cores when the total is large:
+/// one parallel job over parts of at most 256 KiB of every piece (a unit's pieces are a dozen,
+/// some small; a fork and join per piece cost more than the small ones' copies). The pieces
+/// must not overlap and must fit in `dst` (unit layouts place them so; checked).
+fn par_copy_pieces(dst: &mut [u8], mut pieces: Vec<(usize, &[u8])>) -> Result<()> {
     const PART: usize = 256 << 10;
-    if src.len() <= PART {
-        dst.copy_from_slice(src);
-    } else {
-        dst.par_chunks_mut(PART)
-            .zip(src.par_chunks(PART))
-            .for_each(|(d, s)| d.copy_from_slice(s));
+    pieces.sort_by_key(|p| p.0);
+    let total: usize = pieces.iter().map(|p| p.1.len()).sum();
+    let mut jobs: Vec<(&mut [u8], &[u8])> = Vec::new();
+    let (mut rest, mut at) = (dst, 0usize);
+    for (off, src) in pieces {
+        let skip = off.checked_sub(at);
+        let end = skip.and_then(|k| k.checked_add(src.len()));
+        let Some((skip, end)) = skip.zip(end).filter(|&(_, e)| e <= rest.len()) else {
+            return Err(Error::Mux(format!(
+                "unit layout: a piece at {off} overlaps the previous one or passes the end"
+            )));
+        };
+        let (piece, tail) = std::mem::take(&mut rest)[skip..].split_at_mut(end - skip);
+        rest = tail;
+        at = off + src.len();
+        jobs.extend(piece.chunks_mut(PART).zip(src.chunks(PART)));
     }
+    if total <= PART {
+        jobs.into_iter().for_each(|(d, s)| d.copy_from_slice(s));
+    } else {
+        jobs.into_par_iter().for_each(|(d, s)| d.copy_from_slice(s));
+    }
+    Ok(())
 }
 
 impl Store {
@@ -157,12 +176,12 @@ impl Store {
             (Store::Host, Mem::Host(mut data)) => {
                 data.clear();
                 data.resize(layout.bytes, 0);
-                for p in &layout.pieces {
-                    par_copy(
-                        &mut data[p.offset..p.offset + p.len],
-                        piece_bytes(model, layout.id, p.kind),
-                    );
-                }
+                let pieces = layout
+                    .pieces
+                    .iter()
+                    .map(|p| (p.offset, &piece_bytes(model, layout.id, p.kind)[..p.len]))
+                    .collect();
+                par_copy_pieces(&mut data, pieces)?;
                 Ok((Resident::Host(HostUnit::owned(data, layout.clone())), None))
             }
             (Store::Device(d), Mem::Device(mut buf)) => {
@@ -265,14 +284,18 @@ impl DeviceStore {
                 ev.wait()
                     .map_err(|e| Error::Device(format!("opencl: waiting for a page-in: {e}")))?;
             }
-            let dst = stage.mem.as_mut_slice();
-            for p in &layout.pieces {
-                let (a, b) = (p.offset.max(c0), (p.offset + p.len).min(c1));
-                if a < b {
-                    let src = piece_bytes(model, layout.id, p.kind);
-                    par_copy(&mut dst[a - c0..b - c0], &src[a - p.offset..b - p.offset]);
-                }
-            }
+            let pieces = layout
+                .pieces
+                .iter()
+                .filter_map(|p| {
+                    let (a, b) = (p.offset.max(c0), (p.offset + p.len).min(c1));
+                    (a < b).then(|| {
+                        let src = piece_bytes(model, layout.id, p.kind);
+                        (a - c0, &src[a - p.offset..b - p.offset])
+                    })
+                })
+                .collect();
+            par_copy_pieces(&mut stage.mem.as_mut_slice()[..c1 - c0], pieces)?;
             let wait: Vec<&Event> = if first {
                 after.into_iter().collect()
             } else {
@@ -286,5 +309,25 @@ impl DeviceStore {
             stage.busy = last.as_ref().map(retain_event).transpose()?;
         }
         last.ok_or_else(|| Error::Mux(format!("unit {} is empty", layout.id)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::par_copy_pieces;
+
+    #[test]
+    fn pieces_land_at_their_offsets_and_overlaps_are_refused() {
+        let a: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let b = [7u8; 10];
+        let mut dst = vec![0u8; 700_100];
+        // Out of order, with a gap between them; large enough for the parallel path.
+        par_copy_pieces(&mut dst, vec![(700_000, &b[..]), (64, &a[..])]).unwrap();
+        assert!(dst[..64].iter().all(|&x| x == 0));
+        assert_eq!(&dst[64..600_064], &a[..]);
+        assert!(dst[600_064..700_000].iter().all(|&x| x == 0));
+        assert_eq!(&dst[700_000..700_010], &b[..]);
+        assert!(par_copy_pieces(&mut dst, vec![(0, &a[..]), (10, &b[..])]).is_err());
+        assert!(par_copy_pieces(&mut dst, vec![(700_095, &b[..])]).is_err());
     }
 }
