@@ -1005,11 +1005,16 @@ impl ClDevice {
     }
 
     /// An event that completes when every kernel queued so far has run (the end of a unit's
-    /// use by a forward pass).
+    /// use by a forward pass). The queue is flushed after it: a page-in on the copy queue may
+    /// wait for this marker, and a marker the driver has not been handed yet completes only
+    /// when something else flushes the queue.
     pub fn fence(&self) -> Result<Event> {
+        let queue = &self.lane().queue;
         // SAFETY: a marker with an empty wait list reads no memory.
-        unsafe { self.lane().queue.enqueue_marker_with_wait_list(&[]) }
-            .map_err(|e| cl_err("marker", e))
+        let marker = unsafe { queue.enqueue_marker_with_wait_list(&[]) }
+            .map_err(|e| cl_err("marker", e))?;
+        queue.flush().map_err(|e| cl_err("flush", e))?;
+        Ok(marker)
     }
 
     /// Makes kernels queued from now on wait for `events` (page-ins on the copy queue).
