@@ -960,7 +960,16 @@ impl ClDevice {
                 dst.bytes
             )));
         }
-        let wait: Vec<_> = after.iter().map(|e| e.get()).collect();
+        // Events already complete are left out: a dependency on another queue's event can hold
+        // the copy back (on NVIDIA) even when that event finished long ago.
+        let wait: Vec<_> = after
+            .iter()
+            .filter(|e| {
+                e.command_execution_status()
+                    .map_or(true, |st| st.0 != opencl3::event::CL_COMPLETE)
+            })
+            .map(|e| e.get())
+            .collect();
         // SAFETY: ranges checked above; `src` is driver-owned mapped memory that the caller keeps
         // unmodified until the event completes (documented contract above).
         unsafe {
