@@ -1020,8 +1020,8 @@ impl ClDevice {
     pub fn fence(&self) -> Result<Event> {
         let queue = &self.lane().queue;
         // SAFETY: a marker with an empty wait list reads no memory.
-        let marker = unsafe { queue.enqueue_marker_with_wait_list(&[]) }
-            .map_err(|e| cl_err("marker", e))?;
+        let marker =
+            unsafe { queue.enqueue_marker_with_wait_list(&[]) }.map_err(|e| cl_err("marker", e))?;
         queue.flush().map_err(|e| cl_err("flush", e))?;
         Ok(marker)
     }
