@@ -148,8 +148,9 @@ __kernel void float_matmul_f16_quad(int k, int row_bytes, __global const float* 
 // once per token tile (the row-team kernels above read every token's activations from global
 // memory for each row). Lane layout within a team as in `ternary_matmul_tq2_tiled`: lane =
 // tg · rgroups + rg, rows rg · FT_RPT.., tokens tg, tg + tgroups, …; the work-group's teams take
-// consecutive row blocks. Rows start 64-byte aligned (aligned 16-byte weight loads). Each chunk's products are summed apart and then added to the
-// running sum (error bound γ(FT_CHUNK + k / FT_CHUNK)). Needs k % FT_CHUNK == 0.
+// consecutive row blocks. Rows start 64-byte aligned (aligned 16-byte weight loads). Each
+// chunk's products are summed apart and then added to the running sum (error bound γ(FT_CHUNK +
+// k / FT_CHUNK)). Needs k % FT_CHUNK == 0.
 // Grid: (row tiles · local size, token tiles); local: `xs16`, tile tokens · FT_STRIDE floats.
 #define FT_RPT 4
 #define FT_TPT 8

@@ -543,7 +543,8 @@ __kernel void ternary_matmul_tq2_tiled(int k, __global const char* q, __global c
         barrier(CLK_LOCAL_MEM_FENCE);
         if (live) {
             // Loaded after the staging: loading them before it measured slower on the H100
-            // (5010 → 3810 tok/s prefill), the codes held in registers across the barrier.
+            // (prefill 4837 / 4864 against 3791 / 3823 tok/s, one call), the codes held in
+            // registers across the barrier.
             int blk = c / 2, half_off = (c % 2) * 32;
             uint cw[TT_RPT][8];
             float d[TT_RPT];

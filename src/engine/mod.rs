@@ -63,7 +63,7 @@ pub struct EngineOptions {
     pub kv_type: KvType,
     /// When models with requests do not fit in the weight budget together, how long one runs
     /// before stepping aside for a waiting one (see the gate in the module docs). Default 1 s:
-    /// with four 2B models under a budget for two on the H100, 1 s gave 1.2–1.3× the throughput
+    /// with four 2B models under a budget for two on the H100, 1 s gave 1.17–1.34× the throughput
     /// of 300 ms at concurrency 4–64 with average TTFT still under 0.5 s; 2 s gained no more and
     /// doubled the worst TTFT.
     pub slice: Duration,

@@ -179,7 +179,7 @@ impl Store {
                 let pieces = layout
                     .pieces
                     .iter()
-                    .map(|p| (p.offset, &piece_bytes(model, layout.id, p.kind)[..p.len]))
+                    .map(|p| (p.offset, piece_bytes(model, layout.id, p.kind)))
                     .collect();
                 par_copy_pieces(&mut data, pieces)?;
                 Ok((Resident::Host(HostUnit::owned(data, layout.clone())), None))

@@ -23,8 +23,9 @@ const ROWS_PER_GROUP: usize = 8;
 const TILED_RPT: usize = 2;
 const TILED_TPT: usize = 16;
 const TILED_STRIDE: usize = 36;
-/// The smallest batch that takes the tiled TQ2_0 GEMM: on the H100, 8–16 tokens ran 7–10%
-/// faster on the two-row kernel, 32 and more faster tiled.
+/// The smallest batch that takes the tiled TQ2_0 GEMM: on the H100, batched decode passes of
+/// 8 / 12 / 16 tokens ran 10% / 13% / 6% faster on the two-row kernel, 32 and more faster tiled
+/// (BENCHMARKS, session 8, call 4).
 const TILED_MIN_TOKENS: usize = 17;
 /// Work-groups per compute unit below which the tiled GEMM splits the row length over several
 /// work-groups per tile, and the most it splits it. On the H100, batch-64 passes of the 2B model

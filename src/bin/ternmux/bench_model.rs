@@ -5,6 +5,16 @@ use crate::{BenchArgs, Failure, io_failure, open_model, set_threads};
 use rayon::prelude::*;
 use std::io::Write;
 
+/// The model's OpenCL device when it records per-kernel times (`TERNMUX_CL_PROFILE=1`).
+fn profiled_device(
+    model: &ternmux::model::Model,
+) -> Option<std::sync::Arc<ternmux::backend::opencl::ClDevice>> {
+    match model.placement() {
+        ternmux::backend::Placement::OpenCl(d) if d.profiling() => Some(d.clone()),
+        _ => None,
+    }
+}
+
 /// Kernel launches so far on the model's OpenCL device (0 on the CPU).
 fn launches_of(model: &ternmux::model::Model) -> u64 {
     match model.placement() {
@@ -32,10 +42,7 @@ pub(crate) fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Fail
     let (mut best_pp, mut best_tg) = (f64::INFINITY, f64::INFINITY);
     let mut launches_per_token = 0.0;
     // With TERNMUX_CL_PROFILE=1: device time per kernel of the last repetition.
-    let profiled = match model.placement() {
-        ternmux::backend::Placement::OpenCl(d) if d.profiling() => Some(d.clone()),
-        _ => None,
-    };
+    let profiled = profiled_device(&model);
     let take_profile = || -> Result<Vec<ternmux::backend::opencl::KernelTime>, Failure> {
         Ok(match &profiled {
             Some(d) => d.take_profile()?,
@@ -137,10 +144,7 @@ fn bench_batched_decode(
     use ternmux::model::{KvCache, KvType, SeqChunk};
     let n_vocab = model.config.n_vocab;
     let n_ctx = prompt.len() + a.gen_tokens + 1;
-    let profiled = match model.placement() {
-        ternmux::backend::Placement::OpenCl(d) if d.profiling() => Some(d.clone()),
-        _ => None,
-    };
+    let profiled = profiled_device(model);
     let mut best = f64::INFINITY;
     let mut profile = Vec::new();
     for _ in 0..a.reps.max(1) {
