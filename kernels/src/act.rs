@@ -49,6 +49,132 @@ pub struct QuantizedActs {
     q: Vec<i8>,
     /// PerToken: one `s` per row (value = q / s). Q8K: `rows * k / 256` block scales `d` (value = q * d).
     scales: Vec<f32>,
+    /// PerToken only: the same values in the order the 512-bit kernels read them, with sums.
+    lanes: TokLayout,
+}
+
+/// Elements per 512-bit plane group: one 256-element super-block.
+const LANE_BLOCK: usize = 256;
+/// i32 lanes of a 512-bit accumulator.
+const LANES: usize = 16;
+
+/// Per-token activations rearranged for the 512-bit ternary kernels, built once per quantization
+/// and shared by every weight row.
+///
+/// A 64-byte TQ2_0 / I2_S block holds two 128-element chunks of 32 bytes; shifting the whole
+/// 512-bit register right by one plane's bit offset puts plane `l` of chunk 0 (elements
+/// `32l..32l+32`) in the low 32 bytes and plane `l` of chunk 1 (elements `128+32l..`) in the high
+/// 32. `q512` stores each full super-block's activations in that order — plane by plane, 64 bytes
+/// each — so a kernel needs no lane shuffles on the weights. `lane_sums` holds, per super-block,
+/// the sixteen i32 lanes of `dpbusd(1, q)` over its four planes (what a kernel subtracts when it
+/// multiplies the unsigned codes `w + 1`), and `row_sums` their total per row. A trailing
+/// 128-element half (I2_S) keeps its natural order and is not summed.
+///
+/// ```
+/// use ternmux_kernels::act::TokLayout;
+/// let q: Vec<i8> = (0..256).map(|i| (i % 7) as i8 - 3).collect();
+/// let mut lay = TokLayout::default();
+/// lay.rebuild(&q, 256);
+/// assert_eq!(&lay.q512()[32..64], &q[128..160]); // plane 0 of chunk 1 follows plane 0 of chunk 0
+/// assert_eq!(lay.row_sums()[0], q.iter().map(|&v| i32::from(v)).sum::<i32>());
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct TokLayout {
+    k: usize,
+    q512: Vec<i8>,
+    lane_sums: Vec<i32>,
+    row_sums: Vec<i32>,
+}
+
+impl TokLayout {
+    /// Rebuilds the layout from `q` (rows of `k` values), reusing the buffers.
+    pub fn rebuild(&mut self, q: &[i8], k: usize) {
+        let rows = if k == 0 { 0 } else { q.len() / k };
+        let full = k / LANE_BLOCK;
+        self.k = k;
+        self.q512.clear();
+        self.q512.extend_from_slice(&q[..rows * k]);
+        self.lane_sums.clear();
+        self.lane_sums.resize(rows * full * LANES, 0);
+        self.row_sums.clear();
+        for (r, qr) in q.chunks_exact(k.max(1)).take(rows).enumerate() {
+            let mut total = 0i32;
+            for b in 0..full {
+                let src = &qr[b * LANE_BLOCK..(b + 1) * LANE_BLOCK];
+                let dst = &mut self.q512[r * k + b * LANE_BLOCK..r * k + (b + 1) * LANE_BLOCK];
+                let sums = &mut self.lane_sums[(r * full + b) * LANES..(r * full + b + 1) * LANES];
+                for plane in 0..4 {
+                    let (lo, hi) = (32 * plane, 128 + 32 * plane);
+                    dst[64 * plane..64 * plane + 32].copy_from_slice(&src[lo..lo + 32]);
+                    dst[64 * plane + 32..64 * plane + 64].copy_from_slice(&src[hi..hi + 32]);
+                }
+                for (lane, s) in sums.iter_mut().enumerate() {
+                    *s = (0..4)
+                        .map(|plane| {
+                            let at = 64 * plane + 4 * lane;
+                            dst[at..at + 4].iter().map(|&v| i32::from(v)).sum::<i32>()
+                        })
+                        .sum();
+                    total += *s;
+                }
+            }
+            self.row_sums.push(total);
+        }
+    }
+
+    /// Row length the layout was built for.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    /// All rows, each full super-block in plane order (see the type's documentation).
+    pub fn q512(&self) -> &[i8] {
+        &self.q512
+    }
+    /// Per row and full super-block, the sixteen i32 lanes of `dpbusd(1, q)` over its planes.
+    pub fn lane_sums(&self) -> &[i32] {
+        &self.lane_sums
+    }
+    /// Per row, `Σ q` over its full super-blocks.
+    pub fn row_sums(&self) -> &[i32] {
+        &self.row_sums
+    }
+}
+
+/// What a per-token row kernel reads for `n_act` activation rows: the natural order, the 512-bit
+/// order with its sums ([`TokLayout`]), and the shape. Built by [`QuantizedActs::tok_view`] or
+/// [`TokActs::new`].
+#[derive(Clone, Copy, Debug)]
+pub struct TokActs<'a> {
+    /// `n_act × k` values in element order.
+    pub q: &'a [i8],
+    /// `n_act × k` values, full super-blocks in plane order.
+    pub q512: &'a [i8],
+    /// `n_act × (k / 256) × 16` lane sums.
+    pub lane_sums: &'a [i32],
+    /// `n_act` row sums over full super-blocks.
+    pub row_sums: &'a [i32],
+    /// Row length.
+    pub k: usize,
+    /// Activation rows.
+    pub n_act: usize,
+}
+
+impl<'a> TokActs<'a> {
+    /// Rows `t0..t0 + n` of `q` (natural order) and `layout` (built from the same `q`).
+    ///
+    /// Panics if the range is outside either; callers validate shapes first.
+    pub fn new(q: &'a [i8], layout: &'a TokLayout, t0: usize, n: usize) -> Self {
+        let k = layout.k;
+        let full = k / LANE_BLOCK;
+        TokActs {
+            q: &q[t0 * k..(t0 + n) * k],
+            q512: &layout.q512[t0 * k..(t0 + n) * k],
+            lane_sums: &layout.lane_sums[t0 * full * LANES..(t0 + n) * full * LANES],
+            row_sums: &layout.row_sums[t0..t0 + n],
+            k,
+            n_act: n,
+        }
+    }
 }
 
 /// Round half to even, exactly as ggml's `nearest_int`: adding 1.5·2^23 leaves the rounded
@@ -70,6 +196,7 @@ impl QuantizedActs {
             rows: 0,
             q: Vec::new(),
             scales: Vec::new(),
+            lanes: TokLayout::default(),
         }
     }
 
@@ -112,12 +239,17 @@ impl QuantizedActs {
                 "activation value -128 is outside [-127, 127]".into(),
             ));
         }
+        let mut lanes = TokLayout::default();
+        if flavor == ActQuant::PerToken {
+            lanes.rebuild(&q, k);
+        }
         Ok(QuantizedActs {
             flavor,
             k,
             rows,
             q,
             scales,
+            lanes,
         })
     }
 
@@ -143,6 +275,7 @@ impl QuantizedActs {
                 for (xr, qr) in x.chunks_exact(k).zip(self.q.chunks_exact_mut(k)) {
                     self.scales.push(quantize_row_per_token(xr, qr));
                 }
+                self.lanes.rebuild(&self.q, k);
             }
             ActQuant::Q8K => {
                 for (xb, qb) in x.chunks_exact(QK_K).zip(self.q.chunks_exact_mut(QK_K)) {
@@ -176,6 +309,11 @@ impl QuantizedActs {
     /// Scales: per row (`PerToken`, value = q / s) or per 256-block (`Q8K`, value = q * d).
     pub fn scales(&self) -> &[f32] {
         &self.scales
+    }
+    /// Rows `t0..t0 + n` as the per-token kernels read them (`PerToken` activations only: for
+    /// `Q8K` the 512-bit layout is empty). Panics if the range is out of bounds.
+    pub fn tok_view(&self, t0: usize, n: usize) -> TokActs<'_> {
+        TokActs::new(&self.q, &self.lanes, t0, n)
     }
 
     /// The real value an int8 entry stands for (test and reference helper).

@@ -2,7 +2,7 @@
 //!
 //! [`Kernels::get`] picks the widest ISA the CPU supports (AVX-512 VNNI, AVX2, NEON + dotprod,
 //! NEON, scalar) on first use and caches it in a `OnceLock`; `TERNMUX_ISA=scalar|avx2|avx512|
-//! neon|neon-dotprod` forces one. A forced ISA the CPU lacks is reported on stderr once and the
+//! avx512-vbmi|neon|neon-dotprod` forces one. A forced ISA the CPU lacks is reported on stderr once and the
 //! detected one is used instead (never an illegal instruction). AMX is never used: on these
 //! machines CPUID reports it while executing it raises SIGILL (CRATES.md).
 
@@ -13,10 +13,10 @@ use std::sync::OnceLock;
 ///
 /// Arguments: `(w_row, q, k, n_act, sums)`; see `reference` for the contract.
 pub type TernaryRowFn = unsafe fn(&[u8], &[i8], usize, usize, &mut [i32]);
-/// A per-token row kernel: `(w_row, q, k, n_act, out)` writes, per activation row, the TQ
+/// A per-token row kernel: `(w_row, acts, out)` writes, per activation row of `acts`, the TQ
 /// block-scaled sum `Σ_b d_b · sumi_b` or the I2_S integer sum `Σ w·q` (see
 /// `reference::tok_row`).
-pub type TokRowFn = unsafe fn(&[u8], &[i8], usize, usize, &mut [f32]);
+pub type TokRowFn = unsafe fn(&[u8], &crate::act::TokActs<'_>, &mut [f32]);
 /// An f32 dot product.
 pub type DotF32Fn = unsafe fn(&[f32], &[f32]) -> f32;
 /// `Σ f16(w_i) · x_i` from f16 bytes.
@@ -35,6 +35,8 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 F/BW/VL/VNNI.
     Avx512,
+    /// x86-64 AVX-512 F/BW/VL/VNNI plus VBMI (the 2-bit codes by one table lookup).
+    Avx512Vbmi,
     /// AArch64 NEON without dotprod.
     Neon,
     /// AArch64 NEON with the dotprod extension.
@@ -43,7 +45,8 @@ pub enum Isa {
 
 impl Isa {
     /// Every ISA, widest first within each architecture.
-    pub const ALL: [Isa; 5] = [
+    pub const ALL: [Isa; 6] = [
+        Isa::Avx512Vbmi,
         Isa::Avx512,
         Isa::Avx2,
         Isa::NeonDotprod,
@@ -57,6 +60,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Vbmi => "avx512-vbmi",
             Isa::Neon => "neon",
             Isa::NeonDotprod => "neon-dotprod",
         }
@@ -86,6 +90,10 @@ impl Isa {
                     && std::is_x86_feature_detected!("avx512bw")
                     && std::is_x86_feature_detected!("avx512vl")
                     && std::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vbmi => {
+                Isa::Avx512.supported() && std::is_x86_feature_detected!("avx512vbmi")
             }
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
@@ -166,14 +174,26 @@ static AVX512: Kernels = Kernels {
     tq1_0: crate::x86_64::avx512::dot_tq1_0,
     i2_s: crate::x86_64::avx512::dot_i2_s,
     tok: Some([
-        crate::x86_64::avx512::tok_tq2_0,
+        crate::x86_64::avx512_tok::bw::tok_tq2_0,
         crate::x86_64::avx512::tok_tq1_0,
-        crate::x86_64::avx512::tok_i2_s,
+        crate::x86_64::avx512_tok::bw::tok_i2_s,
     ]),
     dot_f32: crate::x86_64::avx512::dot_f32,
     f16_to_f32: crate::x86_64::avx2::f16_to_f32,
     dot_f16: Some(crate::x86_64::avx512::dot_f16),
     axpy_f16: Some(crate::x86_64::avx2::axpy_f16),
+};
+
+/// AVX-512 with VBMI: the same table but the 2-bit per-token kernels' code conversion.
+#[cfg(target_arch = "x86_64")]
+static AVX512_VBMI: Kernels = Kernels {
+    isa: Isa::Avx512Vbmi,
+    tok: Some([
+        crate::x86_64::avx512_tok::vbmi::tok_tq2_0,
+        crate::x86_64::avx512::tok_tq1_0,
+        crate::x86_64::avx512_tok::vbmi::tok_i2_s,
+    ]),
+    ..AVX512
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -214,6 +234,8 @@ impl Kernels {
             Isa::Avx2 => Some(&AVX2),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Some(&AVX512),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vbmi => Some(&AVX512_VBMI),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Some(&NEON),
             #[cfg(target_arch = "aarch64")]
@@ -254,8 +276,8 @@ impl Kernels {
                 }),
                 None => {
                     eprintln!(
-                        "ternmux: TERNMUX_ISA={want} is not one of scalar, avx2, avx512, neon, \
-                         neon-dotprod; using {}",
+                        "ternmux: TERNMUX_ISA={want} is not one of scalar, avx2, avx512, \
+                         avx512-vbmi, neon, neon-dotprod; using {}",
                         detected.isa
                     );
                     detected

@@ -111,6 +111,20 @@ impl<'a> FloatMatrix<'a> {
     }
 }
 
+/// Rows per block of the per-token path (their weights stay in L1 across token tiles).
+const TOK_ROW_BLOCK: usize = 16;
+/// Activation bytes of one token tile that fit in L1 beside a block of rows (most x86 and Arm
+/// cores have a 32–64 KiB L1 data cache).
+const TOK_TILE_BYTES: usize = 32 * 1024;
+
+/// Tokens per tile of the per-token path for row length `k`: 8 (the kernels' largest register
+/// tile) when they fit in [`TOK_TILE_BYTES`], else the largest power of two that does (the
+/// register tiles are 8, 4, 2 and 1), at least one.
+fn tok_tile(k: usize) -> usize {
+    let fit = (TOK_TILE_BYTES / k.max(1)).clamp(1, 8);
+    1 << fit.ilog2()
+}
+
 /// Elements dequantized at a time by the float kernels (a multiple of every block size).
 const FLOAT_CHUNK: usize = 256;
 
@@ -230,29 +244,37 @@ impl Kernels {
     ) {
         let (n, k, b) = (w.rows(), w.cols(), acts.rows());
         let f = tok[format_index(w.format())];
-        let (q, scales, w_s) = (acts.q(), acts.scales(), w.tensor_scale());
+        let (scales, w_s) = (acts.scales(), w.tensor_scale());
         let i2s = w.format() == TernaryFormat::I2S;
         let ptr = OutPtr(out.as_mut_ptr());
         let work = n * w.format().row_bytes(k) * b.max(1);
+        let tile = tok_tile(k);
         for_row_ranges(n, work, |r0, r1| {
             let mut buf = [0f32; MAX_BATCH];
-            for t0 in (0..b).step_by(MAX_BATCH) {
-                let nt = MAX_BATCH.min(b - t0);
-                let qt = &q[t0 * k..(t0 + nt) * k];
-                for r in r0..r1 {
-                    // SAFETY: `self` exists only for an ISA this CPU supports; `w.row(r)` holds one
-                    // validated row, `qt` nt·k activations in [-127, 127]; kernels bounds-check.
-                    unsafe { f(w.row(r), qt, k, nt, &mut buf[..nt]) };
-                    for (t, &v) in buf[..nt].iter().enumerate() {
-                        // bitnet.cpp's order for I2_S: sumi / s · w_s.
-                        let y = if i2s {
-                            v / scales[t0 + t] * w_s
-                        } else {
-                            v / scales[t0 + t]
-                        };
-                        // SAFETY: (t0 + t) < b and r < n, so the index is < out.len(); row r is
-                        // this task's alone.
-                        unsafe { ptr.write((t0 + t) * n + r, y) }
+            // Rows in blocks, tokens in L1-sized tiles: a tile's activations are read from L2
+            // once per block of rows instead of once per row (the weights, a quarter of the
+            // bytes per element, are the ones read again, from L1).
+            for rb in (r0..r1).step_by(TOK_ROW_BLOCK) {
+                let re = (rb + TOK_ROW_BLOCK).min(r1);
+                for t0 in (0..b).step_by(tile) {
+                    let nt = tile.min(b - t0);
+                    let view = acts.tok_view(t0, nt);
+                    for r in rb..re {
+                        // SAFETY: `self` exists only for an ISA this CPU supports; `w.row(r)` holds one
+                        // validated row, `view` nt rows of k activations in [-127, 127] with their
+                        // layout; kernels bounds-check.
+                        unsafe { f(w.row(r), &view, &mut buf[..nt]) };
+                        for (t, &v) in buf[..nt].iter().enumerate() {
+                            // bitnet.cpp's order for I2_S: sumi / s · w_s.
+                            let y = if i2s {
+                                v / scales[t0 + t] * w_s
+                            } else {
+                                v / scales[t0 + t]
+                            };
+                            // SAFETY: (t0 + t) < b and r < n, so the index is < out.len(); row r is
+                            // this task's alone.
+                            unsafe { ptr.write((t0 + t) * n + r, y) }
+                        }
                     }
                 }
             }
@@ -278,8 +300,13 @@ impl Kernels {
             )));
         }
         match self.tok {
-            // SAFETY: as in `ternary_row_sums`: supported ISA, lengths validated above.
-            Some(tok) => unsafe { tok[format_index(format)](w_row, q, k, n_act, out) },
+            Some(tok) => {
+                let mut layout = crate::act::TokLayout::default();
+                layout.rebuild(&q[..n_act * k], k);
+                let view = crate::act::TokActs::new(q, &layout, 0, n_act);
+                // SAFETY: as in `ternary_row_sums`: supported ISA, lengths validated above.
+                unsafe { tok[format_index(format)](w_row, &view, out) }
+            }
             None => crate::reference::tok_row(format, w_row, q, k, n_act, out),
         }
         Ok(())

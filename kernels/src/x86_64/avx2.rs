@@ -12,6 +12,7 @@
 //! pairs, measured faster than unpack-and-add), accumulating at most 16 products of |q| ≤ 127 per
 //! i16 lane (≤ 2 032), then `madd` with ones widens to i32: no saturation is possible.
 
+use crate::act::TokActs;
 use core::arch::x86_64::*;
 
 /// Loads 32 bytes (unaligned).
@@ -471,7 +472,8 @@ fn hsum_i32_f32(v: __m256i) -> f32 {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C. Slice lengths are checked by indexing.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tok_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
+pub unsafe fn tok_tq2_0(w_row: &[u8], acts: &TokActs<'_>, out: &mut [f32]) {
+    let (q, k, n_act) = (acts.q, acts.k, acts.n_act);
     tok_drive!(
         k / 256,
         n_act,
@@ -494,7 +496,8 @@ pub unsafe fn tok_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mu
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C. Slice lengths are checked by indexing.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tok_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
+pub unsafe fn tok_tq1_0(w_row: &[u8], acts: &TokActs<'_>, out: &mut [f32]) {
+    let (q, k, n_act) = (acts.q, acts.k, acts.n_act);
     tok_drive!(
         k / 256,
         n_act,
@@ -517,7 +520,8 @@ pub unsafe fn tok_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mu
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C. Slice lengths are checked by indexing.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tok_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
+pub unsafe fn tok_i2_s(w_row: &[u8], acts: &TokActs<'_>, out: &mut [f32]) {
+    let (q, k, n_act) = (acts.q, acts.k, acts.n_act);
     let full = k / 256;
     let decode = |b: usize| {
         let lo = decode_i2_s_group(&w_row[b * 64..]);

@@ -7,14 +7,14 @@
 //! AVX-512 has no `vpsignb`, so an activation vector is applied by selection:
 //! `maskz_mov(pos, q)`, then `mask_sub(neg, 0 − q)`; VNNI `dpbusd` with a vector of ones then adds
 //! groups of four bytes into i32 lanes (a horizontal add, no weight multiply). The per-token
-//! kernels (`tok_*`) instead keep each code as the unsigned byte `w + 1` (0, 1, 2) and take
-//! `dpbusd(w + 1, q) − dpbusd(1, q)`: two instructions per 64 activations instead of three, the
-//! same i32 lanes exactly.
+//! kernels for TQ2_0 and I2_S are in [`super::avx512_tok`] (activations in plane order, codes as
+//! the unsigned bytes `w + 1`).
 //!
 //! TQ1_0's base-3 packing has 48 + 4 byte regions that do not fill a 512-bit register; it uses the
 //! AVX2 decoder and 256-bit `sign` + VNNI `dpbusd` (AVX-512 VL), saving the i16 widening step.
 
 use super::avx2::{block_d, decode_tq1_0, drive, hsum_i32, hsum_ps, load32_i8, reduce4, tok_drive};
+use crate::act::TokActs;
 use core::arch::x86_64::*;
 
 /// Loads 64 bytes (unaligned).
@@ -74,52 +74,6 @@ fn decode_two_chunks(raw: __m512i, shifts: [i16; 4]) -> [Masks; 4] {
         masks(_mm512_srlv_epi16(c1, s01)),
         masks(_mm512_srlv_epi16(c1, s23)),
     ]
-}
-
-/// Codes in bits [1:0] of each byte of `s` (higher bits ignored) → `w + 1` as unsigned bytes:
-/// 0, 1, 2 (a corrupt code 3 reads as 2, i.e. +1, as everywhere).
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-fn codes(s: __m512i) -> __m512i {
-    _mm512_min_epu8(
-        _mm512_and_si512(s, _mm512_set1_epi8(3)),
-        _mm512_set1_epi8(2),
-    )
-}
-
-/// As [`decode_two_chunks`], into `w + 1` bytes (see [`codes`]) for [`block_acc_codes`].
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-fn decode_two_chunks_codes(raw: __m512i, shifts: [i16; 4]) -> [__m512i; 4] {
-    let c0 = _mm512_shuffle_i64x2::<0x44>(raw, raw); // [C0 | C0]
-    let c1 = _mm512_shuffle_i64x2::<0xEE>(raw, raw); // [C1 | C1]
-    let s01 = counts(shifts[0], shifts[1]);
-    let s23 = counts(shifts[2], shifts[3]);
-    [
-        codes(_mm512_srlv_epi16(c0, s01)),
-        codes(_mm512_srlv_epi16(c0, s23)),
-        codes(_mm512_srlv_epi16(c1, s01)),
-        codes(_mm512_srlv_epi16(c1, s23)),
-    ]
-}
-
-/// `Σ w·q` over `64·N` elements given as `w + 1` bytes, as sixteen i32 partial sums: VNNI
-/// `dpbusd` of the unsigned `w + 1` with `q`, minus `dpbusd` of ones with `q` — the weights are
-/// 0, 1 or 2 there, selecting nothing, `q` or `q + q` (no multiply by a weight value). Two
-/// instructions per 64 activations against three for the masks, and the same i32 lanes exactly.
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-fn block_acc_codes<const N: usize>(c: &[__m512i; N], q: &[i8]) -> __m512i {
-    let q = &q[..64 * N];
-    let ones = _mm512_set1_epi8(1);
-    let mut acc = _mm512_setzero_si512();
-    let mut accq = _mm512_setzero_si512();
-    for (j, cj) in c.iter().enumerate() {
-        let x = load64_i8(&q[64 * j..]);
-        acc = _mm512_dpbusd_epi32(acc, *cj, x);
-        accq = _mm512_dpbusd_epi32(accq, ones, x);
-    }
-    _mm512_sub_epi32(acc, accq)
 }
 
 /// `Σ w·q` over `64·N` elements given as selection masks, as sixteen i32 partial sums.
@@ -288,35 +242,13 @@ pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     total
 }
 
-/// Per-token TQ2_0 row products (≤ ε class: 16 float lanes accumulate `sumi · d_b`).
-///
-/// # Safety
-/// The CPU must support AVX-512 F, BW, VL, VNNI, FMA and F16C. Slice lengths are checked.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn tok_tq2_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
-    tok_drive!(
-        k / 256,
-        n_act,
-        k,
-        q,
-        out,
-        _mm512_setzero_ps(),
-        |b| (
-            decode_two_chunks_codes(load64(&w_row[b * 66..]), [0, 2, 4, 6]),
-            _mm512_set1_ps(block_d(w_row, b * 66 + 64))
-        ),
-        |w, qq| block_acc_codes(&w.0, qq),
-        |a, x, d| _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), d.1, a),
-        hsum512_ps
-    );
-}
-
 /// Per-token TQ1_0 row products (≤ ε class; 256-bit sign + VNNI, 8 float lanes).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL, VNNI, FMA and F16C. Slice lengths are checked.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn tok_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
+pub unsafe fn tok_tq1_0(w_row: &[u8], acts: &TokActs<'_>, out: &mut [f32]) {
+    let (q, k, n_act) = (acts.q, acts.k, acts.n_act);
     tok_drive!(
         k / 256,
         n_act,
@@ -332,54 +264,6 @@ pub unsafe fn tok_tq1_0(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mu
         |a, x, d| _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), d.1, a),
         hsum_ps
     );
-}
-
-/// Per-token I2_S row totals `Σ w·q` (exact integers: bit-exact with the twin).
-///
-/// # Safety
-/// The CPU must support AVX-512 F, BW, VL, VNNI, FMA and F16C. Slice lengths are checked.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn tok_i2_s(w_row: &[u8], q: &[i8], k: usize, n_act: usize, out: &mut [f32]) {
-    const SHIFTS: [i16; 4] = [6, 4, 2, 0];
-    let full = k / 256;
-    tok_drive!(
-        full,
-        n_act,
-        k,
-        q,
-        out,
-        _mm512_setzero_si512(),
-        |b| decode_two_chunks_codes(load64(&w_row[b * 64..]), SHIFTS),
-        |m, qq| block_acc_codes(m, qq),
-        |a, x, _b| _mm512_add_epi32(a, x),
-        hsum512_f32
-    );
-    if !k.is_multiple_of(256) {
-        let half = &w_row[full * 64..full * 64 + 32];
-        // SAFETY: `half` has exactly 32 readable bytes; loadu has no alignment requirement.
-        let c = _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(half.as_ptr().cast()) });
-        let m = [
-            masks(_mm512_srlv_epi16(c, counts(6, 4))),
-            masks(_mm512_srlv_epi16(c, counts(2, 0))),
-        ];
-        for (t, o) in out.iter_mut().enumerate().take(n_act) {
-            *o += hsum512(block_acc_masks(&m, &q[t * k + full * 256..])) as f32;
-        }
-    }
-}
-
-/// Sum of sixteen f32 lanes.
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-fn hsum512_ps(v: __m512) -> f32 {
-    _mm512_reduce_add_ps(v)
-}
-
-/// Integer lanes of a row total as f32 (exact: |Σ| ≤ 127 · 65 536 < 2^24).
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-fn hsum512_f32(v: __m512i) -> f32 {
-    _mm512_reduce_add_epi32(v) as f32
 }
 
 /// `Σ f16(w_i) · x_i` straight from f16 bytes with 512-bit widening and FMA (≤ ε class).
