@@ -89,7 +89,7 @@ pub struct TokLayout {
 impl TokLayout {
     /// Rebuilds the layout from `q` (rows of `k` values), reusing the buffers.
     pub fn rebuild(&mut self, q: &[i8], k: usize) {
-        let rows = if k == 0 { 0 } else { q.len() / k };
+        let rows = q.len().checked_div(k).unwrap_or(0);
         let full = k / LANE_BLOCK;
         self.k = k;
         self.q512.clear();
