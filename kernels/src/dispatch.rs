@@ -17,10 +17,17 @@ pub type TernaryRowFn = unsafe fn(&[u8], &[i8], usize, usize, &mut [i32]);
 /// block-scaled sum `Σ_b d_b · sumi_b` or the I2_S integer sum `Σ w·q` (see
 /// `reference::tok_row`).
 pub type TokRowFn = unsafe fn(&[u8], &crate::act::TokActs<'_>, &mut [f32]);
+/// A per-token multi-row kernel: `(w, row_bytes, rows, acts, out)` writes the per-token products
+/// of `rows` consecutive weight rows (`row_bytes` apart in `w`) for every row of `acts` into
+/// `out[r · n_act + t]` — the same values as its [`TokRowFn`] row by row.
+pub type TokRowsFn = unsafe fn(&[u8], usize, usize, &crate::act::TokActs<'_>, &mut [f32]);
 /// An f32 dot product.
 pub type DotF32Fn = unsafe fn(&[f32], &[f32]) -> f32;
 /// `Σ f16(w_i) · x_i` from f16 bytes.
 pub type DotF16Fn = unsafe fn(&[u8], &[f32]) -> f32;
+/// F16 rows × a batch: `(w, row_bytes, rows, x, k, n_tok, out)` writes `out[r · n_tok + t] =
+/// Σ_j f16(w[r, j]) · x[t, j]`.
+pub type RowsF16Fn = unsafe fn(&[u8], usize, usize, &[f32], usize, usize, &mut [f32]);
 /// `out_i += a · f16(w_i)` over `out.len()` elements of f16 bytes `w`.
 pub type AxpyF16Fn = unsafe fn(f32, &[u8], &mut [f32]);
 /// f16 bytes → f32 conversion.
@@ -124,10 +131,14 @@ pub struct Kernels {
     pub(crate) i2_s: TernaryRowFn,
     /// Fast per-token kernels (TQ2_0, TQ1_0, I2_S); `None` → super-block sums + `combine`.
     pub(crate) tok: Option<[TokRowFn; 3]>,
+    /// Multi-row per-token kernels (register tiles of rows × tokens), where an ISA has them.
+    pub(crate) tok_rows: [Option<TokRowsFn>; 3],
     pub(crate) dot_f32: DotF32Fn,
     pub(crate) f16_to_f32: F16ToF32Fn,
     /// Fused f16 dot product for single-token heads; `None` → convert, then `dot_f32`.
     pub(crate) dot_f16: Option<DotF16Fn>,
+    /// Batched f16 rows (register tiles of rows × tokens); `None` → dequantize, then `dot_f32`.
+    pub(crate) rows_f16: Option<RowsF16Fn>,
     /// Fused `out += a · f16(w)` (attention values over an f16 cache); `None` → convert, then
     /// add. Same IEEE operations either way (a multiply, then an add: no FMA), so the same bits.
     pub(crate) axpy_f16: Option<AxpyF16Fn>,
@@ -144,9 +155,11 @@ static SCALAR: Kernels = Kernels {
     tq1_0: crate::reference::dot_tq1_0,
     i2_s: crate::reference::dot_i2_s,
     tok: None,
+    tok_rows: [None; 3],
     dot_f32: crate::reference::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
     dot_f16: None,
+    rows_f16: None,
     axpy_f16: None,
 };
 
@@ -161,9 +174,11 @@ static AVX2: Kernels = Kernels {
         crate::x86_64::avx2::tok_tq1_0,
         crate::x86_64::avx2::tok_i2_s,
     ]),
+    tok_rows: [None; 3],
     dot_f32: crate::x86_64::avx2::dot_f32,
     f16_to_f32: crate::x86_64::avx2::f16_to_f32,
     dot_f16: Some(crate::x86_64::avx2::dot_f16),
+    rows_f16: None,
     axpy_f16: Some(crate::x86_64::avx2::axpy_f16),
 };
 
@@ -178,9 +193,15 @@ static AVX512: Kernels = Kernels {
         crate::x86_64::avx512::tok_tq1_0,
         crate::x86_64::avx512_tok::bw::tok_i2_s,
     ]),
+    tok_rows: [
+        Some(crate::x86_64::avx512_tok::bw::tok_rows_tq2_0),
+        None,
+        Some(crate::x86_64::avx512_tok::bw::tok_rows_i2_s),
+    ],
     dot_f32: crate::x86_64::avx512::dot_f32,
     f16_to_f32: crate::x86_64::avx2::f16_to_f32,
     dot_f16: Some(crate::x86_64::avx512::dot_f16),
+    rows_f16: Some(crate::x86_64::avx512::rows_f16),
     axpy_f16: Some(crate::x86_64::avx2::axpy_f16),
 };
 
@@ -193,6 +214,11 @@ static AVX512_VBMI: Kernels = Kernels {
         crate::x86_64::avx512::tok_tq1_0,
         crate::x86_64::avx512_tok::vbmi::tok_i2_s,
     ]),
+    tok_rows: [
+        Some(crate::x86_64::avx512_tok::vbmi::tok_rows_tq2_0),
+        None,
+        Some(crate::x86_64::avx512_tok::vbmi::tok_rows_i2_s),
+    ],
     ..AVX512
 };
 
@@ -203,9 +229,11 @@ static NEON: Kernels = Kernels {
     tq1_0: crate::aarch64::neon::plain::dot_tq1_0,
     i2_s: crate::aarch64::neon::plain::dot_i2_s,
     tok: None,
+    tok_rows: [None; 3],
     dot_f32: crate::aarch64::neon::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
     dot_f16: None,
+    rows_f16: None,
     axpy_f16: None,
 };
 
@@ -216,9 +244,11 @@ static NEON_DOTPROD: Kernels = Kernels {
     tq1_0: crate::aarch64::neon::dotprod::dot_tq1_0,
     i2_s: crate::aarch64::neon::dotprod::dot_i2_s,
     tok: None,
+    tok_rows: [None; 3],
     dot_f32: crate::aarch64::neon::dot_f32,
     f16_to_f32: f16_to_f32_scalar,
     dot_f16: None,
+    rows_f16: None,
     axpy_f16: None,
 };
 

@@ -125,6 +125,9 @@ fn tok_tile(k: usize) -> usize {
     1 << fit.ilog2()
 }
 
+/// Rows per block of the batched f16 path.
+const FLOAT_ROW_BLOCK: usize = 16;
+
 /// Elements dequantized at a time by the float kernels (a multiple of every block size).
 const FLOAT_CHUNK: usize = 256;
 
@@ -249,6 +252,40 @@ impl Kernels {
         let ptr = OutPtr(out.as_mut_ptr());
         let work = n * w.format().row_bytes(k) * b.max(1);
         let tile = tok_tile(k);
+        if let Some(rows_fn) = self.tok_rows[format_index(w.format())] {
+            let row_bytes = w.format().row_bytes(k);
+            let data = w.data();
+            for_row_ranges(n, work, |r0, r1| {
+                let mut buf = [0f32; TOK_ROW_BLOCK * MAX_BATCH];
+                for rb in (r0..r1).step_by(TOK_ROW_BLOCK) {
+                    let re = (rb + TOK_ROW_BLOCK).min(r1);
+                    let block = &data[rb * row_bytes..re * row_bytes];
+                    for t0 in (0..b).step_by(tile) {
+                        let nt = tile.min(b - t0);
+                        let view = acts.tok_view(t0, nt);
+                        let got = &mut buf[..(re - rb) * nt];
+                        // SAFETY: `self` exists only for an ISA this CPU supports; `block` holds
+                        // rows rb..re of the validated matrix, `view` nt rows of k activations
+                        // in [-127, 127] with their layout; kernels bounds-check.
+                        unsafe { rows_fn(block, row_bytes, re - rb, &view, got) };
+                        for (i, vals) in got.chunks_exact(nt).enumerate() {
+                            for (t, &v) in vals.iter().enumerate() {
+                                // bitnet.cpp's order for I2_S: sumi / s · w_s.
+                                let y = if i2s {
+                                    v / scales[t0 + t] * w_s
+                                } else {
+                                    v / scales[t0 + t]
+                                };
+                                // SAFETY: (t0 + t) < b and rb + i < n, so the index is in
+                                // bounds; rows rb..re are this task's alone.
+                                unsafe { ptr.write((t0 + t) * n + rb + i, y) }
+                            }
+                        }
+                    }
+                }
+            });
+            return;
+        }
         for_row_ranges(n, work, |r0, r1| {
             let mut buf = [0f32; MAX_BATCH];
             // Rows in blocks, tokens in L1-sized tiles: a tile's activations are read from L2
@@ -396,27 +433,49 @@ impl Kernels {
             });
             return Ok(());
         }
+        if let (FloatFormat::F16, true, Some(rows_f16)) = (fmt, b > 1, self.rows_f16) {
+            // A batch: register tiles of rows × tokens straight from the f16 bytes, rows in
+            // blocks so a block's weights stay in cache across the token tiles.
+            let row_bytes = fmt.row_bytes(k);
+            let data = w.data;
+            for_row_ranges(n, work, |r0, r1| {
+                let mut buf = vec![0.0f32; FLOAT_ROW_BLOCK * b];
+                for rb in (r0..r1).step_by(FLOAT_ROW_BLOCK) {
+                    let re = (rb + FLOAT_ROW_BLOCK).min(r1);
+                    let got = &mut buf[..(re - rb) * b];
+                    let block = &data[rb * row_bytes..re * row_bytes];
+                    // SAFETY: `self` exists only for an ISA this CPU supports; `block` holds
+                    // rows rb..re, `x` b rows of k values (checked above); the kernel slices.
+                    unsafe { rows_f16(block, row_bytes, re - rb, x, k, b, got) };
+                    for (i, vals) in got.chunks_exact(b).enumerate() {
+                        for (t, &v) in vals.iter().enumerate() {
+                            // SAFETY: t < b and rb + i < n; rows rb..re are this task's alone.
+                            unsafe { ptr.write(t * n + rb + i, v) }
+                        }
+                    }
+                }
+            });
+            return Ok(());
+        }
         for_row_ranges(n, work, |r0, r1| {
-            let mut buf = [0.0f32; FLOAT_CHUNK];
-            let mut acc = vec![0.0f32; b];
+            // The row is dequantized once (k floats, in L1/L2) and shared by every token; each
+            // token's product is then one dot product over the whole row.
+            let mut wrow = vec![0.0f32; k];
             for r in r0..r1 {
                 let row = w.row(r);
-                acc.fill(0.0);
                 for c0 in (0..k).step_by(FLOAT_CHUNK) {
                     let len = FLOAT_CHUNK.min(k - c0);
                     let bytes = &row[fmt.row_bytes(c0)..fmt.row_bytes(c0 + len)];
-                    let wbuf = &mut buf[..len];
+                    let wbuf = &mut wrow[c0..c0 + len];
                     match fmt {
                         // SAFETY: `self` exists only for an ISA this CPU supports.
                         FloatFormat::F16 => unsafe { (self.f16_to_f32)(bytes, wbuf) },
                         _ => fmt.dequantize(bytes, wbuf),
                     }
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        // SAFETY: as above; `dot_f32` reads min(len) elements of both slices.
-                        *a += unsafe { (self.dot_f32)(wbuf, &x[t * k + c0..t * k + c0 + len]) };
-                    }
                 }
-                for (t, &a) in acc.iter().enumerate() {
+                for t in 0..b {
+                    // SAFETY: as above; `dot_f32` reads min(k) elements of both slices.
+                    let a = unsafe { (self.dot_f32)(&wrow, &x[t * k..(t + 1) * k]) };
                     // SAFETY: t < b and r < n, so the index is < out.len(); row r is this task's.
                     unsafe { ptr.write(t * n + r, a) }
                 }

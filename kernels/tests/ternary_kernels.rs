@@ -51,6 +51,20 @@ struct Case {
 
 impl Case {
     fn build(format: TernaryFormat, rows: usize, k: usize, codes: Vec<u8>, scales: &[f32]) -> Case {
+        Case::build_with(format, rows, k, codes, scales, false)
+    }
+
+    /// `per_row`: every block of row `r` takes `scales[r % len]` (one scale per row, as in
+    /// ternary-trained models, where the fast kernels scale once per row), else block `i` of
+    /// the matrix takes `scales[i % len]`.
+    fn build_with(
+        format: TernaryFormat,
+        rows: usize,
+        k: usize,
+        codes: Vec<u8>,
+        scales: &[f32],
+        per_row: bool,
+    ) -> Case {
         let nb = k / 256;
         let mut block_d = Vec::new();
         let mut bytes = Vec::new();
@@ -65,7 +79,8 @@ impl Case {
                 bytes.resize(rows * nb * bb, 0);
                 for r in 0..rows {
                     for b in 0..nb {
-                        let d = f16::from_f32(scales[(r * nb + b) % scales.len()]);
+                        let at = if per_row { r } else { r * nb + b };
+                        let d = f16::from_f32(scales[at % scales.len()]);
                         block_d.push(d);
                         let c: [u8; 256] = codes[r * k + b * 256..r * k + b * 256 + 256]
                             .try_into()
@@ -175,8 +190,15 @@ fn case_strategy() -> impl Strategy<Value = (Case, Vec<i8>, usize)> {
             codes_strategy(rows, k, allow3),
             prop::collection::vec(1e-4f32..10.0, 1..8),
             acts_strategy(batch * k),
+            any::<bool>(),
         )
-            .prop_map(move |(codes, scales, q)| (Case::build(f, rows, k, codes, &scales), q, batch))
+            .prop_map(move |(codes, scales, q, per_row)| {
+                (
+                    Case::build_with(f, rows, k, codes, &scales, per_row),
+                    q,
+                    batch,
+                )
+            })
     })
 }
 

@@ -317,3 +317,123 @@ pub unsafe fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
     }
     total
 }
+
+/// `Σ_j f16(w[r, j]) · x[t, j]` for `R` rows (`row_bytes` apart in `w`) × `T` tokens (rows of
+/// `x`, `k` apart): a register tile of `R·T` FMA accumulators, so each widened weight vector
+/// serves `T` tokens and each activation load `R` rows (≤ ε class: 16 lanes, then a tree).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn f16_tile<const R: usize, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    k: usize,
+) -> [[f32; T]; R] {
+    let mut wr: [&[u8]; R] = [&[]; R];
+    for (i, r) in wr.iter_mut().enumerate() {
+        *r = &w[i * row_bytes..i * row_bytes + 2 * k];
+    }
+    let mut xr: [&[f32]; T] = [&[]; T];
+    for (i, r) in xr.iter_mut().enumerate() {
+        *r = &x[i * k..(i + 1) * k];
+    }
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let k16 = k / 16 * 16;
+    let mut i = 0;
+    while i < k16 {
+        let mut wv = [_mm512_setzero_ps(); R];
+        for (v, r) in wv.iter_mut().zip(&wr) {
+            let hb = &r[2 * i..2 * i + 32];
+            // SAFETY: `hb` holds 32 readable bytes; loadu has no alignment requirement.
+            *v = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(hb.as_ptr().cast()) });
+        }
+        for (t, xt) in xr.iter().enumerate() {
+            let xs = &xt[i..i + 16];
+            // SAFETY: `xs` holds 16 readable f32; loadu has no alignment requirement.
+            let xv = unsafe { _mm512_loadu_ps(xs.as_ptr()) };
+            for (a, &v) in acc.iter_mut().zip(&wv) {
+                a[t] = _mm512_fmadd_ps(v, xv, a[t]);
+            }
+        }
+        i += 16;
+    }
+    let mut out = [[0f32; T]; R];
+    for (r, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
+        for (t, (ot, &at)) in o.iter_mut().zip(a).enumerate() {
+            let mut s = _mm512_reduce_add_ps(at);
+            for j in k16..k {
+                let h = half::f16::from_le_bytes([wr[r][2 * j], wr[r][2 * j + 1]]);
+                s += h.to_f32() * xr[t][j];
+            }
+            *ot = s;
+        }
+    }
+    out
+}
+
+/// F16 rows × a batch of f32 activations: `out[r · n_tok + t] = Σ_j f16(w[r, j]) · x[t, j]`
+/// for `rows` rows (`row_bytes` apart in `w`) and `n_tok` tokens (rows of `x`, `k` apart), in
+/// register tiles of 4 rows × 4, 2 or 1 tokens (≤ ε class).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, FMA and F16C. Slice lengths are checked.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn rows_f16(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    x: &[f32],
+    k: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    let mut r = 0;
+    while r < rows {
+        let wq = &w[r * row_bytes..];
+        let quad = rows - r >= 4;
+        let mut t = 0;
+        while t < n_tok {
+            let xt = &x[t * k..];
+            let left = n_tok - t;
+            let step = if left >= 4 {
+                4
+            } else if left >= 2 {
+                2
+            } else {
+                1
+            };
+            let mut put = |rr: usize, tt: usize, v: f32| out[(r + rr) * n_tok + t + tt] = v;
+            match (quad, step) {
+                (true, 4) => {
+                    for (rr, o) in f16_tile::<4, 4>(wq, row_bytes, xt, k).iter().enumerate() {
+                        o.iter().enumerate().for_each(|(tt, &v)| put(rr, tt, v));
+                    }
+                }
+                (true, 2) => {
+                    for (rr, o) in f16_tile::<4, 2>(wq, row_bytes, xt, k).iter().enumerate() {
+                        o.iter().enumerate().for_each(|(tt, &v)| put(rr, tt, v));
+                    }
+                }
+                (true, _) => {
+                    for (rr, o) in f16_tile::<4, 1>(wq, row_bytes, xt, k).iter().enumerate() {
+                        put(rr, 0, o[0]);
+                    }
+                }
+                (false, 4) => {
+                    let o = f16_tile::<1, 4>(wq, row_bytes, xt, k);
+                    o[0].iter().enumerate().for_each(|(tt, &v)| put(0, tt, v));
+                }
+                (false, 2) => {
+                    let o = f16_tile::<1, 2>(wq, row_bytes, xt, k);
+                    o[0].iter().enumerate().for_each(|(tt, &v)| put(0, tt, v));
+                }
+                (false, _) => {
+                    let o = f16_tile::<1, 1>(wq, row_bytes, xt, k);
+                    put(0, 0, o[0][0]);
+                }
+            }
+            t += step;
+        }
+        r += if quad { 4 } else { 1 };
+    }
+}

@@ -257,6 +257,205 @@ macro_rules! planes_kernels {
                 }
             }
 
+            /// Plane `l` of a raw block as `w + 1` bytes (`I2S` picks the bit order).
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn plane<const I2S: bool>(raw: __m512i, l: usize) -> __m512i {
+                let shifted = match (I2S, l) {
+                    (false, 0) | (true, 3) => raw,
+                    (false, 1) | (true, 2) => _mm512_srli_epi16::<2>(raw),
+                    (false, 2) | (true, 1) => _mm512_srli_epi16::<4>(raw),
+                    _ => _mm512_srli_epi16::<6>(raw),
+                };
+                $codes(shifted)
+            }
+
+            /// `Σ_b dpbusd(w + 1, q)` for `R` weight rows (`row_bytes` apart in `w`) × `T`
+            /// tokens (rows of `q512`, `k` apart): a register tile of `R·T` accumulators, so
+            /// each activation load serves `R` rows and each decoded plane `T` tokens (one
+            /// load per `dpbusd` was the bound of the one-row kernel in batches).
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn tile2d<const R: usize, const T: usize, const I2S: bool>(
+                w: &[u8],
+                row_bytes: usize,
+                nb: usize,
+                q512: &[i8],
+                k: usize,
+            ) -> [[__m512i; T]; R] {
+                let stride = if I2S { 64 } else { 66 };
+                let mut wrows: [&[u8]; R] = [&[]; R];
+                for (i, wr) in wrows.iter_mut().enumerate() {
+                    *wr = &w[i * row_bytes..i * row_bytes + nb * stride];
+                }
+                let mut qrows: [&[i8]; T] = [&[]; T];
+                for (i, qr) in qrows.iter_mut().enumerate() {
+                    *qr = &q512[i * k..i * k + nb * QK];
+                }
+                let mut acc = [[_mm512_setzero_si512(); T]; R];
+                for b in 0..nb {
+                    let mut raw = [_mm512_setzero_si512(); R];
+                    for (v, wr) in raw.iter_mut().zip(&wrows) {
+                        let ahead = wr.as_ptr().wrapping_add(b * stride + PREFETCH);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                        *v = load64(&wr[b * stride..]);
+                    }
+                    for l in 0..4 {
+                        let mut c = [_mm512_setzero_si512(); R];
+                        for (cv, &rv) in c.iter_mut().zip(&raw) {
+                            *cv = plane::<I2S>(rv, l);
+                        }
+                        for (t, qr) in qrows.iter().enumerate() {
+                            let x = load64_i8(&qr[b * QK + 64 * l..]);
+                            for (ar, &cv) in acc.iter_mut().zip(&c) {
+                                ar[t] = _mm512_dpbusd_epi32(ar[t], cv, x);
+                            }
+                        }
+                    }
+                }
+                acc
+            }
+
+            /// Exact `Σ w·q` of 4 rows × all tokens of `acts` (`out[r·n + t]`), in token tiles
+            /// of 4, 2 and 1.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn quad_sums<const I2S: bool>(
+                w: &[u8],
+                row_bytes: usize,
+                nb: usize,
+                acts: &TokActs<'_>,
+                out: &mut [i32],
+            ) {
+                let (k, n) = (acts.k, acts.n_act);
+                let mut t0 = 0;
+                while t0 < n {
+                    let q = &acts.q512[t0 * k..];
+                    let left = n - t0;
+                    let step = if left >= 4 {
+                        4
+                    } else if left >= 2 {
+                        2
+                    } else {
+                        1
+                    };
+                    let mut put = |r: usize, t: usize, a: __m512i| {
+                        out[r * n + t0 + t] = _mm512_reduce_add_epi32(a) - acts.row_sums[t0 + t];
+                    };
+                    match step {
+                        4 => {
+                            let acc = tile2d::<4, 4, I2S>(w, row_bytes, nb, q, k);
+                            for (r, ar) in acc.iter().enumerate() {
+                                for (t, &a) in ar.iter().enumerate() {
+                                    put(r, t, a);
+                                }
+                            }
+                        }
+                        2 => {
+                            let acc = tile2d::<4, 2, I2S>(w, row_bytes, nb, q, k);
+                            for (r, ar) in acc.iter().enumerate() {
+                                for (t, &a) in ar.iter().enumerate() {
+                                    put(r, t, a);
+                                }
+                            }
+                        }
+                        _ => {
+                            let acc = tile2d::<4, 1, I2S>(w, row_bytes, nb, q, k);
+                            for (r, ar) in acc.iter().enumerate() {
+                                put(r, 0, ar[0]);
+                            }
+                        }
+                    }
+                    t0 += step;
+                }
+            }
+
+            /// Per-token products of `rows` consecutive TQ2_0 rows (`row_bytes` apart in `w`)
+            /// for every token of `acts`, into `out[r·n_act + t]`; the same values as
+            /// [`tok_tq2_0`] row by row. Four rows whose block scales agree (each row with
+            /// itself) go through the register tile; others, and a batch of one, row by row.
+            ///
+            /// # Safety
+            /// The CPU must support the features of this build. Slice lengths are checked.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn tok_rows_tq2_0(
+                w: &[u8],
+                row_bytes: usize,
+                rows: usize,
+                acts: &TokActs<'_>,
+                out: &mut [f32],
+            ) {
+                let (nb, n) = (acts.k / QK, acts.n_act);
+                let mut sums = [0i32; 4 * crate::ternary::MAX_BATCH];
+                let mut r = 0;
+                while r < rows {
+                    let quad = &w[r * row_bytes..];
+                    let scales = if n >= 2 && nb > 0 && rows - r >= 4 {
+                        let mut d = [0u16; 4];
+                        let mut all = true;
+                        for (i, di) in d.iter_mut().enumerate() {
+                            match uniform_scale(&quad[i * row_bytes..], nb, 66, 64) {
+                                Some(bits) => *di = bits,
+                                None => all = false,
+                            }
+                        }
+                        all.then_some(d)
+                    } else {
+                        None
+                    };
+                    match scales {
+                        Some(d) => {
+                            quad_sums::<false>(quad, row_bytes, nb, acts, &mut sums);
+                            for (i, &bits) in d.iter().enumerate() {
+                                let di = block_d(&bits.to_le_bytes(), 0);
+                                for t in 0..n {
+                                    out[(r + i) * n + t] = sums[i * n + t] as f32 * di;
+                                }
+                            }
+                            r += 4;
+                        }
+                        None => {
+                            // SAFETY: same features; `quad` starts at row r.
+                            unsafe { tok_tq2_0(quad, acts, &mut out[r * n..(r + 1) * n]) };
+                            r += 1;
+                        }
+                    }
+                }
+            }
+
+            /// Per-token I2_S totals of `rows` consecutive rows (`row_bytes` apart in `w`), into
+            /// `out[r·n_act + t]`; the same values as [`tok_i2_s`] row by row (exact).
+            ///
+            /// # Safety
+            /// The CPU must support the features of this build. Slice lengths are checked.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn tok_rows_i2_s(
+                w: &[u8],
+                row_bytes: usize,
+                rows: usize,
+                acts: &TokActs<'_>,
+                out: &mut [f32],
+            ) {
+                let (k, n) = (acts.k, acts.n_act);
+                let full = k / QK;
+                let mut sums = [0i32; 4 * crate::ternary::MAX_BATCH];
+                let mut r = 0;
+                while r < rows {
+                    let quad = &w[r * row_bytes..];
+                    if n >= 2 && full > 0 && k.is_multiple_of(QK) && rows - r >= 4 {
+                        quad_sums::<true>(quad, row_bytes, full, acts, &mut sums);
+                        for (o, &s) in out[r * n..(r + 4) * n].iter_mut().zip(&sums) {
+                            *o = s as f32;
+                        }
+                        r += 4;
+                    } else {
+                        // SAFETY: same features; `quad` starts at row r.
+                        unsafe { tok_i2_s(quad, acts, &mut out[r * n..(r + 1) * n]) };
+                        r += 1;
+                    }
+                }
+            }
+
             /// Per-token TQ2_0 row products (≤ ε class: one scaling of an exact integer sum
             /// when the row's block scales agree, else 16 float lanes of `sumi · d_b`).
             ///
