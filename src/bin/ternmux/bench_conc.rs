@@ -336,11 +336,12 @@ pub fn bench_concurrency(a: ConcArgs, out: &mut impl Write) -> Result<(), Failur
         let before = step_counters(&target, &models);
         let start = Instant::now();
         let finished = std::sync::atomic::AtomicBool::new(false);
-        std::thread::scope(|s| {
-            s.spawn(|| {
+        let wall = std::thread::scope(|s| {
+            let progress = s.spawn(|| {
                 let mut last = Instant::now();
                 while !finished.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(100));
+                    // Woken early (unpark) when the level ends.
+                    std::thread::park_timeout(Duration::from_millis(100));
                     if last.elapsed() >= Duration::from_secs(a.progress.max(1)) {
                         last = Instant::now();
                         let t = start.elapsed().as_secs_f64();
@@ -393,9 +394,13 @@ pub fn bench_concurrency(a: ConcArgs, out: &mut impl Write) -> Result<(), Failur
             for w in workers {
                 let _ = w.join();
             }
+            // The level's wall time ends with its last query, not with the progress thread's
+            // next wake-up (it sleeps in 100 ms steps).
+            let wall = start.elapsed().as_secs_f64();
             finished.store(true, Ordering::Relaxed);
+            progress.thread().unpark();
+            wall
         });
-        let wall = start.elapsed().as_secs_f64();
         let after = step_counters(&target, &models);
         if let (Some(b), Some(a)) = (before, after) {
             let steps = (a[0] - b[0]).max(1) as f64;
