@@ -20,7 +20,7 @@ use core::arch::x86_64::*;
 /// Loads 64 bytes (unaligned).
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-fn load64(bytes: &[u8]) -> __m512i {
+pub(crate) fn load64(bytes: &[u8]) -> __m512i {
     let bytes = &bytes[..64];
     // SAFETY: `bytes` has exactly 64 readable bytes; loadu has no alignment requirement.
     unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) }
@@ -29,7 +29,7 @@ fn load64(bytes: &[u8]) -> __m512i {
 /// Loads 64 activations (unaligned).
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-fn load64_i8(q: &[i8]) -> __m512i {
+pub(crate) fn load64_i8(q: &[i8]) -> __m512i {
     let q = &q[..64];
     // SAFETY: `q` has exactly 64 readable bytes; loadu has no alignment requirement.
     unsafe { _mm512_loadu_si512(q.as_ptr().cast()) }

@@ -17,6 +17,7 @@
 //! on the low six bits of each byte; without it, `and` + `min`.
 
 use super::avx2::block_d;
+use super::avx512::{load64, load64_i8};
 use crate::act::TokActs;
 use core::arch::x86_64::*;
 
@@ -26,24 +27,6 @@ const QK: usize = 256;
 const PREFETCH: usize = 2048;
 /// i32 lanes per 512-bit accumulator (the layout's `lane_sums` per super-block).
 const LANES: usize = 16;
-
-/// Loads 64 bytes (unaligned).
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-fn load64(bytes: &[u8]) -> __m512i {
-    let bytes = &bytes[..64];
-    // SAFETY: `bytes` has exactly 64 readable bytes; loadu has no alignment requirement.
-    unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) }
-}
-
-/// Loads 64 activations (unaligned).
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-fn load64_i8(q: &[i8]) -> __m512i {
-    let q = &q[..64];
-    // SAFETY: `q` has exactly 64 readable bytes; loadu has no alignment requirement.
-    unsafe { _mm512_loadu_si512(q.as_ptr().cast()) }
-}
 
 /// Loads sixteen i32 lanes (unaligned).
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -390,21 +373,25 @@ macro_rules! planes_kernels {
                 let mut r = 0;
                 while r < rows {
                     let quad = &w[r * row_bytes..];
-                    let scales = if n >= 2 && nb > 0 && rows - r >= 4 {
+                    // The quad's scales, or the number of rows to take one by one: up to and
+                    // including the first whose block scales differ.
+                    let mut scales = Err(1);
+                    if n >= 2 && nb > 0 && rows - r >= 4 {
                         let mut d = [0u16; 4];
-                        let mut all = true;
+                        let mut differing = None;
                         for (i, di) in d.iter_mut().enumerate() {
                             match uniform_scale(&quad[i * row_bytes..], nb, 66, 64) {
                                 Some(bits) => *di = bits,
-                                None => all = false,
+                                None => {
+                                    differing = Some(i);
+                                    break;
+                                }
                             }
                         }
-                        all.then_some(d)
-                    } else {
-                        None
-                    };
+                        scales = differing.map_or(Ok(d), |i| Err(i + 1));
+                    }
                     match scales {
-                        Some(d) => {
+                        Ok(d) => {
                             quad_sums::<false>(quad, row_bytes, nb, acts, &mut sums);
                             for (i, &bits) in d.iter().enumerate() {
                                 let di = block_d(&bits.to_le_bytes(), 0);
@@ -414,10 +401,18 @@ macro_rules! planes_kernels {
                             }
                             r += 4;
                         }
-                        None => {
-                            // SAFETY: same features; `quad` starts at row r.
-                            unsafe { tok_tq2_0(quad, acts, &mut out[r * n..(r + 1) * n]) };
-                            r += 1;
+                        Err(one_by_one) => {
+                            for i in r..r + one_by_one {
+                                // SAFETY: same features; the slice starts at row i.
+                                unsafe {
+                                    tok_tq2_0(
+                                        &w[i * row_bytes..],
+                                        acts,
+                                        &mut out[i * n..(i + 1) * n],
+                                    )
+                                };
+                            }
+                            r += one_by_one;
                         }
                     }
                 }
