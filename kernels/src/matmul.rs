@@ -252,42 +252,11 @@ impl Kernels {
         let ptr = OutPtr(out.as_mut_ptr());
         let work = n * w.format().row_bytes(k) * b.max(1);
         let tile = tok_tile(k);
-        if let Some(rows_fn) = self.tok_rows[format_index(w.format())] {
-            let row_bytes = w.format().row_bytes(k);
-            let data = w.data();
-            for_row_ranges(n, work, |r0, r1| {
-                let mut buf = [0f32; TOK_ROW_BLOCK * MAX_BATCH];
-                for rb in (r0..r1).step_by(TOK_ROW_BLOCK) {
-                    let re = (rb + TOK_ROW_BLOCK).min(r1);
-                    let block = &data[rb * row_bytes..re * row_bytes];
-                    for t0 in (0..b).step_by(tile) {
-                        let nt = tile.min(b - t0);
-                        let view = acts.tok_view(t0, nt);
-                        let got = &mut buf[..(re - rb) * nt];
-                        // SAFETY: `self` exists only for an ISA this CPU supports; `block` holds
-                        // rows rb..re of the validated matrix, `view` nt rows of k activations
-                        // in [-127, 127] with their layout; kernels bounds-check.
-                        unsafe { rows_fn(block, row_bytes, re - rb, &view, got) };
-                        for (i, vals) in got.chunks_exact(nt).enumerate() {
-                            for (t, &v) in vals.iter().enumerate() {
-                                // bitnet.cpp's order for I2_S: sumi / s · w_s.
-                                let y = if i2s {
-                                    v / scales[t0 + t] * w_s
-                                } else {
-                                    v / scales[t0 + t]
-                                };
-                                // SAFETY: (t0 + t) < b and rb + i < n, so the index is in
-                                // bounds; rows rb..re are this task's alone.
-                                unsafe { ptr.write((t0 + t) * n + rb + i, y) }
-                            }
-                        }
-                    }
-                }
-            });
-            return;
-        }
+        let rows_fn = self.tok_rows[format_index(w.format())];
+        let row_bytes = w.format().row_bytes(k);
+        let data = w.data();
         for_row_ranges(n, work, |r0, r1| {
-            let mut buf = [0f32; MAX_BATCH];
+            let mut buf = [0f32; TOK_ROW_BLOCK * MAX_BATCH];
             // Rows in blocks, tokens in L1-sized tiles: a tile's activations are read from L2
             // once per block of rows instead of once per row (the weights, a quarter of the
             // bytes per element, are the ones read again, from L1).
@@ -296,21 +265,38 @@ impl Kernels {
                 for t0 in (0..b).step_by(tile) {
                     let nt = tile.min(b - t0);
                     let view = acts.tok_view(t0, nt);
-                    for r in rb..re {
-                        // SAFETY: `self` exists only for an ISA this CPU supports; `w.row(r)` holds one
-                        // validated row, `view` nt rows of k activations in [-127, 127] with their
-                        // layout; kernels bounds-check.
-                        unsafe { f(w.row(r), &view, &mut buf[..nt]) };
-                        for (t, &v) in buf[..nt].iter().enumerate() {
+                    let got = &mut buf[..(re - rb) * nt];
+                    match rows_fn {
+                        // SAFETY: `self` exists only for an ISA this CPU supports; the slice
+                        // holds rows rb..re of the validated matrix, `view` nt rows of k
+                        // activations in [-127, 127] with their layout; kernels bounds-check.
+                        Some(g) => unsafe {
+                            g(
+                                &data[rb * row_bytes..re * row_bytes],
+                                row_bytes,
+                                re - rb,
+                                &view,
+                                got,
+                            )
+                        },
+                        None => {
+                            for (r, o) in (rb..re).zip(got.chunks_exact_mut(nt)) {
+                                // SAFETY: as above, one validated row at a time.
+                                unsafe { f(w.row(r), &view, o) };
+                            }
+                        }
+                    }
+                    for (i, vals) in got.chunks_exact(nt).enumerate() {
+                        for (t, &v) in vals.iter().enumerate() {
                             // bitnet.cpp's order for I2_S: sumi / s · w_s.
                             let y = if i2s {
                                 v / scales[t0 + t] * w_s
                             } else {
                                 v / scales[t0 + t]
                             };
-                            // SAFETY: (t0 + t) < b and r < n, so the index is < out.len(); row r is
-                            // this task's alone.
-                            unsafe { ptr.write((t0 + t) * n + r, y) }
+                            // SAFETY: (t0 + t) < b and rb + i < n, so the index is in bounds;
+                            // rows rb..re are this task's alone.
+                            unsafe { ptr.write((t0 + t) * n + rb + i, y) }
                         }
                     }
                 }

@@ -71,28 +71,17 @@ macro_rules! planes_kernels {
         pub mod $module {
             use super::*;
 
-            /// The four planes of a TQ2_0 block (plane `l` at bit `2l`) as `w + 1` bytes.
+            /// Plane `l` of a raw block as `w + 1` bytes (`I2S` picks the bit order).
             #[target_feature(enable = $feat)]
             #[inline]
-            fn planes_tq2(raw: __m512i) -> [__m512i; 4] {
-                [
-                    $codes(raw),
-                    $codes(_mm512_srli_epi16::<2>(raw)),
-                    $codes(_mm512_srli_epi16::<4>(raw)),
-                    $codes(_mm512_srli_epi16::<6>(raw)),
-                ]
-            }
-
-            /// The four planes of an I2_S block (plane `l` at bit `6 − 2l`) as `w + 1` bytes.
-            #[target_feature(enable = $feat)]
-            #[inline]
-            fn planes_i2s(raw: __m512i) -> [__m512i; 4] {
-                [
-                    $codes(_mm512_srli_epi16::<6>(raw)),
-                    $codes(_mm512_srli_epi16::<4>(raw)),
-                    $codes(_mm512_srli_epi16::<2>(raw)),
-                    $codes(raw),
-                ]
+            fn plane<const I2S: bool>(raw: __m512i, l: usize) -> __m512i {
+                let shifted = match (I2S, l) {
+                    (false, 0) | (true, 3) => raw,
+                    (false, 1) | (true, 2) => _mm512_srli_epi16::<2>(raw),
+                    (false, 2) | (true, 1) => _mm512_srli_epi16::<4>(raw),
+                    _ => _mm512_srli_epi16::<6>(raw),
+                };
+                $codes(shifted)
             }
 
             /// Decodes block `b` of a row (`I2S` picks the plane order and the 64-byte stride).
@@ -104,11 +93,8 @@ macro_rules! planes_kernels {
                 // rows, past this slice; a prefetch never faults) to keep more misses in flight.
                 let ahead = w_row.as_ptr().wrapping_add(b * stride + PREFETCH);
                 _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                if I2S {
-                    planes_i2s(load64(&w_row[b * 64..]))
-                } else {
-                    planes_tq2(load64(&w_row[b * 66..]))
-                }
+                let raw = load64(&w_row[b * stride..]);
+                [0, 1, 2, 3].map(|l| plane::<I2S>(raw, l))
             }
 
             /// `Σ_b dpbusd(w + 1, q)` over `nb` blocks for `T` tokens (rows of `q512`, `k` apart).
@@ -238,19 +224,6 @@ macro_rules! planes_kernels {
                 for (i, a) in acc.iter().enumerate() {
                     out[t0 + i] = _mm512_reduce_add_ps(*a);
                 }
-            }
-
-            /// Plane `l` of a raw block as `w + 1` bytes (`I2S` picks the bit order).
-            #[target_feature(enable = $feat)]
-            #[inline]
-            fn plane<const I2S: bool>(raw: __m512i, l: usize) -> __m512i {
-                let shifted = match (I2S, l) {
-                    (false, 0) | (true, 3) => raw,
-                    (false, 1) | (true, 2) => _mm512_srli_epi16::<2>(raw),
-                    (false, 2) | (true, 1) => _mm512_srli_epi16::<4>(raw),
-                    _ => _mm512_srli_epi16::<6>(raw),
-                };
-                $codes(shifted)
             }
 
             /// `Σ_b dpbusd(w + 1, q)` for `R` weight rows (`row_bytes` apart in `w`) × `T`
