@@ -92,9 +92,10 @@ impl Placement {
                 rayon::current_num_threads()
             ),
             Placement::OpenCl(d) => format!(
-                "opencl: {}{}",
+                "opencl: {}{}{}",
                 d.info(),
-                if d.dp4a() { ", dp4a byte sums" } else { "" }
+                if d.dp4a() { ", dp4a byte sums" } else { "" },
+                if d.mma() { ", int8 tensor cores" } else { "" }
             ),
         }
     }

@@ -341,6 +341,11 @@ pub struct ClDevice {
     build_time: std::time::Duration,
     /// Whether the kernels were built with `-DTERNMUX_DP4A` (NVIDIA inline PTX accepted).
     dp4a: bool,
+    /// Whether the kernels were built with `-DTERNMUX_MMA` (NVIDIA sm_80+: the int8 tensor-core
+    /// TQ2_0 GEMM).
+    mma: bool,
+    /// The build logs of the kernel builds that failed before the one in use.
+    build_fallbacks: Vec<String>,
     dummy: DevBuf,
     /// Launches recorded since the last [`ClDevice::take_profile`], when [`PROFILE_ENV`] was
     /// set at open (the queue then records timestamps).
@@ -526,25 +531,43 @@ impl ClDevice {
             .map(|(n, s)| format!("// ---- {n}\n{s}\n"))
             .collect();
         // NVIDIA drivers take inline PTX: the ternary GEMM then sums selected activation bytes
-        // with dp4a (sm_61 and later). Where that build fails, the portable one is used.
+        // with dp4a (sm_61 and later), and from sm_80 batches of TQ2_0 also run on the int8
+        // tensor cores (`cl/ternary_mma.cl`; `TERNMUX_CL_MMA=0` leaves them out). Each build
+        // that fails falls back to the next (its log kept for `build_fallbacks`): tensor
+        // cores, dp4a, portable.
         let nvidia = info.platform.contains("NVIDIA");
-        let built = if nvidia {
-            Program::create_and_build_from_source(&context, &joined, "-cl-std=CL1.2 -DTERNMUX_DP4A")
-                .map(|p| (p, true))
-                .ok()
+        let sm_major = if nvidia {
+            raw.compute_capability_major_nv().unwrap_or(0)
         } else {
-            None
+            0
         };
-        let (program, dp4a) = match built {
-            Some(b) => b,
-            None => Program::create_and_build_from_source(&context, &joined, "-cl-std=CL1.2")
-                .map(|p| (p, false))
-                .map_err(|log| {
-                    Error::Device(format!(
-                        "opencl: the kernels in cl/ failed to build on {}: {log}",
-                        info.name
-                    ))
-                })?,
+        let mma_wanted =
+            nvidia && sm_major >= 8 && std::env::var_os("TERNMUX_CL_MMA").is_none_or(|v| v != "0");
+        let mut tiers: Vec<(&str, bool, bool)> = Vec::new();
+        if mma_wanted {
+            tiers.push(("-cl-std=CL1.2 -DTERNMUX_DP4A -DTERNMUX_MMA", true, true));
+        }
+        if nvidia {
+            tiers.push(("-cl-std=CL1.2 -DTERNMUX_DP4A", true, false));
+        }
+        tiers.push(("-cl-std=CL1.2", false, false));
+        let mut build_fallbacks = Vec::new();
+        let mut built = None;
+        for (options, dp4a, mma) in tiers {
+            match Program::create_and_build_from_source(&context, &joined, options) {
+                Ok(p) => {
+                    built = Some((p, dp4a, mma));
+                    break;
+                }
+                Err(log) => build_fallbacks.push(format!("`{options}` failed: {log}")),
+            }
+        }
+        let Some((program, dp4a, mma)) = built else {
+            return Err(Error::Device(format!(
+                "opencl: the kernels in cl/ failed to build on {}: {}",
+                info.name,
+                build_fallbacks.join("\n")
+            )));
         };
         // `TERNMUX_CL_DUMP=FILE` writes the built program as the driver returns it (PTX on
         // NVIDIA), to inspect register spills and the instructions chosen.
@@ -629,6 +652,8 @@ impl ClDevice {
             launches: AtomicU64::new(0),
             build_time: start.elapsed(),
             dp4a,
+            mma,
+            build_fallbacks,
             profile: profiling.then(|| Mutex::new(Vec::new())),
             gpu_shaped,
         });
@@ -657,6 +682,16 @@ impl ClDevice {
     /// Whether the kernels were built with `-DTERNMUX_DP4A` (NVIDIA: byte sums by dp4a).
     pub fn dp4a(&self) -> bool {
         self.dp4a
+    }
+    /// Whether the kernels were built with `-DTERNMUX_MMA` (NVIDIA sm_80 and later: batches of
+    /// TQ2_0 run on the int8 tensor cores, `ternary_matmul_tq2_mma`).
+    pub fn mma(&self) -> bool {
+        self.mma
+    }
+    /// Why a richer kernel build was not taken: the option set and build log of each build that
+    /// failed before the one in use (empty when the first one built).
+    pub fn build_fallbacks(&self) -> &[String] {
+        &self.build_fallbacks
     }
     /// Kernel launches so far (all models on this device).
     pub fn launches(&self) -> u64 {

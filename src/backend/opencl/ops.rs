@@ -34,6 +34,13 @@ const TILED_MIN_TOKENS: usize = 17;
 const TILED_GROUPS_PER_CU: usize = 2;
 const TILED_MAX_SPLITS: usize = 8;
 
+/// The tensor-core TQ2_0 GEMM (cl/ternary_mma.cl, NVIDIA sm_80+): rows and tokens of a
+/// work-group's tile (four warps of 16 rows), local words per staged token, and the smallest
+/// batch that takes it.
+const MMA_ROWS: usize = 64;
+const MMA_TOKS: usize = 64;
+const MMA_STRIDE: usize = 72;
+const MMA_MIN_TOKENS: usize = 2;
 /// The tiled F16 GEMM (cl/float.cl `float_matmul_f16_tiled`): rows and tokens per work-item
 /// (`FT_RPT`, `FT_TPT`), columns staged per step (`FT_CHUNK`), local floats per staged token
 /// (`FT_STRIDE`), teams per work-group, and the smallest batch that takes it.
@@ -407,6 +414,27 @@ impl ClDevice {
         ];
         let total = self.push_outs(&mut args, outs, fmt, k, n_tok)?;
         args.push(Arg::I32(i32::from(accumulate)));
+        // Batches of TQ2_0 on NVIDIA sm_80+: the int8 tensor cores.
+        if fmt == TernaryFormat::Tq2_0 && n_tok >= MMA_MIN_TOKENS && self.mma() && self.tiled_gemm()
+        {
+            args.remove(0);
+            let words = MMA_TOKS * MMA_STRIDE + 4;
+            args.push(Arg::Local(words * 4));
+            let tiles = (total.div_ceil(MMA_ROWS), n_tok.div_ceil(MMA_TOKS));
+            let splits = self.tiled_splits(tiles.0 * tiles.1, k / 256);
+            let global = [tiles.0 * MMA_ROWS / 16 * TEAM, tiles.1, splits];
+            let local = [MMA_ROWS / 16 * TEAM, 1, 1];
+            args.push(int(splits)?);
+            if splits == 1 {
+                args.extend([Arg::Buf(self.dummy()), Arg::Buf(self.tickets())]);
+                return self.launch("ternary_matmul_tq2_mma", &global, &local, &args);
+            }
+            return self.with_split_part(splits * n_tok * total * 4, |part| {
+                let mut args = args;
+                args.extend([Arg::Buf(part), Arg::Buf(self.tickets())]);
+                self.launch("ternary_matmul_tq2_mma", &global, &local, &args)
+            });
+        }
         // Batches of TQ2_0 on a GPU: the tiled kernel (activations staged in local memory,
         // each work-item a block of rows × tokens).
         if fmt == TernaryFormat::Tq2_0 && n_tok >= TILED_MIN_TOKENS && self.tiled_gemm() {

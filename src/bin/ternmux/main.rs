@@ -388,11 +388,16 @@ fn bench_device(
     w(
         out,
         format!(
-            "device: {} (kernels built in {:.2} s)",
+            "device: {} (kernels built in {:.2} s{}{})",
             dev.info(),
-            dev.build_time().as_secs_f64()
+            dev.build_time().as_secs_f64(),
+            if dev.dp4a() { "; dp4a" } else { "" },
+            if dev.mma() { "; int8 tensor cores" } else { "" }
         ),
     )?;
+    for why in dev.build_fallbacks() {
+        w(out, format!("kernel build fell back: {why}"))?;
+    }
     w(out, "\n## transfers".into())?;
     let bw = bench::transfer_bandwidth(&dev, copy_mib << 20, 5)?;
     for b in &bw {

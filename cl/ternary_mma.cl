@@ -1,0 +1,196 @@
+// TQ2_0 × int8 activations on NVIDIA's int8 tensor cores (sm_80 and later; built only with
+// -DTERNMUX_MMA, which the host adds where the driver takes the inline PTX below).
+//
+// Each weight code becomes a signed byte −1 / 0 / +1 in registers (two byte permutes and one
+// logic op per four weights; a corrupt code 3 counts as +1, as everywhere else), and
+// `mma.sync.m16n8k32` sums 16 rows × 8 tokens × 32 weights per instruction, exactly in int32
+// per 256-weight block; then one float scale per block and row, one per token. The integer
+// arithmetic is the same as the other kernels' (exact sums), only the unit that adds is new.
+//
+// Work split: a work-group of MM_WARPS warps owns MM_WARPS · 16 rows × up to MM_TOKS tokens;
+// each warp 16 rows (work-item lanes g = lane / 4 and g + 8) × all the tile's tokens (eight mma
+// n-tiles). Per 256-weight block the work-group stages the tile's activations in local memory,
+// each token's 32-weight slices reordered (words 0 4 1 5 2 6 3 7) so that a work-item's B
+// fragment (k = 4·tq..+3 and 16 + 4·tq..+3) is one 8-byte load; the weights' A fragments come
+// straight from global memory (a block's 32-byte half holds four 32-weight slices, plane j of
+// each byte). Where the tiles alone would not fill the GPU, `splits` work-groups share a tile,
+// each a contiguous share of its blocks, and the last to arrive adds their sums in split order
+// (a per-tile ticket, as in `ternary_matmul_tq2_tiled`).
+//
+// Grid: (row tiles · MM_WARPS · 32, token tiles, splits); local: MM_TOKS · MM_STRIDE + 1 words.
+
+#ifdef TERNMUX_MMA
+#define MM_WARPS 4
+#define MM_TOKS 64
+#define MM_STRIDE 72
+
+// Four TQ2_0 codes (plane j of the four bytes of c) as signed bytes: code 0 → −1 (0xFF),
+// 1 → 0, 2 (and a corrupt 3) → +1.
+inline uint tq2_values(uint c, int j) {
+    uint m1 = bit_bytes(c, 2 * j + 1), m0 = bit_bytes(c, 2 * j);
+    return (m1 & 0x01010101u) | ~(m1 | m0);
+}
+
+// c += A · B for a 16 × 32 int8 A (this work-item's fragment a0..a3: rows g and g + 8, columns
+// 4·tq..+3 and 16 + 4·tq..+3) and a 32 × 8 int8 B (b0, b1: column g, the same k), exact int32.
+#define MMA_S8(c, a0, a1, a2, a3, b0, b1)                                                    \
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, "           \
+                 "{%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};"                                 \
+                 : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])                             \
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(c[0]), "r"(c[1]), \
+                   "r"(c[2]), "r"(c[3]))
+
+// Four code bytes of a TQ2_0 block at byte offset `at` (blocks are 66 bytes: 2-byte aligned).
+inline uint code_word(const __global uchar* b, int at) {
+    ushort2 h = vload2(0, (const __global ushort*)(b + at));
+    return (uint)h.x | ((uint)h.y << 16);
+}
+
+__kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global const float* qsc,
+                                     int n_tok, ROW_PARAMS, int accumulate,
+                                     __local uint4* tile16, int splits, __global float* part,
+                                     volatile __global int* tickets) {
+    // Declared as uint4: NVIDIA aligns a local argument only to its declared type.
+    __local uint* acts = (__local uint*)tile16;
+    int lid = get_local_id(0);
+    int lane = lid % 32, warp = lid / 32;
+    int g = lane / 4, tq = lane % 4;
+    int tile_rows = MM_WARPS * 16;
+    int r_tile = get_group_id(0) * tile_rows;
+    int t0 = get_group_id(1) * MM_TOKS;
+    int nt = min(MM_TOKS, n_tok - t0);
+    int ntiles = (nt + 7) / 8;
+    int row_bytes = (k / 256) * 66;
+    int total = n0 + n1 + n2;
+    // This work-item's two rows: g and g + 8 of its warp's sixteen. A row past the launch's
+    // rows reads row 0 with all codes 0 (weight 0) and stores nothing.
+    Row xr[2];
+    bool live[2];
+    __global const uchar* wrow[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        xr[r] = pick_row(r_tile + warp * 16 + g + 8 * r, ROW_ARGS);
+        live[r] = xr[r].rr < xr[r].n;
+        wrow[r] = xr[r].w + (size_t)(live[r] ? xr[r].rr : 0) * row_bytes;
+    }
+    float acc[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[n][i] = 0.0f;
+    }
+    int nblk = k / 256;
+    int split = get_group_id(2);
+    int blk0 = nblk * split / splits, blk1 = nblk * (split + 1) / splits;
+    for (int blk = blk0; blk < blk1; blk++) {
+        // This work-item's code words of the block, issued before the staging: [row][half][lo,
+        // hi] = bytes 32·half + 4·tq and + 16 (columns 4·tq.. and 16 + 4·tq.. of each slice).
+        uint cw[2][2][2];
+        float d[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const __global uchar* b = wrow[r] + (size_t)blk * 66;
+            d[r] = live[r] ? ld_f16(b + 64) : 0.0f;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                cw[r][h][0] = live[r] ? code_word(b, 32 * h + 4 * tq) : 0x55555555u;
+                cw[r][h][1] = live[r] ? code_word(b, 32 * h + 16 + 4 * tq) : 0x55555555u;
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        // Stage the block's activations of the tile's tokens (zeros up to the n-tile edge):
+        // 16 × 16 bytes per token; 16-byte piece v holds words 4·(v % 2).. of slice v / 2, which
+        // go to positions 1·(v % 2) + 0, 2, 4, 6 of the slice's eight.
+        for (int u = lid; u < ntiles * 8 * 16; u += get_local_size(0)) {
+            int t = u / 16, v = u % 16;
+            uint4 a = (uint4)(0u);
+            if (t < nt) a = *(const __global uint4*)(q + (size_t)(t0 + t) * k + blk * 256 + v * 16);
+            __local uint* dst = acts + t * MM_STRIDE + (v / 2) * 8 + (v % 2);
+            dst[0] = a.x;
+            dst[2] = a.y;
+            dst[4] = a.z;
+            dst[6] = a.w;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        int c[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) c[n][i] = 0;
+        }
+        // Slice s of the block (weights 32·s..32·s + 31) is plane s % 4 of half s / 4.
+#pragma unroll
+        for (int s = 0; s < 8; s++) {
+            int h = s / 4, j = s % 4;
+            uint a0 = tq2_values(cw[0][h][0], j), a1 = tq2_values(cw[1][h][0], j);
+            uint a2 = tq2_values(cw[0][h][1], j), a3 = tq2_values(cw[1][h][1], j);
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                if (n < ntiles) {
+                    uint2 b = *(__local const uint2*)(acts + (n * 8 + g) * MM_STRIDE + s * 8 + 2 * tq);
+                    MMA_S8(c[n], a0, a1, a2, a3, b.x, b.y);
+                }
+            }
+        }
+        // c[n]: rows g (0, 1) and g + 8 (2, 3), tokens 8·n + 2·tq (0, 2) and + 1 (1, 3).
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            acc[n][0] += (float)c[n][0] * d[0];
+            acc[n][1] += (float)c[n][1] * d[0];
+            acc[n][2] += (float)c[n][2] * d[1];
+            acc[n][3] += (float)c[n][3] * d[1];
+        }
+    }
+    // Split row lengths: every work-group writes its sums to `part` (split-major, then token,
+    // then row of the launch); the last of the tile's work-groups adds them in split order.
+    if (splits > 1) {
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int tl = 8 * n + 2 * tq + (i & 1);
+                int rl = warp * 16 + g + 8 * (i / 2);
+                if (tl < nt && r_tile + rl < total) {
+                    part[((size_t)split * n_tok + t0 + tl) * total + r_tile + rl] = acc[n][i];
+                }
+            }
+        }
+    }
+    barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
+    __local int* flag = (__local int*)(acts + MM_TOKS * MM_STRIDE);
+    if (lid == 0) {
+        int last = 1;
+        if (splits > 1) {
+            volatile __global int* ticket =
+                tickets + get_group_id(1) * get_num_groups(0) + get_group_id(0);
+            device_fence();
+            last = atomic_inc(ticket) == splits - 1;
+            if (last) atomic_xchg(ticket, 0);
+            device_fence();
+        }
+        flag[0] = last;
+    }
+    barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
+    if (flag[0]) {
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int tl = 8 * n + 2 * tq + (i & 1);
+                int r = i / 2;
+                if (tl < nt && live[r]) {
+                    float v = acc[n][i];
+                    if (splits > 1) {
+                        v = 0.0f;
+                        for (int sp = 0; sp < splits; sp++) {
+                            v += part[((size_t)sp * n_tok + t0 + tl) * total + r_tile +
+                                      warp * 16 + g + 8 * r];
+                        }
+                    }
+                    tiled_store(xr[r], v, qsc, t0 + tl, accumulate);
+                }
+            }
+        }
+    }
+}
+#endif
