@@ -9,20 +9,24 @@
 //
 // Work split: a work-group of MM_WARPS warps owns MM_WARPS · 16 rows × up to MM_TOKS tokens;
 // each warp 16 rows (work-item lanes g = lane / 4 and g + 8) × all the tile's tokens (eight mma
-// n-tiles). Per 256-weight block the work-group stages the tile's activations in local memory,
-// each token's 32-weight slices reordered (words 0 4 1 5 2 6 3 7) so that a work-item's B
+// n-tiles). Per 256-weight block the work-group stages the tile's activations in local memory
+// (two buffers: the next block's loads are in flight while this one is summed), each token's
+// 32-weight slices reordered (words 0 4 1 5 2 6 3 7) so that a work-item's B
 // fragment (k = 4·tq..+3 and 16 + 4·tq..+3) is one 8-byte load; the weights' A fragments come
 // straight from global memory (a block's 32-byte half holds four 32-weight slices, plane j of
 // each byte). Where the tiles alone would not fill the GPU, `splits` work-groups share a tile,
 // each a contiguous share of its blocks, and the last to arrive adds their sums in split order
 // (a per-tile ticket, as in `ternary_matmul_tq2_tiled`).
 //
-// Grid: (row tiles · MM_WARPS · 32, token tiles, splits); local: MM_TOKS · MM_STRIDE + 1 words.
+// Grid: (row tiles · MM_WARPS · 32, token tiles, splits); local: 2 · MM_TOKS · MM_STRIDE + 4
+// words (the last ones a flag).
 
 #ifdef TERNMUX_MMA
 #define MM_WARPS 4
 #define MM_TOKS 64
 #define MM_STRIDE 72
+// 16-byte activation pieces each work-item stages per block: MM_TOKS · 16 / (MM_WARPS · 32).
+#define MM_STAGE 8
 
 // Four TQ2_0 codes (plane j of the four bytes of c) as signed bytes: code 0 → −1 (0xFF),
 // 1 → 0, 2 (and a corrupt 3) → +1.
@@ -44,6 +48,56 @@ inline uint tq2_values(uint c, int j) {
 inline uint code_word(const __global uchar* b, int at) {
     ushort2 h = vload2(0, (const __global ushort*)(b + at));
     return (uint)h.x | ((uint)h.y << 16);
+}
+
+// This work-item's code words of block `blk` for its two rows: [row][half][lo, hi] = bytes
+// 32·half + 4·tq and + 16 (columns 4·tq.. and 16 + 4·tq.. of each slice), and the rows' block
+// scales. A row past the launch's rows gets codes 1 (weight 0) and scale 0.
+inline void mma_load_codes(__global const uchar* wrow[2], bool live[2], int blk, int tq,
+                           uint cw[2][2][2], float d[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const __global uchar* b = wrow[r] + (size_t)blk * 66;
+        d[r] = live[r] ? ld_f16(b + 64) : 0.0f;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            cw[r][h][0] = live[r] ? code_word(b, 32 * h + 4 * tq) : 0x55555555u;
+            cw[r][h][1] = live[r] ? code_word(b, 32 * h + 16 + 4 * tq) : 0x55555555u;
+        }
+    }
+}
+
+// This work-item's share of block `blk`'s activations for the tile's tokens: 16-byte pieces
+// lid, lid + 128, … of the first `n_piece` (16 per token; zeros past the last token, up to the
+// n-tile edge), all loads issued before any is used.
+inline void mma_load_acts(__global const char* q, int k, int t0, int nt, int n_piece, int blk,
+                          int lid, uint4 stage[MM_STAGE]) {
+#pragma unroll
+    for (int i = 0; i < MM_STAGE; i++) {
+        int u = lid + i * MM_WARPS * 32;
+        int t = u / 16, v = u % 16;
+        stage[i] = (uint4)(0u);
+        if (u < n_piece && t < nt) {
+            stage[i] = *(const __global uint4*)(q + (size_t)(t0 + t) * k + blk * 256 + v * 16);
+        }
+    }
+}
+
+// The pieces of `mma_load_acts` into a staging buffer: piece v of a token holds words 4·(v % 2)
+// .. + 3 of slice v / 2, which go to positions v % 2 + 0, 2, 4, 6 of the slice's eight.
+inline void mma_store_acts(__local uint* buf, int n_piece, int lid, uint4 stage[MM_STAGE]) {
+#pragma unroll
+    for (int i = 0; i < MM_STAGE; i++) {
+        int u = lid + i * MM_WARPS * 32;
+        if (u < n_piece) {
+            int t = u / 16, v = u % 16;
+            __local uint* dst = buf + t * MM_STRIDE + (v / 2) * 8 + (v % 2);
+            dst[0] = stage[i].x;
+            dst[2] = stage[i].y;
+            dst[4] = stage[i].z;
+            dst[6] = stage[i].w;
+        }
+    }
 }
 
 __kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global const float* qsc,
@@ -82,36 +136,27 @@ __kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global con
     int nblk = k / 256;
     int split = get_group_id(2);
     int blk0 = nblk * split / splits, blk1 = nblk * (split + 1) / splits;
+    // Software pipeline over the blocks: while block b is summed from one staging buffer, the
+    // loads of block b + 1 (this work-item's code words, its share of the activations) are in
+    // flight, and land in the other buffer afterwards; one barrier per block.
+    int n_piece = ntiles * 8 * 16;
+    uint cw[2][2][2], cn[2][2][2];
+    float d[2], dn[2];
+    uint4 stage[MM_STAGE];
+    if (blk0 < blk1) {
+        mma_load_codes(wrow, live, blk0, tq, cw, d);
+        mma_load_acts(q, k, t0, nt, n_piece, blk0, lid, stage);
+        mma_store_acts(acts, n_piece, lid, stage);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
     for (int blk = blk0; blk < blk1; blk++) {
-        // This work-item's code words of the block, issued before the staging: [row][half][lo,
-        // hi] = bytes 32·half + 4·tq and + 16 (columns 4·tq.. and 16 + 4·tq.. of each slice).
-        uint cw[2][2][2];
-        float d[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const __global uchar* b = wrow[r] + (size_t)blk * 66;
-            d[r] = live[r] ? ld_f16(b + 64) : 0.0f;
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                cw[r][h][0] = live[r] ? code_word(b, 32 * h + 4 * tq) : 0x55555555u;
-                cw[r][h][1] = live[r] ? code_word(b, 32 * h + 16 + 4 * tq) : 0x55555555u;
-            }
+        __local const uint* cur = acts + ((blk - blk0) & 1) * MM_TOKS * MM_STRIDE;
+        __local uint* next = acts + (((blk - blk0) & 1) ^ 1) * MM_TOKS * MM_STRIDE;
+        bool more = blk + 1 < blk1;
+        if (more) {
+            mma_load_codes(wrow, live, blk + 1, tq, cn, dn);
+            mma_load_acts(q, k, t0, nt, n_piece, blk + 1, lid, stage);
         }
-        barrier(CLK_LOCAL_MEM_FENCE);
-        // Stage the block's activations of the tile's tokens (zeros up to the n-tile edge):
-        // 16 × 16 bytes per token; 16-byte piece v holds words 4·(v % 2).. of slice v / 2, which
-        // go to positions 1·(v % 2) + 0, 2, 4, 6 of the slice's eight.
-        for (int u = lid; u < ntiles * 8 * 16; u += get_local_size(0)) {
-            int t = u / 16, v = u % 16;
-            uint4 a = (uint4)(0u);
-            if (t < nt) a = *(const __global uint4*)(q + (size_t)(t0 + t) * k + blk * 256 + v * 16);
-            __local uint* dst = acts + t * MM_STRIDE + (v / 2) * 8 + (v % 2);
-            dst[0] = a.x;
-            dst[2] = a.y;
-            dst[4] = a.z;
-            dst[6] = a.w;
-        }
-        barrier(CLK_LOCAL_MEM_FENCE);
         int c[8][4];
 #pragma unroll
         for (int n = 0; n < 8; n++) {
@@ -127,7 +172,7 @@ __kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global con
 #pragma unroll
             for (int n = 0; n < 8; n++) {
                 if (n < ntiles) {
-                    uint2 b = *(__local const uint2*)(acts + (n * 8 + g) * MM_STRIDE + s * 8 + 2 * tq);
+                    uint2 b = *(__local const uint2*)(cur + (n * 8 + g) * MM_STRIDE + s * 8 + 2 * tq);
                     MMA_S8(c[n], a0, a1, a2, a3, b.x, b.y);
                 }
             }
@@ -140,6 +185,19 @@ __kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global con
             acc[n][2] += (float)c[n][2] * d[1];
             acc[n][3] += (float)c[n][3] * d[1];
         }
+        if (more) {
+            mma_store_acts(next, n_piece, lid, stage);
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                d[r] = dn[r];
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    cw[r][h][0] = cn[r][h][0];
+                    cw[r][h][1] = cn[r][h][1];
+                }
+            }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
     }
     // Split row lengths: every work-group writes its sums to `part` (split-major, then token,
     // then row of the launch); the last of the tile's work-groups adds them in split order.
@@ -157,7 +215,7 @@ __kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global con
         }
     }
     barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
-    __local int* flag = (__local int*)(acts + MM_TOKS * MM_STRIDE);
+    __local int* flag = (__local int*)(acts + 2 * MM_TOKS * MM_STRIDE);
     if (lid == 0) {
         int last = 1;
         if (splits > 1) {
@@ -172,23 +230,35 @@ __kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global con
     }
     barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
     if (flag[0]) {
+        // With splits, every split's sums of this work-item's outputs are loaded split by split,
+        // all 32 of a split at once (the sums' order stays the split order).
+        if (splits > 1) {
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[n][i] = 0.0f;
+            }
+            for (int sp = 0; sp < splits; sp++) {
+#pragma unroll
+                for (int n = 0; n < 8; n++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        int tl = 8 * n + 2 * tq + (i & 1);
+                        int rl = warp * 16 + g + 8 * (i / 2);
+                        if (tl < nt && r_tile + rl < total) {
+                            acc[n][i] += part[((size_t)sp * n_tok + t0 + tl) * total + r_tile + rl];
+                        }
+                    }
+                }
+            }
+        }
 #pragma unroll
         for (int n = 0; n < 8; n++) {
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 int tl = 8 * n + 2 * tq + (i & 1);
                 int r = i / 2;
-                if (tl < nt && live[r]) {
-                    float v = acc[n][i];
-                    if (splits > 1) {
-                        v = 0.0f;
-                        for (int sp = 0; sp < splits; sp++) {
-                            v += part[((size_t)sp * n_tok + t0 + tl) * total + r_tile +
-                                      warp * 16 + g + 8 * r];
-                        }
-                    }
-                    tiled_store(xr[r], v, qsc, t0 + tl, accumulate);
-                }
+                if (tl < nt && live[r]) tiled_store(xr[r], acc[n][i], qsc, t0 + tl, accumulate);
             }
         }
     }

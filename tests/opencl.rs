@@ -563,6 +563,52 @@ proptest! {
     }
 }
 
+proptest! {
+    // Few cases: each checks up to 140 tokens × 200 rows against f64.
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Batches of F16 rows (the output head of batched decoding: the tiled kernel, and on
+    /// NVIDIA the tensor-core one, which scales each 64-element chunk of a token by a power of
+    /// two and splits it into two f16 parts) at any activation magnitude: tokens from 1e-6 to
+    /// 1e6, elements within a token spread over six decades, against the same f64 bound as
+    /// every float matmul.
+    #[test]
+    fn f16_batches_match_f64_at_any_magnitude(rows in prop_oneof![1usize..40, 120usize..200], k in prop_oneof![2 => Just(64usize), 2 => Just(192), 1 => Just(2560)], n_tok in 9usize..140, accumulate in any::<bool>(), seed in any::<u64>()) {
+        let Some(d) = device() else { return Ok(()) };
+        let fmt = FloatFormat::F16;
+        let bytes = random_blocks(fmt, rows, k, seed);
+        let w = quant::decode(GgmlType::Float(fmt), &bytes, rows, k).unwrap();
+        let mut r = Lcg(seed ^ 0x5EED);
+        let mut x = Vec::with_capacity(n_tok * k);
+        for _ in 0..n_tok {
+            let token_scale = 10f32.powf(r.f() * 6.0);
+            x.extend((0..k).map(|_| r.f() * token_scale * 10f32.powf(r.f() * 3.0)));
+        }
+        let start: Vec<f32> = (0..n_tok * rows).map(|_| r.f()).collect();
+        let (wb, xb, ob) = (d.upload(&bytes).unwrap(), up_f32(&d, &x), up_f32(&d, &start));
+        d.float_matmul(fmt, k, &xb, n_tok, &wb, rows, &ob, 0.75, accumulate).unwrap();
+        let got = read_f32(&d, &ob, n_tok * rows);
+        for t in 0..n_tok {
+            for row in 0..rows {
+                let (mut exact, mut mag) = (0f64, 0f64);
+                for j in 0..k {
+                    let p = f64::from(w[row * k + j]) * f64::from(x[t * k + j]);
+                    exact += p;
+                    mag += p.abs();
+                }
+                let mut want = exact * 0.75;
+                let mut bound = gamma(k / 8 + 40) * mag * 0.75 + 1e-30;
+                if accumulate {
+                    want += f64::from(start[t * rows + row]);
+                    bound += f64::from(f32::EPSILON) * want.abs();
+                }
+                let g = f64::from(got[t * rows + row]);
+                prop_assert!((g - want).abs() <= bound, "rows {rows} k {k} n_tok {n_tok} t {t} row {row}: got {g} want {want} bound {bound}");
+            }
+        }
+    }
+}
+
 /// A row op done as a launch's epilogue (`e`: values, int8 rows, scales) against the same op as
 /// a launch of its own (`a`): bit for bit (every path of the row ops keeps one order of sums per
 /// work-item, cl/common.cl).

@@ -344,6 +344,9 @@ pub struct ClDevice {
     /// Whether the kernels were built with `-DTERNMUX_MMA` (NVIDIA sm_80+: the int8 tensor-core
     /// TQ2_0 GEMM).
     mma: bool,
+    /// Whether the kernels were built with `-DTERNMUX_MMA_F16` (the f16 tensor-core GEMM of
+    /// batched F16 heads).
+    mma_f16: bool,
     /// The build logs of the kernel builds that failed before the one in use.
     build_fallbacks: Vec<String>,
     dummy: DevBuf,
@@ -531,10 +534,10 @@ impl ClDevice {
             .map(|(n, s)| format!("// ---- {n}\n{s}\n"))
             .collect();
         // NVIDIA drivers take inline PTX: the ternary GEMM then sums selected activation bytes
-        // with dp4a (sm_61 and later), and from sm_80 batches of TQ2_0 also run on the int8
-        // tensor cores (`cl/ternary_mma.cl`; `TERNMUX_CL_MMA=0` leaves them out). Each build
-        // that fails falls back to the next (its log kept for `build_fallbacks`): tensor
-        // cores, dp4a, portable.
+        // with dp4a (sm_61 and later), and from sm_80 batches of TQ2_0 and of F16 heads also
+        // run on the tensor cores (`cl/ternary_mma.cl`, `cl/float_mma.cl`; `TERNMUX_CL_MMA=0`
+        // leaves them out). Each build that fails falls back to the next (its log kept for
+        // `build_fallbacks`): both tensor-core GEMMs, the int8 one, dp4a, portable.
         let nvidia = info.platform.contains("NVIDIA");
         let sm_major = if nvidia {
             raw.compute_capability_major_nv().unwrap_or(0)
@@ -543,26 +546,33 @@ impl ClDevice {
         };
         let mma_wanted =
             nvidia && sm_major >= 8 && std::env::var_os("TERNMUX_CL_MMA").is_none_or(|v| v != "0");
-        let mut tiers: Vec<(&str, bool, bool)> = Vec::new();
+        // (options, dp4a, int8 tensor cores, f16 tensor cores)
+        let mut tiers: Vec<(&str, bool, bool, bool)> = Vec::new();
         if mma_wanted {
-            tiers.push(("-cl-std=CL1.2 -DTERNMUX_DP4A -DTERNMUX_MMA", true, true));
+            tiers.push((
+                "-cl-std=CL1.2 -DTERNMUX_DP4A -DTERNMUX_MMA -DTERNMUX_MMA_F16",
+                true,
+                true,
+                true,
+            ));
+            tiers.push(("-cl-std=CL1.2 -DTERNMUX_DP4A -DTERNMUX_MMA", true, true, false));
         }
         if nvidia {
-            tiers.push(("-cl-std=CL1.2 -DTERNMUX_DP4A", true, false));
+            tiers.push(("-cl-std=CL1.2 -DTERNMUX_DP4A", true, false, false));
         }
-        tiers.push(("-cl-std=CL1.2", false, false));
+        tiers.push(("-cl-std=CL1.2", false, false, false));
         let mut build_fallbacks = Vec::new();
         let mut built = None;
-        for (options, dp4a, mma) in tiers {
+        for (options, dp4a, mma, mma_f16) in tiers {
             match Program::create_and_build_from_source(&context, &joined, options) {
                 Ok(p) => {
-                    built = Some((p, dp4a, mma));
+                    built = Some((p, dp4a, mma, mma_f16));
                     break;
                 }
                 Err(log) => build_fallbacks.push(format!("`{options}` failed: {log}")),
             }
         }
-        let Some((program, dp4a, mma)) = built else {
+        let Some((program, dp4a, mma, mma_f16)) = built else {
             return Err(Error::Device(format!(
                 "opencl: the kernels in cl/ failed to build on {}: {}",
                 info.name,
@@ -653,6 +663,7 @@ impl ClDevice {
             build_time: start.elapsed(),
             dp4a,
             mma,
+            mma_f16,
             build_fallbacks,
             profile: profiling.then(|| Mutex::new(Vec::new())),
             gpu_shaped,
@@ -687,6 +698,11 @@ impl ClDevice {
     /// TQ2_0 run on the int8 tensor cores, `ternary_matmul_tq2_mma`).
     pub fn mma(&self) -> bool {
         self.mma
+    }
+    /// Whether the kernels were built with `-DTERNMUX_MMA_F16` (NVIDIA sm_80 and later: batches
+    /// of F16 rows — output heads — run on the f16 tensor cores, `float_matmul_f16_mma`).
+    pub fn mma_f16(&self) -> bool {
+        self.mma_f16
     }
     /// Why a richer kernel build was not taken: the option set and build log of each build that
     /// failed before the one in use (empty when the first one built).
