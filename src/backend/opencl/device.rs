@@ -555,7 +555,12 @@ impl ClDevice {
                 true,
                 true,
             ));
-            tiers.push(("-cl-std=CL1.2 -DTERNMUX_DP4A -DTERNMUX_MMA", true, true, false));
+            tiers.push((
+                "-cl-std=CL1.2 -DTERNMUX_DP4A -DTERNMUX_MMA",
+                true,
+                true,
+                false,
+            ));
         }
         if nvidia {
             tiers.push(("-cl-std=CL1.2 -DTERNMUX_DP4A", true, false, false));

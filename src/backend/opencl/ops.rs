@@ -674,7 +674,10 @@ impl ClDevice {
             ];
             return self.launch(
                 "float_matmul_f16_mma",
-                &[n.div_ceil(MF_ROWS) * MF_ROWS / 16 * TEAM, n_tok.div_ceil(MF_TOKS)],
+                &[
+                    n.div_ceil(MF_ROWS) * MF_ROWS / 16 * TEAM,
+                    n_tok.div_ceil(MF_TOKS),
+                ],
                 &[MF_ROWS / 16 * TEAM, 1],
                 &args,
             );
