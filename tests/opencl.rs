@@ -81,6 +81,14 @@ fn up_f32(d: &ClDevice, v: &[f32]) -> DevBuf {
 }
 
 /// n · ε / (1 − n · ε) for f32.
+/// Σ a·b in f64 and Σ |a·b| (the scale of every rounding bound), over one row and one token.
+fn dot_f64<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]) -> (f64, f64) {
+    a.iter().zip(b).fold((0.0, 0.0), |(exact, mag), (&x, &y)| {
+        let p = x.into() * y.into();
+        (exact + p, mag + p.abs())
+    })
+}
+
 fn gamma(n: usize) -> f64 {
     let u = f64::from(f32::EPSILON) / 2.0;
     n as f64 * u / (1.0 - n as f64 * u)
@@ -237,12 +245,7 @@ fn check_ternary(
     {
         for t in 0..n_tok {
             for row in 0..rows {
-                let (mut exact, mut mag) = (0f64, 0f64);
-                for j in 0..k {
-                    let p = f64::from(w[row * k + j]) * f64::from(q[t * k + j]);
-                    exact += p;
-                    mag += p.abs();
-                }
+                let (exact, mag) = dot_f64(&w[row * k..(row + 1) * k], &q[t * k..(t + 1) * k]);
                 let st = f64::from(s[t]);
                 let mut want = exact / st * f64::from(*scale);
                 if let Some(b) = bias {
@@ -308,12 +311,7 @@ proptest! {
         let got = read_f32(&d, &ob, n_tok * rows);
         for t in 0..n_tok {
             for row in 0..rows {
-                let (mut exact, mut mag) = (0f64, 0f64);
-                for j in 0..k {
-                    let p = f64::from(w[row * k + j]) * f64::from(x[t * k + j]);
-                    exact += p;
-                    mag += p.abs();
-                }
+                let (exact, mag) = dot_f64(&w[row * k..(row + 1) * k], &x[t * k..(t + 1) * k]);
                 let want = exact * 1.5;
                 let bound = gamma(k / 8 + 40) * mag * 1.5 + 1e-30;
                 let g = f64::from(got[t * rows + row]);
@@ -590,12 +588,7 @@ proptest! {
         let got = read_f32(&d, &ob, n_tok * rows);
         for t in 0..n_tok {
             for row in 0..rows {
-                let (mut exact, mut mag) = (0f64, 0f64);
-                for j in 0..k {
-                    let p = f64::from(w[row * k + j]) * f64::from(x[t * k + j]);
-                    exact += p;
-                    mag += p.abs();
-                }
+                let (exact, mag) = dot_f64(&w[row * k..(row + 1) * k], &x[t * k..(t + 1) * k]);
                 let mut want = exact * 0.75;
                 let mut bound = gamma(k / 8 + 40) * mag * 0.75 + 1e-30;
                 if accumulate {

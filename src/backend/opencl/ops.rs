@@ -37,7 +37,8 @@ const TILED_MAX_SPLITS: usize = 8;
 /// The tensor-core TQ2_0 GEMM (cl/ternary_mma.cl, NVIDIA sm_80+): rows and tokens of a
 /// work-group's tile (four warps of 16 rows), local words per staged token, and the smallest
 /// batch that takes it (on the H100 a batch-decode pass of the 2B model took 5.31 / 5.58 / 6.11
-/// ms at 2 / 4 / 8 tokens on it against 4.41 / 5.34 / 7.26 ms on the other kernels).
+/// ms at 2 / 4 / 8 tokens on its first, unpipelined build against 4.41 / 5.34 / 7.26 ms on the
+/// other kernels).
 const MMA_ROWS: usize = 64;
 const MMA_TOKS: usize = 64;
 const MMA_STRIDE: usize = 72;
