@@ -83,6 +83,21 @@ inline int tq2_dot16(uint c, uint a0, uint a1, uint a2, uint a3) {
     return sum4(tq2_apply(a3, tq2_plane(c, 3)), acc);
 }
 
+// TQ2_0's GPU kernels also take I2_S rows whose length is a multiple of 256 (`i2s`: a constant
+// of each kernel entry point, so each entry is compiled for its format). An I2_S row's 256
+// weights are two 32-byte blocks whose byte p holds positions p + 32g in bits 7−2g..6−2g: a
+// TQ2_0 block's 64 code bytes with the four planes in reverse order (TQ2_0: plane j in bits
+// 2j+1..2j), with the same codes (0 → −1, 1 → 0, 2 and a corrupt 3 → +1), and no block scale
+// (I2_S has one per tensor, in the launch's `scale`): 64 bytes per 256 weights instead of 66.
+// Integer sums stay exact in float (|Σ| ≤ 65536 · 127 < 2^24), so I2_S gives the same bits on
+// every path.
+inline int tblk_bytes(int i2s) { return i2s ? 64 : 66; }
+inline float tblk_scale(const __global uchar* blk, int i2s) {
+    return i2s ? 1.0f : ld_f16(blk + 64);
+}
+// The bit plane of a code word that pairs with activation group j (elements +32j).
+inline int tplane(int j, int i2s) { return i2s ? 3 - j : j; }
+
 // TQ1_0 trit n of a packed byte: ((b · 3^n) mod 256) · 3 >> 8 (an unpacking step, as on the CPU).
 inline int trit(uint b, uint pow3) { return (int)((((b * pow3) & 255u) * 3u) >> 8); }
 
@@ -267,10 +282,8 @@ __kernel void ternary_matmul(int fmt, int k, __global const char* q, __global co
 // loaded once and applied to both rows' masks, halving the activation traffic that bounds the
 // one-row kernel at batch > 1 (each team re-reads its tile for every row). Same arithmetic and
 // lane layout as the TQ2_0 path of `ternary_matmul`. Grid: (teams · TEAM, token tiles).
-__kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global const float* qsc,
-                                      int n_tok,
-                                      ROW_PARAMS,
-                                      int accumulate, __local float* red) {
+inline void pair_body(int k, __global const char* q, __global const float* qsc, int n_tok,
+                      ROW_PARAMS, int accumulate, __local float* red, const int i2s) {
     int lane = get_local_id(0) % TEAM, team = get_local_id(0) / TEAM;
     int teams = get_local_size(0) / TEAM;
     int r0 = (get_group_id(0) * teams + team) * 2;
@@ -285,7 +298,7 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
         acc_b[t] = 0.0f;
     }
     if (va) {
-        int rb_bytes = (k / 256) * 66;
+        int bbytes = tblk_bytes(i2s), rb_bytes = (k / 256) * bbytes;
         const __global uchar* wa = ra.w + (size_t)ra.rr * rb_bytes;
         // A missing second row reads the first again; its sums are dropped.
         const __global uchar* wb = vb ? rb.w + (size_t)rb.rr * rb_bytes : wa;
@@ -293,20 +306,21 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
         int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
         int nblk = k / 256;
         for (int b = pair; b < nblk; b += 2) {
-            const __global uchar* ba = wa + b * 66;
-            const __global uchar* bb = wb + b * 66;
+            const __global uchar* ba = wa + b * bbytes;
+            const __global uchar* bb = wb + b * bbytes;
             uint ca = (uint)ba[m] | ((uint)ba[m + 1] << 8) | ((uint)ba[m + 2] << 16) |
                       ((uint)ba[m + 3] << 24);
             uint cb = (uint)bb[m] | ((uint)bb[m + 1] << 8) | ((uint)bb[m + 2] << 16) |
                       ((uint)bb[m + 3] << 24);
-            float da = ld_f16(ba + 64), db = ld_f16(bb + 64);
+            float da = tblk_scale(ba, i2s), db = tblk_scale(bb, i2s);
             uint pa[4], na[4], pb[4], nb[4];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                pa[j] = tq2_pos(ca, j);
-                na[j] = tq2_neg(ca, j);
-                pb[j] = tq2_pos(cb, j);
-                nb[j] = tq2_neg(cb, j);
+                int pl = tplane(j, i2s);
+                pa[j] = tq2_pos(ca, pl);
+                na[j] = tq2_neg(ca, pl);
+                pb[j] = tq2_pos(cb, pl);
+                nb[j] = tq2_neg(cb, pl);
             }
             const __global uint* qb = (const __global uint*)(qa + b * 256 + base);
 #pragma unroll
@@ -347,6 +361,16 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
     }
 }
 
+#define PAIR_PARAMS                                                                          \
+    int k, __global const char *q, __global const float *qsc, int n_tok, ROW_PARAMS,           \
+        int accumulate, __local float *red
+#define PAIR_ARGS k, q, qsc, n_tok, ROW_ARGS, accumulate, red
+
+__kernel void ternary_matmul_tq2_pair(PAIR_PARAMS) { pair_body(PAIR_ARGS, 0); }
+
+// The same over I2_S rows (a multiple of 256 long).
+__kernel void ternary_matmul_i2s_pair(PAIR_PARAMS) { pair_body(PAIR_ARGS, 1); }
+
 // TQ2_0 × one token (decode): the GEMV. A team of 32 work-items per output row, lanes laid out
 // as in the TQ2_0 path of `ternary_matmul`, but every lane first issues the loads of GEMV_U of
 // its blocks (codes, scale and the matching activations) and only then computes: with one row
@@ -357,10 +381,10 @@ __kernel void ternary_matmul_tq2_pair(int k, __global const char* q, __global co
 #define GEMV_U 8
 
 // This lane's share of one row's sum (the row's sums are not yet added across the team).
-inline float gemv_tq2_lane(Row row, int k, const __global char* q, int lane) {
+inline float gemv_tq2_lane(Row row, int k, const __global char* q, int lane, const int i2s) {
     float acc = 0.0f;
-    int nblk = k / 256;
-    const __global uchar* wr = row.w + (size_t)row.rr * (nblk * 66);
+    int nblk = k / 256, bb = tblk_bytes(i2s);
+    const __global uchar* wr = row.w + (size_t)row.rr * (nblk * bb);
     int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
     for (int b0 = pair; b0 < nblk; b0 += 2 * GEMV_U) {
         uint c[GEMV_U], a[GEMV_U][4];
@@ -369,11 +393,15 @@ inline float gemv_tq2_lane(Row row, int k, const __global char* q, int lane) {
         for (int u = 0; u < GEMV_U; u++) {
             int b = b0 + 2 * u;
             if (b < nblk) {
-                const __global uchar* blk = wr + b * 66;
-                // Rows are 66-byte blocks, so only 2-byte alignment holds: two 16-bit loads.
-                ushort2 h = vload2(0, (const __global ushort*)(blk + m));
-                c[u] = (uint)h.x | ((uint)h.y << 16);
-                d[u] = ld_f16(blk + 64);
+                const __global uchar* blk = wr + b * bb;
+                if (i2s) {
+                    c[u] = *(const __global uint*)(blk + m);
+                } else {
+                    // Rows are 66-byte blocks, so only 2-byte alignment holds: two 16-bit loads.
+                    ushort2 h = vload2(0, (const __global ushort*)(blk + m));
+                    c[u] = (uint)h.x | ((uint)h.y << 16);
+                }
+                d[u] = tblk_scale(blk, i2s);
                 const __global uint* qb = (const __global uint*)(q + b * 256 + base);
 #pragma unroll
                 for (int j = 0; j < 4; j++) a[u][j] = qb[8 * j];
@@ -386,7 +414,9 @@ inline float gemv_tq2_lane(Row row, int k, const __global char* q, int lane) {
         }
 #pragma unroll
         for (int u = 0; u < GEMV_U; u++) {
-            acc += (float)tq2_dot16(c[u], a[u][0], a[u][1], a[u][2], a[u][3]) * d[u];
+            int dot = i2s ? tq2_dot16(c[u], a[u][3], a[u][2], a[u][1], a[u][0])
+                          : tq2_dot16(c[u], a[u][0], a[u][1], a[u][2], a[u][3]);
+            acc += (float)dot * d[u];
         }
     }
     return acc;
@@ -421,31 +451,49 @@ inline Row gemv_row(ROW_PARAMS) {
     return pick_row(r, ROW_ARGS);
 }
 
+inline void gemv_body(int k, __global const char* q, __global const float* qsc, ROW_PARAMS,
+                      int accumulate, __local float* red, const int i2s) {
+    Row row = gemv_row(ROW_ARGS);
+    int lane = get_local_id(0) % TEAM;
+    float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane, i2s) : 0.0f;
+    gemv_store(row, acc, qsc, accumulate, red);
+}
+
 __kernel void ternary_gemv_tq2(int k, __global const char* q, __global const float* qsc,
                                ROW_PARAMS,
                                int accumulate, __local float* red) {
-    Row row = gemv_row(ROW_ARGS);
-    int lane = get_local_id(0) % TEAM;
-    float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane) : 0.0f;
-    gemv_store(row, acc, qsc, accumulate, red);
+    gemv_body(k, q, qsc, ROW_ARGS, accumulate, red, 0);
+}
+
+// The same GEMV over I2_S rows (a multiple of 256 long).
+__kernel void ternary_gemv_i2s(int k, __global const char* q, __global const float* qsc,
+                               ROW_PARAMS,
+                               int accumulate, __local float* red) {
+    gemv_body(k, q, qsc, ROW_ARGS, accumulate, red, 1);
 }
 
 // The GEMV of one matrix (output o0, n0 rows) followed by RMSNorm · w and the int8
 // quantization of that output (`norm_quant` of norm.cl with a norm, y written), done by the last
 // work-group to finish: the launch of a residual projection and the next norm in one.
-__kernel void ternary_gemv_tq2_norm(int k, __global const char* q, __global const float* qsc,
-                                    ROW_PARAMS,
-                                    int accumulate, __local float* red,
-                                    volatile __global int* ticket, __global const float* nw,
-                                    float eps, __global float* y, __global char* tq,
-                                    __global float* tqs) {
+#define GEMV_NORM_PARAMS                                                                    \
+    int k, __global const char *q, __global const float *qsc, ROW_PARAMS, int accumulate,       \
+        __local float *red, volatile __global int *ticket, __global const float *nw, float eps, \
+        __global float *y, __global char *tq, __global float *tqs
+#define GEMV_NORM_ARGS k, q, qsc, ROW_ARGS, accumulate, red, ticket, nw, eps, y, tq, tqs
+
+inline void gemv_norm_body(GEMV_NORM_PARAMS, const int i2s) {
     Row row = gemv_row(ROW_ARGS);
     int lane = get_local_id(0) % TEAM;
-    float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane) : 0.0f;
+    float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane, i2s) : 0.0f;
     gemv_store(row, acc, qsc, accumulate, red);
     if (!last_group(ticket, get_num_groups(0), red)) return;
     norm_quant_row(o0, n0, nw, 1, eps, y, 1, tq, tqs, 1, red);
 }
+
+__kernel void ternary_gemv_tq2_norm(GEMV_NORM_PARAMS) { gemv_norm_body(GEMV_NORM_ARGS, 0); }
+
+// The same over I2_S rows (a multiple of 256 long).
+__kernel void ternary_gemv_i2s_norm(GEMV_NORM_PARAMS) { gemv_norm_body(GEMV_NORM_ARGS, 1); }
 
 // TQ2_0 × a batch of tokens, tiled for GPUs (batched decode and prefill): the row teams of the
 // kernels above re-read every token's activations for each row, so their time grows with the
@@ -485,11 +533,13 @@ inline void tiled_store(Row x, float v, const __global float* qsc, int t, int ac
     x.o[at] = accumulate ? x.o[at] + v : v;
 }
 
-__kernel void ternary_matmul_tq2_tiled(int k, __global const char* q, __global const float* qsc,
-                                       int n_tok, int tgroups,
-                                       ROW_PARAMS,
-                                       int accumulate, __local uint4* tile16, int splits,
-                                       __global float* part, volatile __global int* tickets) {
+#define TILED_PARAMS                                                                         \
+    int k, __global const char *q, __global const float *qsc, int n_tok, int tgroups,          \
+        ROW_PARAMS, int accumulate, __local uint4 *tile16, int splits, __global float *part,   \
+        volatile __global int *tickets
+#define TILED_ARGS k, q, qsc, n_tok, tgroups, ROW_ARGS, accumulate, tile16, splits, part, tickets
+
+inline void tiled_body(TILED_PARAMS, const int i2s) {
     // Declared as uint4: NVIDIA aligns a local argument only to its declared type, and the
     // tile is read 16 bytes at a time.
     __local uint* tile = (__local uint*)tile16;
@@ -501,7 +551,7 @@ __kernel void ternary_matmul_tq2_tiled(int k, __global const char* q, __global c
     int r_tile = get_group_id(0) * tile_rows;
     int t0 = get_group_id(1) * tile_toks;
     int nt = min(tile_toks, n_tok - t0);
-    int row_bytes = (k / 256) * 66;
+    int bbytes = tblk_bytes(i2s), row_bytes = (k / 256) * bbytes;
     __global const uchar* wrow[TT_RPT];
     bool live_row[TT_RPT];
 #pragma unroll
@@ -550,11 +600,11 @@ __kernel void ternary_matmul_tq2_tiled(int k, __global const char* q, __global c
             float d[TT_RPT];
 #pragma unroll
             for (int r = 0; r < TT_RPT; r++) {
-                const __global uchar* b = wrow[r] + blk * 66;
-                d[r] = live_row[r] ? ld_f16(b + 64) : 0.0f;
+                const __global uchar* b = wrow[r] + blk * bbytes;
+                d[r] = live_row[r] ? tblk_scale(b, i2s) : 0.0f;
 #pragma unroll
                 for (int i = 0; i < 8; i++) {
-                    // Blocks are 66 bytes, so only 2-byte alignment holds.
+                    // TQ2_0 blocks are 66 bytes, so only 2-byte alignment holds.
                     ushort2 h = vload2(0, (const __global ushort*)(b + half_off + 4 * i));
                     cw[r][i] = live_row[r] ? ((uint)h.x | ((uint)h.y << 16)) : 0x55555555u;
                 }
@@ -578,7 +628,7 @@ __kernel void ternary_matmul_tq2_tiled(int k, __global const char* q, __global c
 #pragma unroll
                 for (int r = 0; r < TT_RPT; r++) {
 #pragma unroll
-                    for (int j = 0; j < 4; j++) m[r][j] = tq2_plane(cw[r][i], j);
+                    for (int j = 0; j < 4; j++) m[r][j] = tq2_plane(cw[r][i], tplane(j, i2s));
                 }
 #pragma unroll
                 for (int t = 0; t < TT_TPT; t++) {
@@ -664,3 +714,8 @@ __kernel void ternary_matmul_tq2_tiled(int k, __global const char* q, __global c
         }
     }
 }
+
+__kernel void ternary_matmul_tq2_tiled(TILED_PARAMS) { tiled_body(TILED_ARGS, 0); }
+
+// The same over I2_S rows (a multiple of 256 long).
+__kernel void ternary_matmul_i2s_tiled(TILED_PARAMS) { tiled_body(TILED_ARGS, 1); }

@@ -1,4 +1,5 @@
-// TQ2_0 × int8 activations on NVIDIA's int8 tensor cores (sm_80 and later; built only with
+// TQ2_0 (and I2_S, whose rows are TQ2_0 code bytes with the planes reversed: ternary.cl) × int8
+// activations on NVIDIA's int8 tensor cores (sm_80 and later; built only with
 // -DTERNMUX_MMA, which the host adds where the driver takes the inline PTX below).
 //
 // Each weight code becomes a signed byte −1 / 0 / +1 in registers (two byte permutes and one
@@ -54,11 +55,11 @@ inline uint code_word(const __global uchar* b, int at) {
 // 32·half + 4·tq and + 16 (columns 4·tq.. and 16 + 4·tq.. of each slice), and the rows' block
 // scales. A row past the launch's rows gets codes 1 (weight 0) and scale 0.
 inline void mma_load_codes(__global const uchar* wrow[2], bool live[2], int blk, int tq,
-                           uint cw[2][2][2], float d[2]) {
+                           uint cw[2][2][2], float d[2], const int i2s) {
 #pragma unroll
     for (int r = 0; r < 2; r++) {
-        const __global uchar* b = wrow[r] + (size_t)blk * 66;
-        d[r] = live[r] ? ld_f16(b + 64) : 0.0f;
+        const __global uchar* b = wrow[r] + (size_t)blk * tblk_bytes(i2s);
+        d[r] = live[r] ? tblk_scale(b, i2s) : 0.0f;
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             cw[r][h][0] = live[r] ? code_word(b, 32 * h + 4 * tq) : 0x55555555u;
@@ -100,10 +101,13 @@ inline void mma_store_acts(__local uint* buf, int n_piece, int lid, uint4 stage[
     }
 }
 
-__kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global const float* qsc,
-                                     int n_tok, ROW_PARAMS, int accumulate,
-                                     __local uint4* tile16, int splits, __global float* part,
-                                     volatile __global int* tickets) {
+#define MMA_PARAMS                                                                           \
+    int k, __global const char *q, __global const float *qsc, int n_tok, ROW_PARAMS,           \
+        int accumulate, __local uint4 *tile16, int splits, __global float *part,               \
+        volatile __global int *tickets
+#define MMA_ARGS k, q, qsc, n_tok, ROW_ARGS, accumulate, tile16, splits, part, tickets
+
+inline void mma_body(MMA_PARAMS, const int i2s) {
     // Declared as uint4: NVIDIA aligns a local argument only to its declared type.
     __local uint* acts = (__local uint*)tile16;
     int lid = get_local_id(0);
@@ -114,7 +118,7 @@ __kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global con
     int t0 = get_group_id(1) * MM_TOKS;
     int nt = min(MM_TOKS, n_tok - t0);
     int ntiles = (nt + 7) / 8;
-    int row_bytes = (k / 256) * 66;
+    int row_bytes = (k / 256) * tblk_bytes(i2s);
     int total = n0 + n1 + n2;
     // This work-item's two rows: g and g + 8 of its warp's sixteen. A row past the launch's
     // rows reads row 0 with all codes 0 (weight 0) and stores nothing.
@@ -144,7 +148,7 @@ __kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global con
     float d[2], dn[2];
     uint4 stage[MM_STAGE];
     if (blk0 < blk1) {
-        mma_load_codes(wrow, live, blk0, tq, cw, d);
+        mma_load_codes(wrow, live, blk0, tq, cw, d, i2s);
         mma_load_acts(q, k, t0, nt, n_piece, blk0, lid, stage);
         mma_store_acts(acts, n_piece, lid, stage);
     }
@@ -154,7 +158,7 @@ __kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global con
         __local uint* next = acts + (((blk - blk0) & 1) ^ 1) * MM_TOKS * MM_STRIDE;
         bool more = blk + 1 < blk1;
         if (more) {
-            mma_load_codes(wrow, live, blk + 1, tq, cn, dn);
+            mma_load_codes(wrow, live, blk + 1, tq, cn, dn, i2s);
             mma_load_acts(q, k, t0, nt, n_piece, blk + 1, lid, stage);
         }
         int c[8][4];
@@ -163,10 +167,11 @@ __kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global con
 #pragma unroll
             for (int i = 0; i < 4; i++) c[n][i] = 0;
         }
-        // Slice s of the block (weights 32·s..32·s + 31) is plane s % 4 of half s / 4.
+        // Slice s of the block (weights 32·s..32·s + 31) is plane s % 4 of half s / 4 (TQ2_0;
+        // I2_S's planes run the other way).
 #pragma unroll
         for (int s = 0; s < 8; s++) {
-            int h = s / 4, j = s % 4;
+            int h = s / 4, j = tplane(s % 4, i2s);
             uint a0 = tq2_values(cw[0][h][0], j), a1 = tq2_values(cw[1][h][0], j);
             uint a2 = tq2_values(cw[0][h][1], j), a3 = tq2_values(cw[1][h][1], j);
 #pragma unroll
@@ -266,4 +271,9 @@ __kernel void ternary_matmul_tq2_mma(int k, __global const char* q, __global con
         }
     }
 }
+
+__kernel void ternary_matmul_tq2_mma(MMA_PARAMS) { mma_body(MMA_ARGS, 0); }
+
+// The same over I2_S rows (a multiple of 256 long).
+__kernel void ternary_matmul_i2s_mma(MMA_PARAMS) { mma_body(MMA_ARGS, 1); }
 #endif

@@ -215,9 +215,9 @@ fn check_ternary(
             .map(|(_, o, _)| read_f32(&d, o, n_tok * rows))
             .collect(),
     )];
-    // One TQ2_0 token: the GEMV kernel too (what GPUs run; called directly so that CPU
-    // devices test it as well), from the same starting outputs.
-    if fmt == TernaryFormat::Tq2_0 && n_tok == 1 {
+    // One TQ2_0 token (or I2_S with rows of a multiple of 256): the GEMV kernel too (what GPUs
+    // run; called directly so that CPU devices test it as well), from the same starting outputs.
+    if ClDevice::gemv_takes(fmt, k) && n_tok == 1 {
         let fresh: Vec<DevBuf> = mats.iter().map(|_| up_f32(&d, &start)).collect();
         let outs: Vec<TernaryOut<'_>> = fresh
             .iter()
@@ -231,7 +231,7 @@ fn check_ternary(
                 bias: b.as_ref(),
             })
             .collect();
-        d.ternary_gemv_tq2(k, &qb, &sb, &outs, accumulate, None)
+        d.ternary_gemv(fmt, k, &qb, &sb, &outs, accumulate, None)
             .unwrap();
         paths.push((
             "gemv",
@@ -270,13 +270,15 @@ fn check_ternary(
     Ok(())
 }
 
-/// Rows long enough, and tiles few enough, that the tiled TQ2_0 GEMM splits each row over
-/// several work-groups (with `TERNMUX_CL_GPU_KERNELS=1` on PoCL; on GPUs always): the split
-/// sums must meet exactly once each.
+/// Rows long enough, and tiles few enough, that the tiled GEMMs of TQ2_0 and I2_S split each
+/// row over several work-groups (with `TERNMUX_CL_GPU_KERNELS=1` on PoCL; on GPUs always): the
+/// split sums must meet exactly once each.
 #[test]
 fn ternary_matmul_split_rows_match_f64() {
-    for (rows, k, n_tok) in [(40, 6912, 40), (17, 2560, 70), (3, 4096, 20)] {
-        check_ternary(TernaryFormat::Tq2_0, rows, k, n_tok, rows as u64, 2, true).unwrap();
+    for fmt in [TernaryFormat::Tq2_0, TernaryFormat::I2S] {
+        for (rows, k, n_tok) in [(40, 6912, 40), (17, 2560, 70), (3, 4096, 20), (5, 2560, 9)] {
+            check_ternary(fmt, rows, k, n_tok, rows as u64, 2, true).unwrap();
+        }
     }
 }
 
@@ -398,15 +400,17 @@ proptest! {
         }
     }
 
-    /// The TQ2_0 GEMV with a row epilogue (the residual projection and the next RMSNorm) gives
-    /// what the GEMV and the row kernel give as two launches, and again on a second launch (the
-    /// ticket is back at 0); rows past what the row kernels keep in registers too.
+    /// The TQ2_0 (and I2_S) GEMV with a row epilogue (the residual projection and the next
+    /// RMSNorm) gives what the GEMV and the row kernel give as two launches, and again on a
+    /// second launch (the ticket is back at 0); rows past what the row kernels keep in
+    /// registers too.
     #[test]
-    fn gemv_row_epilogue_equals_two_launches(n in prop_oneof![1usize..300, Just(2560usize), 8000usize..8400], kb in 1usize..4, seed in any::<u64>()) {
+    fn gemv_row_epilogue_equals_two_launches(n in prop_oneof![1usize..300, Just(2560usize), 8000usize..8400], kb in 1usize..4, i2s in any::<bool>(), seed in any::<u64>()) {
         let Some(d) = device() else { return Ok(()) };
         let k = kb * 256;
         let mut r = Lcg(seed);
-        let ty = GgmlType::Ternary(TernaryFormat::Tq2_0);
+        let fmt = if i2s { TernaryFormat::I2S } else { TernaryFormat::Tq2_0 };
+        let ty = GgmlType::Ternary(fmt);
         let x: Vec<f32> = (0..n * k).map(|_| { let v = r.f(); if v.abs() < 0.3 { 0.0 } else { v.signum() } }).collect();
         let wa = d.upload(&quant::encode(ty, &x, n, k).unwrap()).unwrap();
         let q: Vec<i8> = (0..k).map(|_| ((r.next() % 255) as i32 - 127) as i8).collect();
@@ -419,12 +423,12 @@ proptest! {
         }
         // Residual projection + norm: two launches, then one (twice).
         let (xa, ya, qa, sa) = (up_f32(&d, &x0), d.alloc(n * 4).unwrap(), d.alloc(n).unwrap(), d.alloc(4).unwrap());
-        d.ternary_gemv_tq2(k, &qb, &sb, &[out(&wa, &xa, n)], true, None).unwrap();
+        d.ternary_gemv(fmt, k, &qb, &sb, &[out(&wa, &xa, n)], true, None).unwrap();
         d.norm_quant(&xa, n, 0, 1, Some(&nw), 1e-5, Some(&ya), Some((&qa, &sa))).unwrap();
         for round in 0..2 {
             let (xe, ye, qe, se) = (up_f32(&d, &x0), d.alloc(n * 4).unwrap(), d.alloc(n).unwrap(), d.alloc(4).unwrap());
             let tail = RowTail { w: &nw, eps: 1e-5, y: &ye, q: &qe, s: &se };
-            d.ternary_gemv_tq2(k, &qb, &sb, &[out(&wa, &xe, n)], true, Some(&tail)).unwrap();
+            d.ternary_gemv(fmt, k, &qb, &sb, &[out(&wa, &xe, n)], true, Some(&tail)).unwrap();
             let (a, e) = (read_f32(&d, &xa, n), read_f32(&d, &xe, n));
             prop_assert!(a.iter().zip(&e).all(|(a, e)| a.to_bits() == e.to_bits()), "residual output differs (round {round})");
             same_rows(&d, "GEMV norm epilogue", (&ya, &qa, &sa), (&ye, &qe, &se), 1, n)?;
@@ -785,6 +789,13 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// than the 0.45 max |Δ|).
 #[test]
 fn synthetic_2b_logits_agree_with_cpu() {
+    // TQ2_0, and I2_S (bitnet.cpp's format), which GPUs run on TQ2_0's kernels.
+    for format in [TernaryFormat::Tq2_0, TernaryFormat::I2S] {
+        synthetic_2b_logits_agree(format);
+    }
+}
+
+fn synthetic_2b_logits_agree(format: TernaryFormat) {
     let Some(_) = device() else { return };
     use ternmux::synth::{Shape, SynthSpec, write_synthetic};
     let dir = tempfile::tempdir().unwrap();
@@ -792,7 +803,7 @@ fn synthetic_2b_logits_agree_with_cpu() {
     let spec = SynthSpec {
         arch: "bitnet-b1.58".into(),
         shape: Shape::preset("2b").unwrap(),
-        format: TernaryFormat::Tq2_0,
+        format,
         seed: 7,
     };
     write_synthetic(&spec, &path).unwrap();
@@ -820,8 +831,9 @@ fn synthetic_2b_logits_agree_with_cpu() {
         .fold(f32::MIN, |m, (_, v)| m.max(*v));
     let margin = a[top as usize] - runner_up;
     println!(
-        "2B-shape logits, OpenCL vs CPU: cosine {cos:.6}, max |Δ| {diff:.4} of range {range:.2}, \
-         CPU top-1 margin {margin:.4}"
+        "2B-shape {} logits, OpenCL vs CPU: cosine {cos:.6}, max |Δ| {diff:.4} of range \
+         {range:.2}, CPU top-1 margin {margin:.4}",
+        format.name()
     );
     assert!(cos >= 0.998, "cosine {cos}");
     assert!(diff <= 0.05 * range, "max |Δ| {diff} vs range {range}");

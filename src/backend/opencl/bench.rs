@@ -6,9 +6,10 @@
 //! least 88 MB for the smallest matrix measured (TQ1_0 2560 × 2560), above the 50 MB L2 of an
 //! H100/H200 — so they measure weights streamed from device memory, as in decoding.
 
-use super::device::{ClDevice, DevBuf, KernelTime};
+use super::device::{ClDevice, DevBuf, KernelTime, Pinned};
 use super::ops::TernaryOut;
 use crate::error::Result;
+use opencl3::event::Event;
 use std::time::Instant;
 use ternmux_kernels::ternary::TernaryFormat;
 
@@ -129,6 +130,13 @@ pub struct PageInCosts {
     pub copy_round_trip_s: f64,
     /// Seconds to create one sub-buffer view.
     pub sub_buffer_s: f64,
+    /// The same 4 KiB copy made to wait for a marker just queued (and flushed) on the idle
+    /// compute queue, as a page-in into an evicted unit's storage waits for its eviction fence.
+    pub copy_after_fence_s: f64,
+    /// Seconds for an 8 MiB pinned copy on the copy queue, waited for by the host.
+    pub big_copy_s: f64,
+    /// The 8 MiB copy after a fresh compute-queue marker.
+    pub big_copy_after_fence_s: f64,
 }
 
 /// Measures [`PageInCosts`] on `dev`.
@@ -141,14 +149,27 @@ pub fn page_in_costs(dev: &ClDevice, reps: usize) -> Result<PageInCosts> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let mut trips = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        let ev = dev.write_async(&mut dst, 0, &pinned, small, &[])?;
-        dev.flush_copies()?;
-        dev.wait_host(&[&ev])?;
-        trips.push(t.elapsed().as_secs_f64());
-    }
+    let trip = |dst: &mut DevBuf, src: &Pinned, bytes: usize, fenced: bool| -> Result<Vec<f64>> {
+        let mut trips = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t = Instant::now();
+            let fence = if fenced { Some(dev.fence()?) } else { None };
+            let after: Vec<&Event> = fence.iter().collect();
+            let ev = dev.write_async(dst, 0, src, bytes, &after)?;
+            dev.flush_copies()?;
+            dev.wait_host(&[&ev])?;
+            trips.push(t.elapsed().as_secs_f64());
+        }
+        Ok(trips)
+    };
+    let trips = trip(&mut dst, &pinned, small, false)?;
+    let fenced = trip(&mut dst, &pinned, small, true)?;
+    let big = 8 << 20;
+    let mut big_src = dev.pinned(big)?;
+    big_src.as_mut_slice().fill(3);
+    let mut big_dst = dev.alloc(big)?;
+    let big_trips = trip(&mut big_dst, &big_src, big, false)?;
+    let big_fenced = trip(&mut big_dst, &big_src, big, true)?;
     let align = dev.info().base_align.max(256);
     let parent = dev.alloc(align * 16)?;
     let mut views = Vec::with_capacity(reps);
@@ -161,6 +182,9 @@ pub fn page_in_costs(dev: &ClDevice, reps: usize) -> Result<PageInCosts> {
     Ok(PageInCosts {
         copy_round_trip_s: median(trips),
         sub_buffer_s: median(views),
+        copy_after_fence_s: median(fenced),
+        big_copy_s: median(big_trips),
+        big_copy_after_fence_s: median(big_fenced),
     })
 }
 

@@ -84,7 +84,16 @@ pub struct DeviceInfo {
     pub base_align: usize,
     /// Whether the device shares the host's memory (CPU devices, integrated GPUs).
     pub host_unified: bool,
+    /// The driver's extension names for the device (`CL_DEVICE_EXTENSIONS`), space-separated.
+    pub extensions: String,
     raw: usize,
+}
+
+impl DeviceInfo {
+    /// Whether the driver lists extension `name` for the device.
+    pub fn has_extension(&self, name: &str) -> bool {
+        self.extensions.split_whitespace().any(|e| e == name)
+    }
 }
 
 impl std::fmt::Display for DeviceInfo {
@@ -154,6 +163,7 @@ fn discover() -> std::result::Result<Vec<DeviceInfo>, Unavailable> {
                 version: d.version().unwrap_or_default(),
                 base_align: (d.mem_base_addr_align().unwrap_or(1024) as usize / 8).max(1),
                 host_unified: d.host_unified_memory().unwrap_or(kind == "CPU"),
+                extensions: d.extensions().unwrap_or_default(),
                 raw: id as usize,
             });
         }

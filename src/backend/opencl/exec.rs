@@ -301,9 +301,10 @@ fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 }
 
 impl ClExec<'_> {
-    /// Unit `u`'s matrix `mat` when its one-token product can be a TQ2_0 GEMV launch ending
-    /// with a row epilogue over its `n` output values: one token, its activations already
-    /// quantized, the matrix TQ2_0 with `n` rows, and a device that takes epilogues.
+    /// Unit `u`'s matrix `mat` when its one-token product can be a GEMV launch ending with a
+    /// row epilogue over its `n` output values: one token, its activations already quantized,
+    /// the matrix TQ2_0 (or I2_S with rows of a multiple of 256) with `n` rows, and a device
+    /// that takes epilogues.
     fn gemv_with_tail<'u>(
         &self,
         u: &'u DevUnit,
@@ -316,7 +317,8 @@ impl ClExec<'_> {
             return Ok(None);
         }
         let m = u.mat(mat)?;
-        let fits = m.ty == GgmlType::Ternary(TernaryFormat::Tq2_0) && m.rows == n;
+        let fits =
+            matches!(m.ty, GgmlType::Ternary(f) if ClDevice::gemv_takes(f, m.cols)) && m.rows == n;
         Ok(fits.then_some(m))
     }
 
@@ -641,8 +643,13 @@ impl Backend for ClExec<'_> {
                 };
                 let ir = inp.raw()?;
                 let outs = [ternary_out(m, xr)];
+                let GgmlType::Ternary(fmt) = m.ty else {
+                    return Err(Error::Device(
+                        "opencl: a GEMV epilogue on a float matrix".into(),
+                    ));
+                };
                 self.dev()
-                    .ternary_gemv_tq2(m.cols, &ir.q, &ir.s, &outs, true, Some(&tail))?;
+                    .ternary_gemv(fmt, m.cols, &ir.q, &ir.s, &outs, true, Some(&tail))?;
                 x.quantized.set(false);
                 out.quantized.set(true);
                 Ok(())

@@ -120,6 +120,46 @@ pub fn ternary_format_id(f: TernaryFormat) -> i32 {
     }
 }
 
+/// The kernel family of ternary rows that TQ2_0's GPU kernels take: TQ2_0 itself, and I2_S
+/// rows of a multiple of 256 (TQ2_0 code bytes with the planes reversed and no block scale,
+/// cl/ternary.cl) — each kernel has a `tq2` and an `i2s` entry point.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tq2Like {
+    Tq2,
+    I2s,
+}
+
+impl Tq2Like {
+    fn of(fmt: TernaryFormat, k: usize) -> Option<Tq2Like> {
+        match fmt {
+            TernaryFormat::Tq2_0 => Some(Tq2Like::Tq2),
+            TernaryFormat::I2S if k.is_multiple_of(256) => Some(Tq2Like::I2s),
+            _ => None,
+        }
+    }
+
+    /// The kernel names of this family: GEMV, GEMV with the norm epilogue, two-row batches,
+    /// tiled batches, tensor-core batches.
+    fn kernels(self) -> [&'static str; 5] {
+        match self {
+            Tq2Like::Tq2 => [
+                "ternary_gemv_tq2",
+                "ternary_gemv_tq2_norm",
+                "ternary_matmul_tq2_pair",
+                "ternary_matmul_tq2_tiled",
+                "ternary_matmul_tq2_mma",
+            ],
+            Tq2Like::I2s => [
+                "ternary_gemv_i2s",
+                "ternary_gemv_i2s_norm",
+                "ternary_matmul_i2s_pair",
+                "ternary_matmul_i2s_tiled",
+                "ternary_matmul_i2s_mma",
+            ],
+        }
+    }
+}
+
 /// One output of a ternary launch: `out[t][r] (+)= (Σ w·q)/s_t · scale + bias[r]`.
 pub struct TernaryOut<'a> {
     /// Packed weights (`rows` rows of the format's row bytes; I2_S's tail may follow).
@@ -410,9 +450,11 @@ impl ClDevice {
         }
         need("activations", q, n_tok * k)?;
         need("token scales", s, n_tok * 4)?;
-        // One TQ2_0 token on a GPU: the GEMV, which keeps more weight loads in flight per team.
-        if fmt == TernaryFormat::Tq2_0 && n_tok == 1 && self.gpu_kernels() {
-            return self.ternary_gemv_tq2(k, q, s, outs, accumulate, None);
+        let like = Tq2Like::of(fmt, k);
+        // One TQ2_0 (or I2_S) token on a GPU: the GEMV, which keeps more weight loads in
+        // flight per team.
+        if like.is_some() && n_tok == 1 && self.gpu_kernels() {
+            return self.ternary_gemv(fmt, k, q, s, outs, accumulate, None);
         }
         let mut args = vec![
             Arg::I32(ternary_format_id(fmt)),
@@ -423,9 +465,21 @@ impl ClDevice {
         ];
         let total = self.push_outs(&mut args, outs, fmt, k, n_tok)?;
         args.push(Arg::I32(i32::from(accumulate)));
-        // Batches of TQ2_0 on NVIDIA sm_80+: the int8 tensor cores.
-        if fmt == TernaryFormat::Tq2_0 && n_tok >= MMA_MIN_TOKENS && self.mma() && self.tiled_gemm()
-        {
+        let Some(like) = like else {
+            args.push(Arg::Local(ROWS_PER_GROUP * TB * TEAM * 4));
+            return self.launch(
+                "ternary_matmul",
+                &[
+                    total.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM,
+                    n_tok.div_ceil(TB),
+                ],
+                &[ROWS_PER_GROUP * TEAM, 1],
+                &args,
+            );
+        };
+        let [_, _, pair, tiled, mma] = like.kernels();
+        // Batches of TQ2_0 (and I2_S) on NVIDIA sm_80+: the int8 tensor cores.
+        if n_tok >= MMA_MIN_TOKENS && self.mma() && self.tiled_gemm() {
             args.remove(0);
             let words = 2 * MMA_TOKS * MMA_STRIDE + 4;
             args.push(Arg::Local(words * 4));
@@ -436,17 +490,17 @@ impl ClDevice {
             args.push(int(splits)?);
             if splits == 1 {
                 args.extend([Arg::Buf(self.dummy()), Arg::Buf(self.tickets())]);
-                return self.launch("ternary_matmul_tq2_mma", &global, &local, &args);
+                return self.launch(mma, &global, &local, &args);
             }
             return self.with_split_part(splits * n_tok * total * 4, |part| {
                 let mut args = args;
                 args.extend([Arg::Buf(part), Arg::Buf(self.tickets())]);
-                self.launch("ternary_matmul_tq2_mma", &global, &local, &args)
+                self.launch(mma, &global, &local, &args)
             });
         }
-        // Batches of TQ2_0 on a GPU: the tiled kernel (activations staged in local memory,
-        // each work-item a block of rows × tokens).
-        if fmt == TernaryFormat::Tq2_0 && n_tok >= TILED_MIN_TOKENS && self.tiled_gemm() {
+        // Batches on a GPU: the tiled kernel (activations staged in local memory, each
+        // work-item a block of rows × tokens).
+        if n_tok >= TILED_MIN_TOKENS && self.tiled_gemm() {
             args.remove(0);
             let (tgroups, teams) = tiled_shape(n_tok);
             args.insert(4, Arg::I32(tgroups as i32));
@@ -461,33 +515,21 @@ impl ClDevice {
             args.push(int(splits)?);
             if splits == 1 {
                 args.extend([Arg::Buf(self.dummy()), Arg::Buf(self.tickets())]);
-                return self.launch("ternary_matmul_tq2_tiled", &global, &local, &args);
+                return self.launch(tiled, &global, &local, &args);
             }
             return self.with_split_part(splits * n_tok * total * 4, |part| {
                 let mut args = args;
                 args.extend([Arg::Buf(part), Arg::Buf(self.tickets())]);
-                self.launch("ternary_matmul_tq2_tiled", &global, &local, &args)
+                self.launch(tiled, &global, &local, &args)
             });
         }
-        // Other batches of TQ2_0 take two rows per team (activations loaded once for both).
-        if fmt == TernaryFormat::Tq2_0 && n_tok > 1 {
-            args.remove(0);
-            args.push(Arg::Local(ROWS_PER_GROUP * 2 * TB * TEAM * 4));
-            return self.launch(
-                "ternary_matmul_tq2_pair",
-                &[
-                    total.div_ceil(ROWS_PER_GROUP * 2) * ROWS_PER_GROUP * TEAM,
-                    n_tok.div_ceil(TB),
-                ],
-                &[ROWS_PER_GROUP * TEAM, 1],
-                &args,
-            );
-        }
-        args.push(Arg::Local(ROWS_PER_GROUP * TB * TEAM * 4));
+        // Other batches take two rows per team (activations loaded once for both).
+        args.remove(0);
+        args.push(Arg::Local(ROWS_PER_GROUP * 2 * TB * TEAM * 4));
         self.launch(
-            "ternary_matmul",
+            pair,
             &[
-                total.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM,
+                total.div_ceil(ROWS_PER_GROUP * 2) * ROWS_PER_GROUP * TEAM,
                 n_tok.div_ceil(TB),
             ],
             &[ROWS_PER_GROUP * TEAM, 1],
@@ -537,13 +579,16 @@ impl ClDevice {
         self.dp4a() || self.info().kind == "CPU"
     }
 
-    /// TQ2_0 matrices × one token's int8 activations `q` (scale `s`): the GEMV kernel, which
-    /// issues several blocks' loads per work-item before summing (what a GPU needs to keep its
-    /// memory busy). Same results as [`ternary_matmul`](Self::ternary_matmul) with one token,
-    /// which takes this path on GPUs. With a `tail`, the launch's last work-group then does that
-    /// row op on the outputs (one launch instead of two; same results).
-    pub fn ternary_gemv_tq2(
+    /// TQ2_0 matrices (or I2_S ones with rows of a multiple of 256: [`Self::gemv_takes`]) × one
+    /// token's int8 activations `q` (scale `s`): the GEMV kernel, which issues several blocks'
+    /// loads per work-item before summing (what a GPU needs to keep its memory busy). Same
+    /// results as [`ternary_matmul`](Self::ternary_matmul) with one token, which takes this
+    /// path on GPUs. With a `tail`, the launch's last work-group then does that row op on the
+    /// outputs (one launch instead of two; same results).
+    #[allow(clippy::too_many_arguments)]
+    pub fn ternary_gemv(
         &self,
+        fmt: TernaryFormat,
         k: usize,
         q: &DevBuf,
         s: &DevBuf,
@@ -551,13 +596,16 @@ impl ClDevice {
         accumulate: bool,
         tail: Option<&RowTail<'_>>,
     ) -> Result<()> {
-        let fmt = TernaryFormat::Tq2_0;
-        if outs.is_empty() || outs.len() > 3 || k == 0 || !k.is_multiple_of(fmt.k_multiple()) {
+        let like = Tq2Like::of(fmt, k);
+        let Some(like) = like.filter(|_| !outs.is_empty() && outs.len() <= 3 && k > 0) else {
             return Err(Error::Device(format!(
-                "opencl: TQ2_0 GEMV of {} matrices with row length {k}",
-                outs.len()
+                "opencl: GEMV of {} {} matrices with row length {k} (TQ2_0, or I2_S with rows \
+                 of a multiple of 256)",
+                outs.len(),
+                fmt.name()
             )));
-        }
+        };
+        let [gemv, gemv_norm, ..] = like.kernels();
         need("activations", q, k)?;
         need("token scales", s, 4)?;
         let mut args = vec![int(k)?, Arg::Buf(q), Arg::Buf(s)];
@@ -567,7 +615,7 @@ impl ClDevice {
         args.push(Arg::Local(wg * 4));
         let n = outs[0].rows;
         let name = match tail {
-            None => "ternary_gemv_tq2",
+            None => gemv,
             Some(RowTail { w, eps, y, q, s }) => {
                 need("norm weight", w, n * 4)?;
                 need("norm output", y, n * 4)?;
@@ -581,10 +629,15 @@ impl ClDevice {
                     Arg::Buf(q),
                     Arg::Buf(s),
                 ]);
-                "ternary_gemv_tq2_norm"
+                gemv_norm
             }
         };
         self.launch(name, &[total.div_ceil(ROWS_PER_GROUP) * wg], &[wg], &args)
+    }
+
+    /// Whether [`Self::ternary_gemv`] takes matrices of `fmt` with rows of `k`.
+    pub fn gemv_takes(fmt: TernaryFormat, k: usize) -> bool {
+        Tq2Like::of(fmt, k).is_some()
     }
 
     /// Appends the three (weights, rows, output, scale, bias, has-bias) argument groups of a

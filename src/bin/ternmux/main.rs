@@ -434,9 +434,13 @@ fn bench_device(
     w(
         out,
         format!(
-            "page-in pieces: a 4 KiB pinned copy on the copy queue waited for {:.1} µs; a \
-             sub-buffer view {:.1} µs (medians)",
+            "page-in pieces: a 4 KiB pinned copy on the copy queue waited for {:.1} µs ({:.1} \
+             µs after a fresh compute-queue marker); 8 MiB {:.1} µs ({:.1} µs after a marker); \
+             a sub-buffer view {:.1} µs (medians)",
             p.copy_round_trip_s * 1e6,
+            p.copy_after_fence_s * 1e6,
+            p.big_copy_s * 1e6,
+            p.big_copy_after_fence_s * 1e6,
             p.sub_buffer_s * 1e6
         ),
     )?;
@@ -612,6 +616,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
                 for d in devs {
                     writeln!(out, "opencl:{}  {d}  OpenCL {}", d.index, d.version.trim())
                         .map_err(io_failure)?;
+                    writeln!(out, "  extensions: {}", d.extensions.trim()).map_err(io_failure)?;
                 }
             }
             Err(why) => writeln!(out, "{why}").map_err(io_failure)?,
