@@ -253,15 +253,17 @@ impl Pinned {
     }
 }
 
-struct Compiled {
-    program: Program,
+/// One compute queue's kernel objects. Each lane has its own, so threads queueing on different
+/// lanes (the engine's model workers) never wait for one another to set arguments and queue:
+/// with one table for the device, the launches of two models' passes took turns.
+struct KernelTable {
     /// Per kernel name, the kernel objects in use (see [`Instance`]).
     kernels: HashMap<String, Vec<Instance>>,
     /// Launch counter, for least-recently-used replacement of instances.
     tick: u64,
 }
 
-/// Most kernel objects kept per kernel name.
+/// Most kernel objects a lane keeps per kernel name.
 const MAX_INSTANCES: usize = 512;
 
 /// One kernel object with the arguments last set on it. A launch takes the instance whose
@@ -346,7 +348,8 @@ pub struct ClDevice {
     lanes: Vec<Lane>,
     /// A second in-order queue for weight page-ins, so copies overlap kernels.
     copy_queue: CommandQueue,
-    compiled: Mutex<Compiled>,
+    /// The built program (kernel objects are made from it per lane).
+    program: Program,
     launches: AtomicU64,
     build_time: std::time::Duration,
     /// Whether the kernels were built with `-DTERNMUX_DP4A` (NVIDIA inline PTX accepted).
@@ -384,6 +387,8 @@ struct Lane {
     /// Partial sums of launches that split a row length over work-groups (the tiled GEMM of
     /// small matrices). Grown on demand.
     split_part: Mutex<Option<DevBuf>>,
+    /// The kernel objects this lane's launches use.
+    kernels: Mutex<KernelTable>,
 }
 
 thread_local! {
@@ -611,6 +616,7 @@ impl ClDevice {
             .map(str::to_string)
             .collect::<Vec<_>>();
         let mut kernels = HashMap::new();
+        let mut names_seen: Vec<String> = Vec::new();
         // With the dump, FILE.kernels lists what the driver gives each kernel: the largest
         // work-group it can launch and its private (spill / stack) and local bytes.
         let mut limits = String::new();
@@ -625,6 +631,7 @@ impl ClDevice {
                     k.get_local_mem_size(id).ok()
                 ));
             }
+            names_seen.push(n.clone());
             kernels.insert(
                 n,
                 vec![Instance {
@@ -646,6 +653,8 @@ impl ClDevice {
                 .map_err(|e| cl_err("allocate a placeholder buffer", e))?;
         let zeros = vec![0u8; TICKETS * 4];
         let mut lanes = Vec::with_capacity(queues.len());
+        // The first lane takes the kernel objects made above; the others make theirs on use.
+        let mut first_table = Some(kernels);
         for queue in queues {
             let mut tickets = unsafe {
                 // SAFETY: no host pointer is passed, so the driver owns the storage.
@@ -661,6 +670,12 @@ impl ClDevice {
                 tickets: DevBuf::new(tickets, TICKETS * 4),
                 read_stage: Mutex::new(None),
                 split_part: Mutex::new(None),
+                kernels: Mutex::new(KernelTable {
+                    kernels: first_table.take().unwrap_or_else(|| {
+                        names_seen.iter().map(|n| (n.clone(), Vec::new())).collect()
+                    }),
+                    tick: 0,
+                }),
             });
         }
         let dev = Arc::new(ClDevice {
@@ -669,11 +684,7 @@ impl ClDevice {
             context,
             lanes,
             copy_queue,
-            compiled: Mutex::new(Compiled {
-                program,
-                kernels,
-                tick: 0,
-            }),
+            program,
             launches: AtomicU64::new(0),
             build_time: start.elapsed(),
             dp4a,
@@ -1135,14 +1146,15 @@ impl ClDevice {
         args: &[Arg<'_>],
     ) -> Result<()> {
         let t0 = self.profile.as_ref().map(|_| Instant::now());
-        let mut guard = self
-            .compiled
+        let lane = self.lane();
+        let mut guard = lane
+            .kernels
             .lock()
             .map_err(|_| Error::Device("opencl: kernel table poisoned".into()))?;
-        let compiled = &mut *guard;
-        compiled.tick += 1;
-        let tick = compiled.tick;
-        let instances = compiled
+        let table = &mut *guard;
+        table.tick += 1;
+        let tick = table.tick;
+        let instances = table
             .kernels
             .get_mut(name)
             .ok_or_else(|| Error::Device(format!("opencl: no kernel {name} in cl/")))?;
@@ -1154,7 +1166,7 @@ impl ClDevice {
         let at = match instances.iter().position(|x| x.key == key) {
             Some(at) => at,
             None if instances.len() < MAX_INSTANCES => {
-                let kernel = Kernel::create(&compiled.program, name)
+                let kernel = Kernel::create(&self.program, name)
                     .map_err(|e| cl_err(&format!("kernel {name}"), e))?;
                 instances.push(Instance {
                     kernel,
@@ -1220,7 +1232,7 @@ impl ClDevice {
             (Some(p), Some(t0)) => {
                 // SAFETY: as below; the returned event is owned by the profile record.
                 let event = unsafe {
-                    self.lane().queue.enqueue_nd_range_kernel(
+                    lane.queue.enqueue_nd_range_kernel(
                         k.get(),
                         global.len() as u32,
                         ptr::null(),
@@ -1250,7 +1262,7 @@ impl ClDevice {
                 // outlive the queued launch because every caller holds them until a later
                 // blocking read or `finish`.
                 let status = rt.clEnqueueNDRangeKernel(
-                    self.lane().queue.get(),
+                    lane.queue.get(),
                     k.get(),
                     global.len() as u32,
                     ptr::null(),
