@@ -781,12 +781,16 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
-/// The synthetic BitNet 2B-4T-shape model (30 layers, 2560/6912, 128256 vocabulary, TQ2_0): the
-/// logits after an 8-token prompt on OpenCL agree with the CPU backend: cosine ≥ 0.998 (the
-/// threshold of the CPU-vs-llama.cpp check), max |Δ| ≤ 5% of the logits' range, and the same
-/// top-1 whenever the CPU's top-1 leads its runner-up by more than twice that max |Δ| (random
-/// weights give near-ties a reordered float sum may flip: on an H200 the top two differ by less
-/// than the 0.45 max |Δ|).
+/// The synthetic BitNet 2B-4T-shape model (30 layers, 2560/6912, 128256 vocabulary; TQ2_0 and
+/// I2_S): the logits after an 8-token prompt on OpenCL agree with the CPU backend: cosine ≥
+/// 0.997, max |Δ| ≤ 5% of the logits' range, and the same top-1 whenever the CPU's top-1 leads
+/// its runner-up by more than twice that max |Δ| (random weights give near-ties a reordered float
+/// sum may flip: on an H200 the top two differ by less than the 0.45 max |Δ|). Where the bound
+/// comes from: each layer requantizes its inputs to int8, so the last-bit float differences of
+/// two backends flip a few roundings per layer and grow over 30 random layers — on the H100,
+/// TQ2_0 0.99809 and I2_S 0.99779 (the I2_S logits bit-identical to those of the generic I2_S
+/// kernel), on PoCL 0.99952 and 0.99814; I2_S with its code planes read in TQ2_0's order
+/// instead gives 0.023.
 #[test]
 fn synthetic_2b_logits_agree_with_cpu() {
     // TQ2_0, and I2_S (bitnet.cpp's format), which GPUs run on TQ2_0's kernels.
@@ -835,7 +839,7 @@ fn synthetic_2b_logits_agree(format: TernaryFormat) {
          {range:.2}, CPU top-1 margin {margin:.4}",
         format.name()
     );
-    assert!(cos >= 0.998, "cosine {cos}");
+    assert!(cos >= 0.997, "cosine {cos}");
     assert!(diff <= 0.05 * range, "max |Δ| {diff} vs range {range}");
     if margin > 2.0 * diff {
         assert_eq!(
