@@ -1,5 +1,5 @@
-// TQ2_0 (and I2_S, whose rows are TQ2_0 code bytes with the planes reversed: ternary.cl) × int8
-// activations on NVIDIA's int8 tensor cores (sm_80 and later; built only with
+// TQ2_0 (and I2_S, whose rows are TQ2_0 code bytes with the planes reversed: ternary.cl; and
+// TQ1_0, whose base-3 codes are unpacked into the same fragments) × int8 activations on NVIDIA's int8 tensor cores (sm_80 and later; built only with
 // -DTERNMUX_MMA, which the host adds where the driver takes the inline PTX below).
 //
 // Each weight code becomes a signed byte −1 / 0 / +1 in registers (two byte permutes and one
@@ -36,6 +36,28 @@ inline uint tq2_values(uint c, int j) {
     return (m1 & 0x01010101u) | ~(m1 | m0);
 }
 
+// Trit n (pow3 = 3^n) of each byte of w as signed bytes −1 / 0 / +1 (TQ1_0's unpacking step,
+// `trit` in ternary.cl, on two bytes at a time in 16-bit lanes: b · 3^n < 2^16 and its low byte
+// · 3 < 2^16, so no lane carries into the next; then t − 1 per byte by (t + 0x7F) ^ 0x80).
+inline uint tq1_trits(uint w, uint pow3) {
+    uint ev = (((w & 0x00FF00FFu) * pow3) & 0x00FF00FFu) * 3u;
+    uint od = ((((w >> 8) & 0x00FF00FFu) * pow3) & 0x00FF00FFu) * 3u;
+    uint t = ((ev >> 8) & 0x00030003u) | (od & 0x03000300u);
+    return (t + 0x7F7F7F7Fu) ^ 0x80808080u;
+}
+
+// The A-fragment word of TQ1_0 slice s (weights 32·s..+31 of the block), half hh (columns
+// 4·tq.. or 16 + 4·tq..) from one row's words of `mma_load_codes`: weights 0..159 are trits
+// 0..4 of qs[0..32), 160..239 trits 0..4 of qs[32..48), 240..255 trits 0..3 of qh[0..4).
+inline uint tq1_slice(uint w[2][2], int s, int hh, int tq) {
+    if (s < 5) return tq1_trits(w[0][hh], s == 0 ? 1u : s == 1 ? 3u : s == 2 ? 9u : s == 3 ? 27u : 81u);
+    if (s == 5) return tq1_trits(w[1][0], hh ? 3u : 1u);
+    if (s == 6) return tq1_trits(w[1][0], hh ? 27u : 9u);
+    if (hh == 0) return tq1_trits(w[1][0], 81u);
+    // Weights 240 + 4·tq + i sit in qh byte i, trit tq.
+    return tq1_trits(w[1][1], tq == 0 ? 1u : tq == 1 ? 3u : tq == 2 ? 9u : 27u);
+}
+
 // c += A · B for a 16 × 32 int8 A (this work-item's fragment a0..a3: rows g and g + 8, columns
 // 4·tq..+3 and 16 + 4·tq..+3) and a 32 × 8 int8 B (b0, b1: column g, the same k), exact int32.
 #define MMA_S8(c, a0, a1, a2, a3, b0, b1)                                                    \
@@ -54,8 +76,27 @@ inline uint code_word(const __global uchar* b, int at) {
 // This work-item's code words of block `blk` for its two rows: [row][half][lo, hi] = bytes
 // 32·half + 4·tq and + 16 (columns 4·tq.. and 16 + 4·tq.. of each slice), and the rows' block
 // scales. A row past the launch's rows gets codes 1 (weight 0) and scale 0.
+//
+// TQ1_0 (`fmt`): the row's words of the block instead — [row][0][0..1] = qs bytes 4·tq.. and
+// 16 + 4·tq.., [row][1][0] = qs bytes 32 + 4·tq.., [row][1][1] = the four qh bytes (54-byte
+// blocks, scale at 52); `tq1_slice` makes the fragments from them.
 inline void mma_load_codes(__global const uchar* wrow[2], bool live[2], int blk, int tq,
-                           uint cw[2][2][2], float d[2], const int i2s) {
+                           uint cw[2][2][2], float d[2], const int fmt) {
+    if (fmt == TFMT_TQ1_0) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const __global uchar* b = wrow[r] + (size_t)blk * 54;
+            d[r] = live[r] ? ld_f16(b + 52) : 0.0f;
+            // A dead row: every trit 1 (weight 0) — byte 0x80, TQ1_0's packing of 11111 in
+            // base 3 ((128 · 3^n mod 256) · 3 >> 8 = 1 for n = 0..4).
+            cw[r][0][0] = live[r] ? code_word(b, 4 * tq) : 0x80808080u;
+            cw[r][0][1] = live[r] ? code_word(b, 16 + 4 * tq) : 0x80808080u;
+            cw[r][1][0] = live[r] ? code_word(b, 32 + 4 * tq) : 0x80808080u;
+            cw[r][1][1] = live[r] ? code_word(b, 48) : 0x80808080u;
+        }
+        return;
+    }
+    const int i2s = fmt == TFMT_I2_S;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const __global uchar* b = wrow[r] + (size_t)blk * tblk_bytes(i2s);
@@ -107,7 +148,8 @@ inline void mma_store_acts(__local uint* buf, int n_piece, int lid, uint4 stage[
         volatile __global int *tickets
 #define MMA_ARGS k, q, qsc, n_tok, ROW_ARGS, accumulate, tile16, splits, part, tickets
 
-inline void mma_body(MMA_PARAMS, const int i2s) {
+inline void mma_body(MMA_PARAMS, const int fmt) {
+    const int i2s = fmt == TFMT_I2_S;
     // Declared as uint4: NVIDIA aligns a local argument only to its declared type.
     __local uint* acts = (__local uint*)tile16;
     int lid = get_local_id(0);
@@ -118,7 +160,7 @@ inline void mma_body(MMA_PARAMS, const int i2s) {
     int t0 = get_group_id(1) * MM_TOKS;
     int nt = min(MM_TOKS, n_tok - t0);
     int ntiles = (nt + 7) / 8;
-    int row_bytes = (k / 256) * tblk_bytes(i2s);
+    int row_bytes = (k / 256) * (fmt == TFMT_TQ1_0 ? 54 : tblk_bytes(i2s));
     int total = n0 + n1 + n2;
     // This work-item's two rows: g and g + 8 of its warp's sixteen. A row past the launch's
     // rows reads row 0 with all codes 0 (weight 0) and stores nothing.
@@ -148,7 +190,7 @@ inline void mma_body(MMA_PARAMS, const int i2s) {
     float d[2], dn[2];
     uint4 stage[MM_STAGE];
     if (blk0 < blk1) {
-        mma_load_codes(wrow, live, blk0, tq, cw, d, i2s);
+        mma_load_codes(wrow, live, blk0, tq, cw, d, fmt);
         mma_load_acts(q, k, t0, nt, n_piece, blk0, lid, stage);
         mma_store_acts(acts, n_piece, lid, stage);
     }
@@ -158,7 +200,7 @@ inline void mma_body(MMA_PARAMS, const int i2s) {
         __local uint* next = acts + (((blk - blk0) & 1) ^ 1) * MM_TOKS * MM_STRIDE;
         bool more = blk + 1 < blk1;
         if (more) {
-            mma_load_codes(wrow, live, blk + 1, tq, cn, dn, i2s);
+            mma_load_codes(wrow, live, blk + 1, tq, cn, dn, fmt);
             mma_load_acts(q, k, t0, nt, n_piece, blk + 1, lid, stage);
         }
         int c[8][4];
@@ -172,8 +214,18 @@ inline void mma_body(MMA_PARAMS, const int i2s) {
 #pragma unroll
         for (int s = 0; s < 8; s++) {
             int h = s / 4, j = tplane(s % 4, i2s);
-            uint a0 = tq2_values(cw[0][h][0], j), a1 = tq2_values(cw[1][h][0], j);
-            uint a2 = tq2_values(cw[0][h][1], j), a3 = tq2_values(cw[1][h][1], j);
+            uint a0, a1, a2, a3;
+            if (fmt == TFMT_TQ1_0) {
+                a0 = tq1_slice(cw[0], s, 0, tq);
+                a1 = tq1_slice(cw[1], s, 0, tq);
+                a2 = tq1_slice(cw[0], s, 1, tq);
+                a3 = tq1_slice(cw[1], s, 1, tq);
+            } else {
+                a0 = tq2_values(cw[0][h][0], j);
+                a1 = tq2_values(cw[1][h][0], j);
+                a2 = tq2_values(cw[0][h][1], j);
+                a3 = tq2_values(cw[1][h][1], j);
+            }
 #pragma unroll
             for (int n = 0; n < 8; n++) {
                 if (n < ntiles) {
@@ -272,8 +324,11 @@ inline void mma_body(MMA_PARAMS, const int i2s) {
     }
 }
 
-__kernel void ternary_matmul_tq2_mma(MMA_PARAMS) { mma_body(MMA_ARGS, 0); }
+__kernel void ternary_matmul_tq2_mma(MMA_PARAMS) { mma_body(MMA_ARGS, TFMT_TQ2_0); }
 
 // The same over I2_S rows (a multiple of 256 long).
-__kernel void ternary_matmul_i2s_mma(MMA_PARAMS) { mma_body(MMA_ARGS, 1); }
+__kernel void ternary_matmul_i2s_mma(MMA_PARAMS) { mma_body(MMA_ARGS, TFMT_I2_S); }
+
+// The same over TQ1_0 rows (base-3 codes unpacked into the fragments: `tq1_slice`).
+__kernel void ternary_matmul_tq1_mma(MMA_PARAMS) { mma_body(MMA_ARGS, TFMT_TQ1_0); }
 #endif

@@ -94,6 +94,15 @@ fn gamma(n: usize) -> f64 {
     n as f64 * u / (1.0 - n as f64 * u)
 }
 
+/// Cases per proptest: `PROPTEST_CASES` when set (longer runs on a GPU), else `default` (a
+/// block's `with_cases` would otherwise override the variable).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn ternary_case() -> impl Strategy<Value = (TernaryFormat, usize, usize, usize, u64)> {
     (
         prop_oneof![
@@ -285,7 +294,7 @@ fn ternary_matmul_split_rows_match_f64() {
 proptest! {
     // 48 cases: formats × batch sizes × the GPU kernels' paths (GEMV, tiled GEMMs of 1, 2, 4
     // or 8 token groups, several token tiles) all draw from one run.
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(cases(48)))]
 
     /// Ternary matmul (1–3 matrices per launch, any batch, accumulate and bias) against
     /// Σ w·q / s_t · scale in f64. Bound: TQ sums are exact per lane and block, then summed in
@@ -567,7 +576,7 @@ proptest! {
 
 proptest! {
     // Few cases: each checks up to 140 tokens × 200 rows against f64.
-    #![proptest_config(ProptestConfig::with_cases(12))]
+    #![proptest_config(ProptestConfig::with_cases(cases(12)))]
 
     /// Batches of F16 rows (the output head of batched decoding: the tiled kernel, and on
     /// NVIDIA the tensor-core one, which scales each 64-element chunk of a token by a power of

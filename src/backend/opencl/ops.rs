@@ -465,21 +465,16 @@ impl ClDevice {
         ];
         let total = self.push_outs(&mut args, outs, fmt, k, n_tok)?;
         args.push(Arg::I32(i32::from(accumulate)));
-        let Some(like) = like else {
-            args.push(Arg::Local(ROWS_PER_GROUP * TB * TEAM * 4));
-            return self.launch(
-                "ternary_matmul",
-                &[
-                    total.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM,
-                    n_tok.div_ceil(TB),
-                ],
-                &[ROWS_PER_GROUP * TEAM, 1],
-                &args,
-            );
+        // The tensor-core GEMM's entry for this format, where batches take it (NVIDIA sm_80+):
+        // TQ2_0, I2_S rows of a multiple of 256, and TQ1_0 (its own entry: base-3 codes).
+        let mma = match (like, fmt) {
+            (Some(l), _) => Some(l.kernels()[4]),
+            (None, TernaryFormat::Tq1_0) => Some("ternary_matmul_tq1_mma"),
+            _ => None,
         };
-        let [_, _, pair, tiled, mma] = like.kernels();
-        // Batches of TQ2_0 (and I2_S) on NVIDIA sm_80+: the int8 tensor cores.
-        if n_tok >= MMA_MIN_TOKENS && self.mma() && self.tiled_gemm() {
+        if let Some(mma) =
+            mma.filter(|_| n_tok >= MMA_MIN_TOKENS && self.mma() && self.tiled_gemm())
+        {
             args.remove(0);
             let words = 2 * MMA_TOKS * MMA_STRIDE + 4;
             args.push(Arg::Local(words * 4));
@@ -498,6 +493,19 @@ impl ClDevice {
                 self.launch(mma, &global, &local, &args)
             });
         }
+        let Some(like) = like else {
+            args.push(Arg::Local(ROWS_PER_GROUP * TB * TEAM * 4));
+            return self.launch(
+                "ternary_matmul",
+                &[
+                    total.div_ceil(ROWS_PER_GROUP) * ROWS_PER_GROUP * TEAM,
+                    n_tok.div_ceil(TB),
+                ],
+                &[ROWS_PER_GROUP * TEAM, 1],
+                &args,
+            );
+        };
+        let [_, _, pair, tiled, _] = like.kernels();
         // Batches on a GPU: the tiled kernel (activations staged in local memory, each
         // work-item a block of rows × tokens).
         if n_tok >= TILED_MIN_TOKENS && self.tiled_gemm() {
