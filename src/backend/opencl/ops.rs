@@ -138,26 +138,39 @@ impl Tq2Like {
         }
     }
 
-    /// The kernel names of this family: GEMV, GEMV with the norm epilogue, two-row batches,
-    /// tiled batches, tensor-core batches.
-    fn kernels(self) -> [&'static str; 5] {
+    /// The kernel names of this family.
+    fn kernels(self) -> Tq2Kernels {
         match self {
-            Tq2Like::Tq2 => [
-                "ternary_gemv_tq2",
-                "ternary_gemv_tq2_norm",
-                "ternary_matmul_tq2_pair",
-                "ternary_matmul_tq2_tiled",
-                "ternary_matmul_tq2_mma",
-            ],
-            Tq2Like::I2s => [
-                "ternary_gemv_i2s",
-                "ternary_gemv_i2s_norm",
-                "ternary_matmul_i2s_pair",
-                "ternary_matmul_i2s_tiled",
-                "ternary_matmul_i2s_mma",
-            ],
+            Tq2Like::Tq2 => Tq2Kernels {
+                gemv: "ternary_gemv_tq2",
+                gemv_norm: "ternary_gemv_tq2_norm",
+                pair: "ternary_matmul_tq2_pair",
+                tiled: "ternary_matmul_tq2_tiled",
+                mma: "ternary_matmul_tq2_mma",
+            },
+            Tq2Like::I2s => Tq2Kernels {
+                gemv: "ternary_gemv_i2s",
+                gemv_norm: "ternary_gemv_i2s_norm",
+                pair: "ternary_matmul_i2s_pair",
+                tiled: "ternary_matmul_i2s_tiled",
+                mma: "ternary_matmul_i2s_mma",
+            },
         }
     }
+}
+
+/// The entry points of one [`Tq2Like`] family.
+struct Tq2Kernels {
+    /// One token.
+    gemv: &'static str,
+    /// One token, then the output row's RMSNorm and quantization by the last work-group.
+    gemv_norm: &'static str,
+    /// Small batches, two rows per team.
+    pair: &'static str,
+    /// Batches from `TILED_MIN_TOKENS`, tiled in local memory.
+    tiled: &'static str,
+    /// Batches from `MMA_MIN_TOKENS` on NVIDIA's int8 tensor cores.
+    mma: &'static str,
 }
 
 /// One output of a ternary launch: `out[t][r] (+)= (Σ w·q)/s_t · scale + bias[r]`.
@@ -468,7 +481,7 @@ impl ClDevice {
         // The tensor-core GEMM's entry for this format, where batches take it (NVIDIA sm_80+):
         // TQ2_0, I2_S rows of a multiple of 256, and TQ1_0 (its own entry: base-3 codes).
         let mma = match (like, fmt) {
-            (Some(l), _) => Some(l.kernels()[4]),
+            (Some(l), _) => Some(l.kernels().mma),
             (None, TernaryFormat::Tq1_0) => Some("ternary_matmul_tq1_mma"),
             _ => None,
         };
@@ -505,7 +518,7 @@ impl ClDevice {
                 &args,
             );
         };
-        let [_, _, pair, tiled, _] = like.kernels();
+        let Tq2Kernels { pair, tiled, .. } = like.kernels();
         // Batches on a GPU: the tiled kernel (activations staged in local memory, each
         // work-item a block of rows × tokens).
         if n_tok >= TILED_MIN_TOKENS && self.tiled_gemm() {
@@ -613,7 +626,9 @@ impl ClDevice {
                 fmt.name()
             )));
         };
-        let [gemv, gemv_norm, ..] = like.kernels();
+        let Tq2Kernels {
+            gemv, gemv_norm, ..
+        } = like.kernels();
         need("activations", q, k)?;
         need("token scales", s, 4)?;
         let mut args = vec![int(k)?, Arg::Buf(q), Arg::Buf(s)];
