@@ -525,6 +525,19 @@ __kernel void ternary_gemv_i2s_norm(GEMV_NORM_PARAMS) { gemv_norm_body(GEMV_NORM
 #define TT_TPT 16
 #define TT_STRIDE 36
 
+// Whether this work-group is the last of its tile's `splits` to finish (always, unsplit): its
+// ticket in `tickets` (per tile: grid dimensions 0 and 1), taken between device-wide fences as in
+// `last_group`, and put back to 0 by the last. Called by one work-item; the split GEMMs share it.
+inline int split_tile_last(volatile __global int* tickets, int splits) {
+    if (splits <= 1) return 1;
+    volatile __global int* ticket = tickets + get_group_id(1) * get_num_groups(0) + get_group_id(0);
+    device_fence();
+    int last = atomic_inc(ticket) == splits - 1;
+    if (last) atomic_xchg(ticket, 0);
+    device_fence();
+    return last;
+}
+
 // One output of the tiled GEMM: (Σ / s_token) · scale + bias, added when `accumulate`.
 inline void tiled_store(Row x, float v, const __global float* qsc, int t, int accumulate) {
     v = v / qsc[t] * x.s;
@@ -681,18 +694,7 @@ inline void tiled_body(TILED_PARAMS, const int i2s) {
     }
     barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
     __local int* flag = (__local int*)(red + teams * tile_toks * tile_rows);
-    if (get_local_id(0) == 0) {
-        int last = 1;
-        if (splits > 1) {
-            volatile __global int* ticket = tickets + get_group_id(1) * get_num_groups(0) +
-                                            get_group_id(0);
-            device_fence();
-            last = atomic_inc(ticket) == splits - 1;
-            if (last) atomic_xchg(ticket, 0);
-            device_fence();
-        }
-        flag[0] = last;
-    }
+    if (get_local_id(0) == 0) flag[0] = split_tile_last(tickets, splits);
     barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
     if (flag[0]) {
         for (int o = get_local_id(0); o < tile_rows * tile_toks; o += get_local_size(0)) {

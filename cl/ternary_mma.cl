@@ -276,18 +276,7 @@ inline void mma_body(MMA_PARAMS, const int fmt) {
     }
     barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
     __local int* flag = (__local int*)(acts + 2 * MM_TOKS * MM_STRIDE);
-    if (lid == 0) {
-        int last = 1;
-        if (splits > 1) {
-            volatile __global int* ticket =
-                tickets + get_group_id(1) * get_num_groups(0) + get_group_id(0);
-            device_fence();
-            last = atomic_inc(ticket) == splits - 1;
-            if (last) atomic_xchg(ticket, 0);
-            device_fence();
-        }
-        flag[0] = last;
-    }
+    if (lid == 0) flag[0] = split_tile_last(tickets, splits);
     barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
     if (flag[0]) {
         // With splits, every split's sums of this work-item's outputs are loaded split by split,
