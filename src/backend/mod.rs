@@ -182,6 +182,10 @@ pub enum Norm {
     FfnSub,
     /// After the last block (head unit).
     Output,
+    /// The next block's [`Norm::Attn`], packed with this block too (absent from the last
+    /// block), so that the block's last projection can norm its output for the next block in
+    /// the same launch ([`Backend::project_residual_norm`]) without that block's unit.
+    Next,
 }
 
 /// Where one row of a pass belongs: its sequence's KV-cache slot and its position there. A pass

@@ -89,6 +89,9 @@ pub struct ModelMetrics {
     pub forward_ns: AtomicU64,
     /// Nanoseconds sampling and handing tokens to the streams after the passes.
     pub sample_ns: AtomicU64,
+    /// Nanoseconds waiting at the gate for a turn on the device (models that do not all fit
+    /// in the weight budget take turns).
+    pub gate_wait_ns: AtomicU64,
     outcomes: [AtomicU64; 4],
     ttft: Mutex<LatencyHistogram>,
     inter_token: Mutex<LatencyHistogram>,
@@ -171,7 +174,7 @@ fn histogram(out: &mut String, name: &str, model: &str, h: &LatencyHistogram) {
 /// Prometheus text for the engine's models and the multiplexer under them.
 pub fn render(models: &[(&str, &ModelMetrics)], mux: &MuxStats) -> String {
     let mut o = String::new();
-    let engine_series: [Series<ModelMetrics>; 8] = [
+    let engine_series: [Series<ModelMetrics>; 9] = [
         (
             "gauge",
             "ternmux_queue_length",
@@ -219,6 +222,13 @@ pub fn render(models: &[(&str, &ModelMetrics)], mux: &MuxStats) -> String {
             "ternmux_batch_sample_nanoseconds_total",
             "Time sampling and streaming tokens after the passes.",
             |m| m.sample_ns.load(Ordering::Relaxed),
+        ),
+        (
+            "counter",
+            "ternmux_gate_wait_nanoseconds_total",
+            "Time waiting for a turn on the device while models that do not fit the budget \
+             together take turns.",
+            |m| m.gate_wait_ns.load(Ordering::Relaxed),
         ),
     ];
     families(&mut o, &engine_series, models);

@@ -67,6 +67,13 @@ pub struct EngineOptions {
     /// of 300 ms at concurrency 4–64 with average TTFT still under 0.5 s; 2 s gained no more and
     /// doubled the worst TTFT.
     pub slice: Duration,
+    /// How long a model whose batch has just emptied keeps its place at the gate, waiting for
+    /// its next request, before it steps aside for a waiting model. A client that sends its
+    /// next request as soon as the last one ends (an agent, a benchmark's closed loop) then
+    /// keeps its model's weights on the device for the whole slice, instead of paying a model
+    /// swap per request. Costs a waiting model at most this long when the running one has
+    /// truly gone idle. Default 50 ms.
+    pub linger: Duration,
 }
 
 impl Default for EngineOptions {
@@ -78,6 +85,7 @@ impl Default for EngineOptions {
             prefill_chunk: 64,
             kv_type: KvType::F16,
             slice: Duration::from_millis(1000),
+            linger: Duration::from_millis(50),
         }
     }
 }
@@ -379,6 +387,7 @@ impl Engine {
             metrics: metrics.clone(),
             prefill_chunk: self.opts.prefill_chunk.min(max_rows),
             max_rows,
+            linger: self.opts.linger,
             lane: self
                 .started
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),

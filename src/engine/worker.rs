@@ -12,7 +12,7 @@ use crate::sampling::Sampler;
 use rayon::prelude::*;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::Instant;
 
 /// What a worker owns.
@@ -28,6 +28,9 @@ pub(super) struct Context {
     pub metrics: Arc<ModelMetrics>,
     pub prefill_chunk: usize,
     pub max_rows: usize,
+    /// How long an admitted model with an empty batch waits for its next request before it
+    /// leaves the gate ([`super::EngineOptions::linger`]).
+    pub linger: std::time::Duration,
     /// The OpenCL compute queue this worker's passes go on (models side by side).
     pub lane: usize,
 }
@@ -88,13 +91,25 @@ pub(super) fn run(mut ctx: Context) {
     let mut closed = false;
     // When this model was admitted by the gate, while it holds it.
     let mut admitted: Option<Instant> = None;
+    // A request that arrived while the model lingered at the gate with an empty batch.
+    let mut lingered: Option<Job> = None;
     loop {
-        if seqs.is_empty() && admitted.take().is_some() {
+        if seqs.is_empty() && admitted.is_some() && !closed {
+            // Keep the turn a little while for the next request (see `EngineOptions::linger`).
+            match ctx.jobs.recv_timeout(ctx.linger) {
+                Ok(job) => lingered = Some(job),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => closed = true,
+            }
+        }
+        if seqs.is_empty() && lingered.is_none() && admitted.take().is_some() {
             ctx.gate.leave(&ctx.name);
         }
         // Admit newcomers into free slots (block only when nothing is running).
-        while let (false, Some(&slot)) = (closed, free.last()) {
-            let next = if seqs.is_empty() {
+        while let (false, Some(&slot)) = (closed && lingered.is_none(), free.last()) {
+            let next = if let Some(job) = lingered.take() {
+                Ok(job)
+            } else if seqs.is_empty() {
                 ctx.jobs.recv().map_err(|_| TryRecvError::Disconnected)
             } else {
                 ctx.jobs.try_recv()
@@ -152,8 +167,12 @@ pub(super) fn run(mut ctx: Context) {
         }
         if admitted.is_none() {
             let mux = &ctx.mux;
+            let waiting_from = Instant::now();
             ctx.gate
                 .enter(ctx.name.as_str(), ctx.weight_bytes, || mux.budget());
+            ctx.metrics
+                .gate_wait_ns
+                .fetch_add(waiting_from.elapsed().as_nanos() as u64, Ordering::Relaxed);
             admitted = Some(Instant::now());
         }
         // The step: one row per decoding sequence, then prompt chunks in arrival order.

@@ -379,7 +379,11 @@ fn pass<B: Backend>(
         // guard drops (the device keeps computing while the host copies).
         let guard = model.acquire(UnitId::Block(li))?;
         let blk = be.unit(&guard)?;
-        be.norm(blk, Norm::Attn, &x, 0, t_n, &mut h)?;
+        // Later blocks find their normed input in `h`: the previous block's down projection
+        // made it (Norm::Next).
+        if li == 0 {
+            be.norm(blk, Norm::Attn, &x, 0, t_n, &mut h)?;
+        }
         be.project(
             blk,
             &h,
@@ -413,13 +417,25 @@ fn pass<B: Backend>(
             false,
         )?;
         be.ffn_act(blk, &mut g, &u, t_n, c.ffn_act, l.ffn_sub_norm.is_some())?;
-        be.project(
-            blk,
-            &g,
-            t_n,
-            &mut [(Mat::Layer(LayerMat::Down), &mut x)],
-            true,
-        )?;
+        if li + 1 < w.layers.len() {
+            be.project_residual_norm(
+                blk,
+                &g,
+                t_n,
+                Mat::Layer(LayerMat::Down),
+                &mut x,
+                Norm::Next,
+                &mut h,
+            )?;
+        } else {
+            be.project(
+                blk,
+                &g,
+                t_n,
+                &mut [(Mat::Layer(LayerMat::Down), &mut x)],
+                true,
+            )?;
+        }
     }
     if n_out == 0 {
         return Ok(());

@@ -167,6 +167,7 @@ impl Weights {
                     Norm::Ffn => Some(&layer.ffn_norm),
                     Norm::AttnSub => layer.attn_sub_norm.as_deref(),
                     Norm::FfnSub => layer.ffn_sub_norm.as_deref(),
+                    Norm::Next => self.layers.get(l + 1).map(|next| &next.attn_norm[..]),
                     Norm::Output => None,
                 }
             }

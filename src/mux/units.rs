@@ -1,5 +1,6 @@
 //! Units of residency: what one page-in copies. A transformer block (its seven matrices with
-//! their biases and norm vectors, packed into one allocation) or the output head (the head
+//! their biases and norm vectors, and the next block's attention norm, packed into one
+//! allocation) or the output head (the head
 //! matrix — the embeddings when tied — and the final norm). Token embeddings are gathered on the
 //! host for each pass (a few rows per token), so they never take device memory.
 
@@ -126,7 +127,16 @@ pub fn layouts(model: &Model, align: usize, with_vectors: bool) -> Vec<UnitLayou
             .collect();
         if with_vectors {
             kinds.extend(MATS[..4].iter().map(|&m| PieceKind::Bias(m)));
-            kinds.extend([Norm::Attn, Norm::Ffn, Norm::AttnSub, Norm::FfnSub].map(PieceKind::Norm));
+            kinds.extend(
+                [
+                    Norm::Attn,
+                    Norm::Ffn,
+                    Norm::AttnSub,
+                    Norm::FfnSub,
+                    Norm::Next,
+                ]
+                .map(PieceKind::Norm),
+            );
         }
         pack(UnitId::Block(l), &kinds);
     }

@@ -328,3 +328,219 @@ pub fn launch_overhead(
         device_s,
     })
 }
+
+/// Wall seconds per launch of one kernel queued three ways: all on one compute queue; spread
+/// over two queues by one thread (alternating); spread over two queues by two threads, one
+/// each (how an engine's model workers queue). When the device runs two queues' kernels side by
+/// side, the two-queue figures fall toward half the one-queue figure; when it takes them in
+/// turns (or the driver serializes the threads' queueing), they stay near it.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueOverlap {
+    /// One queue: wall seconds per launch.
+    pub one_queue_s: f64,
+    /// Host seconds to queue one launch (one queue, one thread).
+    pub queue_s: f64,
+    /// Two queues, one thread.
+    pub two_queues_s: f64,
+    /// Two queues, two threads.
+    pub two_threads_s: f64,
+}
+
+/// Measures [`QueueOverlap`] for `launches` launches of `launch(i)` (`i` counts the launches
+/// of one queue; the caller's closure is called on the thread that is bound to that queue).
+pub fn queue_overlap(
+    dev: &ClDevice,
+    launches: usize,
+    launch: impl Fn(usize, usize) -> Result<()> + Sync,
+) -> Result<QueueOverlap> {
+    let n = launches.max(2) & !1;
+    let lanes = dev.lanes().min(2);
+    let on = |lane: usize, i: usize| -> Result<()> {
+        ClDevice::bind_lane(lane);
+        launch(lane, i)
+    };
+    // Warm: every queue has run the kernel once (kernel objects made, arguments set).
+    for lane in 0..lanes {
+        on(lane, 0)?;
+    }
+    dev.finish()?;
+    let best = |f: &dyn Fn() -> Result<f64>| -> Result<(f64, f64)> {
+        let (mut wall, mut queue) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..3 {
+            let t = Instant::now();
+            let q = f()?;
+            dev.finish()?;
+            wall = wall.min(t.elapsed().as_secs_f64());
+            queue = queue.min(q);
+        }
+        Ok((wall / n as f64, queue / n as f64))
+    };
+    let (one, queue_s) = best(&|| {
+        let t = Instant::now();
+        for i in 0..n {
+            on(0, i)?;
+        }
+        Ok(t.elapsed().as_secs_f64())
+    })?;
+    let (two, _) = best(&|| {
+        for i in 0..n {
+            on(i % lanes, i / lanes)?;
+        }
+        Ok(0.0)
+    })?;
+    let (threads, _) = best(&|| {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..lanes)
+                .map(|lane| {
+                    let on = &on;
+                    s.spawn(move || -> Result<()> {
+                        for i in 0..n / lanes {
+                            on(lane, i)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().map_err(|_| {
+                    crate::Error::Device("opencl: a queueing thread panicked".into())
+                })??;
+            }
+            Ok(0.0)
+        })
+    })?;
+    ClDevice::bind_lane(0);
+    Ok(QueueOverlap {
+        one_queue_s: one,
+        queue_s,
+        two_queues_s: two,
+        two_threads_s: threads,
+    })
+}
+
+/// [`queue_overlap`] of the batch-1 TQ2_0 GEMV over `rows × cols` (cold weights: cycled
+/// copies, as in [`ternary_kernels`]), of `norm_quant` over one 2560-float row, and of
+/// `norm_quant` over one 2²⁰-float row — a single work-group, one compute unit busy for a long
+/// while, so a device that runs two queues side by side shows it whatever the host's queueing
+/// costs.
+pub fn queue_overlap_probes(
+    dev: &ClDevice,
+    rows: usize,
+    cols: usize,
+    launches: usize,
+) -> Result<[QueueOverlap; 3]> {
+    let fmt = TernaryFormat::Tq2_0;
+    let data = weights(fmt, rows, cols, 7);
+    let copies = ((256usize << 20) / data.len().max(1)).clamp(2, 64);
+    let bufs: Vec<DevBuf> = (0..copies)
+        .map(|_| dev.upload(&data))
+        .collect::<Result<_>>()?;
+    let q = dev.upload(&vec![1u8; cols])?;
+    let s = dev.upload(bytemuck::cast_slice(&[1.0f32]))?;
+    let outs = [dev.alloc(rows * 4)?, dev.alloc(rows * 4)?];
+    let gemv = queue_overlap(dev, launches, |lane, i| {
+        let o = TernaryOut {
+            w: &bufs[(i * 2 + lane) % copies],
+            rows,
+            out: &outs[lane % 2],
+            scale: 1.0,
+            bias: None,
+        };
+        dev.ternary_matmul(fmt, cols, &q, &s, 1, &[o], false)
+    })?;
+    let n = 2560;
+    let w = dev.upload(bytemuck::cast_slice(&vec![1.0f32; n]))?;
+    let rows_in = [dev.alloc(n * 4)?, dev.alloc(n * 4)?];
+    let ys = [dev.alloc(n * 4)?, dev.alloc(n * 4)?];
+    let qs = [dev.alloc(n)?, dev.alloc(n)?];
+    let ss = [dev.alloc(4)?, dev.alloc(4)?];
+    let norm = queue_overlap(dev, launches, |lane, _| {
+        let l = lane % 2;
+        dev.norm_quant(
+            &rows_in[l],
+            n,
+            0,
+            1,
+            Some(&w),
+            1e-5,
+            Some(&ys[l]),
+            Some((&qs[l], &ss[l])),
+        )
+    })?;
+    let long = 1 << 20;
+    let w = dev.upload(bytemuck::cast_slice(&vec![1.0f32; long]))?;
+    let rows_in = [dev.alloc(long * 4)?, dev.alloc(long * 4)?];
+    let ys = [dev.alloc(long * 4)?, dev.alloc(long * 4)?];
+    let qs = [dev.alloc(long)?, dev.alloc(long)?];
+    let one_group = queue_overlap(dev, 32, |lane, _| {
+        let l = lane % 2;
+        dev.norm_quant(
+            &rows_in[l],
+            long,
+            0,
+            1,
+            Some(&w),
+            1e-5,
+            Some(&ys[l]),
+            Some((&qs[l], &ss[l])),
+        )
+    })?;
+    Ok([gemv, norm, one_group])
+}
+
+/// Host microseconds to queue one batch-1 TQ2_0 GEMV (`rows × cols`), one thread, one queue,
+/// `launches` launches cycling over 30 weight copies (as a decode cycles over its layers):
+/// weights in buffers of their own; weights as read-only sub-buffer views of one allocation
+/// (how the multiplexer's units hand tensors to kernels); and the first again with 4096 more
+/// buffers alive in the context. Each is the best of three rounds, µs per launch.
+pub fn launch_cost_variants(
+    dev: &ClDevice,
+    rows: usize,
+    cols: usize,
+    launches: usize,
+) -> Result<[f64; 3]> {
+    let fmt = TernaryFormat::Tq2_0;
+    let data = weights(fmt, rows, cols, 11);
+    let copies = 30;
+    let own: Vec<DevBuf> = (0..copies)
+        .map(|_| dev.upload(&data))
+        .collect::<Result<_>>()?;
+    let align = dev.info().base_align.max(256);
+    let stride = data.len().div_ceil(align) * align;
+    let mut whole = dev.alloc(stride * copies)?;
+    for i in 0..copies {
+        dev.write(&mut whole, i * stride, &data)?;
+    }
+    let views: Vec<DevBuf> = (0..copies)
+        .map(|i| dev.sub_buffer(&whole, i * stride, data.len()))
+        .collect::<Result<_>>()?;
+    let q = dev.upload(&vec![1u8; cols])?;
+    let s = dev.upload(bytemuck::cast_slice(&[1.0f32]))?;
+    let out = dev.alloc(rows * 4)?;
+    let n = launches.max(1);
+    let time = |bufs: &[DevBuf]| -> Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..4 {
+            let t = Instant::now();
+            for i in 0..n {
+                let o = TernaryOut {
+                    w: &bufs[i % bufs.len()],
+                    rows,
+                    out: &out,
+                    scale: 1.0,
+                    bias: None,
+                };
+                dev.ternary_matmul(fmt, cols, &q, &s, 1, &[o], false)?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+            dev.finish()?;
+        }
+        Ok(best / n as f64 * 1e6)
+    };
+    let plain = time(&own)?;
+    let viewed = time(&views)?;
+    let crowd: Vec<DevBuf> = (0..4096).map(|_| dev.alloc(4096)).collect::<Result<_>>()?;
+    let crowded = time(&own)?;
+    drop(crowd);
+    Ok([plain, viewed, crowded])
+}

@@ -16,7 +16,7 @@ use opencl3::memory::{
     Buffer, CL_MAP_READ, CL_MAP_WRITE, CL_MEM_ALLOC_HOST_PTR, CL_MEM_READ_ONLY, CL_MEM_READ_WRITE,
 };
 use opencl3::program::Program;
-use opencl3::types::{CL_BLOCKING, cl_mem};
+use opencl3::types::{CL_BLOCKING, CL_NON_BLOCKING, cl_mem};
 use std::collections::HashMap;
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -314,6 +314,39 @@ fn arg_cache_enabled() -> bool {
     *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_ARG_CACHE").is_none_or(|v| v != "0"))
 }
 
+/// Whether reads wait by polling their event (the default) rather than in the driver's blocking
+/// call (`TERNMUX_CL_WAIT=block`). NVIDIA's driver serializes the threads that queue work on a
+/// context, and a thread inside a blocking read holds the others off until its read ends: two
+/// models' workers then take turns for whole passes. Polled, the other thread queues its pass
+/// while this one waits (H100, two 2B models at one client each: see BENCHMARKS.md, issue 6).
+fn poll_reads() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_WAIT").is_none_or(|v| v != "block"))
+}
+
+/// Waits for `event` by asking its status: a short spin, then yielding the core between asks.
+fn poll_until_done(event: &Event) -> Result<()> {
+    let mut asked = 0u32;
+    loop {
+        let status = event
+            .command_execution_status()
+            .map_err(|e| cl_err("ask a read's status", e))?
+            .0;
+        if status == opencl3::event::CL_COMPLETE {
+            return Ok(());
+        }
+        if status < 0 {
+            return Err(cl_err("read", ClError(status)));
+        }
+        asked += 1;
+        if asked < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// The environment variable that turns on per-kernel profiling (`TERNMUX_CL_PROFILE=1`).
 pub const PROFILE_ENV: &str = "TERNMUX_CL_PROFILE";
 
@@ -351,6 +384,8 @@ pub struct ClDevice {
     /// The built program (kernel objects are made from it per lane).
     program: Program,
     launches: AtomicU64,
+    /// Host nanoseconds spent in [`ClDevice::launch`] (argument setting and queueing), summed.
+    queue_ns: AtomicU64,
     build_time: std::time::Duration,
     /// Whether the kernels were built with `-DTERNMUX_DP4A` (NVIDIA inline PTX accepted).
     dp4a: bool,
@@ -686,6 +721,7 @@ impl ClDevice {
             copy_queue,
             program,
             launches: AtomicU64::new(0),
+            queue_ns: AtomicU64::new(0),
             build_time: start.elapsed(),
             dp4a,
             mma,
@@ -738,6 +774,13 @@ impl ClDevice {
     /// Kernel launches so far (all models on this device).
     pub fn launches(&self) -> u64 {
         self.launches.load(Ordering::Relaxed)
+    }
+
+    /// Host time spent queueing kernels so far (argument setting and the enqueue call), summed
+    /// over every thread: against a pass's wall time it tells whether the host's queueing or
+    /// the device bounds it.
+    pub fn queue_time(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.queue_ns.load(Ordering::Relaxed))
     }
 
     /// Whether the GPU-shaped kernel paths are chosen where they exist (the TQ2_0 GEMV, rows
@@ -865,14 +908,29 @@ impl ClDevice {
         if out.is_empty() {
             return Ok(());
         }
-        // SAFETY: bounds checked above; blocking, so `out` is written before the call returns.
-        unsafe {
-            self.lane()
-                .queue
-                .enqueue_read_buffer(&src.buf, CL_BLOCKING, offset, out, &[])
+        let queue = &self.lane().queue;
+        if !poll_reads() {
+            // SAFETY: bounds checked above; blocking, so `out` is written before the call
+            // returns.
+            unsafe { queue.enqueue_read_buffer(&src.buf, CL_BLOCKING, offset, out, &[]) }
+                .map_err(|e| cl_err("read", e))?;
+            return Ok(());
         }
-        .map_err(|e| cl_err("read", e))?;
-        Ok(())
+        // SAFETY: bounds checked above. The read is not blocking, so `out` must stay untouched
+        // and alive until it ends: this function does not return before the read's event says
+        // it ended (or, when its status cannot be had, before the queue has finished).
+        let event =
+            unsafe { queue.enqueue_read_buffer(&src.buf, CL_NON_BLOCKING, offset, out, &[]) }
+                .map_err(|e| cl_err("read", e))?;
+        let waited = queue
+            .flush()
+            .map_err(|e| cl_err("flush", e))
+            .and_then(|()| poll_until_done(&event));
+        if waited.is_err() {
+            // The read may still be under way: it must end before `out` is handed back.
+            let _ = queue.finish();
+        }
+        waited
     }
 
     /// Runs `f` with the device's split-sum scratch buffer, at least `bytes` long (see
@@ -1145,7 +1203,8 @@ impl ClDevice {
         local: &[usize],
         args: &[Arg<'_>],
     ) -> Result<()> {
-        let t0 = self.profile.as_ref().map(|_| Instant::now());
+        let entered = Instant::now();
+        let t0 = self.profile.as_ref().map(|_| entered);
         let lane = self.lane();
         let mut guard = lane
             .kernels
@@ -1286,6 +1345,8 @@ impl ClDevice {
             }
         }
         self.launches.fetch_add(1, Ordering::Relaxed);
+        self.queue_ns
+            .fetch_add(entered.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(())
     }
 

@@ -198,21 +198,33 @@ fn run_query(
     }
 }
 
-/// Steps, rows, forward ns and sampling ns summed over the in-process engine's models.
-fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 4]> {
+/// Steps, rows, forward ns, sampling ns and gate-wait ns summed over the in-process engine's
+/// models, then its multiplexer's page-ins, bytes paged in and page-in ns.
+fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 8]> {
     let Target::Local(engine) = target else {
         return None;
     };
-    let mut out = [0u64; 4];
+    let mut out = [0u64; 8];
     for m in models {
         let c = engine.metrics(m).ok()?;
-        for (o, v) in out
-            .iter_mut()
-            .zip([&c.steps, &c.step_rows, &c.forward_ns, &c.sample_ns])
-        {
+        for (o, v) in out.iter_mut().zip([
+            &c.steps,
+            &c.step_rows,
+            &c.forward_ns,
+            &c.sample_ns,
+            &c.gate_wait_ns,
+        ]) {
             *o += v.load(Ordering::Relaxed);
         }
     }
+    let mux = engine.mux().stats();
+    out[5] = mux.misses();
+    out[6] = mux.bytes_in();
+    out[7] = mux
+        .models
+        .iter()
+        .map(|m| m.page_in_total.as_nanos() as u64)
+        .sum();
     Some(out)
 }
 
@@ -405,12 +417,17 @@ pub fn bench_concurrency(a: ConcArgs, out: &mut impl Write) -> Result<(), Failur
         if let (Some(b), Some(a)) = (before, after) {
             let steps = (a[0] - b[0]).max(1) as f64;
             eprintln!(
-                "  conc {conc}: {} batched steps, {:.1} rows/step, {:.2} ms forward + {:.2} ms \
-                 sampling/streaming per step",
+                "  conc {conc}: {} batched steps, {:.1} rows/step, {:.2} ms forward (of which \
+                 {:.2} ms waiting on page-ins) + {:.2} ms sampling/streaming per step; \
+                 {:.2} s waiting at the gate, {} page-ins, {:.2} GB paged in",
                 a[0] - b[0],
                 (a[1] - b[1]) as f64 / steps,
                 (a[2] - b[2]) as f64 / steps / 1e6,
-                (a[3] - b[3]) as f64 / steps / 1e6
+                (a[7] - b[7]) as f64 / steps / 1e6,
+                (a[3] - b[3]) as f64 / steps / 1e6,
+                (a[4] - b[4]) as f64 / 1e9,
+                a[5] - b[5],
+                (a[6] - b[6]) as f64 / 1e9
             );
         }
         if let Some(e) = failure.into_inner().ok().flatten() {

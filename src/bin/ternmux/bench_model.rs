@@ -15,11 +15,12 @@ fn profiled_device(
     }
 }
 
-/// Kernel launches so far on the model's OpenCL device (0 on the CPU).
-fn launches_of(model: &ternmux::model::Model) -> u64 {
+/// Kernel launches so far on the model's OpenCL device, and the host seconds spent queueing
+/// them (0 on the CPU).
+fn launches_of(model: &ternmux::model::Model) -> (u64, f64) {
     match model.placement() {
-        ternmux::backend::Placement::OpenCl(d) => d.launches(),
-        ternmux::backend::Placement::Cpu => 0,
+        ternmux::backend::Placement::OpenCl(d) => (d.launches(), d.queue_time().as_secs_f64()),
+        ternmux::backend::Placement::Cpu => (0, 0.0),
     }
 }
 
@@ -41,6 +42,7 @@ pub(crate) fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Fail
     let n_ctx = prompt.len() + a.gen_tokens + 1;
     let (mut best_pp, mut best_tg) = (f64::INFINITY, f64::INFINITY);
     let mut launches_per_token = 0.0;
+    let mut queue_per_token = 0.0;
     // With TERNMUX_CL_PROFILE=1: device time per kernel of the last repetition.
     let profiled = profiled_device(&model);
     let take_profile = || -> Result<Vec<ternmux::backend::opencl::KernelTime>, Failure> {
@@ -80,7 +82,9 @@ pub(crate) fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Fail
         }
         if a.gen_tokens > 0 {
             best_tg = best_tg.min(t.elapsed().as_secs_f64());
-            launches_per_token = (launches_of(&model) - launches0) as f64 / a.gen_tokens as f64;
+            let (n, q) = launches_of(&model);
+            launches_per_token = (n - launches0.0) as f64 / a.gen_tokens as f64;
+            queue_per_token = (q - launches0.1) / a.gen_tokens as f64;
         }
         decode_profile = take_profile()?;
     }
@@ -116,7 +120,10 @@ pub(crate) fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Fail
         if launches_per_token > 0.0 {
             writeln!(
                 out,
-                "kernel launches per decoded token: {launches_per_token:.0}"
+                "kernel launches per decoded token: {launches_per_token:.0} ({:.2} ms of host \
+                 time queueing them, {:.1} µs a launch)",
+                queue_per_token * 1e3,
+                queue_per_token * 1e6 / launches_per_token
             )
             .map_err(io_failure)?;
         }

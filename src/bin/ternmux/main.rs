@@ -430,6 +430,37 @@ fn bench_device(
             ),
         )?;
     }
+    if dev.lanes() >= 2 {
+        let probes = bench::queue_overlap_probes(&dev, 6912, 2560, 400)?;
+        for (what, o) in [
+            "TQ2_0 GEMV 6912 × 2560",
+            "norm_quant of one row",
+            "norm_quant of one 2^20-float row (one work-group)",
+        ]
+        .iter()
+        .zip(probes)
+        {
+            w(
+                out,
+                format!(
+                    "two compute queues, {what}: µs per launch {:.1} on one queue ({:.1} to \
+                     queue), {:.1} on two from one thread, {:.1} on two from two threads",
+                    o.one_queue_s * 1e6,
+                    o.queue_s * 1e6,
+                    o.two_queues_s * 1e6,
+                    o.two_threads_s * 1e6
+                ),
+            )?;
+        }
+    }
+    let [plain, viewed, crowded] = bench::launch_cost_variants(&dev, 6912, 2560, 300)?;
+    w(
+        out,
+        format!(
+            "host µs to queue a TQ2_0 GEMV 6912 × 2560: {plain:.1} (weights in buffers of their \
+             own), {viewed:.1} (sub-buffer views), {crowded:.1} (4096 more buffers alive)"
+        ),
+    )?;
     let p = bench::page_in_costs(&dev, 101)?;
     w(
         out,

@@ -40,6 +40,11 @@ pub struct EngineArgs {
     /// lets a waiting model start sooner.
     #[arg(long = "slice-ms", default_value_t = 1000)]
     pub slice_ms: u64,
+    /// When the models' weights do not fit the budget together: how long (ms) a model whose
+    /// requests have all ended keeps its place, waiting for the next one, before it steps
+    /// aside (0: at once).
+    #[arg(long = "linger-ms", default_value_t = 50)]
+    pub linger_ms: u64,
 }
 
 impl EngineArgs {
@@ -51,6 +56,7 @@ impl EngineArgs {
             n_ctx: self.ctx,
             prefill_chunk: self.prefill_chunk,
             slice: std::time::Duration::from_millis(self.slice_ms.max(1)),
+            linger: std::time::Duration::from_millis(self.linger_ms),
             ..EngineOptions::default()
         }
     }
