@@ -191,3 +191,49 @@ fn models_on_their_own_queues_opencl() {
         }
     }
 }
+
+/// Which of two models under a budget for one ends its next request first, when `a`'s client
+/// sends its second request as soon as its first ends while `b` waits at the gate: with a
+/// linger, `a` keeps its turn for that request (no swap per request); without one, `b` goes
+/// first.
+fn second_request_wins(linger: Duration) -> bool {
+    let mux = Mux::new(Device::Cpu, usize::MAX).unwrap();
+    for name in ["a", "b"] {
+        mux.register(name, BUNDLED).unwrap();
+    }
+    let one = mux.stats().model("a").unwrap().total_bytes;
+    mux.set_budget(one + one / 2).unwrap();
+    let opts = EngineOptions {
+        max_seqs: 2,
+        slice: Duration::from_secs(30),
+        linger,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(mux, opts).unwrap();
+    let a1 = engine.submit("a", Request::text(PROMPTS[0], 24)).unwrap();
+    // `a` holds the gate once its first token is out; `b` then waits for it.
+    assert!(matches!(a1.recv(), Some(Event::Token { .. })));
+    let b1 = engine.submit("b", Request::text(PROMPTS[1], 24)).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let b_done = std::thread::spawn(move || {
+        b1.collect_text().unwrap();
+        Instant::now()
+    });
+    a1.collect_text().unwrap();
+    let a2 = engine.submit("a", Request::text(PROMPTS[2], 24)).unwrap();
+    a2.collect_text().unwrap();
+    let a_done = Instant::now();
+    a_done < b_done.join().unwrap()
+}
+
+#[test]
+fn a_lingering_model_keeps_its_turn_for_the_next_request() {
+    assert!(
+        second_request_wins(Duration::from_millis(500)),
+        "with a linger, a's next request should run before b's turn"
+    );
+    assert!(
+        !second_request_wins(Duration::ZERO),
+        "without a linger, b should run before a's next request"
+    );
+}

@@ -94,7 +94,7 @@ pub(super) fn run(mut ctx: Context) {
     // A request that arrived while the model lingered at the gate with an empty batch.
     let mut lingered: Option<Job> = None;
     loop {
-        if seqs.is_empty() && admitted.is_some() && !closed {
+        if seqs.is_empty() && admitted.is_some() && !closed && !ctx.linger.is_zero() {
             // Keep the turn a little while for the next request (see `EngineOptions::linger`).
             match ctx.jobs.recv_timeout(ctx.linger) {
                 Ok(job) => lingered = Some(job),

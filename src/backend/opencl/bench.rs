@@ -491,14 +491,16 @@ pub fn queue_overlap_probes(
 /// Host microseconds to queue one batch-1 TQ2_0 GEMV (`rows × cols`), one thread, one queue,
 /// `launches` launches cycling over 30 weight copies (as a decode cycles over its layers):
 /// weights in buffers of their own; weights as read-only sub-buffer views of one allocation
-/// (how the multiplexer's units hand tensors to kernels); and the first again with 4096 more
-/// buffers alive in the context. Each is the best of three rounds, µs per launch.
+/// (how the multiplexer's units hand tensors to kernels); the first again queued behind a
+/// one-work-group kernel that keeps the device busy for a millisecond or more (so the launches
+/// pile up in the queue, as in a decode); and the first again with 4096 more buffers alive in
+/// the context. Each is the best of four rounds, µs per launch.
 pub fn launch_cost_variants(
     dev: &ClDevice,
     rows: usize,
     cols: usize,
     launches: usize,
-) -> Result<[f64; 3]> {
+) -> Result<[f64; 4]> {
     let fmt = TernaryFormat::Tq2_0;
     let data = weights(fmt, rows, cols, 11);
     let copies = 30;
@@ -518,9 +520,20 @@ pub fn launch_cost_variants(
     let s = dev.upload(bytemuck::cast_slice(&[1.0f32]))?;
     let out = dev.alloc(rows * 4)?;
     let n = launches.max(1);
-    let time = |bufs: &[DevBuf]| -> Result<f64> {
+    let long = 1 << 20;
+    let (lx, ly, lw) = (
+        dev.alloc(long * 4)?,
+        dev.alloc(long * 4)?,
+        dev.alloc(long * 4)?,
+    );
+    let (lq, ls) = (dev.alloc(long)?, dev.alloc(4)?);
+    let time = |bufs: &[DevBuf], busy: bool| -> Result<f64> {
         let mut best = f64::INFINITY;
         for _ in 0..4 {
+            if busy {
+                let q = Some((&lq, &ls));
+                dev.norm_quant(&lx, long, 0, 1, Some(&lw), 1e-5, Some(&ly), q)?;
+            }
             let t = Instant::now();
             for i in 0..n {
                 let o = TernaryOut {
@@ -537,10 +550,11 @@ pub fn launch_cost_variants(
         }
         Ok(best / n as f64 * 1e6)
     };
-    let plain = time(&own)?;
-    let viewed = time(&views)?;
+    let plain = time(&own, false)?;
+    let viewed = time(&views, false)?;
+    let behind = time(&own, true)?;
     let crowd: Vec<DevBuf> = (0..4096).map(|_| dev.alloc(4096)).collect::<Result<_>>()?;
-    let crowded = time(&own)?;
+    let crowded = time(&own, false)?;
     drop(crowd);
-    Ok([plain, viewed, crowded])
+    Ok([plain, viewed, behind, crowded])
 }

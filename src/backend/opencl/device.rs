@@ -314,18 +314,34 @@ fn arg_cache_enabled() -> bool {
     *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_ARG_CACHE").is_none_or(|v| v != "0"))
 }
 
-/// Whether reads wait by polling their event (the default) rather than in the driver's blocking
-/// call (`TERNMUX_CL_WAIT=block`). NVIDIA's driver serializes the threads that queue work on a
-/// context, and a thread inside a blocking read holds the others off until its read ends: two
-/// models' workers then take turns for whole passes. Polled, the other thread queues its pass
-/// while this one waits (H100, two 2B models at one client each: see BENCHMARKS.md, issue 6).
-fn poll_reads() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_WAIT").is_none_or(|v| v != "block"))
+/// How the host waits for a read (`TERNMUX_CL_WAIT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadWait {
+    /// In the driver's blocking call (`block`).
+    Block,
+    /// Asking the read's event for its status, spinning then yielding the core between asks
+    /// (`poll`).
+    Poll,
+    /// Asking the read's event for its status with a short sleep between asks (`nap`, the
+    /// default): the driver's lock is free for other threads between asks.
+    Nap,
 }
 
-/// Waits for `event` by asking its status: a short spin, then yielding the core between asks.
-fn poll_until_done(event: &Event) -> Result<()> {
+/// The read wait in use. NVIDIA's driver serializes the threads that queue work on a context,
+/// and a thread inside a blocking read holds the others off until its read ends: two models'
+/// workers then take turns for whole passes. Polled, the other thread queues its pass while
+/// this one waits (H100, two 2B models at one client each: see BENCHMARKS.md, issue 6).
+fn read_wait() -> ReadWait {
+    static WAIT: OnceLock<ReadWait> = OnceLock::new();
+    *WAIT.get_or_init(|| match std::env::var("TERNMUX_CL_WAIT").as_deref() {
+        Ok("block") => ReadWait::Block,
+        Ok("poll") => ReadWait::Poll,
+        _ => ReadWait::Nap,
+    })
+}
+
+/// Waits for `event` by asking its status (`how`: [`ReadWait::Poll`] or [`ReadWait::Nap`]).
+fn poll_until_done(event: &Event, how: ReadWait) -> Result<()> {
     let mut asked = 0u32;
     loop {
         let status = event
@@ -339,10 +355,10 @@ fn poll_until_done(event: &Event) -> Result<()> {
             return Err(cl_err("read", ClError(status)));
         }
         asked += 1;
-        if asked < 64 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
+        match how {
+            ReadWait::Nap => std::thread::sleep(std::time::Duration::from_micros(20)),
+            _ if asked < 64 => std::hint::spin_loop(),
+            _ => std::thread::yield_now(),
         }
     }
 }
@@ -909,7 +925,8 @@ impl ClDevice {
             return Ok(());
         }
         let queue = &self.lane().queue;
-        if !poll_reads() {
+        let how = read_wait();
+        if how == ReadWait::Block {
             // SAFETY: bounds checked above; blocking, so `out` is written before the call
             // returns.
             unsafe { queue.enqueue_read_buffer(&src.buf, CL_BLOCKING, offset, out, &[]) }
@@ -925,7 +942,7 @@ impl ClDevice {
         let waited = queue
             .flush()
             .map_err(|e| cl_err("flush", e))
-            .and_then(|()| poll_until_done(&event));
+            .and_then(|()| poll_until_done(&event, how));
         if waited.is_err() {
             // The read may still be under way: it must end before `out` is handed back.
             let _ = queue.finish();

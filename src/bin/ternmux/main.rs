@@ -453,12 +453,13 @@ fn bench_device(
             )?;
         }
     }
-    let [plain, viewed, crowded] = bench::launch_cost_variants(&dev, 6912, 2560, 300)?;
+    let [plain, viewed, behind, crowded] = bench::launch_cost_variants(&dev, 6912, 2560, 100)?;
     w(
         out,
         format!(
             "host µs to queue a TQ2_0 GEMV 6912 × 2560: {plain:.1} (weights in buffers of their \
-             own), {viewed:.1} (sub-buffer views), {crowded:.1} (4096 more buffers alive)"
+             own), {viewed:.1} (sub-buffer views), {behind:.1} (queued behind a busy device), \
+             {crowded:.1} (4096 more buffers alive)"
         ),
     )?;
     let p = bench::page_in_costs(&dev, 101)?;
