@@ -70,6 +70,21 @@ fn page_in_cost_probes_run() {
     assert!(c.sub_buffer_s > 0.0 && c.sub_buffer_s < 1.0);
 }
 
+/// The queue and launch-cost probes of `ternmux bench-device` run (two queues from one and two
+/// threads, kernels behind a busy device) and time something.
+#[test]
+fn queue_and_launch_probes_run() {
+    let Some(d) = device() else { return };
+    let bench = ternmux::backend::opencl::bench::queue_overlap_probes;
+    for o in bench(&d, 256, 256, 8).unwrap() {
+        for t in [o.one_queue_s, o.queue_s, o.two_queues_s, o.two_threads_s] {
+            assert!(t > 0.0 && t < 1.0, "{o:?}");
+        }
+    }
+    let costs = ternmux::backend::opencl::bench::launch_cost_variants(&d, 256, 256, 8).unwrap();
+    assert!(costs.iter().all(|&us| us > 0.0 && us < 1e6), "{costs:?}");
+}
+
 fn read_f32(d: &ClDevice, b: &DevBuf, n: usize) -> Vec<f32> {
     let mut v = vec![0f32; n];
     d.read(b, 0, bytemuck::cast_slice_mut(&mut v)).unwrap();

@@ -214,6 +214,13 @@ fn weights(fmt: TernaryFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// Device copies of `data` to cycle through so that each launch reads its weights from device
+/// memory, not the L2: `count` of them, or by default 256 MiB worth (2 to 64).
+fn cold_copies(dev: &ClDevice, data: &[u8], count: Option<usize>) -> Result<Vec<DevBuf>> {
+    let n = count.unwrap_or(((256usize << 20) / data.len().max(1)).clamp(2, 64));
+    (0..n).map(|_| dev.upload(data)).collect()
+}
+
 /// Times `fmt` matmuls of `rows × cols` at each batch, weights cold (cycled copies).
 pub fn ternary_kernels(
     dev: &ClDevice,
@@ -224,10 +231,8 @@ pub fn ternary_kernels(
     launches: usize,
 ) -> Result<Vec<KernelTiming>> {
     let data = weights(fmt, rows, cols, (rows * 31 + cols) as u64);
-    let copies = ((256usize << 20) / data.len().max(1)).clamp(2, 64);
-    let bufs: Vec<DevBuf> = (0..copies)
-        .map(|_| dev.upload(&data))
-        .collect::<Result<_>>()?;
+    let bufs = cold_copies(dev, &data, None)?;
+    let copies = bufs.len();
     let max_b = batches.iter().copied().max().unwrap_or(1);
     let q = dev.upload(&vec![1u8; max_b * cols])?;
     let s = dev.upload(bytemuck::cast_slice(&vec![1.0f32; max_b]))?;
@@ -431,10 +436,8 @@ pub fn queue_overlap_probes(
 ) -> Result<[QueueOverlap; 3]> {
     let fmt = TernaryFormat::Tq2_0;
     let data = weights(fmt, rows, cols, 7);
-    let copies = ((256usize << 20) / data.len().max(1)).clamp(2, 64);
-    let bufs: Vec<DevBuf> = (0..copies)
-        .map(|_| dev.upload(&data))
-        .collect::<Result<_>>()?;
+    let bufs = cold_copies(dev, &data, None)?;
+    let copies = bufs.len();
     let q = dev.upload(&vec![1u8; cols])?;
     let s = dev.upload(bytemuck::cast_slice(&[1.0f32]))?;
     let outs = [dev.alloc(rows * 4)?, dev.alloc(rows * 4)?];
@@ -503,10 +506,8 @@ pub fn launch_cost_variants(
 ) -> Result<[f64; 4]> {
     let fmt = TernaryFormat::Tq2_0;
     let data = weights(fmt, rows, cols, 11);
-    let copies = 30;
-    let own: Vec<DevBuf> = (0..copies)
-        .map(|_| dev.upload(&data))
-        .collect::<Result<_>>()?;
+    let own = cold_copies(dev, &data, Some(30))?;
+    let copies = own.len();
     let align = dev.info().base_align.max(256);
     let stride = data.len().div_ceil(align) * align;
     let mut whole = dev.alloc(stride * copies)?;
