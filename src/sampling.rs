@@ -40,6 +40,15 @@ impl Default for SamplingParams {
     }
 }
 
+impl SamplingParams {
+    /// Whether these parameters choose the largest logit with nothing else applied (greedy,
+    /// no penalties): the choice a device can make without the host (see
+    /// `Model::queue_pick`).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0 && self.repeat_penalty == 1.0 && self.frequency_penalty == 0.0
+    }
+}
+
 /// PCG-XSH-RR 32-bit generator (small, fast, reproducible across platforms).
 #[derive(Clone, Debug)]
 pub struct Rng {
@@ -87,6 +96,9 @@ impl Sampler {
     /// Picks the next token from `logits`, given the tokens so far (`history`) for penalties.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
+        if p.is_plain_greedy() {
+            return argmax(logits);
+        }
         let mut l = logits.to_vec();
         if p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 {
             let recent = &history[history.len().saturating_sub(p.penalty_last_n)..];

@@ -874,6 +874,87 @@ fn synthetic_2b_logits_agree(format: TernaryFormat) {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(24)))]
+    /// The device's greedy pick chooses what `sampling::argmax` chooses on the host — ties
+    /// (values from a few levels) to the lowest index, NaN never, a NaN first logit → 0 — and
+    /// moves the row's place on by one.
+    #[test]
+    fn greedy_pick_equals_host_argmax(n in prop_oneof![1usize..700, 120_000usize..130_000], levels in 1u32..40, nans in 0usize..4, nan_first in any::<bool>(), pos in 0u32..90, seed in any::<u64>()) {
+        let Some(d) = device() else { return Ok(()) };
+        let mut r = Lcg(seed);
+        let mut logits: Vec<f32> = (0..n).map(|_| (r.next() % levels as u64) as f32 * 0.25 - 3.0).collect();
+        for _ in 0..nans {
+            let at = (r.next() % n as u64) as usize;
+            logits[at] = f32::NAN;
+        }
+        if nan_first {
+            logits[0] = f32::NAN;
+        }
+        let want = ternmux::sampling::argmax(&logits);
+        let lb = up_f32(&d, &logits);
+        let ids = d.upload(&[0xffu8; 4]).unwrap();
+        let part = d.alloc(ternmux::backend::opencl::PICK_PART_BYTES).unwrap();
+        let mut places = Places::new(&d, &[RowPlace { slot: 1, pos }], 2, 100, None).unwrap();
+        d.greedy_pick(&lb, n, &ids, &part, &places).unwrap();
+        places.advance().unwrap();
+        let mut got = [0u8; 4];
+        d.read(&ids, 0, &mut got).unwrap();
+        prop_assert_eq!(u32::from_ne_bytes(got), want);
+        let mut dev_places = [0u8; 8];
+        d.read(places.device_buf(), 0, &mut dev_places).unwrap();
+        let row: RowPlace = bytemuck::cast(dev_places);
+        prop_assert_eq!(row, RowPlace { slot: 1, pos: pos + 1 });
+        prop_assert_eq!(places.rows(), &[RowPlace { slot: 1, pos: pos + 1 }][..]);
+    }
+}
+
+/// Greedy streams on OpenCL choose each token on the device and queue the next pass before
+/// reading it back: the tokens equal those of reading every pass's logits and choosing on the
+/// host, for a model whose tied head looks the picked token up on the device (synthetic) and
+/// for one with its own embedding table, where the token comes back to the host first
+/// (bundled); a stream cut short by `max_tokens` gives the first tokens of a longer one.
+#[test]
+fn device_picked_greedy_stream_equals_host_choice() {
+    let Some(_) = device() else { return };
+    use ternmux::model::GenerateOptions;
+    use ternmux::synth::{Shape, SynthSpec, write_synthetic};
+    let dir = tempfile::tempdir().unwrap();
+    let tied = dir.path().join("tied.gguf");
+    let spec = SynthSpec {
+        arch: "bitnet-b1.58".into(),
+        shape: Shape {
+            n_embd: 256,
+            n_ff: 512,
+            n_layer: 2,
+            n_head: 4,
+            n_head_kv: 2,
+            n_vocab: 700,
+            n_ctx: 256,
+        },
+        format: TernaryFormat::Tq2_0,
+        seed: 3,
+    };
+    write_synthetic(&spec, &tied).unwrap();
+    for path in [tied.display().to_string(), bundled("TQ2_0")] {
+        let gpu = on_opencl(&path).unwrap();
+        let want = greedy(&gpu, 40);
+        let bos = want[0];
+        for max_tokens in [40, 7, 1] {
+            let opts = GenerateOptions {
+                max_tokens,
+                n_ctx: 256,
+                ignore_eog: true,
+                ..GenerateOptions::default()
+            };
+            let mut stream = gpu.stream_tokens(&[bos], &opts).unwrap();
+            let got: Vec<u32> = stream.by_ref().map(|p| p.unwrap().id).collect();
+            assert_eq!(got, want[1..=max_tokens], "{path}: {max_tokens} tokens");
+            assert_eq!(stream.timings().decode_tokens, max_tokens - 1, "{path}");
+        }
+    }
+}
+
 /// Without a device the API says which thing is missing; a bad index names the devices.
 #[test]
 fn unusable_device_requests_fall_back_with_a_reason() {

@@ -339,4 +339,31 @@ pub trait Backend {
     ) -> Result<()>;
     /// Appends the first `len` values of `x` to `out` (waits for the device).
     fn read(&self, x: &Self::Buf, len: usize, out: &mut Vec<f32>) -> Result<()>;
+    /// Whether this backend chooses greedy tokens on its device ([`Backend::pick_greedy`])
+    /// and feeds them to the next pass ([`Backend::embed_picked`]) without the host waiting.
+    fn picks_on_device(&self) -> bool {
+        false
+    }
+    /// Embeds, as one row of `x`, the token the last [`Backend::pick_greedy`] on `kv` chose.
+    /// `tied_head` as in [`Backend::embed`]; without a table on the device the backend waits
+    /// for the token and embeds it from the host.
+    fn embed_picked(
+        &self,
+        _kv: &mut Self::Kv,
+        _tied_head: Option<&Self::Unit>,
+        _x: &mut Self::Buf,
+    ) -> Result<()> {
+        Err(crate::error::Error::Device(
+            "this backend does not choose tokens on a device".into(),
+        ))
+    }
+    /// Chooses the greedy token (largest logit, lowest id on ties) of the one row of `logits`
+    /// on the device, keeps it there for the next pass, moves the row's place to the next
+    /// position, and starts bringing the token back to the host (in order, for
+    /// `take_pick`). Returns without waiting for the device.
+    fn pick_greedy(&self, _kv: &mut Self::Kv, _logits: &Self::Buf, _n_vocab: usize) -> Result<()> {
+        Err(crate::error::Error::Device(
+            "this backend does not choose tokens on a device".into(),
+        ))
+    }
 }

@@ -34,6 +34,9 @@ pub struct KvCache {
     store: KvStorage,
     n_ctx: usize,
     lens: Vec<usize>,
+    /// Whether the last pass on this cache chose its token on the device
+    /// ([`Model::queue_pick`]), so the next may take it from there.
+    picked_last: bool,
     _charge: Option<Reservation>,
 }
 
@@ -66,6 +69,7 @@ impl KvCache {
             store,
             n_ctx,
             lens: vec![0; slots],
+            picked_last: false,
             _charge: charge,
         })
     }
@@ -277,6 +281,7 @@ impl Model {
 
     /// Runs `job` on the backend that owns `cache`'s storage.
     fn execute(&self, cache: &mut KvCache, job: &Job<'_>, logits: &mut Vec<f32>) -> Result<()> {
+        cache.picked_last = false;
         match &mut cache.store {
             KvStorage::Cpu(kv) => run(&CpuExec::new(self), self, kv, job, logits),
             KvStorage::OpenCl(kv) => {
@@ -289,6 +294,111 @@ impl Model {
             }
         }
     }
+}
+
+/// Whether greedy decoding chooses tokens on the device where it can
+/// (`TERNMUX_DEVICE_PICK=0` chooses on the host after reading the logits, to compare).
+fn device_pick_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TERNMUX_DEVICE_PICK").is_none_or(|v| v != "0"))
+}
+
+impl Model {
+    /// Whether greedy decoding of `cache`'s slot 0 may choose its tokens on the device
+    /// ([`Model::queue_pick`]): an OpenCL cache (the CPU reads logits where they are).
+    pub(crate) fn picks_on_device(&self, cache: &KvCache) -> bool {
+        device_pick_enabled()
+            && match &cache.store {
+                KvStorage::Cpu(_) => false,
+                KvStorage::OpenCl(kv) => match &self.placement {
+                    Placement::OpenCl(dev) => ClExec::new(dev, self, kv).picks_on_device(),
+                    Placement::Cpu => false,
+                },
+            }
+    }
+
+    /// Queues one decoding pass of slot 0 and the greedy choice of its next token on the
+    /// device, and returns without waiting: the host can queue the following pass (`token`
+    /// `None`: the one this pass chooses, taken from the device) while this one runs, and
+    /// collects the tokens in order with [`Model::take_pick`]. `Some(token)` feeds a token from
+    /// the host (the first after a prompt).
+    pub(crate) fn queue_pick(&self, cache: &mut KvCache, token: Option<u32>) -> Result<()> {
+        let pos = cache.lens[0];
+        let host;
+        let feed = match token {
+            Some(t) => {
+                host = [t];
+                self.check_tokens(cache, pos, &host)?;
+                Feed::Host(&host)
+            }
+            None if cache.picked_last => {
+                if pos + 1 > cache.n_ctx {
+                    return Err(Error::Context {
+                        needed: pos + 1,
+                        limit: cache.n_ctx,
+                    });
+                }
+                Feed::Picked
+            }
+            None => {
+                return Err(Error::Request(
+                    "queue_pick: no token was chosen on the device by the previous pass".into(),
+                ));
+            }
+        };
+        let places = [RowPlace {
+            slot: 0,
+            pos: pos as u32,
+        }];
+        let (KvStorage::OpenCl(kv), Placement::OpenCl(dev)) = (&mut cache.store, &self.placement)
+        else {
+            return Err(Error::Device(
+                "queue_pick: tokens are chosen on the device only on OpenCL".into(),
+            ));
+        };
+        pass(
+            &ClExec::new(dev, self, kv),
+            self,
+            kv,
+            feed,
+            &places,
+            Sink::Pick,
+        )?;
+        cache.lens[0] = pos + 1;
+        cache.picked_last = true;
+        Ok(())
+    }
+
+    /// The token of the oldest pass queued by [`Model::queue_pick`] whose token has not been
+    /// taken: waits until the device has chosen it.
+    pub(crate) fn take_pick(&self, cache: &mut KvCache) -> Result<u32> {
+        match (&mut cache.store, &self.placement) {
+            (KvStorage::OpenCl(kv), Placement::OpenCl(dev)) => kv.take_pick(dev),
+            _ => Err(Error::Device(
+                "take_pick: tokens are chosen on the device only on OpenCL".into(),
+            )),
+        }
+    }
+}
+
+/// Where a pass's tokens come from.
+#[derive(Clone, Copy)]
+enum Feed<'a> {
+    /// Token ids from the host.
+    Host(&'a [u32]),
+    /// The one token the previous pass chose on the device.
+    Picked,
+}
+
+/// What a pass does with its last rows' logits.
+enum Sink<'l> {
+    /// Appends the last `n_out` rows' logits to `logits` (reading them from the device).
+    Logits {
+        n_out: usize,
+        logits: &'l mut Vec<f32>,
+    },
+    /// Chooses the greedy token of the one row on the device ([`Backend::pick_greedy`]).
+    Pick,
 }
 
 /// Rows to run, with their places, and which logits to return.
@@ -316,7 +426,14 @@ fn run<B: Backend>(
     logits: &mut Vec<f32>,
 ) -> Result<()> {
     match job.out {
-        Out::Tail(n) => pass(be, model, kv, job.tokens, job.places, n, logits)?,
+        Out::Tail(n_out) => pass(
+            be,
+            model,
+            kv,
+            Feed::Host(job.tokens),
+            job.places,
+            Sink::Logits { n_out, logits },
+        )?,
         Out::PerPass(which) => {
             let step = be.max_tokens_per_pass(kv).max(1);
             let n_chunks = job.tokens.len().div_ceil(step);
@@ -327,27 +444,43 @@ fn run<B: Backend>(
                     Logits::Last if i + 1 == n_chunks => 1,
                     Logits::Last => 0,
                 };
-                pass(be, model, kv, chunk, at, n_out, logits)?;
+                let sink = Sink::Logits {
+                    n_out,
+                    logits: &mut *logits,
+                };
+                pass(be, model, kv, Feed::Host(chunk), at, sink)?;
             }
         }
     }
     Ok(())
 }
 
-/// One pass of `tokens` at `places`: the architecture's op list. The logits of the last `n_out`
-/// rows are appended to `logits`.
+/// One pass of the tokens of `feed` at `places`: the architecture's op list, then `sink`.
 fn pass<B: Backend>(
     be: &B,
     model: &Model,
     kv: &mut B::Kv,
-    tokens: &[u32],
+    feed: Feed<'_>,
     places: &[RowPlace],
-    n_out: usize,
-    logits: &mut Vec<f32>,
+    sink: Sink<'_>,
 ) -> Result<()> {
     let c = &model.config;
     let w = &model.weights;
-    let t_n = tokens.len();
+    let t_n = match feed {
+        Feed::Host(tokens) => tokens.len(),
+        Feed::Picked => 1,
+    };
+    if t_n != places.len() || (matches!(sink, Sink::Pick) && t_n != 1) {
+        return Err(Error::Request(format!(
+            "a pass of {t_n} tokens at {} places{}",
+            places.len(),
+            if matches!(sink, Sink::Pick) {
+                " (a device pick takes one)"
+            } else {
+                ""
+            }
+        )));
+    }
     let (e, qd, kvd, ff) = (
         c.n_embd,
         c.n_head * c.head_dim,
@@ -363,7 +496,10 @@ fn pass<B: Backend>(
             None
         };
         let head = head.as_ref().map(|g| be.unit(g)).transpose()?;
-        be.embed(head, tokens, &mut x)?;
+        match feed {
+            Feed::Host(tokens) => be.embed(head, tokens, &mut x)?,
+            Feed::Picked => be.embed_picked(kv, head, &mut x)?,
+        }
     }
     let mut h = be.alloc(t_n * e)?;
     let (mut q, mut k, mut v) = (
@@ -437,15 +573,22 @@ fn pass<B: Backend>(
             )?;
         }
     }
+    let n_out = match &sink {
+        Sink::Logits { n_out, .. } => (*n_out).min(t_n),
+        Sink::Pick => 1,
+    };
     if n_out == 0 {
         return Ok(());
     }
-    let (row0, rows) = (t_n - n_out.min(t_n), n_out.min(t_n));
+    let (row0, rows) = (t_n - n_out, n_out);
     let guard = model.acquire(UnitId::Head)?;
     let head = be.unit(&guard)?;
     be.norm(head, Norm::Output, &x, row0, rows, &mut h)?;
     let mut out = be.alloc(rows * c.n_vocab)?;
     be.project(head, &h, rows, &mut [(Mat::Output, &mut out)], false)?;
     drop(guard);
-    be.read(&out, rows * c.n_vocab, logits)
+    match sink {
+        Sink::Logits { logits, .. } => be.read(&out, rows * c.n_vocab, logits),
+        Sink::Pick => be.pick_greedy(kv, &out, c.n_vocab),
+    }
 }

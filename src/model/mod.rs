@@ -242,9 +242,13 @@ impl Model {
         let start = Instant::now();
         let logits = self.forward(&mut cache, prompt, Logits::Last)?;
         let prefill = start.elapsed();
+        let device_pick = opts.sampling.is_plain_greedy() && self.picks_on_device(&cache);
         Ok(TokenStream {
             model: self,
             cache,
+            device_pick,
+            ahead: 0,
+            ignore_eog: opts.ignore_eog,
             sampler: Sampler::new(opts.sampling.clone()),
             history: prompt.to_vec(),
             text: TextOut::new(&self.tokenizer, prompt, opts.stop.clone()),
@@ -333,6 +337,9 @@ pub struct GenerateOptions {
     pub add_special: bool,
     /// Match control tokens written in the prompt (chat templates).
     pub parse_special: bool,
+    /// Keep generating past end-of-generation tokens (llama.cpp's `--ignore-eos`; benchmarks
+    /// that must produce a fixed number of tokens).
+    pub ignore_eog: bool,
 }
 
 impl Default for GenerateOptions {
@@ -345,6 +352,7 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             add_special: true,
             parse_special: false,
+            ignore_eog: false,
         }
     }
 }
@@ -417,6 +425,13 @@ pub struct Piece {
 pub struct TokenStream<'m> {
     model: &'m Model,
     cache: KvCache,
+    /// Greedy decoding whose tokens are chosen on the device (OpenCL): the pass for the next
+    /// token is queued before this one's token is read back, so the device never waits for
+    /// the host between tokens.
+    device_pick: bool,
+    /// Passes queued on the device whose tokens have not been taken.
+    ahead: usize,
+    ignore_eog: bool,
     sampler: Sampler,
     history: Vec<u32>,
     text: TextOut<'m>,
@@ -451,8 +466,15 @@ impl Iterator for TokenStream<'_> {
             self.finished.get_or_insert(StopReason::MaxTokens);
             return None;
         }
-        let logits = match self.logits.take() {
-            Some(l) => l,
+        let id = match self.logits.take() {
+            Some(l) => self.sampler.sample(&l, &self.history),
+            None if self.ahead > 0 => match self.take_ahead() {
+                Ok(id) => id,
+                Err(e) => {
+                    self.finished = Some(StopReason::Cancelled);
+                    return Some(Err(e));
+                }
+            },
             None => {
                 if self.cache.len() >= self.cache.capacity() {
                     self.finished = Some(StopReason::ContextFull);
@@ -464,7 +486,7 @@ impl Iterator for TokenStream<'_> {
                 self.timings.decode += start.elapsed();
                 self.timings.decode_tokens += 1;
                 match r {
-                    Ok(l) => l,
+                    Ok(l) => self.sampler.sample(&l, &self.history),
                     Err(e) => {
                         self.finished = Some(StopReason::Cancelled);
                         return Some(Err(e));
@@ -472,17 +494,52 @@ impl Iterator for TokenStream<'_> {
                 }
             }
         };
-        let id = self.sampler.sample(&logits, &self.history);
         self.history.push(id);
         self.produced.push(id);
-        if self.model.tokenizer.is_eog(id) {
+        if !self.ignore_eog && self.model.tokenizer.is_eog(id) {
             self.finished = Some(StopReason::EndOfGeneration);
             return None;
         }
         let text = self.text.push(id);
         if self.text.stopped() {
             self.finished = Some(StopReason::StopString);
+        } else if self.device_pick && self.ahead == 0 && self.may_continue() {
+            // The first token came from the prompt's logits on the host; the pass it feeds
+            // chooses the next one on the device.
+            let start = Instant::now();
+            let r = self.model.queue_pick(&mut self.cache, Some(id));
+            self.timings.decode += start.elapsed();
+            if let Err(e) = r {
+                self.finished = Some(StopReason::Cancelled);
+                return Some(Err(e));
+            }
+            self.ahead = 1;
         }
         Some(Ok(Piece { id, text }))
+    }
+}
+
+impl TokenStream<'_> {
+    /// Whether another token may follow the next one (room under `max_tokens` and in the
+    /// context), so its pass is worth queueing.
+    fn may_continue(&self) -> bool {
+        self.produced.len() < self.max_tokens && self.cache.len() < self.cache.capacity()
+    }
+
+    /// The next token chosen on the device. First queues the pass that follows it (fed from
+    /// the device), so the device has work while the host waits; that pass is wasted only when
+    /// this token ends the generation.
+    fn take_ahead(&mut self) -> Result<u32> {
+        let start = Instant::now();
+        // The token taken now is produced.len() + 1-th; the one the queued pass makes is next.
+        if self.produced.len() + 1 < self.max_tokens && self.cache.len() < self.cache.capacity() {
+            self.model.queue_pick(&mut self.cache, None)?;
+            self.ahead += 1;
+        }
+        let r = self.model.take_pick(&mut self.cache);
+        self.ahead -= 1;
+        self.timings.decode += start.elapsed();
+        self.timings.decode_tokens += 1;
+        r
     }
 }

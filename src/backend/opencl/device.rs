@@ -950,6 +950,53 @@ impl ClDevice {
         waited
     }
 
+    /// Queues a copy of `len` bytes of `src` from byte `offset` into `dst` at byte `at`, on this
+    /// thread's compute queue after the work queued so far, and submits it; returns its event
+    /// (wait with [`ClDevice::wait_read`]). `dst` must not be read, written or dropped before
+    /// the event completes: callers keep it with the event and wait first (see
+    /// `backend::opencl::exec`'s device picks).
+    pub fn read_async(
+        &self,
+        src: &DevBuf,
+        offset: usize,
+        dst: &mut Pinned,
+        at: usize,
+        len: usize,
+    ) -> Result<Event> {
+        if offset + len > src.bytes || at + len > dst.bytes {
+            return Err(Error::Device(format!(
+                "opencl: read of {len} bytes at {offset} of a {}-byte buffer into {at} of {} \
+                 pinned bytes",
+                src.bytes, dst.bytes
+            )));
+        }
+        let queue = &self.lane().queue;
+        // SAFETY: ranges checked above; the read is not blocking, so `dst` stays untouched and
+        // alive until the event completes (the documented contract of this function).
+        let event = unsafe {
+            queue.enqueue_read_buffer(
+                &src.buf,
+                CL_NON_BLOCKING,
+                offset,
+                &mut dst.as_mut_slice()[at..at + len],
+                &[],
+            )
+        }
+        .map_err(|e| cl_err("read", e))?;
+        queue.flush().map_err(|e| cl_err("flush", e))?;
+        Ok(event)
+    }
+
+    /// Waits for `event` (a read from [`ClDevice::read_async`]) the way reads wait
+    /// (`TERNMUX_CL_WAIT`): asking its status between short naps by default, so other threads
+    /// can queue work on the device meanwhile.
+    pub fn wait_read(&self, event: &Event) -> Result<()> {
+        match read_wait() {
+            ReadWait::Block => event.wait().map_err(|e| cl_err("wait for a read", e)),
+            how => poll_until_done(event, how),
+        }
+    }
+
     /// Runs `f` with the device's split-sum scratch buffer, at least `bytes` long (see
     /// the lane's `split_part`); the lock is held meanwhile, so `f` queues its launch with it.
     pub(crate) fn with_split_part<T>(

@@ -4,8 +4,8 @@
 //! forward ops are launches of the `cl/` kernels. Nothing waits for the device until logits
 //! are read.
 
-use super::device::{ClDevice, DevBuf, TICKETS};
-use super::ops::{Places, RopeShape, RowTail, TernaryOut};
+use super::device::{ClDevice, DevBuf, Pinned, TICKETS};
+use super::ops::{PICK_PART_BYTES, Places, RopeShape, RowTail, TernaryOut};
 use crate::backend::cpu::extend_rope_tables;
 use crate::backend::{Backend, Mat, Norm, Resident, RowPlace};
 use crate::error::{Error, Result};
@@ -13,7 +13,9 @@ use crate::gguf::GgmlType;
 use crate::model::{FfnAct, KvType, Model};
 use crate::mux::meter::{Meter, Reservation};
 use crate::mux::units::{PieceKind, UnitLayout, piece_bytes};
+use opencl3::event::Event;
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use ternmux_kernels::ternary::{TernaryFormat, TernaryMatrix};
 
@@ -150,6 +152,8 @@ pub struct ClKv {
     rope_filled: usize,
     scores: DevBuf,
     places: Option<Places>,
+    /// Boxed: most caches never pick on the device.
+    picks: Option<Box<Picks>>,
     max_pass: usize,
     n_ctx: usize,
     slots: usize,
@@ -200,6 +204,7 @@ impl ClKv {
             rope_filled: 0,
             scores,
             places: None,
+            picks: None,
             max_pass,
             n_ctx,
             slots,
@@ -218,6 +223,107 @@ impl ClKv {
     /// Device bytes held (the cache; activation buffers are charged to the meter as made).
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+}
+
+/// Slots of the pinned ring that greedy picks come back through (at most this many passes run
+/// ahead of the host).
+const PICK_RING: usize = 8;
+
+/// Greedy tokens chosen on the device (`cl/pick.cl`): the token the next pass embeds (`ids`,
+/// written by the pick, read by the embedding lookup), and the picks on their way back to the
+/// host, oldest first, each a read into a slot of the pinned `ring`.
+struct Picks {
+    ids: DevBuf,
+    /// Partial results of a pick's work-groups.
+    part: DevBuf,
+    ring: Pinned,
+    next: usize,
+    pending: VecDeque<Pick>,
+    /// The token of the last pick taken.
+    last_taken: Option<u32>,
+}
+
+/// A greedy pick the host has not taken yet.
+enum Pick {
+    /// Being read back into ring slot `at`.
+    Flight { at: usize, event: Event },
+    /// Read already (a pass that could not embed on the device needed it early).
+    Known(u32),
+}
+
+impl Picks {
+    fn new(dev: &ClDevice) -> Result<Picks> {
+        Ok(Picks {
+            ids: dev.alloc(4)?,
+            part: dev.alloc(PICK_PART_BYTES)?,
+            ring: dev.pinned(PICK_RING * 4)?,
+            next: 0,
+            pending: VecDeque::new(),
+            last_taken: None,
+        })
+    }
+
+    /// Waits for pick `p` and returns its token.
+    fn land(&self, dev: &ClDevice, p: Pick) -> Result<u32> {
+        match p {
+            Pick::Known(t) => Ok(t),
+            Pick::Flight { at, event } => {
+                dev.wait_read(&event)?;
+                let b = &self.ring.as_slice()[at * 4..at * 4 + 4];
+                Ok(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            }
+        }
+    }
+}
+
+impl Drop for Picks {
+    fn drop(&mut self) {
+        // The ring must outlive every read into it.
+        for p in &self.pending {
+            if let Pick::Flight { event, .. } = p {
+                let _ = event.wait();
+            }
+        }
+    }
+}
+
+impl ClKv {
+    /// Greedy picks queued on the device whose tokens the host has not taken.
+    pub fn picks_pending(&self) -> usize {
+        self.picks.as_ref().map_or(0, |p| p.pending.len())
+    }
+
+    /// The oldest pick the host has not taken: waits for it to come back.
+    pub fn take_pick(&mut self, dev: &ClDevice) -> Result<u32> {
+        let picks = self
+            .picks
+            .as_mut()
+            .ok_or_else(|| Error::Device("opencl: no greedy pick was queued".into()))?;
+        let p = picks
+            .pending
+            .pop_front()
+            .ok_or_else(|| Error::Device("opencl: no greedy pick is pending".into()))?;
+        let t = picks.land(dev, p)?;
+        picks.last_taken = Some(t);
+        Ok(t)
+    }
+
+    /// The newest pick's token, waiting for it (a pass that has to embed on the host); it
+    /// stays pending for [`ClKv::take_pick`].
+    pub fn newest_pick(&mut self, dev: &ClDevice) -> Result<u32> {
+        let picks = self
+            .picks
+            .as_mut()
+            .ok_or_else(|| Error::Device("opencl: no greedy pick was queued".into()))?;
+        let Some(p) = picks.pending.pop_back() else {
+            return picks
+                .last_taken
+                .ok_or_else(|| Error::Device("opencl: no greedy pick was made".into()));
+        };
+        let t = picks.land(dev, p)?;
+        picks.pending.push_back(Pick::Known(t));
+        Ok(t)
     }
 }
 
@@ -334,6 +440,9 @@ impl ClExec<'_> {
             });
         }
         if end > kv.rope_filled {
+            // Ahead of need, doubling: the write waits for the queue (it is blocking), so one
+            // per token would stall passes queued ahead (device picks) at every position.
+            let end = end.max(2 * kv.rope_filled).max(64).min(kv.n_ctx);
             extend_rope_tables(self.model, end, &mut kv.cos, &mut kv.sin);
             let from = kv.rope_filled;
             let mut inter = Vec::with_capacity((end - from) * half * 2);
@@ -743,6 +852,58 @@ impl Backend for ClExec<'_> {
             &gr.s,
         )?;
         g.quantized.set(true);
+        Ok(())
+    }
+
+    fn picks_on_device(&self) -> bool {
+        true
+    }
+
+    fn embed_picked(
+        &self,
+        kv: &mut ClKv,
+        tied_head: Option<&DevUnit>,
+        x: &mut ClBuf,
+    ) -> Result<()> {
+        let head = tied_head.and_then(|h| h.mat(Mat::Output).ok());
+        if let (Some(m), Some(picks)) = (head, kv.picks.as_ref())
+            && let GgmlType::Float(fmt) = m.ty
+        {
+            self.dev
+                .get_rows(fmt, m.cols, &m.buf, m.rows, &picks.ids, 1, &x.raw()?.f)?;
+            x.quantized.set(false);
+            return Ok(());
+        }
+        // No table on the device to look the token up in: it comes to the host first.
+        let token = kv.newest_pick(self.dev)?;
+        self.embed(tied_head, &[token], x)
+    }
+
+    fn pick_greedy(&self, kv: &mut ClKv, logits: &ClBuf, n_vocab: usize) -> Result<()> {
+        if kv.picks.is_none() {
+            kv.picks = Some(Box::new(Picks::new(self.dev)?));
+        }
+        let (Some(picks), Some(places)) = (kv.picks.as_mut(), kv.places.as_mut()) else {
+            return Err(Error::Device(
+                "opencl: a greedy pick needs the pass's places".into(),
+            ));
+        };
+        if picks.pending.len() >= PICK_RING {
+            return Err(Error::Device(format!(
+                "opencl: more than {PICK_RING} greedy picks queued ahead of the host"
+            )));
+        }
+        self.dev
+            .greedy_pick(&logits.raw()?.f, n_vocab, &picks.ids, &picks.part, places)?;
+        places.advance()?;
+        // Slot `at` was last used PICK_RING picks ago, and that pick has been taken (waited
+        // for), since fewer than PICK_RING are pending.
+        let at = picks.next % PICK_RING;
+        picks.next += 1;
+        let event = self
+            .dev
+            .read_async(&picks.ids, 0, &mut picks.ring, at * 4, 4)?;
+        picks.pending.push_back(Pick::Flight { at, event });
         Ok(())
     }
 

@@ -251,6 +251,27 @@ impl Places {
     pub fn is_empty(&self) -> bool {
         self.host.is_empty()
     }
+    /// Moves the single row to its next position in the host's record only: what
+    /// [`ClDevice::greedy_pick`] does to the device's copy, so the next pass finds its place
+    /// already uploaded. Refused for a pass of several rows.
+    pub fn advance(&mut self) -> Result<()> {
+        match self.host.as_mut_slice() {
+            // Past the cache's end only after its last position: no pass follows (the model
+            // checks the context before every pass).
+            [row] => {
+                row.pos += 1;
+                Ok(())
+            }
+            rows => Err(Error::Device(format!(
+                "opencl: a device pick moves one row, not {}",
+                rows.len()
+            ))),
+        }
+    }
+    /// The rows as the device holds them (`int2` slot, position per row).
+    pub fn device_buf(&self) -> &DevBuf {
+        &self.buf
+    }
     /// One past the largest position.
     pub fn end(&self) -> usize {
         self.host
@@ -260,6 +281,12 @@ impl Places {
             .unwrap_or(0)
     }
 }
+
+/// Most work-groups of one [`ClDevice::greedy_pick`].
+const PICK_GROUPS: usize = 256;
+/// Bytes of the partial results of a [`ClDevice::greedy_pick`] (a value and an index per
+/// work-group).
+pub const PICK_PART_BYTES: usize = PICK_GROUPS * 8;
 
 /// Shape of a RoPE + KV store.
 #[derive(Clone, Copy, Debug)]
@@ -862,6 +889,56 @@ impl ClDevice {
                 Arg::Buf(w),
                 Arg::Buf(ids),
                 Arg::Buf(out),
+            ],
+        )
+    }
+
+    /// Greedy decoding on the device (cl/pick.cl): the index of the largest of the first `n`
+    /// values of `logits` (lowest index on ties, as [`crate::sampling::argmax`]) into `ids[0]`,
+    /// where the next pass's [`ClDevice::get_rows`] reads its token, and the single row of
+    /// `places` moved to its next position (the caller moves the host's record with
+    /// [`Places::advance`]). On devices with row epilogues several work-groups share the
+    /// logits and the last one to finish combines their results, kept in `part` (at least
+    /// [`PICK_PART_BYTES`]); elsewhere one work-group does it all.
+    pub fn greedy_pick(
+        &self,
+        logits: &DevBuf,
+        n: usize,
+        ids: &DevBuf,
+        part: &DevBuf,
+        places: &Places,
+    ) -> Result<()> {
+        need("logits", logits, n * 4)?;
+        need("picked token", ids, 4)?;
+        need("pick partials", part, PICK_PART_BYTES)?;
+        if places.len() != 1 || n == 0 {
+            return Err(Error::Device(format!(
+                "opencl: a device pick takes one row of at least one logit (got {} rows, {n} \
+                 logits)",
+                places.len()
+            )));
+        }
+        let wg = self.row_group();
+        // About 16 logits a work-item.
+        let groups = if self.row_tails() {
+            (n / (wg * 16)).clamp(1, PICK_GROUPS)
+        } else {
+            1
+        };
+        self.launch(
+            "greedy_pick",
+            &[groups * wg],
+            &[wg],
+            &[
+                Arg::Buf(logits),
+                int(n)?,
+                Arg::Buf(ids),
+                Arg::Buf(&places.buf),
+                int(groups)?,
+                Arg::Buf(part),
+                Arg::Buf(self.tickets()),
+                Arg::Local(wg * 4),
+                Arg::Local(wg * 4),
             ],
         )
     }

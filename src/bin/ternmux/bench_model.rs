@@ -56,7 +56,7 @@ pub(crate) fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Fail
         let mut cache = KvCache::new(&model, n_ctx, KvType::F16)?;
         take_profile()?;
         let t = std::time::Instant::now();
-        let mut logits = model.forward(&mut cache, &prompt, Logits::Last)?;
+        let logits = model.forward(&mut cache, &prompt, Logits::Last)?;
         best_pp = best_pp.min(t.elapsed().as_secs_f64());
         prefill_profile = take_profile()?;
         if let Some(path) = &a.logits_out {
@@ -74,13 +74,35 @@ pub(crate) fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Fail
                 source: e,
             })?;
         }
+        drop(cache);
+        // Decoding as `ternmux run` and the library's streams do it (greedy; on OpenCL the
+        // device chooses each token and the next pass is queued before it is read back),
+        // from the same prompt: its first token comes from the prompt's logits, then
+        // `gen_tokens` passes are timed.
+        let opts = ternmux::model::GenerateOptions {
+            max_tokens: a.gen_tokens + 1,
+            n_ctx,
+            ignore_eog: true,
+            ..ternmux::model::GenerateOptions::default()
+        };
+        let mut stream = model.stream_tokens(&prompt, &opts)?;
+        stream.next().transpose()?;
         let launches0 = launches_of(&model);
         let t = std::time::Instant::now();
-        for _ in 0..a.gen_tokens {
-            let next = ternmux::sampling::argmax(&logits);
-            logits = model.forward(&mut cache, &[next], Logits::Last)?;
+        let mut decoded = 0;
+        for piece in stream.by_ref() {
+            piece?;
+            decoded += 1;
         }
         if a.gen_tokens > 0 {
+            if decoded != a.gen_tokens {
+                return Err(ternmux::Error::Request(format!(
+                    "bench: {decoded} of {} tokens decoded (stopped: {:?})",
+                    a.gen_tokens,
+                    stream.stop_reason()
+                ))
+                .into());
+            }
             best_tg = best_tg.min(t.elapsed().as_secs_f64());
             let (n, q) = launches_of(&model);
             launches_per_token = (n - launches0.0) as f64 / a.gen_tokens as f64;
