@@ -174,22 +174,65 @@ inline float wg_max(float v, __local float* scratch) {
 // per-work-item order of every sum. No early return inside (PoCL's barrier handling wants every
 // work-item through each barrier of an inlined function).
 
+// Every row function takes a row four values at a time: work-item lid owns the chunks
+// c = lid + i · wg (values 4c .. 4c + 3, zero past n), so each keeps several 16-byte loads in
+// flight (one work-group walking a row a value at a time kept too few bytes in flight to be
+// anything but slow), and all of them add in the same order: chunk by chunk, x y z w within one.
+#define RQ4 (RQ / 4)
+
+// Chunk c of a row of n floats (zero past n). Rows of n % 4 == 0 start 16-byte aligned (their
+// buffers are): one vector load; others go value by value.
+inline float4 row_ld4(const __global float* r, int c, int n) {
+    int j = 4 * c;
+    if (j + 4 <= n && (n & 3) == 0) return ((const __global float4*)r)[c];
+    float4 v = (float4)(0.0f);
+    if (j < n) v.x = r[j];
+    if (j + 1 < n) v.y = r[j + 1];
+    if (j + 2 < n) v.z = r[j + 2];
+    if (j + 3 < n) v.w = r[j + 3];
+    return v;
+}
+inline void row_st4(__global float* r, int c, int n, float4 v) {
+    int j = 4 * c;
+    if (j + 4 <= n && (n & 3) == 0) {
+        ((__global float4*)r)[c] = v;
+        return;
+    }
+    if (j < n) r[j] = v.x;
+    if (j + 1 < n) r[j + 1] = v.y;
+    if (j + 2 < n) r[j + 2] = v.z;
+    if (j + 3 < n) r[j + 3] = v.w;
+}
+inline float sumsq4(float ss, float4 v) {
+    ss += v.x * v.x;
+    ss += v.y * v.y;
+    ss += v.z * v.z;
+    ss += v.w * v.w;
+    return ss;
+}
+inline float amax4(float m, float4 v) {
+    return fmax(fmax(fmax(fmax(m, fabs(v.x)), fabs(v.y)), fabs(v.z)), fabs(v.w));
+}
+
 // bitnet.cpp's per-token int8 rule, for every row function: the scale of a row whose
 // work-items' largest |value| is `amax` (s = 127 / max(absmax, 1e-5); a work-group reduction, so
-// every work-item calls it), one value quantized (q = clamp(rint(v · s))), and a row held in
-// registers (v[i] is value lid + i · wg) quantized into qr, its scale into *qs.
+// every work-item calls it), one value quantized (q = clamp(rint(v · s))), and one chunk
+// quantized into a row of n bytes.
 inline float quant_scale(float amax, __local float* scratch) {
     return 127.0f / fmax(wg_max(amax, scratch), 0.00001f);
 }
 inline char quant_one(float v, float s) { return (char)clamp(rint(v * s), -127.0f, 127.0f); }
-inline void quant_regs(const float* v, int n, float s, __global char* qr, __global float* qs) {
-    int lid = get_local_id(0), wg = get_local_size(0);
-#pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        if (j < n) qr[j] = quant_one(v[i], s);
+inline void quant_st4(__global char* qr, int c, int n, float4 v, float s) {
+    char4 q = (char4)(quant_one(v.x, s), quant_one(v.y, s), quant_one(v.z, s), quant_one(v.w, s));
+    int j = 4 * c;
+    if (j + 4 <= n && (n & 3) == 0) {
+        ((__global char4*)qr)[c] = q;
+        return;
     }
-    if (lid == 0) *qs = s;
+    if (j < n) qr[j] = q.x;
+    if (j + 1 < n) qr[j + 1] = q.y;
+    if (j + 2 < n) qr[j + 2] = q.z;
+    if (j + 3 < n) qr[j + 3] = q.w;
 }
 
 // y = RMSNorm(row) · w (when has_norm; else y = row), written to yr when write_y; its int8
@@ -199,53 +242,68 @@ inline void norm_quant_row(const __global float* xr, int n, const __global float
                            int has_norm, float eps, __global float* yr, int write_y,
                            __global char* qr, __global float* qs, int write_q,
                            __local float* scratch) {
-    int lid = get_local_id(0), wg = get_local_size(0);
+    int lid = get_local_id(0), wg = get_local_size(0), nc = (n + 3) / 4;
     float ss = 0.0f;
 #pragma unroll 4
-    for (int j = lid; j < n; j += wg) ss += xr[j] * xr[j];
+    for (int c = lid; c < nc; c += wg) ss = sumsq4(ss, row_ld4(xr, c, n));
     ss = wg_sum(ss, scratch);
     float scale = 1.0f / sqrt(ss / (float)n + eps);
     float amax = 0.0f;
 #pragma unroll 4
-    for (int j = lid; j < n; j += wg) {
-        float v = has_norm ? (xr[j] * scale) * w[j] : xr[j];
-        if (write_y) yr[j] = v;
-        amax = fmax(amax, fabs(v));
+    for (int c = lid; c < nc; c += wg) {
+        float4 v = row_ld4(xr, c, n);
+        if (has_norm) v = (v * scale) * row_ld4(w, c, n);
+        if (write_y) row_st4(yr, c, n, v);
+        amax = amax4(amax, v);
     }
     float s = quant_scale(amax, scratch);
     if (write_q) {
 #pragma unroll 4
-        for (int j = lid; j < n; j += wg) {
-            qr[j] = quant_one(write_y ? yr[j] : (has_norm ? (xr[j] * scale) * w[j] : xr[j]), s);
+        for (int c = lid; c < nc; c += wg) {
+            float4 v;
+            if (write_y) {
+                v = row_ld4(yr, c, n);
+            } else {
+                v = row_ld4(xr, c, n);
+                if (has_norm) v = (v * scale) * row_ld4(w, c, n);
+            }
+            quant_st4(qr, c, n, v, s);
         }
         if (lid == 0) *qs = s;
     }
 }
 
-// The norm and quantization of a row already in registers (v[i] is value lid + i · wg, zero
+// The norm and quantization of a row already in registers (v[i] is chunk lid + i · wg, zero
 // past n), as `norm_quant_row` does them: shared by `norm_quant_regs` and the FFN activation's
 // register path (norm.cl), which differ only in how the row got there.
-inline void norm_quant_held(float* v, int n, const __global float* w, int has_norm, float eps,
+inline void norm_quant_held(float4* v, int n, const __global float* w, int has_norm, float eps,
                             __global float* yr, int write_y, __global char* qr,
                             __global float* qs, int write_q, __local float* scratch) {
-    int lid = get_local_id(0), wg = get_local_size(0);
+    int lid = get_local_id(0), wg = get_local_size(0), nc = (n + 3) / 4;
     float ss = 0.0f;
 #pragma unroll
-    for (int i = 0; i < RQ; i++) ss += v[i] * v[i];
+    for (int i = 0; i < RQ4; i++) ss = sumsq4(ss, v[i]);
     ss = wg_sum(ss, scratch);
     float scale = 1.0f / sqrt(ss / (float)n + eps);
     float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        if (j < n) {
-            if (has_norm) v[i] = (v[i] * scale) * w[j];
-            if (write_y) yr[j] = v[i];
-            amax = fmax(amax, fabs(v[i]));
+    for (int i = 0; i < RQ4; i++) {
+        int c = lid + i * wg;
+        if (c < nc) {
+            if (has_norm) v[i] = (v[i] * scale) * row_ld4(w, c, n);
+            if (write_y) row_st4(yr, c, n, v[i]);
+            amax = amax4(amax, v[i]);
         }
     }
     float s = quant_scale(amax, scratch);
-    if (write_q) quant_regs(v, n, s, qr, qs);
+    if (write_q) {
+#pragma unroll
+        for (int i = 0; i < RQ4; i++) {
+            int c = lid + i * wg;
+            if (c < nc) quant_st4(qr, c, n, v[i], s);
+        }
+        if (lid == 0) *qs = s;
+    }
 }
 
 // `norm_quant_row` with the row in registers.
@@ -253,12 +311,12 @@ inline void norm_quant_regs(const __global float* xr, int n, const __global floa
                             int has_norm, float eps, __global float* yr, int write_y,
                             __global char* qr, __global float* qs, int write_q,
                             __local float* scratch) {
-    int lid = get_local_id(0), wg = get_local_size(0);
-    float v[RQ];
+    int lid = get_local_id(0), wg = get_local_size(0), nc = (n + 3) / 4;
+    float4 v[RQ4];
 #pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        v[i] = j < n ? xr[j] : 0.0f;
+    for (int i = 0; i < RQ4; i++) {
+        int c = lid + i * wg;
+        v[i] = c < nc ? row_ld4(xr, c, n) : (float4)(0.0f);
     }
     norm_quant_held(v, n, w, has_norm, eps, yr, write_y, qr, qs, write_q, scratch);
 }

@@ -72,6 +72,73 @@ __kernel void float_matmul(int fmt, int k, int row_bytes, __global const float* 
     }
 }
 
+// F16 rows × one token on GPUs (the output head of a decode step, hundreds of megabytes read
+// once): a team of FTEAM work-items owns GV_R rows, and each work-item issues the loads of GV_U
+// 16-byte chunks of every one of its rows before summing any, so enough bytes are in flight to
+// keep the memory busy (the one-row teams of `float_matmul` waited on few loads at a time, and
+// reduced through local memory per row); each chunk's activations are read once for all GV_R
+// rows. The team's sums meet by warp shuffles on NVIDIA, else in local memory (`red`: GV_R
+// floats per work-item). Needs k % 8 == 0 (rows then start 16-byte aligned). Grid: teams · FTEAM.
+#define GV_R 4
+#define GV_U 2
+
+__kernel void float_gemv_f16(int k, int row_bytes, __global const float* x,
+                             __global const uchar* w, int n, __global float* o, float s,
+                             int accumulate, __local float* red) {
+    int lid = get_local_id(0), lane = lid % FTEAM, team = lid / FTEAM;
+    int r0 = (get_group_id(0) * (get_local_size(0) / FTEAM) + team) * GV_R;
+    int k8 = k / 8;
+    const __global half* wr[GV_R];
+    float acc[GV_R];
+#pragma unroll
+    for (int r = 0; r < GV_R; r++) {
+        // Rows past the end read row r0 again (always valid) and are not stored.
+        wr[r] = (const __global half*)(w + (size_t)(r0 + r < n ? r0 + r : r0) * row_bytes);
+        acc[r] = 0.0f;
+    }
+    if (r0 < n) {
+        for (int j0 = lane; j0 < k8; j0 += FTEAM * GV_U) {
+            float8 wv[GV_U][GV_R], xv[GV_U];
+#pragma unroll
+            for (int u = 0; u < GV_U; u++) {
+                int j = j0 + u * FTEAM;
+                bool in = j < k8;
+                xv[u] = in ? vload8(j, x) : (float8)(0.0f);
+#pragma unroll
+                for (int r = 0; r < GV_R; r++) wv[u][r] = in ? vloada_half8(j, wr[r]) : (float8)(0.0f);
+            }
+#pragma unroll
+            for (int u = 0; u < GV_U; u++) {
+#pragma unroll
+                for (int r = 0; r < GV_R; r++) {
+                    acc[r] += dot(wv[u][r].lo, xv[u].lo) + dot(wv[u][r].hi, xv[u].hi);
+                }
+            }
+        }
+    }
+    float v = 0.0f;
+#ifdef TERNMUX_DP4A
+    // A team is one warp: every lane gets each row's sum; lane r keeps row r's.
+#pragma unroll
+    for (int r = 0; r < GV_R; r++) {
+        float t = warp_sum(acc[r]);
+        if (lane == r) v = t;
+    }
+#else
+#pragma unroll
+    for (int r = 0; r < GV_R; r++) red[(team * GV_R + r) * FTEAM + lane] = acc[r];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (lane < GV_R) {
+        for (int i = 0; i < FTEAM; i++) v += red[(team * GV_R + lane) * FTEAM + i];
+    }
+#endif
+    int r = r0 + lane;
+    if (lane < GV_R && r < n) {
+        v *= s;
+        o[r] = accumulate ? o[r] + v : v;
+    }
+}
+
 // out[t][j] = row tokens[t] of the table, dequantized. Grid: (k, n_tok).
 __kernel void get_rows(int fmt, int k, int row_bytes, __global const uchar* w,
                        __global const int* tokens, __global float* out) {

@@ -26,40 +26,45 @@ __kernel void norm_quant(__global const float* x, int n, int row0,
                    scratch);
 }
 
-// g = act(g) · u (act 0: SiLU, 1: ReLU²), then RMSNorm · w when has_norm, written back to g and
-// quantized to qr / *qs as in `norm_quant_row`.
+// One value of the FFN activation: act(a) · u (act 0: SiLU, 1: ReLU²); a chunk of them.
+inline float act_one(float a, float u, int act) {
+    if (act == 0) return a / (1.0f + exp(-a)) * u;
+    float r = fmax(a, 0.0f);
+    return r * r * u;
+}
+inline float4 act4(float4 a, float4 u, int act) {
+    return (float4)(act_one(a.x, u.x, act), act_one(a.y, u.y, act), act_one(a.z, u.z, act),
+                    act_one(a.w, u.w, act));
+}
+
+// g = act(g) · u, then RMSNorm · w when has_norm, written back to g and quantized to qr / *qs
+// as in `norm_quant_row` (chunk by chunk, in its order).
 inline void ffn_act_quant_row(__global float* gr, const __global float* ur, int n, int act,
                               const __global float* w, int has_norm, float eps,
                               __global char* qr, __global float* qs, __local float* scratch) {
-    int lid = get_local_id(0), wg = get_local_size(0);
+    int lid = get_local_id(0), wg = get_local_size(0), nc = (n + 3) / 4;
     float ss = 0.0f;
 #pragma unroll 4
-    for (int j = lid; j < n; j += wg) {
-        float a = gr[j], h;
-        if (act == 0) {
-            h = a / (1.0f + exp(-a)) * ur[j];
-        } else {
-            float r = fmax(a, 0.0f);
-            h = r * r * ur[j];
-        }
-        gr[j] = h;
-        ss += h * h;
+    for (int c = lid; c < nc; c += wg) {
+        float4 h = act4(row_ld4(gr, c, n), row_ld4(ur, c, n), act);
+        row_st4(gr, c, n, h);
+        ss = sumsq4(ss, h);
     }
     ss = wg_sum(ss, scratch);
     float scale = 1.0f / sqrt(ss / (float)n + eps);
     float amax = 0.0f;
 #pragma unroll 4
-    for (int j = lid; j < n; j += wg) {
-        float v = gr[j];
+    for (int c = lid; c < nc; c += wg) {
+        float4 v = row_ld4(gr, c, n);
         if (has_norm) {
-            v = (v * scale) * w[j];
-            gr[j] = v;
+            v = (v * scale) * row_ld4(w, c, n);
+            row_st4(gr, c, n, v);
         }
-        amax = fmax(amax, fabs(v));
+        amax = amax4(amax, v);
     }
     float s = quant_scale(amax, scratch);
 #pragma unroll 4
-    for (int j = lid; j < n; j += wg) qr[j] = quant_one(gr[j], s);
+    for (int c = lid; c < nc; c += wg) quant_st4(qr, c, n, row_ld4(gr, c, n), s);
     if (lid == 0) *qs = s;
 }
 
@@ -67,29 +72,18 @@ inline void ffn_act_quant_row(__global float* gr, const __global float* ur, int 
 inline void ffn_act_quant_regs(__global float* gr, const __global float* ur,
                                int n, int act, const __global float* w, int has_norm, float eps,
                                __global char* qr, __global float* qs, __local float* scratch) {
-    int lid = get_local_id(0), wg = get_local_size(0);
+    int lid = get_local_id(0), wg = get_local_size(0), nc = (n + 3) / 4;
     // Every load issued before any use.
-    float h[RQ], up[RQ];
+    float4 h[RQ4], up[RQ4];
 #pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        h[i] = j < n ? gr[j] : 0.0f;
-        up[i] = j < n ? ur[j] : 0.0f;
+    for (int i = 0; i < RQ4; i++) {
+        int c = lid + i * wg;
+        h[i] = c < nc ? row_ld4(gr, c, n) : (float4)(0.0f);
+        up[i] = c < nc ? row_ld4(ur, c, n) : (float4)(0.0f);
     }
+    // Zero past n (act(0) · 0 = 0), so the sum of squares is the one the looping path adds.
 #pragma unroll
-    for (int i = 0; i < RQ; i++) {
-        int j = lid + i * wg;
-        if (j < n) {
-            float a = h[i], uj = up[i];
-            if (act == 0) {
-                h[i] = a / (1.0f + exp(-a)) * uj;
-            } else {
-                float r = fmax(a, 0.0f);
-                h[i] = r * r * uj;
-            }
-        }
-    }
-    // Zero past n, so the sum of squares is the one the looping path adds.
+    for (int i = 0; i < RQ4; i++) h[i] = act4(h[i], up[i], act);
     norm_quant_held(h, n, w, has_norm, eps, gr, 1, qr, qs, 1, scratch);
 }
 

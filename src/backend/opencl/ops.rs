@@ -282,6 +282,16 @@ impl Places {
     }
 }
 
+/// Rows per team of `float_gemv_f16` (`GV_R` in cl/float.cl).
+const GEMV_F16_ROWS: usize = 4;
+
+/// Whether one-token F16 matmuls take `float_gemv_f16` on GPUs (`TERNMUX_CL_HEAD_GEMV=0` turns
+/// it off, to compare).
+fn head_gemv_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_HEAD_GEMV").is_none_or(|v| v != "0"))
+}
+
 /// Most work-groups of one [`ClDevice::greedy_pick`].
 const PICK_GROUPS: usize = 256;
 /// Bytes of the partial results of a [`ClDevice::greedy_pick`] (a value and an index per
@@ -821,6 +831,33 @@ impl ClDevice {
                 ],
                 &[FLOAT_TILED_TEAMS * TEAM, 1],
                 &args,
+            );
+        }
+        // One token of F16 rows on a GPU (a decode step's head): the GEMV, several rows per
+        // team with their loads issued together (`TERNMUX_CL_HEAD_GEMV=0` sends it to
+        // `float_matmul`, to compare).
+        if fmt == FloatFormat::F16
+            && n_tok == 1
+            && k.is_multiple_of(8)
+            && self.gpu_kernels()
+            && head_gemv_enabled()
+        {
+            let teams = ROWS_PER_GROUP;
+            return self.launch(
+                "float_gemv_f16",
+                &[n.div_ceil(teams * GEMV_F16_ROWS) * teams * TEAM],
+                &[teams * TEAM],
+                &[
+                    int(k)?,
+                    int(fmt.row_bytes(k))?,
+                    Arg::Buf(x),
+                    Arg::Buf(w),
+                    int(n)?,
+                    Arg::Buf(out),
+                    Arg::F32(scale),
+                    Arg::I32(i32::from(accumulate)),
+                    Arg::Local(teams * TEAM * GEMV_F16_ROWS * 4),
+                ],
             );
         }
         // Other batches of F16 rows take four rows per team (activations loaded once for all
