@@ -33,24 +33,27 @@ inline void pick_reduce(float v, int i, __local float* sv, __local int* si) {
     }
 }
 
-// The index of the largest of `n` logits, lowest index on ties, as `sampling::argmax` chooses
-// on the host: NaN never wins, except that a NaN first logit makes the answer 0 (the host scan
-// compares every value with its best so far, and nothing compares greater than NaN). Then
-// `ids[0]` = that index and `places[0].y` (the row's position) += 1.
+// For each row of `n` logits from row `row0` on (one per work-group column: get_group_id(1)), the index of the
+// largest, lowest index on ties, as `sampling::argmax` chooses on the host: NaN never wins,
+// except that a NaN first logit makes the answer 0 (the host scan compares every value with its
+// best so far, and nothing compares greater than NaN), into `ids[row]`; with `advance` (one row:
+// a sequence decoding alone), `places[0].y` (its position) += 1 too.
 //
-// `groups` work-groups (a power-of-two size each) share the logits four at a time; with more
-// than one, each writes its best to `part` (value, index bits), and the last to finish (`ticket`, with
-// device-wide fences: only where the host allows row epilogues) reduces those. `sv` / `si` hold
-// one value / index per work-item.
-__kernel void greedy_pick(__global const float* logits, int n, __global int* ids,
-                          __global int2* places, int groups, __global float* part,
-                          volatile __global int* ticket,
-                          __local float* sv, __local int* si) {
+// `groups` work-groups (a power-of-two size each) share a row four logits at a time; with more
+// than one, each writes its best to `part` (value, index bits; `2 · groups` floats per row), and
+// the last to finish (`ticket[row]`, with device-wide fences: only where the host allows row
+// epilogues) reduces those. `sv` / `si` hold one value / index per work-item.
+__kernel void greedy_pick(__global const float* logits, int row0, int n, __global int* ids,
+                          __global int2* places, int advance, int groups, __global float* part,
+                          volatile __global int* ticket, __local float* sv, __local int* si) {
+    int row = get_group_id(1);
+    logits += (size_t)(row0 + row) * n;
+    part += (size_t)row * 2 * groups;
+    ticket += row;
     int lid = get_local_id(0), wg = get_local_size(0), g = get_group_id(0);
-    int gid = get_global_id(0), all = wg * groups, n4 = n / 4;
+    int gid = g * wg + lid, all = wg * groups, n4 = n / 4;
     float best = 0.0f;
     int at = -1;
-    // Logit buffers are 16-byte aligned (every pooled buffer is).
 #pragma unroll 4
     for (int j = gid; j < n4; j += all) {
         float4 v = vload4(j, logits);
@@ -82,7 +85,7 @@ __kernel void greedy_pick(__global const float* logits, int n, __global int* ids
     if (lid == 0) {
         int tok = si[0];
         if (tok < 0 || isnan(logits[0])) tok = 0;
-        ids[0] = tok;
-        places[0].y += 1;
+        ids[row] = tok;
+        if (advance) places[0].y += 1;
     }
 }

@@ -93,6 +93,11 @@ impl Sampler {
         Sampler { params, rng }
     }
 
+    /// The parameters it samples with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
     /// Picks the next token from `logits`, given the tokens so far (`history`) for penalties.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;

@@ -894,9 +894,9 @@ proptest! {
         let want = ternmux::sampling::argmax(&logits);
         let lb = up_f32(&d, &logits);
         let ids = d.upload(&[0xffu8; 4]).unwrap();
-        let part = d.alloc(ternmux::backend::opencl::PICK_PART_BYTES).unwrap();
+        let part = d.alloc(ternmux::backend::opencl::pick_part_bytes(1)).unwrap();
         let mut places = Places::new(&d, &[RowPlace { slot: 1, pos }], 2, 100, None).unwrap();
-        d.greedy_pick(&lb, n, &ids, &part, &places).unwrap();
+        d.greedy_pick(&lb, 0, n, 1, &ids, &part, Some(&places)).unwrap();
         places.advance().unwrap();
         let mut got = [0u8; 4];
         d.read(&ids, 0, &mut got).unwrap();
@@ -952,6 +952,81 @@ fn device_picked_greedy_stream_equals_host_choice() {
             assert_eq!(got, want[1..=max_tokens], "{path}: {max_tokens} tokens");
             assert_eq!(stream.timings().decode_tokens, max_tokens - 1, "{path}");
         }
+    }
+}
+
+/// A batched pass whose greedy rows get their tokens chosen on the device (`pick`) gives the
+/// tokens the host chooses from the same pass's logits, and the logits of the other rows
+/// unchanged; prompt rows and decode rows, picked and read, mixed (the bundled model, TQ2_0 and
+/// TQ1_0).
+#[test]
+fn batched_device_picks_equal_host_argmax() {
+    let Some(_) = device() else { return };
+    use ternmux::model::SeqChunk;
+    for path in [bundled("TQ2_0"), bundled("TQ1_0")] {
+        let gpu = on_opencl(&path).unwrap();
+        let nv = gpu.config.n_vocab;
+        let prompts: [&[u32]; 3] = [&[1, 400, 59, 73], &[1, 22], &[1, 9, 310]];
+        let run = |pick: [bool; 3]| -> (Vec<f32>, Vec<u32>) {
+            let mut cache = KvCache::with_slots(&gpu, 64, 3, KvType::F16).unwrap();
+            let chunks: Vec<SeqChunk<'_>> = prompts
+                .iter()
+                .enumerate()
+                .map(|(slot, t)| SeqChunk {
+                    slot,
+                    tokens: t,
+                    logits: true,
+                    pick: pick[slot],
+                })
+                .collect();
+            let (mut logits, mut picks) = (Vec::new(), Vec::new());
+            gpu.forward_batch_picks(&mut cache, &chunks, &mut logits, &mut picks)
+                .unwrap();
+            // A decode step of the three, the middle one without logits.
+            let next = [7u32, 8, 9];
+            let step: Vec<SeqChunk<'_>> = (0..3)
+                .map(|slot| SeqChunk {
+                    slot,
+                    tokens: std::slice::from_ref(&next[slot]),
+                    logits: slot != 1,
+                    pick: pick[slot],
+                })
+                .collect();
+            let (mut l2, mut p2) = (Vec::new(), Vec::new());
+            gpu.forward_batch_picks(&mut cache, &step, &mut l2, &mut p2)
+                .unwrap();
+            logits.extend(l2);
+            picks.extend(p2);
+            (logits, picks)
+        };
+        let (all, none) = run([false; 3]);
+        assert!(none.is_empty());
+        assert_eq!(all.len(), 5 * nv);
+        let want: Vec<u32> = all.chunks(nv).map(ternmux::sampling::argmax).collect();
+        let (l, p) = run([true; 3]);
+        assert!(l.is_empty());
+        assert_eq!(p, want, "{path}: every row picked");
+        // Slot 0 picked (its prompt row and its step row); slots 1 and 2 read.
+        let (l, p) = run([true, false, false]);
+        assert_eq!(p, vec![want[0], want[3]], "{path}: slot 0 picked");
+        assert_eq!(l.len(), 3 * nv);
+        assert_eq!(
+            &l[..nv],
+            &all[nv..2 * nv],
+            "{path}: logits of the read rows"
+        );
+        // forward_batch_into refuses pick rows instead of dropping them.
+        let mut cache = KvCache::with_slots(&gpu, 64, 3, KvType::F16).unwrap();
+        let chunk = [SeqChunk {
+            slot: 0,
+            tokens: prompts[0],
+            logits: true,
+            pick: true,
+        }];
+        assert!(
+            gpu.forward_batch_into(&mut cache, &chunk, &mut Vec::new())
+                .is_err()
+        );
     }
 }
 

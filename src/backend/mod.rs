@@ -339,6 +339,32 @@ pub trait Backend {
     ) -> Result<()>;
     /// Appends the first `len` values of `x` to `out` (waits for the device).
     fn read(&self, x: &Self::Buf, len: usize, out: &mut Vec<f32>) -> Result<()>;
+    /// Appends to `out` the greedy token (largest logit, lowest id on ties, as
+    /// [`crate::sampling::argmax`]) of each of `rows` rows of `logits` from row `row0` (rows of
+    /// `n_vocab`); waits for the device. A device chooses there and sends back only the ids;
+    /// by default the rows are read and chosen on the host.
+    #[allow(clippy::too_many_arguments)]
+    fn pick_rows(
+        &self,
+        _kv: &mut Self::Kv,
+        logits: &Self::Buf,
+        row0: usize,
+        rows: usize,
+        n_vocab: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let mut all = Vec::new();
+        self.read(logits, (row0 + rows) * n_vocab, &mut all)?;
+        out.extend(
+            all[row0 * n_vocab..]
+                .chunks_exact(n_vocab.max(1))
+                .map(crate::sampling::argmax),
+        );
+        Ok(())
+    }
     /// Whether this backend chooses greedy tokens on its device ([`Backend::pick_greedy`])
     /// and feeds them to the next pass ([`Backend::embed_picked`]) without the host waiting.
     fn picks_on_device(&self) -> bool {

@@ -88,6 +88,7 @@ pub(super) fn run(mut ctx: Context) {
     // The step's logits, one vector for the worker's life (a fresh one per step costs the OS
     // zeroing of up to n_slots × n_vocab floats each time).
     let mut logits: Vec<f32> = Vec::new();
+    let mut picks: Vec<u32> = Vec::new();
     let mut closed = false;
     // When this model was admitted by the gate, while it holds it.
     let mut admitted: Option<Instant> = None;
@@ -205,11 +206,22 @@ pub(super) fn run(mut ctx: Context) {
                     slot: s.slot,
                     tokens: &s.history[s.fed..s.fed + n],
                     logits,
+                    // Greedy sequences get their token chosen where the logits are.
+                    pick: logits && s.sampler.params().is_plain_greedy(),
                 }
             })
             .collect();
         let started = Instant::now();
-        let result = model.forward_batch_into(&mut ctx.cache, &chunks, &mut logits);
+        let mut result =
+            model.forward_batch_picks(&mut ctx.cache, &chunks, &mut logits, &mut picks);
+        let picked: Vec<bool> = chunks.iter().map(|c| c.logits && c.pick).collect();
+        let asked = picked.iter().filter(|&&p| p).count();
+        if result.is_ok() && picks.len() != asked {
+            result = Err(Error::Engine(format!(
+                "a pass returned {} greedy tokens for {asked} sequences",
+                picks.len()
+            )));
+        }
         let sampling_from = Instant::now();
         ctx.metrics.forward_ns.fetch_add(
             sampling_from.duration_since(started).as_nanos() as u64,
@@ -240,26 +252,40 @@ pub(super) fn run(mut ctx: Context) {
             }
             s.fed += n;
         }
-        // Sample every sequence that got logits, in parallel.
+        // Sample every sequence that got logits, in parallel; greedy ones got their token from
+        // the pass.
         let n_vocab = model.config.n_vocab;
-        let wanted: Vec<usize> = plan.iter().filter(|p| p.2).map(|&(i, _, _)| i).collect();
-        // Logits rows follow the plan's order (decode rows, then finished prompts).
+        // Logits rows and picks follow the plan's order (decode rows, then finished prompts).
         let mut row_of = vec![None; seqs.len()];
-        for (r, &i) in wanted.iter().enumerate() {
-            row_of[i] = Some(r);
+        let mut sampled: Vec<(usize, u32)> = Vec::new();
+        let (mut r, mut k) = (0, 0);
+        for (&(i, _, wants), &pick) in plan.iter().zip(&picked) {
+            match (wants, pick) {
+                (true, true) => {
+                    // As many as asked: checked with the pass's result above.
+                    sampled.push((i, picks[k]));
+                    k += 1;
+                }
+                (true, false) => {
+                    row_of[i] = Some(r);
+                    r += 1;
+                }
+                _ => {}
+            }
         }
         let mut refs: Vec<(usize, usize, &mut Seq<'_>)> = seqs
             .iter_mut()
             .enumerate()
             .filter_map(|(i, s)| row_of[i].map(|r| (i, r, s)))
             .collect();
-        let sampled: Vec<(usize, u32)> = refs
-            .par_iter_mut()
-            .map(|(i, r, s)| {
-                let l = &logits[*r * n_vocab..(*r + 1) * n_vocab];
-                (*i, s.sampler.sample(l, &s.history))
-            })
-            .collect();
+        sampled.extend(
+            refs.par_iter_mut()
+                .map(|(i, r, s)| {
+                    let l = &logits[*r * n_vocab..(*r + 1) * n_vocab];
+                    (*i, s.sampler.sample(l, &s.history))
+                })
+                .collect::<Vec<_>>(),
+        );
         drop(refs);
         let now = Instant::now();
         let mut leaving: Vec<(usize, Leave)> = Vec::new();

@@ -125,6 +125,10 @@ pub struct SeqChunk<'a> {
     pub tokens: &'a [u32],
     /// Whether to return the logits of the chunk's last token.
     pub logits: bool,
+    /// With `logits`: only its greedy token is wanted (largest logit, lowest id on ties), which
+    /// a device chooses where the logits are and sends back alone
+    /// ([`Model::forward_batch_picks`]).
+    pub pick: bool,
 }
 
 /// Which logits a forward pass returns.
@@ -157,7 +161,7 @@ impl Model {
             out: Out::PerPass(which),
         };
         let mut logits = Vec::new();
-        self.execute(cache, &job, &mut logits)?;
+        self.execute(cache, &job, &mut logits, &mut Vec::new())?;
         cache.lens[0] = pos0 + tokens.len();
         Ok(logits)
     }
@@ -181,7 +185,30 @@ impl Model {
         seqs: &[SeqChunk<'_>],
         logits: &mut Vec<f32>,
     ) -> Result<()> {
+        if seqs.iter().any(|s| s.logits && s.pick) {
+            return Err(Error::Request(
+                "forward_batch_into: a chunk asks for its greedy token only; use \
+                 forward_batch_picks"
+                    .into(),
+            ));
+        }
+        self.forward_batch_picks(cache, seqs, logits, &mut Vec::new())
+    }
+
+    /// [`Model::forward_batch_into`] where chunks may ask for their greedy token only (`pick`):
+    /// `logits` gets the logits of the chunks with `logits` and not `pick`, in order, and
+    /// `picks` (cleared first) the greedy tokens of those with both, in order. On a device
+    /// the tokens are chosen there, so a step of many greedy sequences reads back a few bytes
+    /// per sequence instead of its whole vocabulary's logits.
+    pub fn forward_batch_picks(
+        &self,
+        cache: &mut KvCache,
+        seqs: &[SeqChunk<'_>],
+        logits: &mut Vec<f32>,
+        picks: &mut Vec<u32>,
+    ) -> Result<()> {
         logits.clear();
+        picks.clear();
         let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         if total == 0 {
             return Err(Error::Request("forward_batch: no tokens".into()));
@@ -218,10 +245,11 @@ impl Model {
             }
             self.check_tokens(cache, cache.lens[s.slot], s.tokens)?;
         }
-        // Rows whose logits are wanted go last, so the head runs over one contiguous tail.
+        // Rows whose logits are wanted go last, so the head runs over one contiguous tail:
+        // those read back first, those only picked after them.
         let mut tokens = Vec::with_capacity(total);
         let mut places = Vec::with_capacity(total);
-        let mut tail = Vec::new();
+        let (mut tail, mut picked) = (Vec::new(), Vec::new());
         for s in seqs {
             let pos0 = cache.lens[s.slot];
             for (i, &t) in s.tokens.iter().enumerate() {
@@ -230,24 +258,28 @@ impl Model {
                     pos: (pos0 + i) as u32,
                 };
                 if s.logits && i + 1 == s.tokens.len() {
-                    tail.push((t, place));
+                    if s.pick {
+                        picked.push((t, place));
+                    } else {
+                        tail.push((t, place));
+                    }
                 } else {
                     tokens.push(t);
                     places.push(place);
                 }
             }
         }
-        let n_out = tail.len();
-        for (t, p) in tail {
+        let (n_pick, n_out) = (picked.len(), tail.len() + picked.len());
+        for (t, p) in tail.into_iter().chain(picked) {
             tokens.push(t);
             places.push(p);
         }
         let job = Job {
             tokens: &tokens,
             places: &places,
-            out: Out::Tail(n_out),
+            out: Out::Tail { n_out, n_pick },
         };
-        self.execute(cache, &job, logits)?;
+        self.execute(cache, &job, logits, picks)?;
         for s in seqs {
             cache.lens[s.slot] += s.tokens.len();
         }
@@ -280,17 +312,23 @@ impl Model {
     }
 
     /// Runs `job` on the backend that owns `cache`'s storage.
-    fn execute(&self, cache: &mut KvCache, job: &Job<'_>, logits: &mut Vec<f32>) -> Result<()> {
+    fn execute(
+        &self,
+        cache: &mut KvCache,
+        job: &Job<'_>,
+        logits: &mut Vec<f32>,
+        picks: &mut Vec<u32>,
+    ) -> Result<()> {
         cache.picked_last = false;
         match &mut cache.store {
-            KvStorage::Cpu(kv) => run(&CpuExec::new(self), self, kv, job, logits),
+            KvStorage::Cpu(kv) => run(&CpuExec::new(self), self, kv, job, logits, picks),
             KvStorage::OpenCl(kv) => {
                 let Placement::OpenCl(dev) = &self.placement else {
                     return Err(Error::Device(
                         "a device KV cache used with a model on the CPU: make a new cache".into(),
                     ));
                 };
-                run(&ClExec::new(dev, self, kv), self, kv, job, logits)
+                run(&ClExec::new(dev, self, kv), self, kv, job, logits, picks)
             }
         }
     }
@@ -392,10 +430,13 @@ enum Feed<'a> {
 
 /// What a pass does with its last rows' logits.
 enum Sink<'l> {
-    /// Appends the last `n_out` rows' logits to `logits` (reading them from the device).
+    /// Of the last `n_out` rows, appends the logits of all but the last `n_pick` to `logits`
+    /// (reading them from the device) and the greedy tokens of those `n_pick` to `picks`.
     Logits {
         n_out: usize,
         logits: &'l mut Vec<f32>,
+        n_pick: usize,
+        picks: &'l mut Vec<u32>,
     },
     /// Chooses the greedy token of the one row on the device ([`Backend::pick_greedy`]).
     Pick,
@@ -413,8 +454,9 @@ enum Out {
     /// One sequence, split into passes the backend accepts: the last row of the last pass, or
     /// every row.
     PerPass(Logits),
-    /// One pass (a batch): its last `n` rows.
-    Tail(usize),
+    /// One pass (a batch): its last `n_out` rows, of which the last `n_pick` only need their
+    /// greedy tokens.
+    Tail { n_out: usize, n_pick: usize },
 }
 
 /// Runs a job as passes the backend accepts and appends their logits to `logits`.
@@ -424,15 +466,21 @@ fn run<B: Backend>(
     kv: &mut B::Kv,
     job: &Job<'_>,
     logits: &mut Vec<f32>,
+    picks: &mut Vec<u32>,
 ) -> Result<()> {
     match job.out {
-        Out::Tail(n_out) => pass(
+        Out::Tail { n_out, n_pick } => pass(
             be,
             model,
             kv,
             Feed::Host(job.tokens),
             job.places,
-            Sink::Logits { n_out, logits },
+            Sink::Logits {
+                n_out,
+                logits,
+                n_pick,
+                picks,
+            },
         )?,
         Out::PerPass(which) => {
             let step = be.max_tokens_per_pass(kv).max(1);
@@ -447,6 +495,8 @@ fn run<B: Backend>(
                 let sink = Sink::Logits {
                     n_out,
                     logits: &mut *logits,
+                    n_pick: 0,
+                    picks: &mut *picks,
                 };
                 pass(be, model, kv, Feed::Host(chunk), at, sink)?;
             }
@@ -588,7 +638,18 @@ fn pass<B: Backend>(
     be.project(head, &h, rows, &mut [(Mat::Output, &mut out)], false)?;
     drop(guard);
     match sink {
-        Sink::Logits { logits, .. } => be.read(&out, rows * c.n_vocab, logits),
+        Sink::Logits {
+            logits,
+            n_pick,
+            picks,
+            ..
+        } => {
+            let full = rows.saturating_sub(n_pick);
+            if full > 0 {
+                be.read(&out, full * c.n_vocab, logits)?;
+            }
+            be.pick_rows(kv, &out, full, rows - full, c.n_vocab, picks)
+        }
         Sink::Pick => be.pick_greedy(kv, &out, c.n_vocab),
     }
 }

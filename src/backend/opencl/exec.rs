@@ -5,7 +5,7 @@
 //! are read.
 
 use super::device::{ClDevice, DevBuf, Pinned, TICKETS};
-use super::ops::{PICK_PART_BYTES, Places, RopeShape, RowTail, TernaryOut};
+use super::ops::{Places, RopeShape, RowTail, TernaryOut, pick_part_bytes};
 use crate::backend::cpu::extend_rope_tables;
 use crate::backend::{Backend, Mat, Norm, Resident, RowPlace};
 use crate::error::{Error, Result};
@@ -154,6 +154,9 @@ pub struct ClKv {
     places: Option<Places>,
     /// Boxed: most caches never pick on the device.
     picks: Option<Box<Picks>>,
+    /// Token ids and partial results of batched greedy picks ([`Backend::pick_rows`]), for
+    /// this many rows (boxed, as `picks`).
+    row_picks: Option<Box<(DevBuf, DevBuf, usize)>>,
     max_pass: usize,
     n_ctx: usize,
     slots: usize,
@@ -205,6 +208,7 @@ impl ClKv {
             scores,
             places: None,
             picks: None,
+            row_picks: None,
             max_pass,
             n_ctx,
             slots,
@@ -256,7 +260,7 @@ impl Picks {
     fn new(dev: &ClDevice) -> Result<Picks> {
         Ok(Picks {
             ids: dev.alloc(4)?,
-            part: dev.alloc(PICK_PART_BYTES)?,
+            part: dev.alloc(pick_part_bytes(1))?,
             ring: dev.pinned(PICK_RING * 4)?,
             next: 0,
             pending: VecDeque::new(),
@@ -893,8 +897,15 @@ impl Backend for ClExec<'_> {
                 "opencl: more than {PICK_RING} greedy picks queued ahead of the host"
             )));
         }
-        self.dev
-            .greedy_pick(&logits.raw()?.f, n_vocab, &picks.ids, &picks.part, places)?;
+        self.dev.greedy_pick(
+            &logits.raw()?.f,
+            0,
+            n_vocab,
+            1,
+            &picks.ids,
+            &picks.part,
+            Some(places),
+        )?;
         places.advance()?;
         // Slot `at` was last used PICK_RING picks ago, and that pick has been taken (waited
         // for), since fewer than PICK_RING are pending.
@@ -904,6 +915,40 @@ impl Backend for ClExec<'_> {
             .dev
             .read_async(&picks.ids, 0, &mut picks.ring, at * 4, 4)?;
         picks.pending.push_back(Pick::Flight { at, event });
+        Ok(())
+    }
+
+    fn pick_rows(
+        &self,
+        kv: &mut ClKv,
+        logits: &ClBuf,
+        row0: usize,
+        rows: usize,
+        n_vocab: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        if kv.row_picks.as_ref().is_none_or(|r| r.2 < rows) {
+            let cap = rows.next_power_of_two();
+            kv.row_picks = Some(Box::new((
+                self.dev.alloc(cap * 4)?,
+                self.dev.alloc(pick_part_bytes(cap))?,
+                cap,
+            )));
+        }
+        let Some((ids, part, _)) = kv.row_picks.as_deref() else {
+            return Err(Error::Device("opencl: pick scratch missing".into()));
+        };
+        self.dev
+            .greedy_pick(&logits.raw()?.f, row0, n_vocab, rows, ids, part, None)?;
+        let mut got = vec![0u8; rows * 4];
+        self.dev.read(ids, 0, &mut got)?;
+        out.extend(
+            got.chunks_exact(4)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])),
+        );
         Ok(())
     }
 

@@ -25,4 +25,4 @@ pub use device::{
     Arg, ClDevice, DevBuf, DeviceInfo, KernelTime, PROFILE_ENV, Pinned, Unavailable, list_devices,
 };
 pub use exec::{ClExec, ClKv, DevUnit};
-pub use ops::{PICK_PART_BYTES, Places, RopeShape, RowTail, TernaryOut};
+pub use ops::{Places, RopeShape, RowTail, TernaryOut, pick_part_bytes};

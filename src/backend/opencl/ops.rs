@@ -294,9 +294,11 @@ fn head_gemv_enabled() -> bool {
 
 /// Most work-groups of one [`ClDevice::greedy_pick`].
 const PICK_GROUPS: usize = 256;
-/// Bytes of the partial results of a [`ClDevice::greedy_pick`] (a value and an index per
-/// work-group).
-pub const PICK_PART_BYTES: usize = PICK_GROUPS * 8;
+/// Bytes of the partial results of a [`ClDevice::greedy_pick`] of `rows` rows (a value and an
+/// index per work-group).
+pub fn pick_part_bytes(rows: usize) -> usize {
+    rows.max(1) * PICK_GROUPS * 8
+}
 
 /// Shape of a RoPE + KV store.
 #[derive(Clone, Copy, Debug)]
@@ -930,29 +932,37 @@ impl ClDevice {
         )
     }
 
-    /// Greedy decoding on the device (cl/pick.cl): the index of the largest of the first `n`
-    /// values of `logits` (lowest index on ties, as [`crate::sampling::argmax`]) into `ids[0]`,
-    /// where the next pass's [`ClDevice::get_rows`] reads its token, and the single row of
-    /// `places` moved to its next position (the caller moves the host's record with
-    /// [`Places::advance`]). On devices with row epilogues several work-groups share the
-    /// logits and the last one to finish combines their results, kept in `part` (at least
-    /// [`PICK_PART_BYTES`]); elsewhere one work-group does it all.
+    /// Greedy decoding on the device (cl/pick.cl): for each of `rows` rows of `n` values of
+    /// `logits` from row `row0`, the index of the largest (lowest index on ties, as
+    /// [`crate::sampling::argmax`]) into `ids[row]`. With `advance` (a single row: one sequence
+    /// decoding alone), its place moves to the next position too, so the next pass's
+    /// [`ClDevice::get_rows`] can read its token from `ids` and its place from the device (the
+    /// caller moves the host's record with [`Places::advance`]). On devices with row epilogues
+    /// several work-groups share each row and the last one to finish combines their results,
+    /// kept in `part` (at least [`pick_part_bytes`]`(rows)`); elsewhere one work-group per row
+    /// does it all.
+    #[allow(clippy::too_many_arguments)]
     pub fn greedy_pick(
         &self,
         logits: &DevBuf,
+        row0: usize,
         n: usize,
+        rows: usize,
         ids: &DevBuf,
         part: &DevBuf,
-        places: &Places,
+        advance: Option<&Places>,
     ) -> Result<()> {
-        need("logits", logits, n * 4)?;
-        need("picked token", ids, 4)?;
-        need("pick partials", part, PICK_PART_BYTES)?;
-        if places.len() != 1 || n == 0 {
+        need("logits", logits, (row0 + rows) * n * 4)?;
+        need("picked tokens", ids, rows * 4)?;
+        need("pick partials", part, pick_part_bytes(rows))?;
+        if n == 0
+            || rows == 0
+            || rows > TICKETS
+            || advance.is_some_and(|p| p.len() != 1 || rows != 1)
+        {
             return Err(Error::Device(format!(
-                "opencl: a device pick takes one row of at least one logit (got {} rows, {n} \
-                 logits)",
-                places.len()
+                "opencl: a device pick takes 1..={TICKETS} rows of at least one logit, and one \
+                 row when it moves a place (got {rows} rows of {n})"
             )));
         }
         let wg = self.row_group();
@@ -964,13 +974,15 @@ impl ClDevice {
         };
         self.launch(
             "greedy_pick",
-            &[groups * wg],
-            &[wg],
+            &[groups * wg, rows],
+            &[wg, 1],
             &[
                 Arg::Buf(logits),
+                int(row0)?,
                 int(n)?,
                 Arg::Buf(ids),
-                Arg::Buf(&places.buf),
+                Arg::Buf(advance.map_or(self.dummy(), |p| &p.buf)),
+                Arg::I32(i32::from(advance.is_some())),
                 int(groups)?,
                 Arg::Buf(part),
                 Arg::Buf(self.tickets()),

@@ -2,7 +2,6 @@
 //! sequences, and (with `TERNMUX_CL_PROFILE=1`) the device time of every kernel.
 
 use crate::{BenchArgs, Failure, io_failure, open_model, set_threads};
-use rayon::prelude::*;
 use std::io::Write;
 
 /// The model's OpenCL device when it records per-kernel times (`TERNMUX_CL_PROFILE=1`).
@@ -173,7 +172,6 @@ fn bench_batched_decode(
     out: &mut impl Write,
 ) -> Result<(), Failure> {
     use ternmux::model::{KvCache, KvType, SeqChunk};
-    let n_vocab = model.config.n_vocab;
     let n_ctx = prompt.len() + a.gen_tokens + 1;
     let profiled = profiled_device(model);
     let mut best = f64::INFINITY;
@@ -200,6 +198,7 @@ fn bench_batched_decode(
                     slot,
                     tokens: chunk,
                     logits: last,
+                    pick: false,
                 }];
                 let logits = model.forward_batch(&mut cache, &seq)?;
                 if last {
@@ -210,8 +209,9 @@ fn bench_batched_decode(
         if let Some(d) = &profiled {
             d.take_profile()?;
         }
-        // One logits vector for every pass, as the engine keeps.
-        let mut logits = Vec::new();
+        // One logits vector for every pass, as the engine keeps (empty here: greedy rows get
+        // their tokens chosen where the logits are, as the engine's greedy sequences do).
+        let (mut logits, mut picks) = (Vec::new(), Vec::new());
         let t = std::time::Instant::now();
         for _ in 0..a.gen_tokens {
             let ids = next.clone();
@@ -222,13 +222,11 @@ fn bench_batched_decode(
                     slot,
                     tokens: std::slice::from_ref(id),
                     logits: true,
+                    pick: true,
                 })
                 .collect();
-            model.forward_batch_into(&mut cache, &seqs, &mut logits)?;
-            // In parallel, as the engine samples.
-            next.par_iter_mut()
-                .zip(logits.par_chunks_exact(n_vocab))
-                .for_each(|(n, row)| *n = ternmux::sampling::argmax(row));
+            model.forward_batch_picks(&mut cache, &seqs, &mut logits, &mut picks)?;
+            next.copy_from_slice(&picks);
         }
         best = best.min(t.elapsed().as_secs_f64());
         if let Some(d) = &profiled {
