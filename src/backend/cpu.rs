@@ -448,4 +448,24 @@ impl Backend for CpuExec<'_> {
         out.extend_from_slice(&x[..len]);
         Ok(())
     }
+
+    fn pick_rows(
+        &self,
+        _kv: &mut CpuKv,
+        logits: &Vec<f32>,
+        row0: usize,
+        rows: usize,
+        n_vocab: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        // Where the logits already are: no copy, rows in parallel (a step's batch).
+        let rows = logits
+            .get(row0 * n_vocab..(row0 + rows) * n_vocab)
+            .ok_or_else(|| Error::Request("pick_rows: rows past the logits".into()))?;
+        out.par_extend(
+            rows.par_chunks_exact(n_vocab.max(1))
+                .map(crate::sampling::argmax),
+        );
+        Ok(())
+    }
 }
