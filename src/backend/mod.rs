@@ -365,11 +365,6 @@ pub trait Backend {
         );
         Ok(())
     }
-    /// Whether this backend chooses greedy tokens on its device ([`Backend::pick_greedy`])
-    /// and feeds them to the next pass ([`Backend::embed_picked`]) without the host waiting.
-    fn picks_on_device(&self) -> bool {
-        false
-    }
     /// Embeds, as one row of `x`, the token the last [`Backend::pick_greedy`] on `kv` chose.
     /// `tied_head` as in [`Backend::embed`]; without a table on the device the backend waits
     /// for the token and embeds it from the host.

@@ -346,13 +346,10 @@ impl Model {
     /// ([`Model::queue_pick`]): an OpenCL cache (the CPU reads logits where they are).
     pub(crate) fn picks_on_device(&self, cache: &KvCache) -> bool {
         device_pick_enabled()
-            && match &cache.store {
-                KvStorage::Cpu(_) => false,
-                KvStorage::OpenCl(kv) => match &self.placement {
-                    Placement::OpenCl(dev) => ClExec::new(dev, self, kv).picks_on_device(),
-                    Placement::Cpu => false,
-                },
-            }
+            && matches!(
+                (&cache.store, &self.placement),
+                (KvStorage::OpenCl(_), Placement::OpenCl(_))
+            )
     }
 
     /// Queues one decoding pass of slot 0 and the greedy choice of its next token on the

@@ -859,10 +859,6 @@ impl Backend for ClExec<'_> {
         Ok(())
     }
 
-    fn picks_on_device(&self) -> bool {
-        true
-    }
-
     fn embed_picked(
         &self,
         kv: &mut ClKv,
