@@ -12,6 +12,7 @@
 //! * [`act`] — int8 activation quantization: per token (bitnet.cpp) or per 256-block (Q8_K).
 //! * [`ternary`], [`matmul`] — validated matrices and the parallel (rayon) products.
 //! * [`dequant`] — row dequantizers of every format.
+//! * [`copy`] — copies with streaming stores, for memory a device reads next.
 //!
 //! Exactness classes: integer work is always exact. I2_S results and everything with Q8_K
 //! activations are **bit-exact** with the scalar twin on every ISA (and I2_S with bitnet.cpp's
@@ -39,6 +40,7 @@
 
 pub mod act;
 pub mod blocks;
+pub mod copy;
 pub mod dequant;
 pub mod dispatch;
 pub mod matmul;

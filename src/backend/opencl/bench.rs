@@ -137,6 +137,15 @@ pub struct PageInCosts {
     pub big_copy_s: f64,
     /// The 8 MiB copy after a fresh compute-queue marker.
     pub big_copy_after_fence_s: f64,
+    /// The 8 MiB copy when its pinned source was just written again by all cores (as a
+    /// staged page-in fills its staging buffer just before the copy); the fill is not timed.
+    pub big_copy_refilled_s: f64,
+    /// The 8 MiB copy with a dozen read-only views of its destination made while it is in
+    /// flight (as a page-in makes its unit's tensor views).
+    pub big_copy_viewed_s: f64,
+    /// The 8 MiB copy after all cores rewrote its source with streaming stores (what a staged
+    /// page-in's fill does; `ternmux_kernels::copy`).
+    pub big_copy_streamed_s: f64,
 }
 
 /// Measures [`PageInCosts`] on `dev`.
@@ -149,28 +158,67 @@ pub fn page_in_costs(dev: &ClDevice, reps: usize) -> Result<PageInCosts> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let trip = |dst: &mut DevBuf, src: &Pinned, bytes: usize, fenced: bool| -> Result<Vec<f64>> {
+    let align = dev.info().base_align.max(256);
+    // How a trip differs from a plain timed copy.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Trip {
+        Plain,
+        Fenced,
+        Refilled,
+        Streamed,
+        Viewed,
+    }
+    let host = vec![5u8; 8 << 20];
+    let trip = |dst: &mut DevBuf, src: &mut Pinned, bytes: usize, how: Trip| -> Result<Vec<f64>> {
         let mut trips = Vec::with_capacity(reps);
         for _ in 0..reps {
+            if matches!(how, Trip::Refilled | Trip::Streamed) {
+                use rayon::prelude::*;
+                src.as_mut_slice()[..bytes]
+                    .par_chunks_mut(256 << 10)
+                    .zip(host[..bytes].par_chunks(256 << 10))
+                    .for_each(|(d, s)| {
+                        if how == Trip::Streamed {
+                            ternmux_kernels::copy::copy_streaming(d, s);
+                        } else {
+                            d.copy_from_slice(s);
+                        }
+                    });
+            }
             let t = Instant::now();
-            let fence = if fenced { Some(dev.fence()?) } else { None };
+            let fence = if how == Trip::Fenced {
+                Some(dev.fence()?)
+            } else {
+                None
+            };
             let after: Vec<&Event> = fence.iter().collect();
             let ev = dev.write_async(dst, 0, src, bytes, &after)?;
             dev.flush_copies()?;
+            let views = if how == Trip::Viewed {
+                (0..12)
+                    .map(|i| dev.sub_buffer(dst, i * align, align))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
             dev.wait_host(&[&ev])?;
             trips.push(t.elapsed().as_secs_f64());
+            drop(views);
         }
         Ok(trips)
     };
-    let trips = trip(&mut dst, &pinned, small, false)?;
-    let fenced = trip(&mut dst, &pinned, small, true)?;
+    let mut pinned = pinned;
+    let trips = trip(&mut dst, &mut pinned, small, Trip::Plain)?;
+    let fenced = trip(&mut dst, &mut pinned, small, Trip::Fenced)?;
     let big = 8 << 20;
     let mut big_src = dev.pinned(big)?;
     big_src.as_mut_slice().fill(3);
     let mut big_dst = dev.alloc(big)?;
-    let big_trips = trip(&mut big_dst, &big_src, big, false)?;
-    let big_fenced = trip(&mut big_dst, &big_src, big, true)?;
-    let align = dev.info().base_align.max(256);
+    let big_trips = trip(&mut big_dst, &mut big_src, big, Trip::Plain)?;
+    let big_fenced = trip(&mut big_dst, &mut big_src, big, Trip::Fenced)?;
+    let big_refilled = trip(&mut big_dst, &mut big_src, big, Trip::Refilled)?;
+    let big_viewed = trip(&mut big_dst, &mut big_src, big, Trip::Viewed)?;
+    let big_streamed = trip(&mut big_dst, &mut big_src, big, Trip::Streamed)?;
     let parent = dev.alloc(align * 16)?;
     let mut views = Vec::with_capacity(reps);
     for i in 0..reps {
@@ -185,6 +233,9 @@ pub fn page_in_costs(dev: &ClDevice, reps: usize) -> Result<PageInCosts> {
         copy_after_fence_s: median(fenced),
         big_copy_s: median(big_trips),
         big_copy_after_fence_s: median(big_fenced),
+        big_copy_refilled_s: median(big_refilled),
+        big_copy_viewed_s: median(big_viewed),
+        big_copy_streamed_s: median(big_streamed),
     })
 }
 

@@ -467,12 +467,17 @@ fn bench_device(
         out,
         format!(
             "page-in pieces: a 4 KiB pinned copy on the copy queue waited for {:.1} µs ({:.1} \
-             µs after a fresh compute-queue marker); 8 MiB {:.1} µs ({:.1} µs after a marker); \
+             µs after a fresh compute-queue marker); 8 MiB {:.1} µs ({:.1} µs after a marker, \
+             {:.1} µs just after all cores rewrote its source, {:.1} µs after they rewrote it \
+             with streaming stores, {:.1} µs with 12 views of its destination made in flight); \
              a sub-buffer view {:.1} µs (medians)",
             p.copy_round_trip_s * 1e6,
             p.copy_after_fence_s * 1e6,
             p.big_copy_s * 1e6,
             p.big_copy_after_fence_s * 1e6,
+            p.big_copy_refilled_s * 1e6,
+            p.big_copy_streamed_s * 1e6,
+            p.big_copy_viewed_s * 1e6,
             p.sub_buffer_s * 1e6
         ),
     )?;
