@@ -68,6 +68,14 @@ impl Gate {
         }
     }
 
+    /// The models waiting to be admitted, first in line first.
+    pub fn waiting(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .map(|s| s.waiting.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Whether a model admitted at `since` should step aside for a waiting one.
     pub fn should_yield(&self, since: Instant) -> bool {
         since.elapsed() >= self.slice && self.state.lock().is_ok_and(|s| !s.waiting.is_empty())

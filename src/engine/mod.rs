@@ -423,6 +423,12 @@ impl Engine {
             .unwrap_or_default()
     }
 
+    /// Models with requests waiting for room on the device (at the gate), first in line first:
+    /// they do not fit next to the models running now.
+    pub fn waiting_at_gate(&self) -> Vec<String> {
+        self.gate.waiting()
+    }
+
     /// The engine's limits.
     pub fn options(&self) -> &EngineOptions {
         &self.opts
