@@ -503,7 +503,7 @@ impl Iterator for TokenStream<'_> {
         let text = self.text.push(id);
         if self.text.stopped() {
             self.finished = Some(StopReason::StopString);
-        } else if self.device_pick && self.ahead == 0 && self.may_continue() {
+        } else if self.device_pick && self.ahead == 0 && self.may_follow(self.produced.len()) {
             // The first token came from the prompt's logits on the host; the pass it feeds
             // chooses the next one on the device.
             let start = Instant::now();
@@ -520,10 +520,10 @@ impl Iterator for TokenStream<'_> {
 }
 
 impl TokenStream<'_> {
-    /// Whether another token may follow the next one (room under `max_tokens` and in the
-    /// context), so its pass is worth queueing.
-    fn may_continue(&self) -> bool {
-        self.produced.len() < self.max_tokens && self.cache.len() < self.cache.capacity()
+    /// Whether a token may follow the `produced`-th (room under `max_tokens` and in the
+    /// context), so the pass that makes it is worth queueing.
+    fn may_follow(&self, produced: usize) -> bool {
+        produced < self.max_tokens && self.cache.len() < self.cache.capacity()
     }
 
     /// The next token chosen on the device. First queues the pass that follows it (fed from
@@ -531,8 +531,8 @@ impl TokenStream<'_> {
     /// this token ends the generation.
     fn take_ahead(&mut self) -> Result<u32> {
         let start = Instant::now();
-        // The token taken now is produced.len() + 1-th; the one the queued pass makes is next.
-        if self.produced.len() + 1 < self.max_tokens && self.cache.len() < self.cache.capacity() {
+        // The token taken now is the produced.len() + 1-th; the queued pass makes the next.
+        if self.may_follow(self.produced.len() + 1) {
             self.model.queue_pick(&mut self.cache, None)?;
             self.ahead += 1;
         }

@@ -218,6 +218,7 @@ impl DevBuf {
 }
 
 /// A kernel argument.
+#[derive(Clone, Copy)]
 pub enum Arg<'a> {
     /// A buffer.
     Buf(&'a DevBuf),

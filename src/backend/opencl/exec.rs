@@ -152,11 +152,12 @@ pub struct ClKv {
     rope_filled: usize,
     scores: DevBuf,
     places: Option<Places>,
-    /// Boxed: most caches never pick on the device.
+    /// The picks of a sequence decoding alone, on their way to the host (boxed, as
+    /// `pick_bufs`).
     picks: Option<Box<Picks>>,
-    /// Token ids and partial results of batched greedy picks ([`Backend::pick_rows`]), for
-    /// this many rows (boxed, as `picks`).
-    row_picks: Option<Box<(DevBuf, DevBuf, usize)>>,
+    /// Where device picks write their tokens and partial results (boxed: most caches never
+    /// pick on the device).
+    pick_bufs: Option<Box<PickBufs>>,
     max_pass: usize,
     n_ctx: usize,
     slots: usize,
@@ -208,7 +209,7 @@ impl ClKv {
             scores,
             places: None,
             picks: None,
-            row_picks: None,
+            pick_bufs: None,
             max_pass,
             n_ctx,
             slots,
@@ -234,13 +235,40 @@ impl ClKv {
 /// ahead of the host).
 const PICK_RING: usize = 8;
 
-/// Greedy tokens chosen on the device (`cl/pick.cl`): the token the next pass embeds (`ids`,
-/// written by the pick, read by the embedding lookup), and the picks on their way back to the
+/// The device buffers of greedy picks (`cl/pick.cl`) of up to `rows` rows: their tokens (`ids`;
+/// for a sequence decoding alone, `ids[0]` is also what its next pass embeds) and the partial
+/// results of the picks' work-groups.
+struct PickBufs {
+    ids: DevBuf,
+    part: DevBuf,
+    rows: usize,
+}
+
+impl PickBufs {
+    /// `slot`'s buffers, made (or replaced by larger ones) to hold `rows` rows. A replaced
+    /// buffer lives on while queued work still uses it (OpenCL keeps the memory objects of
+    /// enqueued commands).
+    fn at_least<'s>(
+        slot: &'s mut Option<Box<PickBufs>>,
+        dev: &ClDevice,
+        rows: usize,
+    ) -> Result<&'s PickBufs> {
+        if slot.as_ref().is_none_or(|b| b.rows < rows) {
+            let rows = rows.next_power_of_two();
+            *slot = Some(Box::new(PickBufs {
+                ids: dev.alloc(rows * 4)?,
+                part: dev.alloc(pick_part_bytes(rows))?,
+                rows,
+            }));
+        }
+        slot.as_deref()
+            .ok_or_else(|| Error::Device("opencl: pick buffers missing".into()))
+    }
+}
+
+/// Greedy tokens chosen on the device for a sequence decoding alone, on their way back to the
 /// host, oldest first, each a read into a slot of the pinned `ring`.
 struct Picks {
-    ids: DevBuf,
-    /// Partial results of a pick's work-groups.
-    part: DevBuf,
     ring: Pinned,
     next: usize,
     pending: VecDeque<Pick>,
@@ -259,8 +287,6 @@ enum Pick {
 impl Picks {
     fn new(dev: &ClDevice) -> Result<Picks> {
         Ok(Picks {
-            ids: dev.alloc(4)?,
-            part: dev.alloc(pick_part_bytes(1))?,
             ring: dev.pinned(PICK_RING * 4)?,
             next: 0,
             pending: VecDeque::new(),
@@ -866,11 +892,11 @@ impl Backend for ClExec<'_> {
         x: &mut ClBuf,
     ) -> Result<()> {
         let head = tied_head.and_then(|h| h.mat(Mat::Output).ok());
-        if let (Some(m), Some(picks)) = (head, kv.picks.as_ref())
+        if let (Some(m), Some(bufs)) = (head, kv.pick_bufs.as_deref())
             && let GgmlType::Float(fmt) = m.ty
         {
             self.dev
-                .get_rows(fmt, m.cols, &m.buf, m.rows, &picks.ids, 1, &x.raw()?.f)?;
+                .get_rows(fmt, m.cols, &m.buf, m.rows, &bufs.ids, 1, &x.raw()?.f)?;
             x.quantized.set(false);
             return Ok(());
         }
@@ -893,13 +919,14 @@ impl Backend for ClExec<'_> {
                 "opencl: more than {PICK_RING} greedy picks queued ahead of the host"
             )));
         }
+        let bufs = PickBufs::at_least(&mut kv.pick_bufs, self.dev, 1)?;
         self.dev.greedy_pick(
             &logits.raw()?.f,
             0,
             n_vocab,
             1,
-            &picks.ids,
-            &picks.part,
+            &bufs.ids,
+            &bufs.part,
             Some(places),
         )?;
         places.advance()?;
@@ -909,7 +936,7 @@ impl Backend for ClExec<'_> {
         picks.next += 1;
         let event = self
             .dev
-            .read_async(&picks.ids, 0, &mut picks.ring, at * 4, 4)?;
+            .read_async(&bufs.ids, 0, &mut picks.ring, at * 4, 4)?;
         picks.pending.push_back(Pick::Flight { at, event });
         Ok(())
     }
@@ -926,21 +953,18 @@ impl Backend for ClExec<'_> {
         if rows == 0 {
             return Ok(());
         }
-        if kv.row_picks.as_ref().is_none_or(|r| r.2 < rows) {
-            let cap = rows.next_power_of_two();
-            kv.row_picks = Some(Box::new((
-                self.dev.alloc(cap * 4)?,
-                self.dev.alloc(pick_part_bytes(cap))?,
-                cap,
-            )));
-        }
-        let Some((ids, part, _)) = kv.row_picks.as_deref() else {
-            return Err(Error::Device("opencl: pick scratch missing".into()));
-        };
-        self.dev
-            .greedy_pick(&logits.raw()?.f, row0, n_vocab, rows, ids, part, None)?;
+        let bufs = PickBufs::at_least(&mut kv.pick_bufs, self.dev, rows)?;
+        self.dev.greedy_pick(
+            &logits.raw()?.f,
+            row0,
+            n_vocab,
+            rows,
+            &bufs.ids,
+            &bufs.part,
+            None,
+        )?;
         let mut got = vec![0u8; rows * 4];
-        self.dev.read(ids, 0, &mut got)?;
+        self.dev.read(&bufs.ids, 0, &mut got)?;
         out.extend(
             got.chunks_exact(4)
                 .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])),

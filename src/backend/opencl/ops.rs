@@ -766,6 +766,24 @@ impl ClDevice {
         need("activations", x, n_tok * k * 4)?;
         need("weights", w, n * fmt.row_bytes(k))?;
         need("matmul output", out, n_tok * n * 4)?;
+        // The parameters every float matmul kernel starts with, in order, and its local memory
+        // last (kernels with more parameters insert them).
+        let rb = int(fmt.row_bytes(k))?;
+        let (ki, ti, ni) = (int(k)?, int(n_tok)?, int(n)?);
+        let shared = |local: usize| {
+            vec![
+                ki,
+                rb,
+                Arg::Buf(x),
+                ti,
+                Arg::Buf(w),
+                ni,
+                Arg::Buf(out),
+                Arg::F32(scale),
+                Arg::I32(i32::from(accumulate)),
+                Arg::Local(local),
+            ]
+        };
         // Batches of F16 rows on NVIDIA sm_80+: the f16 tensor cores (activations split into
         // two f16 parts per power-of-two-scaled chunk: f32-grade sums).
         let mf_local = 2 * (MF_TOKS * MF_STRIDE + MF_TOKS) * 4;
@@ -776,18 +794,7 @@ impl ClDevice {
             && self.tiled_gemm()
             && self.info().local_mem >= mf_local as u64
         {
-            let args = [
-                int(k)?,
-                int(fmt.row_bytes(k))?,
-                Arg::Buf(x),
-                int(n_tok)?,
-                Arg::Buf(w),
-                int(n)?,
-                Arg::Buf(out),
-                Arg::F32(scale),
-                Arg::I32(i32::from(accumulate)),
-                Arg::Local(mf_local),
-            ];
+            let args = shared(mf_local);
             return self.launch(
                 "float_matmul_f16_mma",
                 &[
@@ -812,19 +819,8 @@ impl ClDevice {
                 FLOAT_TILED_TEAMS * TEAM / tgroups * FLOAT_TILED_RPT,
                 tgroups * FLOAT_TILED_TPT,
             );
-            let args = [
-                int(k)?,
-                int(fmt.row_bytes(k))?,
-                Arg::Buf(x),
-                int(n_tok)?,
-                Arg::I32(tgroups as i32),
-                Arg::Buf(w),
-                int(n)?,
-                Arg::Buf(out),
-                Arg::F32(scale),
-                Arg::I32(i32::from(accumulate)),
-                Arg::Local(toks * FLOAT_TILED_STRIDE * 4),
-            ];
+            let mut args = shared(toks * FLOAT_TILED_STRIDE * 4);
+            args.insert(4, Arg::I32(tgroups as i32));
             return self.launch(
                 "float_matmul_f16_tiled",
                 &[
@@ -850,11 +846,11 @@ impl ClDevice {
                 &[n.div_ceil(teams * GEMV_F16_ROWS) * teams * TEAM],
                 &[teams * TEAM],
                 &[
-                    int(k)?,
-                    int(fmt.row_bytes(k))?,
+                    ki,
+                    rb,
                     Arg::Buf(x),
                     Arg::Buf(w),
-                    int(n)?,
+                    ni,
                     Arg::Buf(out),
                     Arg::F32(scale),
                     Arg::I32(i32::from(accumulate)),
@@ -875,18 +871,7 @@ impl ClDevice {
         } else {
             ("float_matmul", 1, ROWS_PER_GROUP * TB * TEAM * 4)
         };
-        let mut args = vec![
-            int(k)?,
-            int(fmt.row_bytes(k))?,
-            Arg::Buf(x),
-            int(n_tok)?,
-            Arg::Buf(w),
-            int(n)?,
-            Arg::Buf(out),
-            Arg::F32(scale),
-            Arg::I32(i32::from(accumulate)),
-            Arg::Local(local),
-        ];
+        let mut args = shared(local);
         if !quad {
             args.insert(0, Arg::I32(float_format_id(fmt)));
         }
