@@ -316,6 +316,97 @@ fn ternary_matmul_split_rows_match_f64() {
     }
 }
 
+/// Corrupt 2-bit data (code 3, which no quantizer writes) reads as +1 on every path, as on the
+/// CPU: the one-token kernels (the GEMV and the general matmul) against Σ w·q in f64 with w
+/// from the reference's code reader.
+#[test]
+fn gemv_reads_corrupt_code_3_as_plus_one() {
+    let Some(d) = device() else { return };
+    let mut r = Lcg(7);
+    for fmt in [TernaryFormat::Tq2_0, TernaryFormat::I2S] {
+        let (rows, k) = (37, 768);
+        let mut bytes: Vec<u8> = (0..fmt.tensor_bytes(rows, k).unwrap())
+            .map(|_| r.next() as u8)
+            .collect();
+        // Finite scales: 0.5 per TQ2_0 block, 1.0 for the I2_S tensor.
+        if fmt == TernaryFormat::Tq2_0 {
+            for blk in bytes.chunks_exact_mut(66) {
+                blk[64..66].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+            }
+        } else {
+            let at = rows * k / 4;
+            bytes[at..at + 4].copy_from_slice(&1.0f32.to_le_bytes());
+        }
+        let row_bytes = fmt.row_bytes(k);
+        let weight = |row: usize, j: usize| -> f64 {
+            let w = &bytes[row * row_bytes..(row + 1) * row_bytes];
+            let code = match fmt {
+                TernaryFormat::Tq2_0 => {
+                    ternmux::kernels::reference::code_tq2_0(&w[j / 256 * 66..], j % 256)
+                }
+                _ => ternmux::kernels::reference::code_i2_s(w, j),
+            };
+            [-1.0, 0.0, 1.0, 1.0][usize::from(code)]
+        };
+        assert!(
+            bytes
+                .chunks(row_bytes)
+                .take(rows)
+                .any(|w| w.iter().any(|b| b & 3 == 3))
+        );
+        let d_blk = if fmt == TernaryFormat::Tq2_0 {
+            0.5
+        } else {
+            1.0
+        };
+        let q: Vec<i8> = (0..k)
+            .map(|_| ((r.next() % 255) as i32 - 127) as i8)
+            .collect();
+        let (qb, sb) = (
+            d.upload(bytemuck::cast_slice(&q)).unwrap(),
+            up_f32(&d, &[2.0]),
+        );
+        let wb = d.upload(&bytes).unwrap();
+        let want: Vec<f64> = (0..rows)
+            .map(|row| {
+                (0..k)
+                    .map(|j| weight(row, j) * f64::from(q[j]))
+                    .sum::<f64>()
+                    * d_blk
+                    / 2.0
+            })
+            .collect();
+        let mut paths = vec![];
+        for path in ["matmul", "gemv"] {
+            let o = d.alloc(rows * 4).unwrap();
+            let out = TernaryOut {
+                w: &wb,
+                rows,
+                out: &o,
+                scale: 1.0,
+                bias: None,
+            };
+            if path == "matmul" {
+                d.ternary_matmul(fmt, k, &qb, &sb, 1, &[out], false)
+                    .unwrap();
+            } else {
+                d.ternary_gemv(fmt, k, &qb, &sb, &[out], false, None)
+                    .unwrap();
+            }
+            paths.push((path, read_f32(&d, &o, rows)));
+        }
+        for (path, got) in paths {
+            for (row, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (f64::from(g) - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{} {path} row {row}: got {g}, want {w}",
+                    fmt.name()
+                );
+            }
+        }
+    }
+}
+
 proptest! {
     // 48 cases: formats × batch sizes × the GPU kernels' paths (GEMV, tiled GEMMs of 1, 2, 4
     // or 8 token groups, several token tiles) all draw from one run.

@@ -83,6 +83,13 @@ enum Command {
         /// Launches per kernel timing.
         #[arg(long = "launches", default_value_t = 100)]
         launches: usize,
+        /// Batch sizes of the ternary matmul table.
+        #[arg(long = "batches", num_args = 1.., default_values_t = [1usize, 8, 32, 64])]
+        batches: Vec<usize>,
+        /// Only the transfers and the ternary matmul table (no launch, queue and page-in
+        /// probes).
+        #[arg(long = "kernels-only")]
+        kernels_only: bool,
         /// A model to run end to end after the kernels (prefill and decode at batch 1).
         #[arg(short = 'm', long = "model")]
         model: Option<PathBuf>,
@@ -369,12 +376,24 @@ fn set_threads(threads: Option<usize>) -> Result<(), Failure> {
     Ok(())
 }
 
+/// What `bench-device` measures.
+struct DeviceProbes {
+    /// Transfer size of the bandwidth probes, MiB.
+    copy_mib: usize,
+    /// Launches per kernel timing.
+    launches: usize,
+    /// Batch sizes of the ternary matmul table.
+    batches: Vec<usize>,
+    /// Only the transfers and the ternary matmul table.
+    kernels_only: bool,
+}
+
 fn bench_device(
     device: ternmux::backend::Device,
-    copy_mib: usize,
-    launches: usize,
+    probes: &DeviceProbes,
     out: &mut impl Write,
 ) -> Result<(), Failure> {
+    let (copy_mib, launches) = (probes.copy_mib, probes.launches);
     use ternmux::backend::Placement;
     use ternmux::backend::opencl::bench;
     let (placement, note) = device.resolve();
@@ -412,6 +431,19 @@ fn bench_device(
         )?;
     }
     let copy_bw = bw[0].gb_s;
+    if !probes.kernels_only {
+        launch_probes(&dev, out)?;
+    }
+    ternary_table(&dev, &probes.batches, launches, copy_bw, out)
+}
+
+/// `bench-device`'s launch, queue and page-in probes.
+fn launch_probes(
+    dev: &ternmux::backend::opencl::ClDevice,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    use ternmux::backend::opencl::bench;
+    let w = |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(io_failure);
     for (what, n, norm) in [
         ("a tiny kernel (copy of 64 floats)", 64, false),
         ("norm_quant of one 2560-float row", 2560, true),
@@ -481,6 +513,20 @@ fn bench_device(
             p.sub_buffer_s * 1e6
         ),
     )?;
+    Ok(())
+}
+
+/// `bench-device`'s ternary matmul table: every format on the 2B-4T and 8B-class shapes at
+/// `batches`, weights cold.
+fn ternary_table(
+    dev: &ternmux::backend::opencl::ClDevice,
+    batches: &[usize],
+    launches: usize,
+    copy_bw: f64,
+    out: &mut impl Write,
+) -> Result<(), Failure> {
+    use ternmux::backend::opencl::bench;
+    let w = |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(io_failure);
     w(
         out,
         "\n## ternary matmul, weights cold (GB/s of weights; % of the copy bandwidth)".into(),
@@ -520,7 +566,7 @@ fn bench_device(
     ];
     for fmt in ternmux::kernels::ternary::TernaryFormat::ALL {
         for (name, rows, cols) in shapes {
-            for t in bench::ternary_kernels(&dev, fmt, rows, cols, &[1, 8, 32, 64], launches)? {
+            for t in bench::ternary_kernels(dev, fmt, rows, cols, batches, launches)? {
                 let device = match (t.device_seconds, t.device_gb_s()) {
                     (Some(s), Some(g)) => {
                         format!("{:>10.1} {:>9.1} {:>6.0}%", s * 1e6, g, 100.0 * g / copy_bw)
@@ -627,11 +673,19 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
             device,
             copy_mib,
             launches,
+            batches,
+            kernels_only,
             model,
             prompt_tokens,
             gen_tokens,
         } => {
-            bench_device(device, copy_mib, launches, out)?;
+            let probes = DeviceProbes {
+                copy_mib,
+                launches,
+                batches,
+                kernels_only,
+            };
+            bench_device(device, &probes, out)?;
             if let Some(m) = model {
                 writeln!(out, "\n## end to end, batch 1").map_err(io_failure)?;
                 let a = BenchArgs {
