@@ -448,7 +448,7 @@ fn launch_probes(
         ("a tiny kernel (copy of 64 floats)", 64, false),
         ("norm_quant of one 2560-float row", 2560, true),
     ] {
-        let c = bench::launch_overhead(&dev, n, norm, 1000)?;
+        let c = bench::launch_overhead(dev, n, norm, 1000)?;
         let device = c
             .device_s
             .map(|d| format!(", {:.1} µs device time", d * 1e6))
@@ -463,7 +463,7 @@ fn launch_probes(
         )?;
     }
     if dev.lanes() >= 2 {
-        let probes = bench::queue_overlap_probes(&dev, 6912, 2560, 400)?;
+        let probes = bench::queue_overlap_probes(dev, 6912, 2560, 400)?;
         for (what, o) in [
             "TQ2_0 GEMV 6912 × 2560",
             "norm_quant of one row",
@@ -485,7 +485,7 @@ fn launch_probes(
             )?;
         }
     }
-    let [plain, viewed, behind, crowded] = bench::launch_cost_variants(&dev, 6912, 2560, 100)?;
+    let [plain, viewed, behind, crowded] = bench::launch_cost_variants(dev, 6912, 2560, 100)?;
     w(
         out,
         format!(
@@ -494,7 +494,7 @@ fn launch_probes(
              {crowded:.1} (4096 more buffers alive)"
         ),
     )?;
-    let p = bench::page_in_costs(&dev, 101)?;
+    let p = bench::page_in_costs(dev, 101)?;
     w(
         out,
         format!(
