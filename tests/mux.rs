@@ -14,7 +14,7 @@ use std::time::Duration;
 use ternmux::backend::Device;
 use ternmux::kernels::ternary::TernaryFormat;
 use ternmux::model::{GenerateOptions, Model};
-use ternmux::mux::{Mux, MuxEvent, UnitId};
+use ternmux::mux::{Mux, MuxEvent, MuxOptions, PageIn, UnitId};
 use ternmux::synth::{Shape, SynthSpec, write_synthetic};
 
 const PROMPTS: [&str; 3] = ["Once upon a time", "The cat", "Lily saw a big"];
@@ -231,9 +231,24 @@ fn name(i: usize) -> String {
 }
 
 /// Runs `ops` on a mux over the first `n` zoo models on `device`.
-fn run_machine(device: Device, ops: &[Op]) -> Result<(), TestCaseError> {
+/// Runs `ops` on a mux of 4 MiB on `device`; with `host_cache`, page-ins are staged through a
+/// pinned host cache of that many bytes.
+fn run_machine(device: Device, ops: &[Op], host_cache: Option<usize>) -> Result<(), TestCaseError> {
     let zoo = zoo();
-    let mux = Mux::new(device, 4 << 20).unwrap();
+    let mux = Mux::with_options(
+        device,
+        MuxOptions {
+            budget: 4 << 20,
+            page_in: if host_cache.is_some() {
+                PageIn::Staged
+            } else {
+                PageIn::Auto
+            },
+            host_cache: host_cache.unwrap_or(0),
+            ..MuxOptions::default()
+        },
+    )
+    .unwrap();
     let budget = Arc::new(Mutex::new(mux.budget()));
     let log = Arc::new(Mutex::new(Log::default()));
     attach(&mux, &log, &budget);
@@ -341,6 +356,8 @@ fn run_machine(device: Device, ops: &[Op]) -> Result<(), TestCaseError> {
         prop_assert!(s.used <= s.budget, "used {} > budget {}", s.used, s.budget);
         let resident: usize = s.models.iter().map(|m| m.resident_bytes).sum();
         prop_assert_eq!(resident, s.used, "accounting");
+        let c = s.host_cache;
+        prop_assert!(c.used <= c.budget && c.peak <= c.budget, "host cache {c:?}");
     }
     Ok(())
 }
@@ -350,7 +367,7 @@ proptest! {
     #[test]
     fn cpu_mux_state_machine(n in 3usize..=8, ops in prop::collection::vec(op(8), 4..28)) {
         let ops: Vec<Op> = ops.into_iter().map(|o| clamp(o, n)).collect();
-        run_machine(Device::Cpu, &ops)?;
+        run_machine(Device::Cpu, &ops, None)?;
     }
 }
 
@@ -380,10 +397,10 @@ fn opencl() -> Option<Device> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(10))]
     #[test]
-    fn opencl_mux_state_machine(n in 3usize..=5, ops in prop::collection::vec(op(5), 4..16)) {
+    fn opencl_mux_state_machine(n in 3usize..=5, ops in prop::collection::vec(op(5), 4..16), cache in prop_oneof![Just(None), prop::sample::select(vec![Some(512 << 10), Some(3 << 20), Some(64 << 20)])]) {
         let Some(dev) = opencl() else { return Ok(()) };
         let ops: Vec<Op> = ops.into_iter().map(|o| clamp(o, n)).collect();
-        run_machine(dev, &ops)?;
+        run_machine(dev, &ops, cache)?;
     }
 }
 
@@ -452,6 +469,83 @@ fn limits_are_errors() {
 
 /// Concurrent requests to different models under a budget that holds about two of them: no
 /// deadlock, every text right, the budget held at every page-in and eviction.
+/// Page-ins staged through the pinned host cache: the first page-in of a unit fills a copy,
+/// later ones (after eviction from the device) copy from it; texts stay those of unlimited
+/// memory; the cache never passes its budget, shrinking it drops copies, and an unregistered
+/// model's copies go with it.
+#[test]
+fn opencl_host_cache_serves_repeat_page_ins() {
+    let Some(dev) = opencl() else { return };
+    let zoo = zoo();
+    let mux = Mux::with_options(
+        dev,
+        MuxOptions {
+            budget: usize::MAX,
+            page_in: PageIn::Staged,
+            host_cache: 64 << 20,
+            ..MuxOptions::default()
+        },
+    )
+    .unwrap();
+    let log: Arc<Mutex<Vec<MuxEvent>>> = Arc::default();
+    let sink = log.clone();
+    mux.set_event_sink(Some(Arc::new(move |e: &MuxEvent| {
+        sink.lock().unwrap().push(e.clone())
+    })));
+    for i in 0..3 {
+        mux.register(&name(i), &zoo.paths[i]).unwrap();
+    }
+    // Room for about one of the three models on the device: every round evicts.
+    let total = mux.stats().models[0].total_bytes;
+    mux.set_budget(total + total / 4).unwrap();
+    for round in 0..3 {
+        for i in 0..3 {
+            let g = mux
+                .generate(&name(i), PROMPTS[0], &opts(), |_| true)
+                .unwrap();
+            assert_eq!(g.text, reference(dev, i, 0), "round {round} model {i}");
+        }
+    }
+    let s = mux.stats();
+    let c = s.host_cache;
+    assert!(c.fills > 0 && c.hits > 0 && c.bytes_from_cache > 0, "{c:?}");
+    assert_eq!(c.bypasses, 0, "{c:?}");
+    assert!(c.used <= c.budget && c.peak <= c.budget, "{c:?}");
+    // Every page-in of a unit after its first came from the cache.
+    let ins: Vec<bool> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            MuxEvent::PageIn {
+                from_host_cache, ..
+            } => Some(*from_host_cache),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ins.iter().filter(|&&h| h).count() as u64, c.hits);
+    assert_eq!(ins.iter().filter(|&&h| !h).count() as u64, c.fills);
+    // A cache smaller than the models: copies are dropped, texts unchanged.
+    mux.set_host_cache(total / 2).unwrap();
+    let c = mux.stats().host_cache;
+    assert!(c.used <= total / 2 && c.evictions > 0, "{c:?}");
+    for i in 0..3 {
+        let g = mux
+            .generate(&name(i), PROMPTS[1], &opts(), |_| true)
+            .unwrap();
+        assert_eq!(g.text, reference(dev, i, 1), "small cache, model {i}");
+    }
+    let c = mux.stats().host_cache;
+    assert!(c.used <= c.budget, "{c:?}");
+    // Unregistering drops a model's copies.
+    let before = c.used;
+    for i in 0..3 {
+        mux.unregister(&name(i)).unwrap();
+    }
+    let c = mux.stats().host_cache;
+    assert!(c.used == 0 && before > 0, "{c:?} (was {before})");
+}
+
 fn stress(device: Device) {
     let zoo = zoo();
     let n = 4;

@@ -96,7 +96,7 @@ impl Model {
         self.placement = Placement::Cpu;
         self.device_note = None;
         if let Placement::OpenCl(dev) = &placement {
-            let store = Store::new(Some(dev.clone()), PageIn::Auto)?;
+            let store = Store::new(Some(dev.clone()), PageIn::Auto, 0)?;
             let core = Arc::new(Core::new(store, usize::MAX, false, usize::MAX));
             let (id, _) = core.add_model("model", self)?;
             self.binding = Some(Binding { core, id });

@@ -62,6 +62,8 @@ pub enum MuxEvent {
         used: usize,
         /// The budget.
         budget: usize,
+        /// Whether the bytes came from the pinned host cache (one DMA) rather than the mapping.
+        from_host_cache: bool,
     },
     /// A unit was evicted to make room.
     Evict {
@@ -93,13 +95,19 @@ impl std::fmt::Display for MuxEvent {
                 micros,
                 used,
                 budget,
+                from_host_cache,
             } => write!(
                 f,
-                "page-in  {:<16} {:>8.1} KiB {micros:>7} µs   {:.2}/{:.2} MiB",
+                "page-in  {:<16} {:>8.1} KiB {micros:>7} µs   {:.2}/{:.2} MiB{}",
                 format!("{model}/{unit}"),
                 kib(*bytes),
                 mib(*used),
-                mib(*budget)
+                mib(*budget),
+                if *from_host_cache {
+                    "   (from the host cache)"
+                } else {
+                    ""
+                }
             ),
             MuxEvent::Evict {
                 model,
@@ -330,6 +338,8 @@ impl Core {
         }
         t.models.remove(&id);
         self.changed.notify_all();
+        drop(t);
+        self.store.forget(id);
     }
 
     /// Pins unit `unit` of model `id`, paging it in (and evicting) when needed.
@@ -459,11 +469,11 @@ impl Core {
                 Some((mem, fence)) => (mem, fence),
                 None => (self.store.alloc(bytes)?, None),
             };
-            self.store.fill(mem, layout, model, after.as_ref())
+            self.store.fill(mem, key, layout, model, after.as_ref())
         })();
         let took = started.elapsed();
         let mut t = self.lock()?;
-        let (res, copying) = match filled {
+        let (res, copying, from_host_cache) = match filled {
             Ok(v) => v,
             Err(err) => {
                 t.units.remove(&key);
@@ -491,6 +501,7 @@ impl Core {
             micros: took.as_micros() as u64,
             used,
             budget,
+            from_host_cache,
         });
         drop(events);
         let guard = self.pinned(key, res);
@@ -729,6 +740,7 @@ impl Core {
             peak: t.peak,
             runtime_used: self.runtime.used(),
             runtime_limit: self.runtime.limit(),
+            host_cache: self.store.host_cache_stats(),
             models,
         }
     }

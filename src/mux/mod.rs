@@ -38,12 +38,14 @@
 //! ```
 
 pub(crate) mod core;
+pub mod host_cache;
 pub mod meter;
 mod stats;
 pub(crate) mod store;
 pub mod units;
 
 pub use self::core::{MuxEvent, Policy, Sink};
+pub use host_cache::HostCacheStats;
 pub use stats::{Histogram, ModelStats, MuxStats, UnitStats};
 pub use store::PageIn;
 pub use units::UnitId;
@@ -64,6 +66,12 @@ pub struct MuxOptions {
     pub runtime_limit: usize,
     /// How device page-ins copy from the mapping.
     pub page_in: PageIn,
+    /// Bytes of pinned host memory that keep copies of units paged in through staging, so a
+    /// unit paged in again is one DMA at the PCIe peak (see [`host_cache`]); 0 (the default)
+    /// turns the cache off. Page-locked memory is taken from the host as units are first paged
+    /// in, up to this many bytes; it is not part of [`Self::budget`]. Ignored where page-ins
+    /// are not staged (the CPU backend, devices that share the host's memory).
+    pub host_cache: usize,
     /// How victims are chosen.
     pub policy: Policy,
 }
@@ -74,6 +82,7 @@ impl Default for MuxOptions {
             budget: 512 << 20,
             runtime_limit: usize::MAX,
             page_in: PageIn::Auto,
+            host_cache: 0,
             policy: Policy::LayerLru,
         }
     }
@@ -135,7 +144,7 @@ impl Mux {
             Placement::Cpu => None,
             Placement::OpenCl(d) => Some(d.clone()),
         };
-        let store = store::Store::new(dev, opts.page_in)?;
+        let store = store::Store::new(dev, opts.page_in, opts.host_cache)?;
         let core = Arc::new(Core::new(store, opts.budget, true, opts.runtime_limit));
         core.set_policy(opts.policy)?;
         Ok(Mux {
@@ -289,6 +298,13 @@ impl Mux {
     /// Changes the weight budget; shrinking evicts least recently used units at once.
     pub fn set_budget(&self, bytes: usize) -> Result<()> {
         self.core.set_budget(bytes)
+    }
+
+    /// Changes the pinned host cache's budget ([`MuxOptions::host_cache`]); shrinking drops
+    /// least recently used copies at once. Ignored where page-ins are not staged (the CPU
+    /// backend, devices that share the host's memory): [`MuxStats::host_cache`] stays 0.
+    pub fn set_host_cache(&self, bytes: usize) -> Result<()> {
+        self.core.store.set_host_cache(bytes)
     }
 
     /// Changes the limit on KV caches and activation scratch.

@@ -109,6 +109,8 @@ pub struct MuxStats {
     pub runtime_used: usize,
     /// Limit on those bytes.
     pub runtime_limit: usize,
+    /// The pinned host cache ([`super::MuxOptions::host_cache`]).
+    pub host_cache: super::HostCacheStats,
     /// Every registered model.
     pub models: Vec<ModelStats>,
 }

@@ -10,6 +10,7 @@ use crate::backend::opencl::device::retain_event;
 use crate::backend::opencl::{ClDevice, DevBuf, DevUnit, Pinned};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::mux::host_cache::{HostCache, HostCacheStats, Key};
 use crate::mux::units::{UnitLayout, piece_bytes};
 use opencl3::event::Event;
 use rayon::prelude::*;
@@ -41,6 +42,10 @@ struct Stage {
 pub(crate) struct DeviceStore {
     pub dev: Arc<ClDevice>,
     staging: Option<Mutex<(Vec<Stage>, usize)>>,
+    /// Bytes per staging chunk (and per DMA of a host-cache fill).
+    chunk: usize,
+    /// Pinned copies of units (staged page-ins only; `None` when its budget is 0).
+    cache: Option<HostCache>,
 }
 
 /// Where a mux keeps units.
@@ -99,8 +104,9 @@ fn par_copy_pieces(dst: &mut [u8], mut pieces: Vec<(usize, &[u8])>, stream: bool
 }
 
 impl Store {
-    /// A store on `dev` (or the host for `None`).
-    pub fn new(dev: Option<Arc<ClDevice>>, mode: PageIn) -> Result<Store> {
+    /// A store on `dev` (or the host for `None`), with a pinned host cache of `host_cache`
+    /// bytes when page-ins are staged.
+    pub fn new(dev: Option<Arc<ClDevice>>, mode: PageIn, host_cache: usize) -> Result<Store> {
         let Some(dev) = dev else {
             return Ok(Store::Host);
         };
@@ -126,7 +132,37 @@ impl Store {
         } else {
             None
         };
-        Ok(Store::Device(DeviceStore { dev, staging }))
+        let cache = staged.then(|| HostCache::new(host_cache));
+        Ok(Store::Device(DeviceStore {
+            dev,
+            staging,
+            chunk,
+            cache,
+        }))
+    }
+
+    /// The pinned host cache's counters (all 0 without one).
+    pub fn host_cache_stats(&self) -> HostCacheStats {
+        match self {
+            Store::Device(DeviceStore { cache: Some(c), .. }) => c.stats(),
+            _ => HostCacheStats::default(),
+        }
+    }
+
+    /// Sets the pinned host cache's budget (dropping least recently used copies to fit).
+    /// Stores without staged page-ins have no cache and ignore it.
+    pub fn set_host_cache(&self, bytes: usize) -> Result<()> {
+        match self {
+            Store::Device(DeviceStore { cache: Some(c), .. }) => c.set_budget(bytes),
+            _ => Ok(()),
+        }
+    }
+
+    /// Drops model `id`'s copies from the host cache.
+    pub fn forget(&self, id: crate::mux::core::ModelId) {
+        if let Store::Device(DeviceStore { cache: Some(c), .. }) = self {
+            c.forget(id);
+        }
     }
 
     /// Alignment of pieces inside a unit.
@@ -147,12 +183,19 @@ impl Store {
         match self {
             Store::Host => "host memory (CPU backend): page-in = copy from the mapping".into(),
             Store::Device(d) => format!(
-                "opencl: {} — page-in {}",
+                "opencl: {} — page-in {}{}",
                 d.dev.info(),
                 if d.staging.is_some() {
                     "staged through pinned buffers on the copy queue"
                 } else {
                     "direct from the mapping on the copy queue"
+                },
+                match d.cache.as_ref().filter(|c| c.stats().budget > 0) {
+                    Some(c) => format!(
+                        ", pinned host cache of {:.1} MiB",
+                        c.stats().budget as f64 / (1u64 << 20) as f64
+                    ),
+                    None => String::new(),
                 }
             ),
         }
@@ -172,16 +215,18 @@ impl Store {
         })
     }
 
-    /// Copies `layout`'s pieces of `model` into `mem` (after `after`, the previous user of
-    /// reclaimed storage, has finished) and returns the resident unit, with the event the
-    /// compute queue must wait for when the copy is still in flight.
+    /// Copies `layout`'s pieces of `model` (unit `key`) into `mem` (after `after`, the previous
+    /// user of reclaimed storage, has finished) and returns the resident unit, with the event
+    /// the compute queue must wait for when the copy is still in flight, and whether the bytes
+    /// came from the pinned host cache.
     pub fn fill(
         &self,
         mem: Mem,
+        key: Key,
         layout: &UnitLayout,
         model: &Model,
         after: Option<&Event>,
-    ) -> Result<(Resident, Option<Event>)> {
+    ) -> Result<(Resident, Option<Event>, bool)> {
         match (self, mem) {
             (Store::Host, Mem::Host(mut data)) => {
                 data.clear();
@@ -192,9 +237,14 @@ impl Store {
                     .map(|p| (p.offset, piece_bytes(model, layout.id, p.kind)))
                     .collect();
                 par_copy_pieces(&mut data, pieces, false)?;
-                Ok((Resident::Host(HostUnit::owned(data, layout.clone())), None))
+                Ok((
+                    Resident::Host(HostUnit::owned(data, layout.clone())),
+                    None,
+                    false,
+                ))
             }
             (Store::Device(d), Mem::Device(mut buf)) => {
+                let mut from_cache = false;
                 let ready = match &d.staging {
                     None => {
                         for (i, p) in layout.pieces.iter().enumerate() {
@@ -212,10 +262,16 @@ impl Store {
                         }
                         None
                     }
-                    Some(ring) => Some(d.staged_copy(ring, &mut buf, layout, model, after)?),
+                    Some(ring) => match d.cached_copy(key, &mut buf, layout, model, after)? {
+                        Some((ev, hit)) => {
+                            from_cache = hit;
+                            Some(ev)
+                        }
+                        None => Some(d.staged_copy(ring, &mut buf, layout, model, after)?),
+                    },
                 };
                 let unit = DevUnit::new(&d.dev, buf, layout, model)?;
-                Ok((Resident::Device(unit), ready))
+                Ok((Resident::Device(unit), ready, from_cache))
             }
             _ => Err(Error::Mux(
                 "storage of another backend handed to the store".into(),
@@ -261,7 +317,99 @@ impl Store {
     }
 }
 
+/// The end of a unit's last piece: the bytes a page-in copies.
+fn layout_end(layout: &UnitLayout) -> usize {
+    layout
+        .pieces
+        .iter()
+        .map(|p| p.offset + p.len)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Copies the parts of `layout`'s pieces that fall in `[c0, c1)` of the unit into `dst` (which
+/// holds that range), with streaming stores: `dst` is pinned memory a device copies from next.
+fn fill_range(dst: &mut [u8], layout: &UnitLayout, model: &Model, c0: usize) -> Result<()> {
+    let c1 = c0 + dst.len();
+    let pieces = layout
+        .pieces
+        .iter()
+        .filter_map(|p| {
+            let (a, b) = (p.offset.max(c0), (p.offset + p.len).min(c1));
+            (a < b).then(|| {
+                let src = piece_bytes(model, layout.id, p.kind);
+                (a - c0, &src[a - p.offset..b - p.offset])
+            })
+        })
+        .collect();
+    par_copy_pieces(dst, pieces, true)
+}
+
 impl DeviceStore {
+    /// A page-in through the pinned host cache: one DMA from the unit's cached copy, or (the
+    /// first time) a fill of a new cache entry, chunk by chunk, each chunk's DMA queued as soon
+    /// as it is filled. Returns the last copy's event and whether it was a hit; `Ok(None)` when
+    /// the cache is off or cannot take the unit (larger than its budget, or pinned memory
+    /// refused): the caller stages it through the ring.
+    fn cached_copy(
+        &self,
+        key: Key,
+        buf: &mut DevBuf,
+        layout: &UnitLayout,
+        model: &Model,
+        after: Option<&Event>,
+    ) -> Result<Option<(Event, bool)>> {
+        let Some(cache) = &self.cache else {
+            return Ok(None);
+        };
+        let end = layout_end(layout);
+        let wait: Vec<&Event> = after.into_iter().collect();
+        let mut c = cache.lock()?;
+        if c.stats.budget == 0 {
+            return Ok(None);
+        }
+        if let Some(e) = c.hit(key) {
+            let ev = self.dev.write_async(buf, 0, &e.mem, 0, end, &wait)?;
+            self.dev.flush_copies()?;
+            e.set_busy(retain_event(&ev)?);
+            c.stats.hits += 1;
+            c.stats.bytes_from_cache += end as u64;
+            return Ok(Some((ev, true)));
+        }
+        if end == 0 || end > c.stats.budget {
+            c.stats.bypasses += 1;
+            return Ok(None);
+        }
+        let mut mem = match c.make_room(end)? {
+            Some(mem) => mem,
+            None => {
+                c.reserve(end);
+                match self.dev.pinned(end) {
+                    Ok(mem) => mem,
+                    Err(_) => {
+                        // Pinned memory refused (a locked-memory limit): stage as without
+                        // the cache.
+                        c.release(end);
+                        c.stats.bypasses += 1;
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let mut last = None;
+        for c0 in (0..end).step_by(self.chunk.max(1)) {
+            let c1 = (c0 + self.chunk).min(end);
+            fill_range(&mut mem.as_mut_slice()[c0..c1], layout, model, c0)?;
+            let deps: &[&Event] = if c0 == 0 { &wait } else { &[] };
+            last = Some(self.dev.write_async(buf, c0, &mem, c0, c1 - c0, deps)?);
+            self.dev.flush_copies()?;
+        }
+        let last = last.ok_or_else(|| Error::Mux(format!("unit {} is empty", layout.id)))?;
+        c.insert(key, mem, retain_event(&last)?);
+        c.stats.fills += 1;
+        Ok(Some((last, false)))
+    }
+
     fn staged_copy(
         &self,
         ring: &Mutex<(Vec<Stage>, usize)>,
@@ -274,12 +422,7 @@ impl DeviceStore {
             .lock()
             .map_err(|_| Error::Mux("staging ring poisoned".into()))?;
         let (stages, next) = &mut *guard;
-        let end = layout
-            .pieces
-            .iter()
-            .map(|p| p.offset + p.len)
-            .max()
-            .unwrap_or(0);
+        let end = layout_end(layout);
         let mut last = None;
         let mut first = true;
         let chunk = stages
@@ -294,25 +437,16 @@ impl DeviceStore {
                 ev.wait()
                     .map_err(|e| Error::Device(format!("opencl: waiting for a page-in: {e}")))?;
             }
-            let pieces = layout
-                .pieces
-                .iter()
-                .filter_map(|p| {
-                    let (a, b) = (p.offset.max(c0), (p.offset + p.len).min(c1));
-                    (a < b).then(|| {
-                        let src = piece_bytes(model, layout.id, p.kind);
-                        (a - c0, &src[a - p.offset..b - p.offset])
-                    })
-                })
-                .collect();
-            par_copy_pieces(&mut stage.mem.as_mut_slice()[..c1 - c0], pieces, true)?;
+            fill_range(&mut stage.mem.as_mut_slice()[..c1 - c0], layout, model, c0)?;
             let wait: Vec<&Event> = if first {
                 after.into_iter().collect()
             } else {
                 Vec::new()
             };
             first = false;
-            let ev = self.dev.write_async(buf, c0, &stage.mem, c1 - c0, &wait)?;
+            let ev = self
+                .dev
+                .write_async(buf, c0, &stage.mem, 0, c1 - c0, &wait)?;
             self.dev.flush_copies()?;
             // The ring keeps one handle to wait on before reuse; the caller gets the last one.
             last = Some(ev);

@@ -192,7 +192,7 @@ pub fn page_in_costs(dev: &ClDevice, reps: usize) -> Result<PageInCosts> {
                 None
             };
             let after: Vec<&Event> = fence.iter().collect();
-            let ev = dev.write_async(dst, 0, src, bytes, &after)?;
+            let ev = dev.write_async(dst, 0, src, 0, bytes, &after)?;
             dev.flush_copies()?;
             let views = if how == Trip::Viewed {
                 (0..12)

@@ -1141,8 +1141,9 @@ impl ClDevice {
         Ok(DevBuf::new(buf, bytes))
     }
 
-    /// Queues a copy of `src` into `dst` at `offset` on the copy queue, after the events in
-    /// `after` (the previous user of `dst` finishing). Returns the copy's event.
+    /// Queues a copy of `len` bytes of `src` from `src_offset` into `dst` at `offset` on the
+    /// copy queue, after the events in `after` (the previous user of `dst` finishing). Returns
+    /// the copy's event.
     ///
     /// `src` must stay untouched until the returned event completes: callers copy from pinned
     /// staging memory they wait on before reuse (see `mux::store`).
@@ -1151,10 +1152,11 @@ impl ClDevice {
         dst: &mut DevBuf,
         offset: usize,
         src: &Pinned,
+        src_offset: usize,
         len: usize,
         after: &[&Event],
     ) -> Result<Event> {
-        if offset + len > dst.bytes || len > src.bytes {
+        if offset + len > dst.bytes || src_offset + len > src.bytes {
             return Err(Error::Device(format!(
                 "opencl: page-in of {len} bytes at {offset} past a {}-byte buffer",
                 dst.bytes
@@ -1177,7 +1179,7 @@ impl ClDevice {
                 &mut dst.buf,
                 opencl3::types::CL_NON_BLOCKING,
                 offset,
-                &src.as_slice()[..len],
+                &src.as_slice()[src_offset..src_offset + len],
                 &wait,
             )
         }

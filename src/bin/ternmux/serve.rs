@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use ternmux::backend::Device;
 use ternmux::engine::{Engine, EngineOptions};
-use ternmux::mux::{Mux, parse_bytes};
+use ternmux::mux::{Mux, MuxOptions, parse_bytes};
 use ternmux::server::{Server, ServerOptions};
 
 /// Engine limits shared by `serve` and `bench concurrency`.
@@ -19,6 +19,11 @@ pub struct EngineArgs {
     /// Where to run: auto (best OpenCL GPU, else CPU), cpu, opencl, opencl:N.
     #[arg(short = 'd', long = "device", default_value = "auto")]
     pub device: Device,
+    /// Pinned host memory that keeps copies of paged-in units, so a unit paged in again is one
+    /// DMA (e.g. 2GiB; `Nx` = N times the first model's weights; 0: off). Devices with their
+    /// own memory only.
+    #[arg(long = "host-cache", default_value = "0")]
+    pub host_cache: String,
     /// Sequences decoded together per model (KV-cache slots; default 16, and in `bench
     /// concurrency` the largest level, at most 128).
     #[arg(long = "max-seqs")]
@@ -74,21 +79,36 @@ impl EngineArgs {
                 .num_threads(n)
                 .build_global();
         }
-        let times = self
-            .budget
-            .strip_suffix('x')
-            .and_then(|n| n.parse::<f64>().ok());
-        let budget = match times {
-            Some(_) => usize::MAX,
-            None => parse_bytes(&self.budget)?,
+        let times = |s: &str| s.strip_suffix('x').and_then(|n| n.parse::<f64>().ok());
+        let bytes = |s: &str| -> Result<usize, Failure> {
+            Ok(if times(s).is_some() {
+                usize::MAX
+            } else {
+                parse_bytes(s)?
+            })
         };
-        let mux = Mux::new(self.device, budget)?;
+        let mux = Mux::with_options(
+            self.device,
+            MuxOptions {
+                budget: bytes(&self.budget)?,
+                host_cache: bytes(&self.host_cache)?,
+                ..MuxOptions::default()
+            },
+        )?;
         for (name, path) in models {
             mux.register(name, path)?;
         }
-        if let (Some(n), Some((first, _))) = (times, models.first()) {
-            let total = mux.stats().model(first).map(|m| m.total_bytes).unwrap_or(0);
-            mux.set_budget((total as f64 * n).ceil() as usize)?;
+        // `Nx` sizes: N times the first model's weight bytes, known once it is registered.
+        let first = models
+            .first()
+            .and_then(|(name, _)| mux.stats().model(name).map(|m| m.total_bytes))
+            .unwrap_or(0);
+        let of_first = |n: f64| (first as f64 * n).ceil() as usize;
+        if let Some(n) = times(&self.budget) {
+            mux.set_budget(of_first(n))?;
+        }
+        if let Some(n) = times(&self.host_cache) {
+            mux.set_host_cache(of_first(n))?;
         }
         Ok(mux)
     }
