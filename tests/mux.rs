@@ -149,6 +149,7 @@ impl Replay {
                     unit,
                     used,
                     budget: b,
+                    prefetch,
                     ..
                 } => {
                     prop_assert!(
@@ -168,8 +169,13 @@ impl Replay {
                             .iter()
                             .filter(|x| !self.held.contains(*x))
                             .collect();
-                        let own: Vec<&(String, UnitId)> =
+                        let mut own: Vec<&(String, UnitId)> =
                             evictable.iter().copied().filter(|x| x.0 == k.0).collect();
+                        if *prefetch {
+                            // Started while the pass holds the unit it just pinned (its most
+                            // recent): that one is not evictable.
+                            own.pop();
+                        }
                         let own_resident = self.order.iter().filter(|x| x.0 == k.0).count();
                         let others: Vec<&(String, UnitId)> =
                             evictable.iter().copied().filter(|x| x.0 != k.0).collect();
@@ -546,22 +552,59 @@ fn opencl_host_cache_serves_repeat_page_ins() {
     assert!(c.used == 0 && before > 0, "{c:?} (was {before})");
 }
 
-fn stress(device: Device) {
+/// Six threads, four requests each, over four models under a budget that forces evictions.
+/// `staged_streaming`: page-ins staged through a pinned host cache, and a budget under the
+/// largest model, so it streams (with prefetches) while the others come and go.
+fn stress(device: Device, staged_streaming: bool) {
     let zoo = zoo();
     let n = 4;
-    let mux = Arc::new(Mux::new(device, 64 << 20).unwrap());
+    let mux = Arc::new(
+        Mux::with_options(
+            device,
+            MuxOptions {
+                budget: 64 << 20,
+                page_in: if staged_streaming {
+                    PageIn::Staged
+                } else {
+                    PageIn::Auto
+                },
+                host_cache: if staged_streaming { 8 << 20 } else { 0 },
+                ..MuxOptions::default()
+            },
+        )
+        .unwrap(),
+    );
     for i in 0..n {
         mux.register(&name(i), &zoo.paths[i]).unwrap();
     }
     let totals: Vec<usize> = mux.stats().models.iter().map(|m| m.total_bytes).collect();
     let mut sorted = totals.clone();
     sorted.sort_unstable();
-    let budget = sorted[n - 1] + sorted[n - 2] / 2;
+    let largest_unit = mux
+        .stats()
+        .models
+        .iter()
+        .flat_map(|m| m.units.iter().map(|u| u.1.bytes))
+        .max()
+        .unwrap();
+    let budget = if staged_streaming {
+        (sorted[n - 1] * 3 / 4).max(2 * largest_unit + largest_unit / 4)
+    } else {
+        sorted[n - 1] + sorted[n - 2] / 2
+    };
+    assert!(
+        !staged_streaming || budget < sorted[n - 1],
+        "the largest model should stream: budget {budget}, models {sorted:?}, unit {largest_unit}"
+    );
     mux.set_budget(budget).unwrap();
     let worst = Arc::new(Mutex::new(0usize));
+    let prefetched = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     {
-        let worst = worst.clone();
+        let (worst, prefetched) = (worst.clone(), prefetched.clone());
         mux.set_event_sink(Some(Arc::new(move |e: &MuxEvent| {
+            if matches!(e, MuxEvent::PageIn { prefetch: true, .. }) {
+                prefetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let used = match e {
                 MuxEvent::PageIn { used, .. } | MuxEvent::Evict { used, .. } => *used,
                 MuxEvent::Hit { .. } => 0,
@@ -604,6 +647,14 @@ fn stress(device: Device) {
         s.evictions() > 0,
         "the budget should force evictions: {s:?}"
     );
+    if staged_streaming {
+        let c = s.host_cache;
+        assert!(c.hits > 0 && c.used <= c.budget, "{c:?}");
+        assert!(
+            prefetched.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "no prefetch"
+        );
+    }
     println!(
         "stress on {device}: {} page-ins, {} hits, {} evictions, peak {} of {budget}",
         s.misses(),
@@ -615,12 +666,19 @@ fn stress(device: Device) {
 
 #[test]
 fn cpu_concurrent_stress() {
-    stress(Device::Cpu);
+    stress(Device::Cpu, false);
+}
+
+#[test]
+fn opencl_concurrent_stress_staged_streaming() {
+    if let Some(d) = opencl() {
+        stress(d, true);
+    }
 }
 
 #[test]
 fn opencl_concurrent_stress() {
     if let Some(d) = opencl() {
-        stress(d);
+        stress(d, false);
     }
 }

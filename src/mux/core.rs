@@ -15,6 +15,7 @@ use super::stats::{ModelStats, MuxStats, UnitStats};
 use super::store::{Mem, Store};
 use super::units::{UnitId, UnitLayout};
 use crate::backend::Resident;
+use crate::backend::opencl::device::retain_event;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use opencl3::event::Event;
@@ -64,6 +65,9 @@ pub enum MuxEvent {
         budget: usize,
         /// Whether the bytes came from the pinned host cache (one DMA) rather than the mapping.
         from_host_cache: bool,
+        /// Whether it was started ahead of use, while the model computed with earlier units
+        /// ([`Core::prefetch_after`]).
+        prefetch: bool,
     },
     /// A unit was evicted to make room.
     Evict {
@@ -96,13 +100,15 @@ impl std::fmt::Display for MuxEvent {
                 used,
                 budget,
                 from_host_cache,
+                prefetch,
             } => write!(
                 f,
-                "page-in  {:<16} {:>8.1} KiB {micros:>7} µs   {:.2}/{:.2} MiB{}",
+                "page-in  {:<16} {:>8.1} KiB {micros:>7} µs   {:.2}/{:.2} MiB{}{}",
                 format!("{model}/{unit}"),
                 kib(*bytes),
                 mib(*used),
                 mib(*budget),
+                if *prefetch { "   prefetched" } else { "" },
                 if *from_host_cache {
                     "   (from the host cache)"
                 } else {
@@ -142,6 +148,9 @@ struct Entry {
     slot: Slot,
     /// Completes when the last pass that used the unit has finished with it (devices).
     fence: Option<Event>,
+    /// The copy that paged the unit in (until seen complete): a pass that finds the unit
+    /// makes its kernels wait for it.
+    copying: Option<Event>,
 }
 
 struct ModelEntry {
@@ -229,6 +238,12 @@ impl std::ops::Deref for UnitGuard {
 
 fn poisoned<T>(_: T) -> Error {
     Error::Mux("the residency table's lock is poisoned (a thread panicked)".into())
+}
+
+/// Whether a copy's event has completed (or failed: then the use's own wait reports it).
+fn copy_done(ev: &Event) -> bool {
+    ev.command_execution_status()
+        .is_ok_and(|st| st.0 == opencl3::event::CL_COMPLETE || st.0 < 0)
 }
 
 fn mib(b: usize) -> f64 {
@@ -380,11 +395,14 @@ impl Core {
             if let Some(e) = t.units.get(&key) {
                 match &e.slot {
                     Slot::Ready(_) => {
-                        let res = t
+                        let (res, copying) = t
                             .pin_hit(key)
                             .ok_or_else(|| Error::Mux(format!("unit {unit} of {name} vanished")))?;
                         drop(t);
                         let guard = self.pinned(key, res);
+                        if let Some(copy) = copying {
+                            self.store.wait_ready(&copy, true)?;
+                        }
                         if let Some((mem, fence)) = reuse {
                             // Another thread paged the unit in meanwhile: give the room back.
                             self.return_reserved(mem, fence, bytes)?;
@@ -446,6 +464,7 @@ impl Core {
                     held: 0,
                     slot: Slot::Loading,
                     fence: None,
+                    copying: None,
                 },
             );
             // Reclaimed storage was already counted in `used`.
@@ -485,6 +504,9 @@ impl Core {
         let res = Arc::new(res);
         if let Some(e) = t.units.get_mut(&key) {
             e.slot = Slot::Ready(res.clone());
+            // Passes of other threads that find the unit before its copy has run wait for it
+            // too (this thread waits below).
+            e.copying = copying.as_ref().map(retain_event).transpose()?;
         }
         let (used, budget) = (t.used, t.budget);
         if let Some(m) = t.models.get_mut(&id) {
@@ -502,6 +524,7 @@ impl Core {
             used,
             budget,
             from_host_cache,
+            prefetch: false,
         });
         drop(events);
         let guard = self.pinned(key, res);
@@ -511,6 +534,145 @@ impl Core {
             self.store.wait_ready(&copy, streaming)?;
         }
         Ok(guard)
+    }
+
+    /// Starts paging in the first unit after `after` of model `id` that is not resident, so
+    /// that its copy runs while the caller computes with `after` and any resident units in
+    /// between — for a model larger than the budget (streaming), on a store whose page-ins run
+    /// on the device's copy queue. Never waits: with a page-in of the model already under way,
+    /// or no room to be made at once, it does nothing. The unit is not pinned; the copy's
+    /// event stays with it, and the pass that uses it makes its kernels wait for the copy.
+    /// `TERNMUX_PREFETCH=0` turns prefetching off (for measurements).
+    pub fn prefetch_after(
+        self: &Arc<Self>,
+        model: &Model,
+        id: ModelId,
+        after: UnitId,
+    ) -> Result<()> {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off =
+            *OFF.get_or_init(|| std::env::var_os("TERNMUX_PREFETCH").is_some_and(|v| v == "0"));
+        if off || !self.store.copies_async() {
+            return Ok(());
+        }
+        let mut events = Emit {
+            core: self,
+            events: Vec::new(),
+        };
+        let mut t = self.lock()?;
+        let Some(m) = t.models.get(&id) else {
+            return Ok(());
+        };
+        if m.total <= t.budget {
+            return Ok(());
+        }
+        let (layouts, name) = (m.layouts.clone(), m.name.clone());
+        let loading = t
+            .units
+            .iter()
+            .any(|(k, e)| k.0 == id && matches!(e.slot, Slot::Loading));
+        let next = layouts
+            .iter()
+            .skip_while(|l| l.id != after)
+            .skip(1)
+            .find(|l| !t.units.contains_key(&(id, l.id)));
+        let Some(layout) = next.filter(|l| !loading && l.bytes <= t.budget) else {
+            return Ok(());
+        };
+        let (key, bytes) = ((id, layout.id), layout.bytes);
+        // Nothing is evicted for a prefetch that could not complete now (the unit the caller
+        // holds, and other passes' units, stay).
+        let evictable: usize = t
+            .units
+            .iter()
+            .filter(|(k, e)| t.evictable(k, e, key))
+            .map(|(_, e)| e.bytes)
+            .sum();
+        if t.budget - t.used + evictable < bytes {
+            return Ok(());
+        }
+        let mut reuse: Option<(Mem, Option<Event>)> = None;
+        while t.used + if reuse.is_some() { 0 } else { bytes } > t.budget {
+            let victims = t.victims(key, true);
+            if victims.is_empty() {
+                drop(t);
+                if let Some((mem, fence)) = reuse {
+                    self.return_reserved(mem, fence, bytes)?;
+                }
+                return Ok(());
+            }
+            for v in victims {
+                let evicted = self.evict(&mut t, v, &name, bytes, &mut reuse)?;
+                events.events.push(evicted);
+            }
+        }
+        t.clock += 1;
+        let now = t.clock;
+        t.units.insert(
+            key,
+            Entry {
+                bytes,
+                last_use: now,
+                pins: 0,
+                held: 0,
+                slot: Slot::Loading,
+                fence: None,
+                copying: None,
+            },
+        );
+        if reuse.is_none() {
+            t.used += bytes;
+        }
+        t.peak = t.peak.max(t.used);
+        if let Some(m) = t.models.get_mut(&id) {
+            m.stats.misses += 1;
+            if let Some(u) = m.unit_stats.get_mut(&key.1) {
+                u.misses += 1;
+            }
+        }
+        drop(t);
+        let started = Instant::now();
+        let filled = (|| {
+            let (mem, after) = match reuse {
+                Some((mem, fence)) => (mem, fence),
+                None => (self.store.alloc(bytes)?, None),
+            };
+            self.store.fill(mem, key, layout, model, after.as_ref())
+        })();
+        let took = started.elapsed();
+        let mut t = self.lock()?;
+        let (res, copying, from_host_cache) = match filled {
+            Ok(v) => v,
+            Err(err) => {
+                t.units.remove(&key);
+                t.used -= bytes;
+                self.changed.notify_all();
+                return Err(err);
+            }
+        };
+        if let Some(e) = t.units.get_mut(&key) {
+            e.slot = Slot::Ready(Arc::new(res));
+            e.copying = copying;
+        }
+        let (used, budget) = (t.used, t.budget);
+        if let Some(m) = t.models.get_mut(&id) {
+            m.stats.bytes_in += bytes as u64;
+            m.stats.page_in_time.record(took);
+            m.stats.page_in_total += took;
+        }
+        self.changed.notify_all();
+        drop(t);
+        events.events.push(MuxEvent::PageIn {
+            model: name,
+            unit: key.1,
+            bytes,
+            micros: took.as_micros() as u64,
+            used,
+            budget,
+            from_host_cache,
+            prefetch: true,
+        });
+        Ok(())
     }
 
     fn pinned(self: &Arc<Self>, key: Key, res: Arc<Resident>) -> UnitGuard {
@@ -532,7 +694,7 @@ impl Core {
         };
         let mut t = self.lock()?;
         t.clock += 1;
-        let Some(res) = t.pin_hit(key) else {
+        let Some((res, copying)) = t.pin_hit(key) else {
             return Ok(None);
         };
         if self.has_sink.load(Ordering::Relaxed)
@@ -544,7 +706,11 @@ impl Core {
             });
         }
         drop(t);
-        Ok(Some(self.pinned(key, res)))
+        let guard = self.pinned(key, res);
+        if let Some(copy) = copying {
+            self.store.wait_ready(&copy, true)?;
+        }
+        Ok(Some(guard))
     }
 
     /// Storage reclaimed for a page-in that turned out not to be needed: free it.
@@ -780,13 +946,23 @@ impl Core {
 impl Table {
     /// Pins a resident unit for a use at the current clock and counts the hit; `None` when the
     /// unit is not resident (absent or still loading).
-    fn pin_hit(&mut self, key: Key) -> Option<Arc<Resident>> {
+    fn pin_hit(&mut self, key: Key) -> Option<(Arc<Resident>, Option<Event>)> {
         let now = self.clock;
         let e = self.units.get_mut(&key)?;
         let Slot::Ready(res) = &e.slot else {
             return None;
         };
         let res = res.clone();
+        // A prefetched unit's copy may still run: this use waits for it (each use until it
+        // has completed, since passes on other queues may come first).
+        let copying = match e.copying.take() {
+            Some(ev) if !copy_done(&ev) => {
+                let mine = retain_event(&ev).ok();
+                e.copying = Some(ev);
+                mine
+            }
+            _ => None,
+        };
         e.pins += 1;
         e.last_use = now;
         if let Some(m) = self.models.get_mut(&key.0) {
@@ -796,7 +972,7 @@ impl Table {
                 u.hits += 1;
             }
         }
-        Some(res)
+        Some((res, copying))
     }
 
     /// Whether a pass holds a pin or a page-in is under way (either will free or settle soon).
