@@ -561,8 +561,6 @@ fn pass<B: Backend>(
         // Pinned while this block's ops are issued; the next page-in may start as soon as the
         // guard drops (the device keeps computing while the host copies).
         let guard = model.acquire(UnitId::Block(li))?;
-        // A streaming model's next missing unit starts copying while this block computes.
-        model.prefetch_after(UnitId::Block(li))?;
         let blk = be.unit(&guard)?;
         // Later blocks find their normed input in `h`: the previous block's down projection
         // made it (Norm::Next).

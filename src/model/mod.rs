@@ -136,15 +136,6 @@ impl Model {
         }
     }
 
-    /// Starts paging in the next unit after `unit` that is not resident, when the model streams
-    /// through a mux on a device (see `Core::prefetch_after`); nothing otherwise.
-    pub(crate) fn prefetch_after(&self, unit: UnitId) -> Result<()> {
-        match &self.binding {
-            None => Ok(()),
-            Some(b) => b.core.prefetch_after(self, b.id, unit),
-        }
-    }
-
     /// Pins a unit only if it is resident already.
     pub(crate) fn peek(&self, unit: UnitId) -> Result<Option<UnitGuard>> {
         match &self.binding {

@@ -65,9 +65,6 @@ pub enum MuxEvent {
         budget: usize,
         /// Whether the bytes came from the pinned host cache (one DMA) rather than the mapping.
         from_host_cache: bool,
-        /// Whether it was started ahead of use, while the model computed with earlier units
-        /// ([`Core::prefetch_after`]).
-        prefetch: bool,
     },
     /// A unit was evicted to make room.
     Evict {
@@ -100,15 +97,13 @@ impl std::fmt::Display for MuxEvent {
                 used,
                 budget,
                 from_host_cache,
-                prefetch,
             } => write!(
                 f,
-                "page-in  {:<16} {:>8.1} KiB {micros:>7} µs   {:.2}/{:.2} MiB{}{}",
+                "page-in  {:<16} {:>8.1} KiB {micros:>7} µs   {:.2}/{:.2} MiB{}",
                 format!("{model}/{unit}"),
                 kib(*bytes),
                 mib(*used),
                 mib(*budget),
-                if *prefetch { "   prefetched" } else { "" },
                 if *from_host_cache {
                     "   (from the host cache)"
                 } else {
@@ -524,7 +519,6 @@ impl Core {
             used,
             budget,
             from_host_cache,
-            prefetch: false,
         });
         drop(events);
         let guard = self.pinned(key, res);
@@ -534,145 +528,6 @@ impl Core {
             self.store.wait_ready(&copy, streaming)?;
         }
         Ok(guard)
-    }
-
-    /// Starts paging in the first unit after `after` of model `id` that is not resident, so
-    /// that its copy runs while the caller computes with `after` and any resident units in
-    /// between — for a model larger than the budget (streaming), on a store whose page-ins run
-    /// on the device's copy queue. Never waits: with a page-in of the model already under way,
-    /// or no room to be made at once, it does nothing. The unit is not pinned; the copy's
-    /// event stays with it, and the pass that uses it makes its kernels wait for the copy.
-    /// `TERNMUX_PREFETCH=0` turns prefetching off (for measurements).
-    pub fn prefetch_after(
-        self: &Arc<Self>,
-        model: &Model,
-        id: ModelId,
-        after: UnitId,
-    ) -> Result<()> {
-        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let off =
-            *OFF.get_or_init(|| std::env::var_os("TERNMUX_PREFETCH").is_some_and(|v| v == "0"));
-        if off || !self.store.copies_async() {
-            return Ok(());
-        }
-        let mut events = Emit {
-            core: self,
-            events: Vec::new(),
-        };
-        let mut t = self.lock()?;
-        let Some(m) = t.models.get(&id) else {
-            return Ok(());
-        };
-        if m.total <= t.budget {
-            return Ok(());
-        }
-        let (layouts, name) = (m.layouts.clone(), m.name.clone());
-        let loading = t
-            .units
-            .iter()
-            .any(|(k, e)| k.0 == id && matches!(e.slot, Slot::Loading));
-        let next = layouts
-            .iter()
-            .skip_while(|l| l.id != after)
-            .skip(1)
-            .find(|l| !t.units.contains_key(&(id, l.id)));
-        let Some(layout) = next.filter(|l| !loading && l.bytes <= t.budget) else {
-            return Ok(());
-        };
-        let (key, bytes) = ((id, layout.id), layout.bytes);
-        // Nothing is evicted for a prefetch that could not complete now (the unit the caller
-        // holds, and other passes' units, stay).
-        let evictable: usize = t
-            .units
-            .iter()
-            .filter(|(k, e)| t.evictable(k, e, key))
-            .map(|(_, e)| e.bytes)
-            .sum();
-        if t.budget - t.used + evictable < bytes {
-            return Ok(());
-        }
-        let mut reuse: Option<(Mem, Option<Event>)> = None;
-        while t.used + if reuse.is_some() { 0 } else { bytes } > t.budget {
-            let victims = t.victims(key, true);
-            if victims.is_empty() {
-                drop(t);
-                if let Some((mem, fence)) = reuse {
-                    self.return_reserved(mem, fence, bytes)?;
-                }
-                return Ok(());
-            }
-            for v in victims {
-                let evicted = self.evict(&mut t, v, &name, bytes, &mut reuse)?;
-                events.events.push(evicted);
-            }
-        }
-        t.clock += 1;
-        let now = t.clock;
-        t.units.insert(
-            key,
-            Entry {
-                bytes,
-                last_use: now,
-                pins: 0,
-                held: 0,
-                slot: Slot::Loading,
-                fence: None,
-                copying: None,
-            },
-        );
-        if reuse.is_none() {
-            t.used += bytes;
-        }
-        t.peak = t.peak.max(t.used);
-        if let Some(m) = t.models.get_mut(&id) {
-            m.stats.misses += 1;
-            if let Some(u) = m.unit_stats.get_mut(&key.1) {
-                u.misses += 1;
-            }
-        }
-        drop(t);
-        let started = Instant::now();
-        let filled = (|| {
-            let (mem, after) = match reuse {
-                Some((mem, fence)) => (mem, fence),
-                None => (self.store.alloc(bytes)?, None),
-            };
-            self.store.fill(mem, key, layout, model, after.as_ref())
-        })();
-        let took = started.elapsed();
-        let mut t = self.lock()?;
-        let (res, copying, from_host_cache) = match filled {
-            Ok(v) => v,
-            Err(err) => {
-                t.units.remove(&key);
-                t.used -= bytes;
-                self.changed.notify_all();
-                return Err(err);
-            }
-        };
-        if let Some(e) = t.units.get_mut(&key) {
-            e.slot = Slot::Ready(Arc::new(res));
-            e.copying = copying;
-        }
-        let (used, budget) = (t.used, t.budget);
-        if let Some(m) = t.models.get_mut(&id) {
-            m.stats.bytes_in += bytes as u64;
-            m.stats.page_in_time.record(took);
-            m.stats.page_in_total += took;
-        }
-        self.changed.notify_all();
-        drop(t);
-        events.events.push(MuxEvent::PageIn {
-            model: name,
-            unit: key.1,
-            bytes,
-            micros: took.as_micros() as u64,
-            used,
-            budget,
-            from_host_cache,
-            prefetch: true,
-        });
-        Ok(())
     }
 
     fn pinned(self: &Arc<Self>, key: Key, res: Arc<Resident>) -> UnitGuard {
@@ -953,8 +808,8 @@ impl Table {
             return None;
         };
         let res = res.clone();
-        // A prefetched unit's copy may still run: this use waits for it (each use until it
-        // has completed, since passes on other queues may come first).
+        // The copy that paged the unit in may still run (another thread paged it in and has not
+        // waited yet): this use waits for it too, every use until it is seen complete.
         let copying = match e.copying.take() {
             Some(ev) if !copy_done(&ev) => {
                 let mine = retain_event(&ev).ok();

@@ -165,12 +165,6 @@ impl Store {
         }
     }
 
-    /// Whether page-ins run on the device's copy queue while the caller goes on (staged):
-    /// what makes starting one ahead of use worth it.
-    pub fn copies_async(&self) -> bool {
-        matches!(self, Store::Device(d) if d.staging.is_some())
-    }
-
     /// Alignment of pieces inside a unit.
     pub fn align(&self) -> usize {
         match self {
