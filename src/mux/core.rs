@@ -141,8 +141,10 @@ struct Entry {
     pins: u32,
     held: u32,
     slot: Slot,
-    /// Completes when the last pass that used the unit has finished with it (devices).
-    fence: Option<Event>,
+    /// Complete when the passes that used the unit have finished with it (devices): one
+    /// marker per use whose queue may still run it (passes on several queues can share a
+    /// unit; the storage is reused or freed only after all of them).
+    fence: Vec<Event>,
     /// The copy that paged the unit in (until seen complete): a pass that finds the unit
     /// makes its kernels wait for it.
     copying: Option<Event>,
@@ -235,7 +237,8 @@ fn poisoned<T>(_: T) -> Error {
     Error::Mux("the residency table's lock is poisoned (a thread panicked)".into())
 }
 
-/// Whether a copy's event has completed (or failed: then the use's own wait reports it).
+/// Whether a copy's (or a fence's) event has completed (or failed: then the use's own wait
+/// reports it).
 fn copy_done(ev: &Event) -> bool {
     ev.command_execution_status()
         .is_ok_and(|st| st.0 == opencl3::event::CL_COMPLETE || st.0 < 0)
@@ -340,7 +343,7 @@ impl Core {
         let keys: Vec<Key> = t.units.keys().filter(|k| k.0 == id).copied().collect();
         for k in keys {
             if let Some(e) = t.units.remove(&k) {
-                if let Some(f) = &e.fence {
+                for f in &e.fence {
                     let _ = f.wait();
                 }
                 t.used -= e.bytes;
@@ -382,7 +385,7 @@ impl Core {
             .filter(|l| l.id == unit)
             .ok_or_else(|| Error::Mux(format!("model {name} has no unit {unit}")))?;
         let bytes = layout.bytes;
-        let mut reuse: Option<(Mem, Option<Event>)> = None;
+        let mut reuse: Option<(Mem, Vec<Event>)> = None;
         let mut streaming: bool;
         'retry: loop {
             t.clock += 1;
@@ -458,7 +461,7 @@ impl Core {
                     pins: 1,
                     held: 0,
                     slot: Slot::Loading,
-                    fence: None,
+                    fence: Vec::new(),
                     copying: None,
                 },
             );
@@ -481,9 +484,9 @@ impl Core {
         let filled = (|| {
             let (mem, after) = match reuse {
                 Some((mem, fence)) => (mem, fence),
-                None => (self.store.alloc(bytes)?, None),
+                None => (self.store.alloc(bytes)?, Vec::new()),
             };
-            self.store.fill(mem, key, layout, model, after.as_ref())
+            self.store.fill(mem, key, layout, model, &after)
         })();
         let took = started.elapsed();
         let mut t = self.lock()?;
@@ -569,8 +572,8 @@ impl Core {
     }
 
     /// Storage reclaimed for a page-in that turned out not to be needed: free it.
-    fn return_reserved(&self, mem: Mem, fence: Option<Event>, bytes: usize) -> Result<()> {
-        if let Some(f) = &fence {
+    fn return_reserved(&self, mem: Mem, fence: Vec<Event>, bytes: usize) -> Result<()> {
+        for f in &fence {
             f.wait().map_err(|e| {
                 Error::Device(format!("opencl: waiting for a unit's last use: {e}"))
             })?;
@@ -590,7 +593,7 @@ impl Core {
         k: Key,
         for_model: &Arc<str>,
         want: usize,
-        reuse: &mut Option<(Mem, Option<Event>)>,
+        reuse: &mut Option<(Mem, Vec<Event>)>,
     ) -> Result<MuxEvent> {
         let e = t
             .units
@@ -604,7 +607,7 @@ impl Core {
                 *reuse = Some((Store::reclaim(resident), e.fence));
             }
             other => {
-                if let Some(f) = &e.fence {
+                for f in &e.fence {
                     f.wait().map_err(|err| {
                         Error::Device(format!("opencl: waiting for a unit's last use: {err}"))
                     })?;
@@ -643,8 +646,9 @@ impl Core {
         if let Ok(mut t) = self.lock() {
             if let Some(e) = t.units.get_mut(&key) {
                 e.pins = e.pins.saturating_sub(1);
-                if fence.is_some() {
-                    e.fence = fence;
+                if let Some(f) = fence {
+                    e.fence.retain(|x| !copy_done(x));
+                    e.fence.push(f);
                 }
             }
             self.changed.notify_all();

@@ -215,8 +215,8 @@ impl Store {
         })
     }
 
-    /// Copies `layout`'s pieces of `model` (unit `key`) into `mem` (after `after`, the previous
-    /// user of reclaimed storage, has finished) and returns the resident unit, with the event
+    /// Copies `layout`'s pieces of `model` (unit `key`) into `mem` (after the events `after`:
+    /// the previous users of reclaimed storage finishing) and returns the resident unit, with the event
     /// the compute queue must wait for when the copy is still in flight, and whether the bytes
     /// came from the pinned host cache.
     pub fn fill(
@@ -225,7 +225,7 @@ impl Store {
         key: Key,
         layout: &UnitLayout,
         model: &Model,
-        after: Option<&Event>,
+        after: &[Event],
     ) -> Result<(Resident, Option<Event>, bool)> {
         match (self, mem) {
             (Store::Host, Mem::Host(mut data)) => {
@@ -249,7 +249,7 @@ impl Store {
                     None => {
                         for (i, p) in layout.pieces.iter().enumerate() {
                             let wait: Vec<&Event> = if i == 0 {
-                                after.into_iter().collect()
+                                after.iter().collect()
                             } else {
                                 Vec::new()
                             };
@@ -357,13 +357,13 @@ impl DeviceStore {
         buf: &mut DevBuf,
         layout: &UnitLayout,
         model: &Model,
-        after: Option<&Event>,
+        after: &[Event],
     ) -> Result<Option<(Event, bool)>> {
         let Some(cache) = &self.cache else {
             return Ok(None);
         };
         let end = layout_end(layout);
-        let wait: Vec<&Event> = after.into_iter().collect();
+        let wait: Vec<&Event> = after.iter().collect();
         let mut c = cache.lock()?;
         if c.stats.budget == 0 {
             return Ok(None);
@@ -396,18 +396,36 @@ impl DeviceStore {
                 }
             }
         };
-        let mut last = None;
-        for c0 in (0..end).step_by(self.chunk.max(1)) {
-            let c1 = (c0 + self.chunk).min(end);
-            fill_range(&mut mem.as_mut_slice()[c0..c1], layout, model, c0)?;
-            let deps: &[&Event] = if c0 == 0 { &wait } else { &[] };
-            last = Some(self.dev.write_async(buf, c0, &mem, c0, c1 - c0, deps)?);
-            self.dev.flush_copies()?;
+        let mut last: Option<Event> = None;
+        let mut copy = || -> Result<Event> {
+            for c0 in (0..end).step_by(self.chunk.max(1)) {
+                let c1 = (c0 + self.chunk).min(end);
+                fill_range(&mut mem.as_mut_slice()[c0..c1], layout, model, c0)?;
+                let deps: &[&Event] = if c0 == 0 { &wait } else { &[] };
+                last = Some(self.dev.write_async(buf, c0, &mem, c0, c1 - c0, deps)?);
+                self.dev.flush_copies()?;
+            }
+            let ev = last
+                .as_ref()
+                .ok_or_else(|| Error::Mux(format!("unit {} is empty", layout.id)))?;
+            retain_event(ev)
+        };
+        match copy() {
+            Ok(busy) => {
+                c.insert(key, mem, busy);
+                c.stats.fills += 1;
+                Ok(last.map(|ev| (ev, false)))
+            }
+            Err(err) => {
+                // Chunks already queued read `mem`: it is freed only after them.
+                if let Some(ev) = &last {
+                    let _ = ev.wait();
+                }
+                drop(mem);
+                c.release(end);
+                Err(err)
+            }
         }
-        let last = last.ok_or_else(|| Error::Mux(format!("unit {} is empty", layout.id)))?;
-        c.insert(key, mem, retain_event(&last)?);
-        c.stats.fills += 1;
-        Ok(Some((last, false)))
     }
 
     fn staged_copy(
@@ -416,7 +434,7 @@ impl DeviceStore {
         buf: &mut DevBuf,
         layout: &UnitLayout,
         model: &Model,
-        after: Option<&Event>,
+        after: &[Event],
     ) -> Result<Event> {
         let mut guard = ring
             .lock()
@@ -439,7 +457,7 @@ impl DeviceStore {
             }
             fill_range(&mut stage.mem.as_mut_slice()[..c1 - c0], layout, model, c0)?;
             let wait: Vec<&Event> = if first {
-                after.into_iter().collect()
+                after.iter().collect()
             } else {
                 Vec::new()
             };
