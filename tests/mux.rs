@@ -404,28 +404,32 @@ proptest! {
     }
 }
 
-/// A fixed sequence that must evict, stream and hit: the budget holds about one bundled model.
-#[test]
-fn eviction_streaming_and_hits_happen() {
+/// Registers the first three models of the zoo, sets the budget to about one of them (every
+/// round evicts), runs `rounds` rounds of one request to each, and checks every text against
+/// unlimited memory. Returns the first model's weight bytes.
+fn rotate_three(mux: &Mux, device: Device, rounds: usize) -> usize {
     let zoo = zoo();
-    let mux = Mux::new(Device::Cpu, 1 << 20).unwrap();
     for i in 0..3 {
         mux.register(&name(i), &zoo.paths[i]).unwrap();
     }
     let total = mux.stats().models[0].total_bytes;
     mux.set_budget(total + total / 4).unwrap();
-    for round in 0..2 {
+    for round in 0..rounds {
         for i in 0..3 {
             let g = mux
                 .generate(&name(i), PROMPTS[0], &opts(), |_| true)
                 .unwrap();
-            assert_eq!(
-                g.text,
-                reference(Device::Cpu, i, 0),
-                "round {round} model {i}"
-            );
+            assert_eq!(g.text, reference(device, i, 0), "round {round} model {i}");
         }
     }
+    total
+}
+
+/// A fixed sequence that must evict, stream and hit: the budget holds about one bundled model.
+#[test]
+fn eviction_streaming_and_hits_happen() {
+    let mux = Mux::new(Device::Cpu, 1 << 20).unwrap();
+    let total = rotate_three(&mux, Device::Cpu, 2);
     let s = mux.stats();
     assert!(s.evictions() > 0 && s.hits() > 0 && s.misses() > 0, "{s:?}");
     assert!(s.peak <= s.budget);
@@ -476,7 +480,6 @@ fn limits_are_errors() {
 #[test]
 fn opencl_host_cache_serves_repeat_page_ins() {
     let Some(dev) = opencl() else { return };
-    let zoo = zoo();
     let mux = Mux::with_options(
         dev,
         MuxOptions {
@@ -492,20 +495,7 @@ fn opencl_host_cache_serves_repeat_page_ins() {
     mux.set_event_sink(Some(Arc::new(move |e: &MuxEvent| {
         sink.lock().unwrap().push(e.clone())
     })));
-    for i in 0..3 {
-        mux.register(&name(i), &zoo.paths[i]).unwrap();
-    }
-    // Room for about one of the three models on the device: every round evicts.
-    let total = mux.stats().models[0].total_bytes;
-    mux.set_budget(total + total / 4).unwrap();
-    for round in 0..3 {
-        for i in 0..3 {
-            let g = mux
-                .generate(&name(i), PROMPTS[0], &opts(), |_| true)
-                .unwrap();
-            assert_eq!(g.text, reference(dev, i, 0), "round {round} model {i}");
-        }
-    }
+    let total = rotate_three(&mux, dev, 3);
     let s = mux.stats();
     let c = s.host_cache;
     assert!(c.fills > 0 && c.hits > 0 && c.bytes_from_cache > 0, "{c:?}");

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 /// Identifies a model inside one table.
 pub(crate) type ModelId = u64;
-type Key = (ModelId, UnitId);
+/// A unit of one model.
+pub(crate) type Key = (ModelId, UnitId);
 
 /// How victims are chosen when a page-in needs room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -237,9 +238,9 @@ fn poisoned<T>(_: T) -> Error {
     Error::Mux("the residency table's lock is poisoned (a thread panicked)".into())
 }
 
-/// Whether a copy's (or a fence's) event has completed (or failed: then the use's own wait
+/// Whether a copy's or a fence's event has completed (or failed: then the use's own wait
 /// reports it).
-fn copy_done(ev: &Event) -> bool {
+fn event_done(ev: &Event) -> bool {
     ev.command_execution_status()
         .is_ok_and(|st| st.0 == opencl3::event::CL_COMPLETE || st.0 < 0)
 }
@@ -397,10 +398,7 @@ impl Core {
                             .pin_hit(key)
                             .ok_or_else(|| Error::Mux(format!("unit {unit} of {name} vanished")))?;
                         drop(t);
-                        let guard = self.pinned(key, res);
-                        if let Some(copy) = copying {
-                            self.store.wait_ready(&copy, true)?;
-                        }
+                        let guard = self.pinned_after(key, res, copying)?;
                         if let Some((mem, fence)) = reuse {
                             // Another thread paged the unit in meanwhile: give the room back.
                             self.return_reserved(mem, fence, bytes)?;
@@ -533,6 +531,21 @@ impl Core {
         Ok(guard)
     }
 
+    /// [`Self::pinned`] for a hit: when the copy that paged the unit in may still run
+    /// (`copying`, from [`Table::pin_hit`]), the caller's queue waits for it first.
+    fn pinned_after(
+        self: &Arc<Self>,
+        key: Key,
+        res: Arc<Resident>,
+        copying: Option<Event>,
+    ) -> Result<UnitGuard> {
+        let guard = self.pinned(key, res);
+        if let Some(copy) = copying {
+            self.store.wait_ready(&copy, true)?;
+        }
+        Ok(guard)
+    }
+
     fn pinned(self: &Arc<Self>, key: Key, res: Arc<Resident>) -> UnitGuard {
         UnitGuard {
             res,
@@ -564,11 +577,7 @@ impl Core {
             });
         }
         drop(t);
-        let guard = self.pinned(key, res);
-        if let Some(copy) = copying {
-            self.store.wait_ready(&copy, true)?;
-        }
-        Ok(Some(guard))
+        self.pinned_after(key, res, copying).map(Some)
     }
 
     /// Storage reclaimed for a page-in that turned out not to be needed: free it.
@@ -647,7 +656,7 @@ impl Core {
             if let Some(e) = t.units.get_mut(&key) {
                 e.pins = e.pins.saturating_sub(1);
                 if let Some(f) = fence {
-                    e.fence.retain(|x| !copy_done(x));
+                    e.fence.retain(|x| !event_done(x));
                     e.fence.push(f);
                 }
             }
@@ -815,7 +824,7 @@ impl Table {
         // The copy that paged the unit in may still run (another thread paged it in and has not
         // waited yet): this use waits for it too, every use until it is seen complete.
         let copying = match e.copying.take() {
-            Some(ev) if !copy_done(&ev) => {
+            Some(ev) if !event_done(&ev) => {
                 let mine = retain_event(&ev).ok();
                 e.copying = Some(ev);
                 mine

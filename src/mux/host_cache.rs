@@ -22,11 +22,7 @@ use opencl3::event::Event;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-use super::core::ModelId;
-use super::units::UnitId;
-
-/// A unit of one model.
-pub(crate) type Key = (ModelId, UnitId);
+use super::core::{Key, ModelId};
 
 /// What the pinned host cache holds and did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -10,7 +10,8 @@ use crate::backend::opencl::device::retain_event;
 use crate::backend::opencl::{ClDevice, DevBuf, DevUnit, Pinned};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::mux::host_cache::{HostCache, HostCacheStats, Key};
+use crate::mux::core::{Key, ModelId};
+use crate::mux::host_cache::{HostCache, HostCacheStats};
 use crate::mux::units::{UnitLayout, piece_bytes};
 use opencl3::event::Event;
 use rayon::prelude::*;
@@ -44,7 +45,7 @@ pub(crate) struct DeviceStore {
     staging: Option<Mutex<(Vec<Stage>, usize)>>,
     /// Bytes per staging chunk (and per DMA of a host-cache fill).
     chunk: usize,
-    /// Pinned copies of units (staged page-ins only; `None` when its budget is 0).
+    /// Pinned copies of units (staged page-ins only; off while its budget is 0).
     cache: Option<HostCache>,
 }
 
@@ -159,7 +160,7 @@ impl Store {
     }
 
     /// Drops model `id`'s copies from the host cache.
-    pub fn forget(&self, id: crate::mux::core::ModelId) {
+    pub fn forget(&self, id: ModelId) {
         if let Store::Device(DeviceStore { cache: Some(c), .. }) = self {
             c.forget(id);
         }
@@ -190,12 +191,12 @@ impl Store {
                 } else {
                     "direct from the mapping on the copy queue"
                 },
-                match d.cache.as_ref().filter(|c| c.stats().budget > 0) {
-                    Some(c) => format!(
+                match d.cache.as_ref().map(|c| c.stats().budget) {
+                    Some(b) if b > 0 => format!(
                         ", pinned host cache of {:.1} MiB",
-                        c.stats().budget as f64 / (1u64 << 20) as f64
+                        b as f64 / (1u64 << 20) as f64
                     ),
-                    None => String::new(),
+                    _ => String::new(),
                 }
             ),
         }
