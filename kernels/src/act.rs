@@ -182,7 +182,7 @@ impl<'a> TokActs<'a> {
 /// are at most 127 in magnitude before clamping). Branch-free and vectorizable, unlike a
 /// `round_ties_even` call on targets without SSE4.1.
 #[inline(always)]
-fn nearest_int(x: f32) -> i32 {
+pub(crate) fn nearest_int(x: f32) -> i32 {
     let v = x + 12_582_912.0;
     (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }

@@ -30,6 +30,9 @@ pub type DotF16Fn = unsafe fn(&[u8], &[f32]) -> f32;
 pub type RowsF16Fn = unsafe fn(&[u8], usize, usize, &[f32], usize, usize, &mut [f32]);
 /// `out_i += a · f16(w_i)` over `out.len()` elements of f16 bytes `w`.
 pub type AxpyF16Fn = unsafe fn(f32, &[u8], &mut [f32]);
+/// An int8 row against a batch: `(codes, acts, out)` writes `out[t] = Σ_b s_b · Σ c · q` for
+/// every token of `acts` (see [`crate::int8`]).
+pub type Int8RowFn = unsafe fn(&[u8], &crate::int8::Int8Acts, &mut [f32]);
 /// f16 bytes → f32 conversion.
 pub type F16ToF32Fn = unsafe fn(&[u8], &mut [f32]);
 
@@ -142,6 +145,8 @@ pub struct Kernels {
     /// Fused `out += a · f16(w)` (attention values over an f16 cache); `None` → convert, then
     /// add. Same IEEE operations either way (a multiply, then an add: no FMA), so the same bits.
     pub(crate) axpy_f16: Option<AxpyF16Fn>,
+    /// Int8 rows (requantized heads) against per-block int8 activations.
+    pub(crate) int8_row: Int8RowFn,
 }
 
 /// Scalar f16 → f32 conversion (the `half` crate; it uses F16C/FP16 itself when present).
@@ -161,6 +166,7 @@ static SCALAR: Kernels = Kernels {
     dot_f16: None,
     rows_f16: None,
     axpy_f16: None,
+    int8_row: crate::int8::int8_row,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -180,6 +186,7 @@ static AVX2: Kernels = Kernels {
     dot_f16: Some(crate::x86_64::avx2::dot_f16),
     rows_f16: None,
     axpy_f16: Some(crate::x86_64::avx2::axpy_f16),
+    int8_row: crate::x86_64::avx2::int8_row,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -203,6 +210,7 @@ static AVX512: Kernels = Kernels {
     dot_f16: Some(crate::x86_64::avx512::dot_f16),
     rows_f16: Some(crate::x86_64::avx512::rows_f16),
     axpy_f16: Some(crate::x86_64::avx2::axpy_f16),
+    int8_row: crate::x86_64::avx512::int8_row,
 };
 
 /// AVX-512 with VBMI: the same table but the 2-bit per-token kernels' code conversion.
@@ -235,6 +243,7 @@ static NEON: Kernels = Kernels {
     dot_f16: None,
     rows_f16: None,
     axpy_f16: None,
+    int8_row: crate::int8::int8_row,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -250,6 +259,7 @@ static NEON_DOTPROD: Kernels = Kernels {
     dot_f16: None,
     rows_f16: None,
     axpy_f16: None,
+    int8_row: crate::int8::int8_row,
 };
 
 impl Kernels {

@@ -12,6 +12,7 @@
 //! * [`act`] — int8 activation quantization: per token (bitnet.cpp) or per 256-block (Q8_K).
 //! * [`ternary`], [`matmul`] — validated matrices and the parallel (rayon) products.
 //! * [`dequant`] — row dequantizers of every format.
+//! * [`int8`] — float heads requantized to int8 per row, against int8 activations per block.
 //! * [`copy`] — copies with streaming stores, for memory a device reads next.
 //!
 //! Exactness classes: integer work is always exact. I2_S results and everything with Q8_K
@@ -43,6 +44,7 @@ pub mod blocks;
 pub mod copy;
 pub mod dequant;
 pub mod dispatch;
+pub mod int8;
 pub mod matmul;
 pub mod pack;
 pub mod reference;
@@ -56,18 +58,21 @@ pub mod aarch64;
 
 pub use dispatch::{Isa, Kernels};
 
-/// Why a kernel call was refused (shapes and lengths; kernels have no other failure).
+/// Why a kernel call was refused: shapes and lengths, or memory for a buffer it owns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KernelError {
     /// A length, shape or value range did not fit the operation; the message has the numbers.
     Shape(String),
+    /// Memory for a kernel's own buffers could not be had; the message says how much.
+    Memory(String),
 }
 
 impl std::fmt::Display for KernelError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KernelError::Shape(m) => write!(f, "kernel: {m}"),
+            KernelError::Memory(m) => write!(f, "kernel: out of memory: {m}"),
         }
     }
 }

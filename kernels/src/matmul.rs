@@ -10,6 +10,7 @@ use crate::KernelError;
 use crate::act::QuantizedActs;
 use crate::dequant::FloatFormat;
 use crate::dispatch::Kernels;
+use crate::int8::{Int8Acts, Int8Matrix};
 use crate::ternary::{MAX_BATCH, TernaryFormat, TernaryMatrix, combine};
 use rayon::prelude::*;
 
@@ -464,6 +465,50 @@ impl Kernels {
                     let a = unsafe { (self.dot_f32)(&wrow, &x[t * k..(t + 1) * k]) };
                     // SAFETY: t < b and r < n, so the index is < out.len(); row r is this task's.
                     unsafe { ptr.write(t * n + r, a) }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+impl Kernels {
+    /// `out[t·N + r] = d_r · Σ_b s_b · Σ c_rj · q_tj`: an [`Int8Matrix`] (a requantized head)
+    /// against [`Int8Acts`] (see [`crate::int8`] for the arithmetic), rows in parallel.
+    ///
+    /// Exactness: each block's integer sum is exact; ≤ ε in f32 after that.
+    pub fn int8_matmul(
+        &self,
+        w: &Int8Matrix,
+        acts: &Int8Acts,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let (n, k, b) = (w.rows(), w.cols(), acts.tokens());
+        if acts.k() != k {
+            return Err(KernelError::Shape(format!(
+                "activations of {} values per row against an int8 matrix of {k} columns",
+                acts.k()
+            )));
+        }
+        if out.len() != n * b {
+            return Err(KernelError::Shape(format!(
+                "output needs {} values ({b} x {n}), got {}",
+                n * b,
+                out.len()
+            )));
+        }
+        let ptr = OutPtr(out.as_mut_ptr());
+        let row_fn = self.int8_row;
+        for_row_ranges(n, n * k * b.max(1), |r0, r1| {
+            let mut vals = vec![0.0f32; b];
+            for r in r0..r1 {
+                // SAFETY: `self` exists only for an ISA this CPU supports; the row holds k codes
+                // and `vals` one value per token (the kernel slices both).
+                unsafe { row_fn(w.row_codes(r), acts, &mut vals) };
+                let d = w.row_scale(r);
+                for (t, &v) in vals.iter().enumerate() {
+                    // SAFETY: t < b and r < n, so the index is < out.len(); row r is this task's.
+                    unsafe { ptr.write(t * n + r, d * v) }
                 }
             }
         });

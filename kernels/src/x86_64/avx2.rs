@@ -588,3 +588,62 @@ pub unsafe fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
     }
     total
 }
+
+/// Int8 row × per-block int8 activations (≤ ε class; see [`crate::int8`]): the codes `c + 128`
+/// become signed bytes again (`xor 0x80`), and `maddubs(|c|, sign(q, c))` then `madd` with ones
+/// sum each block exactly in i32 lanes (`|c · q| ≤ 127²`: no i16 saturation). Tiles of up to four
+/// tokens share each load of the codes.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. `codes` must hold `acts.k()` bytes and `out`
+/// `acts.tokens()` values (checked by slicing).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn int8_row(codes: &[u8], acts: &crate::int8::Int8Acts, out: &mut [f32]) {
+    let n = acts.tokens();
+    let mut t = 0;
+    while t < n {
+        t += match n - t {
+            1 => int8_tile::<1>(codes, acts, t, out),
+            2 => int8_tile::<2>(codes, acts, t, out),
+            3 => int8_tile::<3>(codes, acts, t, out),
+            _ => int8_tile::<4>(codes, acts, t, out),
+        };
+    }
+}
+
+/// Tokens `t0 .. t0 + T` of [`int8_row`]; returns `T`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn int8_tile<const T: usize>(
+    codes: &[u8],
+    acts: &crate::int8::Int8Acts,
+    t0: usize,
+    out: &mut [f32],
+) -> usize {
+    use crate::int8::INT8_BLOCK;
+    let k = acts.k();
+    let codes = &codes[..k];
+    let rows: [&[i8]; T] = core::array::from_fn(|i| acts.row(t0 + i));
+    let scales: [&[f32]; T] = core::array::from_fn(|i| acts.block_scales(t0 + i));
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..k / INT8_BLOCK {
+        let mut sums = [_mm256_setzero_si256(); T];
+        for j in (b * INT8_BLOCK..(b + 1) * INT8_BLOCK).step_by(32) {
+            let w = _mm256_xor_si256(load32(&codes[j..]), flip);
+            let aw = _mm256_abs_epi8(w);
+            for (s, row) in sums.iter_mut().zip(&rows) {
+                let sq = _mm256_sign_epi8(load32_i8(&row[j..]), w);
+                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sq), ones));
+            }
+        }
+        for ((a, s), sc) in acc.iter_mut().zip(sums).zip(&scales) {
+            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(sc[b]), *a);
+        }
+    }
+    for (o, a) in out[t0..t0 + T].iter_mut().zip(acc) {
+        *o = hsum_ps(a);
+    }
+    T
+}

@@ -437,3 +437,68 @@ pub unsafe fn rows_f16(
         r += if quad { 4 } else { 1 };
     }
 }
+
+/// Int8 row × per-block int8 activations (≤ ε class; see [`crate::int8`]): VNNI `dpbusd` of the
+/// unsigned codes `c + 128` with `q`, each block's accumulator seeded with `−128 · Σ q` in lane
+/// 0, so the block's sixteen i32 lanes add up to the exact `Σ c · q` (every lane stays below
+/// 2^24 in magnitude, so its conversion to f32 is exact). Tiles of up to eight tokens share each
+/// load of the codes.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VL and VNNI. `codes` must hold `acts.k()` bytes and `out`
+/// `acts.tokens()` values (checked by slicing).
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn int8_row(codes: &[u8], acts: &crate::int8::Int8Acts, out: &mut [f32]) {
+    let n = acts.tokens();
+    let mut t = 0;
+    while t < n {
+        t += match n - t {
+            1 => int8_tile::<1>(codes, acts, t, out),
+            2 => int8_tile::<2>(codes, acts, t, out),
+            3 => int8_tile::<3>(codes, acts, t, out),
+            4 => int8_tile::<4>(codes, acts, t, out),
+            5 => int8_tile::<5>(codes, acts, t, out),
+            6 => int8_tile::<6>(codes, acts, t, out),
+            7 => int8_tile::<7>(codes, acts, t, out),
+            _ => int8_tile::<8>(codes, acts, t, out),
+        };
+    }
+}
+
+/// Tokens `t0 .. t0 + T` of [`int8_row`]; returns `T`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn int8_tile<const T: usize>(
+    codes: &[u8],
+    acts: &crate::int8::Int8Acts,
+    t0: usize,
+    out: &mut [f32],
+) -> usize {
+    use crate::int8::INT8_BLOCK;
+    let k = acts.k();
+    let codes = &codes[..k];
+    let rows: [&[i8]; T] = core::array::from_fn(|i| acts.row(t0 + i));
+    let scales: [&[f32]; T] = core::array::from_fn(|i| acts.block_scales(t0 + i));
+    let sums: [&[i32]; T] = core::array::from_fn(|i| acts.block_sums(t0 + i));
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..k / INT8_BLOCK {
+        let at = b * INT8_BLOCK;
+        let w: [__m512i; 4] = core::array::from_fn(|j| load64(&codes[at + 64 * j..]));
+        for i in 0..T {
+            let q = &rows[i][at..at + INT8_BLOCK];
+            let mut d = _mm512_maskz_set1_epi32(1, -128 * sums[i][b]);
+            for (j, &wj) in w.iter().enumerate() {
+                d = _mm512_dpbusd_epi32(d, wj, load64_i8(&q[64 * j..]));
+            }
+            acc[i] = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(d),
+                _mm512_set1_ps(scales[i][b]),
+                acc[i],
+            );
+        }
+    }
+    for (o, a) in out[t0..t0 + T].iter_mut().zip(acc) {
+        *o = _mm512_reduce_add_ps(a);
+    }
+    T
+}

@@ -1,0 +1,255 @@
+//! Int8 matrices: a float matrix (an output head) requantized to one signed byte per weight and
+//! one scale per row, multiplied by activations quantized to int8 per 256-element block.
+//!
+//! Why: the head of a ternary model is the one large matrix that is not ternary. BitNet
+//! 2B-4T's tied F16 embeddings are 656 MB, more than all its ternary layers together (520 MB), and
+//! a batch-1 token reads all of them. As int8 the head is 328 MB, and its dot products are VNNI
+//! `dpbusd` instructions instead of widening f16 conversions.
+//!
+//! The arithmetic (the definition; [`int8_row`] is its scalar twin):
+//!
+//! * **Weights**, row `r`: `d_r = max_j |w_rj| / 127` (0 for an all-zero row), `c_rj =
+//!   round_half_even(w_rj · 127 / max_j |w_rj|)` in `[-127, 127]`, stored as the unsigned byte
+//!   `c + 128` (what `dpbusd` multiplies; the AVX2 kernel flips it back to a signed byte).
+//! * **Activations**, token `t`, block `b` of [`INT8_BLOCK`] values: `s_b = max |x| / 127`, `q =
+//!   round_half_even(x · 127 / max |x|)` in `[-127, 127]`; `Σ q` of each block is kept.
+//! * **Product**: `out[t, r] = d_r · Σ_b s_b · Σ_{j ∈ b} c_rj · q_j`. Each block's integer sum is
+//!   exact in i32 lanes (`|c · q| ≤ 127²`, 256 terms); the lanes, the block scales and the row scale
+//!   are combined in f32 in the ISA's lane order, so the kernels are in the ≤ ε class.
+//!
+//! Quantization error, per product: `|Σ w x − out| ≤ Σ_j (|w_j| s_b / 2 + |x_j| d / 2 + d s_b /
+//! 4)` plus the f32 roundings (each weight is within `d / 2` of `d c`, each activation within
+//! `s_b / 2` of `s_b q`); the tests check it.
+//!
+//! ```
+//! use ternmux_kernels::Kernels;
+//! use ternmux_kernels::dequant::FloatFormat;
+//! use ternmux_kernels::int8::{Int8Acts, Int8Matrix};
+//! use ternmux_kernels::matmul::FloatMatrix;
+//! let k = 256;
+//! // Two F32 rows: all 0.5, and all -1.
+//! let rows: Vec<f32> = [vec![0.5f32; k], vec![-1.0f32; k]].concat();
+//! let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+//! let w = FloatMatrix::new(FloatFormat::F32, &bytes, 2, k)?;
+//! let kern = Kernels::get();
+//! let head = Int8Matrix::quantize(kern, &w)?;
+//! let mut acts = Int8Acts::default();
+//! acts.quantize(&vec![2.0f32; k], k)?;
+//! let mut out = [0.0f32; 2];
+//! kern.int8_matmul(&head, &acts, &mut out)?;
+//! assert_eq!(out, [256.0, -512.0]);
+//! # Ok::<(), ternmux_kernels::KernelError>(())
+//! ```
+
+use crate::KernelError;
+use crate::act::nearest_int;
+use crate::dequant::FloatFormat;
+use crate::dispatch::Kernels;
+use crate::matmul::FloatMatrix;
+use rayon::prelude::*;
+
+/// Activation values per block scale.
+pub const INT8_BLOCK: usize = 256;
+
+/// A float matrix requantized to int8 with one scale per row (owned: built once from a
+/// borrowed [`FloatMatrix`]).
+#[derive(Clone, Debug)]
+pub struct Int8Matrix {
+    rows: usize,
+    cols: usize,
+    /// `rows × cols` codes `c + 128`.
+    codes: Vec<u8>,
+    /// `d_r` per row.
+    scales: Vec<f32>,
+}
+
+/// Grows `v` to `len` elements of `fill`, or says how much memory could not be had.
+fn try_filled<T: Clone>(len: usize, fill: T, what: &str) -> Result<Vec<T>, KernelError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        KernelError::Memory(format!(
+            "{what}: cannot allocate {len} elements of {} bytes",
+            size_of::<T>()
+        ))
+    })?;
+    v.resize(len, fill);
+    Ok(v)
+}
+
+/// `c + 128` codes of one row and its scale `d` (see the module's arithmetic).
+fn quantize_row(w: &[f32], codes: &mut [u8]) -> f32 {
+    let max = w.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+    if max == 0.0 || !max.is_finite() {
+        codes.fill(128);
+        return 0.0;
+    }
+    let inv = 127.0 / max;
+    for (c, &v) in codes.iter_mut().zip(w) {
+        *c = (nearest_int(v * inv).clamp(-127, 127) + 128) as u8;
+    }
+    max / 127.0
+}
+
+impl Int8Matrix {
+    /// Requantizes every row of `w` (in parallel; the rows are dequantized with `kern`'s
+    /// converters). Rows whose largest magnitude is not finite become zero rows.
+    ///
+    /// Errors: a row length that is not a multiple of [`INT8_BLOCK`], or no memory for the
+    /// codes.
+    pub fn quantize(kern: &Kernels, w: &FloatMatrix<'_>) -> Result<Int8Matrix, KernelError> {
+        let (rows, cols) = (w.rows(), w.cols());
+        if !cols.is_multiple_of(INT8_BLOCK) {
+            return Err(KernelError::Shape(format!(
+                "an int8 matrix needs a row length divisible by {INT8_BLOCK}, got {cols}"
+            )));
+        }
+        let len = rows.checked_mul(cols).ok_or_else(|| {
+            KernelError::Shape(format!("{rows} x {cols} int8 matrix overflows usize"))
+        })?;
+        let mut codes = try_filled(len, 0u8, "int8 matrix codes")?;
+        let mut scales = try_filled(rows, 0.0f32, "int8 matrix scales")?;
+        let f16_to_f32 = kern.f16_to_f32;
+        codes
+            .par_chunks_mut(cols)
+            .zip(scales.par_iter_mut())
+            .enumerate()
+            .with_min_len(64)
+            .for_each_init(
+                || vec![0.0f32; cols],
+                |buf, (r, (c, d))| {
+                    match w.format() {
+                        // SAFETY: `kern` exists only for an ISA this CPU supports; the row holds
+                        // `cols` f16 values, `buf` `cols` floats.
+                        FloatFormat::F16 => unsafe { f16_to_f32(w.row(r), buf) },
+                        f => f.dequantize(w.row(r), buf),
+                    }
+                    *d = quantize_row(buf, c);
+                },
+            );
+        Ok(Int8Matrix {
+            rows,
+            cols,
+            codes,
+            scales,
+        })
+    }
+
+    /// Output rows (N).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Row length (K).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Codes `c + 128` of row `r`.
+    pub fn row_codes(&self, r: usize) -> &[u8] {
+        &self.codes[r * self.cols..(r + 1) * self.cols]
+    }
+    /// Scale `d_r` of row `r`.
+    pub fn row_scale(&self, r: usize) -> f32 {
+        self.scales[r]
+    }
+    /// Heap bytes held (codes and scales).
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + self.scales.len() * 4
+    }
+}
+
+/// Activation rows quantized per [`INT8_BLOCK`] for [`Kernels::int8_matmul`], reusable across
+/// calls without reallocating.
+#[derive(Clone, Debug, Default)]
+pub struct Int8Acts {
+    k: usize,
+    tokens: usize,
+    q: Vec<i8>,
+    /// `s_b` per token and block.
+    scales: Vec<f32>,
+    /// `Σ q` per token and block.
+    sums: Vec<i32>,
+}
+
+impl Int8Acts {
+    /// Quantizes `x` (rows of `k` values; `k` a multiple of [`INT8_BLOCK`]).
+    pub fn quantize(&mut self, x: &[f32], k: usize) -> Result<(), KernelError> {
+        if k == 0 || !k.is_multiple_of(INT8_BLOCK) || !x.len().is_multiple_of(k) {
+            return Err(KernelError::Shape(format!(
+                "int8 activations need rows of a multiple of {INT8_BLOCK} values, got {} values \
+                 in rows of {k}",
+                x.len()
+            )));
+        }
+        self.k = k;
+        self.tokens = x.len() / k;
+        self.q.clear();
+        self.q.resize(x.len(), 0);
+        self.scales.clear();
+        self.sums.clear();
+        for (xb, qb) in x
+            .chunks_exact(INT8_BLOCK)
+            .zip(self.q.chunks_exact_mut(INT8_BLOCK))
+        {
+            let max = xb.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+            if max == 0.0 || !max.is_finite() {
+                self.scales.push(0.0);
+                self.sums.push(0);
+                continue;
+            }
+            let inv = 127.0 / max;
+            let mut sum = 0i32;
+            for (q, &v) in qb.iter_mut().zip(xb) {
+                let c = nearest_int(v * inv).clamp(-127, 127);
+                sum += c;
+                *q = c as i8;
+            }
+            self.scales.push(max / 127.0);
+            self.sums.push(sum);
+        }
+        Ok(())
+    }
+
+    /// Row length.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    /// Activation rows (tokens).
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+    /// Quantized values of token `t`.
+    pub fn row(&self, t: usize) -> &[i8] {
+        &self.q[t * self.k..(t + 1) * self.k]
+    }
+    /// Block scales `s_b` of token `t`.
+    pub fn block_scales(&self, t: usize) -> &[f32] {
+        let nb = self.k / INT8_BLOCK;
+        &self.scales[t * nb..(t + 1) * nb]
+    }
+    /// Block sums `Σ q` of token `t`.
+    pub fn block_sums(&self, t: usize) -> &[i32] {
+        let nb = self.k / INT8_BLOCK;
+        &self.sums[t * nb..(t + 1) * nb]
+    }
+}
+
+/// Scalar twin of the row kernels: `out[t] = Σ_b s_b · Σ_{j ∈ b} c_j · q_j` for every token of
+/// `acts` (the row scale `d_r` is applied by the caller). `codes` holds the row's `c + 128`.
+pub fn int8_row(codes: &[u8], acts: &Int8Acts, out: &mut [f32]) {
+    let k = acts.k();
+    for (t, o) in out.iter_mut().enumerate().take(acts.tokens()) {
+        let mut acc = 0.0f32;
+        for ((cb, qb), &s) in codes[..k]
+            .chunks_exact(INT8_BLOCK)
+            .zip(acts.row(t).chunks_exact(INT8_BLOCK))
+            .zip(acts.block_scales(t))
+        {
+            let sum: i32 = cb
+                .iter()
+                .zip(qb)
+                .map(|(&c, &q)| (i32::from(c) - 128) * i32::from(q))
+                .sum();
+            acc += s * sum as f32;
+        }
+        *o = acc;
+    }
+}
