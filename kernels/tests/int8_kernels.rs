@@ -95,7 +95,9 @@ proptest! {
 #[test]
 fn every_isa_gives_the_same_codes() {
     let k = 2 * INT8_BLOCK;
-    let w: Vec<f32> = (0..3 * k).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+    let w: Vec<f32> = (0..3 * k)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+        .collect();
     let bytes = f32_bytes(&w);
     let fm = FloatMatrix::new(FloatFormat::F32, &bytes, 3, k).unwrap();
     let all: Vec<Int8Matrix> = Kernels::available()

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use ternmux_kernels::Kernels;
 use ternmux_kernels::act::{ActQuant, QuantizedActs};
+use ternmux_kernels::int8::Int8Acts;
 use ternmux_kernels::matmul::FloatMatrix;
 use ternmux_kernels::ternary::TernaryMatrix;
 
@@ -198,6 +199,8 @@ impl HostUnit {
 pub struct CpuExec<'m> {
     model: &'m Model,
     acts: RefCell<QuantizedActs>,
+    /// Activations of the int8 head (per 256-block).
+    head_acts: RefCell<Int8Acts>,
     tmp: RefCell<Vec<f32>>,
 }
 
@@ -207,6 +210,7 @@ impl<'m> CpuExec<'m> {
         CpuExec {
             model,
             acts: RefCell::new(QuantizedActs::new(ActQuant::PerToken)),
+            head_acts: RefCell::new(Int8Acts::default()),
             tmp: RefCell::new(Vec::new()),
         }
     }
@@ -307,18 +311,30 @@ impl Backend for CpuExec<'_> {
             } else {
                 &mut out[..n]
             };
-            match t.ty {
-                GgmlType::Ternary(f) => {
-                    if !quantized {
-                        acts.quantize(x, t.cols)?;
-                        quantized = true;
+            // The int8 head, when the unit is read from the mapping (a multiplexer's copy of
+            // the head is used as stored: its bytes are what the budget counts).
+            let int8 = match (*m, &u.copy) {
+                (Mat::Output, None) => self.model.int8_head(),
+                _ => None,
+            };
+            if let Some(h) = int8 {
+                let mut a8 = self.head_acts.borrow_mut();
+                a8.quantize(x, t.cols)?;
+                kern.int8_matmul(&h.matrix, &a8, dst)?;
+            } else {
+                match t.ty {
+                    GgmlType::Ternary(f) => {
+                        if !quantized {
+                            acts.quantize(x, t.cols)?;
+                            quantized = true;
+                        }
+                        let mat = TernaryMatrix::new(f, bytes, t.rows, t.cols)?;
+                        kern.ternary_matmul(&mat, &acts, dst)?;
                     }
-                    let mat = TernaryMatrix::new(f, bytes, t.rows, t.cols)?;
-                    kern.ternary_matmul(&mat, &acts, dst)?;
-                }
-                GgmlType::Float(f) => {
-                    let mat = FloatMatrix::new(f, bytes, t.rows, t.cols)?;
-                    kern.float_matmul(&mat, x, dst)?
+                    GgmlType::Float(f) => {
+                        let mat = FloatMatrix::new(f, bytes, t.rows, t.cols)?;
+                        kern.float_matmul(&mat, x, dst)?
+                    }
                 }
             }
             if scale != 1.0 {

@@ -455,6 +455,30 @@ impl GgufFile {
         })
     }
 
+    /// Tells the OS that this process will not read `range` of the file (byte offsets) again
+    /// soon: on Unix its pages leave the process's resident set (the page cache keeps them, and a
+    /// later read faults them back in from the file). A hint only: nothing happens for a file
+    /// read into memory, for a range outside the file, or where the OS refuses.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        if let Backing::Mmap(map) = &self.backing
+            && range.start < range.end
+            && range.end <= map.len()
+        {
+            // SAFETY: the mapping is private and read-only and this process never writes it, so
+            // MADV_DONTNEED only drops the pages from the resident set: a later access reads the
+            // same bytes from the file again (the truncation hazard of `open` is unchanged).
+            // No reference into the range is invalidated: its contents stay the file's bytes.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.end - range.start,
+                )
+            };
+        }
+    }
+
     /// Reads a whole GGUF file into memory (no mapping) and parses it.
     pub fn read(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();

@@ -16,12 +16,14 @@
 
 mod config;
 mod forward;
+mod head;
 pub mod ops;
 mod text_out;
 mod weights;
 
 pub use config::{Arch, Config, FfnAct};
 pub use forward::{KvCache, KvType, Logits, SeqChunk};
+pub use head::HeadMode;
 pub use text_out::TextOut;
 pub use weights::{Layer, Linear, TensorRef, Weights};
 
@@ -52,6 +54,8 @@ pub struct Model {
     /// The residency table holding the model's units, when they are not read from the mapping.
     binding: Option<Binding>,
     device_note: Option<String>,
+    head_mode: HeadMode,
+    head: head::HeadCache,
 }
 
 impl Model {
@@ -144,6 +148,41 @@ impl Model {
         }
     }
 
+    /// How the CPU backend computes the output head ([`HeadMode`]; default int8).
+    pub fn head_mode(&self) -> HeadMode {
+        self.head_mode
+    }
+
+    /// Chooses how the CPU backend computes the output head. An int8 head already made is
+    /// kept for a later switch back.
+    ///
+    /// ```
+    /// use ternmux::model::{HeadMode, Model};
+    /// let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/bitllama2c-stories3M-TQ2_0.gguf");
+    /// let mut model = Model::open(path)?;
+    /// model.set_head_mode(HeadMode::File);
+    /// assert_eq!(model.head_description(), "F32 as stored");
+    /// # Ok::<(), ternmux::Error>(())
+    /// ```
+    pub fn set_head_mode(&mut self, mode: HeadMode) {
+        self.head_mode = mode;
+    }
+
+    /// One line saying how the head is computed now, e.g. `int8 (328.4 MB, made in 212 ms)`
+    /// or `F16 as stored`.
+    pub fn head_description(&self) -> String {
+        self.head.describe(self.head_mode, &self.weights.output)
+    }
+
+    /// The int8 head for the CPU backend (made on first call), when the mode and the head's
+    /// type allow one.
+    pub(crate) fn int8_head(&self) -> Option<&head::Int8Head> {
+        match self.head_mode {
+            HeadMode::Int8 => self.head.get(&self.file, &self.weights.output),
+            HeadMode::File => None,
+        }
+    }
+
     /// Where the model runs.
     pub fn placement(&self) -> &Placement {
         &self.placement
@@ -195,6 +234,8 @@ impl Model {
             placement: Placement::Cpu,
             binding: None,
             device_note: None,
+            head_mode: HeadMode::default(),
+            head: head::HeadCache::default(),
         })
     }
 

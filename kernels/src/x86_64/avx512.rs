@@ -490,11 +490,7 @@ fn int8_tile<const T: usize>(
             for (j, &wj) in w.iter().enumerate() {
                 d = _mm512_dpbusd_epi32(d, wj, load64_i8(&q[64 * j..]));
             }
-            acc[i] = _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(d),
-                _mm512_set1_ps(scales[i][b]),
-                acc[i],
-            );
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(scales[i][b]), acc[i]);
         }
     }
     for (o, a) in out[t0..t0 + T].iter_mut().zip(acc) {
