@@ -246,63 +246,58 @@ impl Kernels {
         acts: &QuantizedActs,
         out: &mut [f32],
     ) {
-        let (n, k, b) = (w.rows(), w.cols(), acts.rows());
-        let f = tok[format_index(w.format())];
-        let (scales, w_s) = (acts.scales(), w.tensor_scale());
-        let i2s = w.format() == TernaryFormat::I2S;
-        let ptr = OutPtr(out.as_mut_ptr());
-        let work = n * w.format().row_bytes(k) * b.max(1);
-        let tile = tok_tile(k);
-        let rows_fn = self.tok_rows[format_index(w.format())];
-        let row_bytes = w.format().row_bytes(k);
-        let data = w.data();
-        for_row_ranges(n, work, |r0, r1| {
-            let mut buf = [0f32; TOK_ROW_BLOCK * MAX_BATCH];
-            // Rows in blocks, tokens in L1-sized tiles: a tile's activations are read from L2
-            // once per block of rows instead of once per row (the weights, a quarter of the
-            // bytes per element, are the ones read again, from L1).
-            for rb in (r0..r1).step_by(TOK_ROW_BLOCK) {
-                let re = (rb + TOK_ROW_BLOCK).min(r1);
-                for t0 in (0..b).step_by(tile) {
-                    let nt = tile.min(b - t0);
-                    let view = acts.tok_view(t0, nt);
-                    let got = &mut buf[..(re - rb) * nt];
-                    match rows_fn {
-                        // SAFETY: `self` exists only for an ISA this CPU supports; the slice
-                        // holds rows rb..re of the validated matrix, `view` nt rows of k
-                        // activations in [-127, 127] with their layout; kernels bounds-check.
-                        Some(g) => unsafe {
-                            g(
-                                &data[rb * row_bytes..re * row_bytes],
-                                row_bytes,
-                                re - rb,
-                                &view,
-                                got,
-                            )
-                        },
-                        None => {
-                            for (r, o) in (rb..re).zip(got.chunks_exact_mut(nt)) {
-                                // SAFETY: as above, one validated row at a time.
-                                unsafe { f(w.row(r), &view, o) };
-                            }
-                        }
-                    }
-                    for (i, vals) in got.chunks_exact(nt).enumerate() {
-                        for (t, &v) in vals.iter().enumerate() {
-                            // bitnet.cpp's order for I2_S: sumi / s · w_s.
-                            let y = if i2s {
-                                v / scales[t0 + t] * w_s
-                            } else {
-                                v / scales[t0 + t]
-                            };
-                            // SAFETY: (t0 + t) < b and rb + i < n, so the index is in bounds;
-                            // rows rb..re are this task's alone.
-                            unsafe { ptr.write((t0 + t) * n + rb + i, y) }
-                        }
-                    }
+        let job = TokJob::new(self, tok, w, acts, out);
+        for_row_ranges(job.n, job.work(), |r0, r1| job.rows(r0, r1));
+    }
+
+    /// Several ternary products of the same activations (a block's q, k and v; its gate and
+    /// up): `jobs[i].1 = acts · jobs[i].0ᵀ`, as [`Kernels::ternary_matmul`] gives each, with the
+    /// rows of all of them split between threads at once — one fork/join instead of one per
+    /// matrix, which at batch 1 on a few cores costs as much as a small matrix.
+    pub fn ternary_matmul_many(
+        &self,
+        jobs: &mut [(&TernaryMatrix<'_>, &mut [f32])],
+        acts: &QuantizedActs,
+    ) -> Result<(), KernelError> {
+        let tok = match self.tok {
+            Some(tok) if acts.flavor() == crate::act::ActQuant::PerToken => tok,
+            _ => {
+                for (w, out) in jobs.iter_mut() {
+                    self.ternary_matmul(w, acts, out)?;
                 }
+                return Ok(());
+            }
+        };
+        let b = acts.rows();
+        for (w, out) in jobs.iter() {
+            if acts.k() != w.cols() || out.len() != w.rows() * b {
+                return Err(KernelError::Shape(format!(
+                    "{} activation rows of {} values and {} outputs for a {} x {} matrix",
+                    b,
+                    acts.k(),
+                    out.len(),
+                    w.rows(),
+                    w.cols()
+                )));
+            }
+        }
+        let tasks: Vec<TokJob<'_>> = jobs
+            .iter_mut()
+            .map(|(w, out)| TokJob::new(self, tok, w, acts, out))
+            .collect();
+        let total: usize = tasks.iter().map(|t| t.n).sum();
+        let work: usize = tasks.iter().map(TokJob::work).sum();
+        for_row_ranges(total, work, |g0, g1| {
+            let mut first = 0;
+            for t in &tasks {
+                let (lo, hi) = (g0.max(first), g1.min(first + t.n));
+                if lo < hi {
+                    t.rows(lo - first, hi - first);
+                }
+                first += t.n;
             }
         });
+        Ok(())
     }
 
     /// Per-token row products of one row (safe wrapper over the fast kernel, or the scalar
@@ -513,6 +508,99 @@ impl Kernels {
             }
         });
         Ok(())
+    }
+}
+
+/// One per-token product, ready to run over any range of its rows.
+struct TokJob<'a> {
+    f: crate::dispatch::TokRowFn,
+    rows_fn: Option<crate::dispatch::TokRowsFn>,
+    w: TernaryMatrix<'a>,
+    acts: &'a QuantizedActs,
+    ptr: OutPtr,
+    n: usize,
+    tile: usize,
+}
+
+impl<'a> TokJob<'a> {
+    /// The job of `w` (validated against `acts` and `out` by the caller).
+    fn new(
+        kern: &Kernels,
+        tok: [crate::dispatch::TokRowFn; 3],
+        w: &TernaryMatrix<'a>,
+        acts: &'a QuantizedActs,
+        out: &mut [f32],
+    ) -> TokJob<'a> {
+        let fi = format_index(w.format());
+        TokJob {
+            f: tok[fi],
+            rows_fn: kern.tok_rows[fi],
+            w: *w,
+            acts,
+            ptr: OutPtr(out.as_mut_ptr()),
+            n: w.rows(),
+            tile: tok_tile(w.cols()),
+        }
+    }
+
+    /// Weight bytes times activation rows (what decides whether to fork).
+    fn work(&self) -> usize {
+        self.n * self.w.format().row_bytes(self.w.cols()) * self.acts.rows().max(1)
+    }
+
+    /// Rows `r0..r1` of the product (this task's alone).
+    fn rows(&self, r0: usize, r1: usize) {
+        let (w, acts, n) = (&self.w, self.acts, self.n);
+        let (k, b) = (w.cols(), acts.rows());
+        let (scales, w_s) = (acts.scales(), w.tensor_scale());
+        let i2s = w.format() == TernaryFormat::I2S;
+        let row_bytes = w.format().row_bytes(k);
+        let data = w.data();
+        let mut buf = [0f32; TOK_ROW_BLOCK * MAX_BATCH];
+        // Rows in blocks, tokens in L1-sized tiles: a tile's activations are read from L2
+        // once per block of rows instead of once per row (the weights, a quarter of the
+        // bytes per element, are the ones read again, from L1).
+        for rb in (r0..r1).step_by(TOK_ROW_BLOCK) {
+            let re = (rb + TOK_ROW_BLOCK).min(r1);
+            for t0 in (0..b).step_by(self.tile) {
+                let nt = self.tile.min(b - t0);
+                let view = acts.tok_view(t0, nt);
+                let got = &mut buf[..(re - rb) * nt];
+                match self.rows_fn {
+                    // SAFETY: the table exists only for an ISA this CPU supports; the slice
+                    // holds rows rb..re of the validated matrix, `view` nt rows of k
+                    // activations in [-127, 127] with their layout; kernels bounds-check.
+                    Some(g) => unsafe {
+                        g(
+                            &data[rb * row_bytes..re * row_bytes],
+                            row_bytes,
+                            re - rb,
+                            &view,
+                            got,
+                        )
+                    },
+                    None => {
+                        for (r, o) in (rb..re).zip(got.chunks_exact_mut(nt)) {
+                            // SAFETY: as above, one validated row at a time.
+                            unsafe { (self.f)(w.row(r), &view, o) };
+                        }
+                    }
+                }
+                for (i, vals) in got.chunks_exact(nt).enumerate() {
+                    for (t, &v) in vals.iter().enumerate() {
+                        // bitnet.cpp's order for I2_S: sumi / s · w_s.
+                        let y = if i2s {
+                            v / scales[t0 + t] * w_s
+                        } else {
+                            v / scales[t0 + t]
+                        };
+                        // SAFETY: (t0 + t) < b and rb + i < n, so the index is in bounds of
+                        // the b·n outputs; rows rb..re are this task's alone.
+                        unsafe { self.ptr.write((t0 + t) * n + rb + i, y) }
+                    }
+                }
+            }
+        }
     }
 }
 

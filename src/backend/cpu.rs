@@ -195,6 +195,18 @@ impl HostUnit {
     }
 }
 
+/// Applies a layer's output scale (`.scale`, 1 when absent) and bias to `out` (rows of `n`).
+fn scale_bias(out: &mut [f32], n: usize, scale: f32, bias: Option<&[f32]>) {
+    if scale != 1.0 {
+        out.iter_mut().for_each(|v| *v *= scale);
+    }
+    if let Some(b) = bias {
+        for row in out.chunks_exact_mut(n) {
+            row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv);
+        }
+    }
+}
+
 /// The CPU backend bound to one model.
 pub struct CpuExec<'m> {
     model: &'m Model,
@@ -220,6 +232,44 @@ impl<'m> CpuExec<'m> {
             .weights
             .norm(u.id, n)
             .ok_or_else(|| Error::Gguf(format!("unit {} of the model has no {n:?} norm", u.id)))
+    }
+
+    /// [`Backend::project`] of several ternary matrices sharing the input `x` (q, k and v;
+    /// gate and up) as one parallel product: the input is quantized once and the rows of all
+    /// matrices are split between threads at once. Returns `false`, having done nothing, when
+    /// not every matrix is ternary.
+    fn project_ternary_many(
+        &self,
+        u: &HostUnit,
+        x: &[f32],
+        rows: usize,
+        outs: &mut [(Mat, &mut Vec<f32>)],
+        acts: &mut QuantizedActs,
+    ) -> Result<bool> {
+        let mut mats = Vec::with_capacity(outs.len());
+        for (m, _) in outs.iter() {
+            let (t, scale, bias) = self.matrix(u, *m)?;
+            let GgmlType::Ternary(f) = t.ty else {
+                return Ok(false);
+            };
+            let mat = TernaryMatrix::new(f, u.bytes(self.model, *m)?, t.rows, t.cols)?;
+            mats.push((mat, scale, bias));
+        }
+        let cols = mats.first().map_or(0, |(m, ..)| m.cols());
+        if mats.iter().any(|(m, ..)| m.cols() != cols) {
+            return Ok(false);
+        }
+        acts.quantize(&x[..rows * cols], cols)?;
+        let mut jobs: Vec<(&TernaryMatrix<'_>, &mut [f32])> = mats
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|((m, ..), (_, out))| (m, &mut out[..rows * m.rows()]))
+            .collect();
+        Kernels::get().ternary_matmul_many(&mut jobs, acts)?;
+        for ((m, scale, bias), (_, out)) in mats.iter().zip(outs.iter_mut()) {
+            scale_bias(&mut out[..rows * m.rows()], m.rows(), *scale, *bias);
+        }
+        Ok(true)
     }
 
     /// The tensor, its output scale and its bias.
@@ -298,6 +348,12 @@ impl Backend for CpuExec<'_> {
     ) -> Result<()> {
         let kern = Kernels::get();
         let mut acts = self.acts.borrow_mut();
+        if !accumulate
+            && outs.len() > 1
+            && self.project_ternary_many(u, x, rows, outs, &mut acts)?
+        {
+            return Ok(());
+        }
         let mut tmp = self.tmp.borrow_mut();
         let mut quantized = false;
         for (m, out) in outs.iter_mut() {
@@ -337,14 +393,7 @@ impl Backend for CpuExec<'_> {
                     }
                 }
             }
-            if scale != 1.0 {
-                dst.iter_mut().for_each(|v| *v *= scale);
-            }
-            if let Some(b) = bias {
-                for row in dst.chunks_exact_mut(t.rows) {
-                    row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv);
-                }
-            }
+            scale_bias(dst, t.rows, scale, bias);
             if accumulate {
                 out[..n]
                     .iter_mut()
