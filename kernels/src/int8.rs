@@ -53,12 +53,14 @@ pub const INT8_BLOCK: usize = 256;
 
 /// A float matrix requantized to int8 with one scale per row (owned: built once from a
 /// borrowed [`FloatMatrix`]).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Int8Matrix {
     rows: usize,
     cols: usize,
-    /// `rows × cols` codes `c + 128`.
-    codes: Vec<u8>,
+    /// `rows × cols` codes `c + 128`, in an anonymous mapping: its pages are zero until first
+    /// written (by the threads that quantize them, not by one `memset`), and the kernel is asked
+    /// to back it with huge pages (a batch-1 token streams the whole matrix; fewer TLB misses).
+    codes: memmap2::MmapMut,
     /// `d_r` per row.
     scales: Vec<f32>,
 }
@@ -106,10 +108,17 @@ impl Int8Matrix {
         let len = rows.checked_mul(cols).ok_or_else(|| {
             KernelError::Shape(format!("{rows} x {cols} int8 matrix overflows usize"))
         })?;
-        let mut codes = try_filled(len, 0u8, "int8 matrix codes")?;
+        let mut codes = memmap2::MmapOptions::new()
+            .len(len.max(1))
+            .map_anon()
+            .map_err(|e| {
+                KernelError::Memory(format!("int8 matrix codes: cannot map {len} bytes: {e}"))
+            })?;
+        #[cfg(target_os = "linux")]
+        let _ = codes.advise(memmap2::Advice::HugePage);
         let mut scales = try_filled(rows, 0.0f32, "int8 matrix scales")?;
         let f16_to_f32 = kern.f16_to_f32;
-        codes
+        codes[..len]
             .par_chunks_mut(cols)
             .zip(scales.par_iter_mut())
             .enumerate()
