@@ -17,6 +17,7 @@ use std::hint::black_box;
 use std::time::Duration;
 use ternmux_kernels::act::{ActQuant, QuantizedActs};
 use ternmux_kernels::dequant::FloatFormat;
+use ternmux_kernels::int8::{Int8Acts, Int8Matrix};
 use ternmux_kernels::matmul::FloatMatrix;
 use ternmux_kernels::pack::{pack_i2_s_row, pack_tq1_0, pack_tq2_0};
 use ternmux_kernels::ternary::{TernaryFormat, TernaryMatrix};
@@ -237,7 +238,8 @@ fn gemv_one_thread(c: &mut Criterion) {
     g.finish();
 }
 
-/// Output heads and embeddings: F16 / Q8_0 / Q6_K × f32 activations, 2B-4T's tied head shape.
+/// Output heads and embeddings: F16 / Q8_0 / Q6_K × f32 activations, 2B-4T's tied head shape,
+/// and the F16 head requantized to int8 (batch 1 and 8).
 fn heads(c: &mut Criterion) {
     let (k, n) = (2560, 32_000);
     let mut g = group(c, "head/cold");
@@ -265,13 +267,39 @@ fn heads(c: &mut Criterion) {
             }
         }
         let m = FloatMatrix::new(fmt, &bytes, n, k).expect("matrix");
-        let mut out = vec![0f32; n];
+        let mut out = vec![0f32; n * 8];
         let kern = Kernels::detect();
         g.throughput(Throughput::Bytes(bytes.len() as u64));
         g.bench_function(
             BenchmarkId::new(format!("{}/{}", fmt.name(), kern.isa()), format!("{k}x{n}")),
-            |b| b.iter(|| kern.float_matmul(&m, &x, &mut out).expect("matmul")),
+            |b| b.iter(|| kern.float_matmul(&m, &x, &mut out[..n]).expect("matmul")),
         );
+        if fmt != FloatFormat::F16 {
+            continue;
+        }
+        // The same head requantized to int8 (what the CPU backend computes by default), at
+        // batch 1 and 8, and the F16 head at batch 8 for comparison.
+        let x8: Vec<f32> = (0..8 * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        g.bench_function(
+            BenchmarkId::new(format!("f16-b8/{}", kern.isa()), format!("{k}x{n}")),
+            |b| b.iter(|| kern.float_matmul(&m, &x8, &mut out).expect("matmul")),
+        );
+        let h = Int8Matrix::quantize(kern, &m).expect("int8");
+        g.throughput(Throughput::Bytes(h.bytes() as u64));
+        for batch in [1usize, 8] {
+            let mut acts = Int8Acts::default();
+            acts.quantize(&x8[..batch * k], k).expect("acts");
+            let name = if batch == 1 { "int8" } else { "int8-b8" };
+            g.bench_function(
+                BenchmarkId::new(format!("{name}/{}", kern.isa()), format!("{k}x{n}")),
+                |b| {
+                    b.iter(|| {
+                        kern.int8_matmul(&h, &acts, &mut out[..batch * n])
+                            .expect("int8 matmul")
+                    })
+                },
+            );
+        }
     }
     g.finish();
 }
