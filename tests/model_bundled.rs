@@ -172,3 +172,57 @@ fn batched_prefill_equals_token_by_token() {
         );
     }
 }
+
+/// Cosine similarity of two logit rows.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// The default int8 head (requantized per row) against the file's own head: every position's
+/// logits close (cosine ≥ 0.9999) with the same top-1, on the bundled model (F32 head) and a
+/// synthetic model with an F16 head; the greedy text is llama.cpp's either way.
+#[test]
+fn int8_head_logits_close_to_the_files_head() {
+    use ternmux::model::{HeadMode, KvCache, KvType, Logits};
+    use ternmux::sampling::argmax;
+    let dir = tempfile::tempdir().unwrap();
+    let synth = dir.path().join("tiny.gguf");
+    let spec = ternmux::synth::SynthSpec {
+        arch: "bitnet".into(),
+        shape: ternmux::synth::Shape::preset("tiny").unwrap(),
+        format: ternmux::kernels::ternary::TernaryFormat::Tq2_0,
+        seed: 11,
+    };
+    ternmux::synth::write_synthetic(&spec, &synth).unwrap();
+    for path in [
+        model("bitllama2c-stories3M-TQ2_0.gguf"),
+        synth.display().to_string(),
+    ] {
+        let mut m = Model::open(&path).unwrap();
+        let toks = m
+            .tokenizer
+            .encode("Once upon a time there was a dog", true, false);
+        let v = m.config.n_vocab;
+        let mut logits = Vec::new();
+        for mode in [HeadMode::File, HeadMode::Int8] {
+            m.set_head_mode(mode);
+            let mut c = KvCache::new(&m, 64, KvType::F32).unwrap();
+            logits.push(m.forward(&mut c, &toks, Logits::All).unwrap());
+        }
+        let d = m.head_description();
+        assert!(d.starts_with("int8 ("), "{path}: {d}");
+        for i in 0..toks.len() {
+            let (f, q) = (&logits[0][i * v..(i + 1) * v], &logits[1][i * v..(i + 1) * v]);
+            let cos = cosine(f, q);
+            assert!(cos >= 0.9999, "{path}: position {i}: cosine {cos}");
+            assert_eq!(argmax(f), argmax(q), "{path}: position {i}");
+        }
+    }
+    let mut m = Model::open(model("bitllama2c-stories3M-TQ2_0.gguf")).unwrap();
+    m.set_head_mode(HeadMode::File);
+    let text = greedy_from_bos(&m, 80);
+    assert!(text.starts_with(EXPECTED), "file head: {text}");
+}
