@@ -175,7 +175,11 @@ fn batched_prefill_equals_token_by_token() {
 
 /// Cosine similarity of two logit rows.
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
@@ -215,7 +219,10 @@ fn int8_head_logits_close_to_the_files_head() {
         let d = m.head_description();
         assert!(d.starts_with("int8 ("), "{path}: {d}");
         for i in 0..toks.len() {
-            let (f, q) = (&logits[0][i * v..(i + 1) * v], &logits[1][i * v..(i + 1) * v]);
+            let (f, q) = (
+                &logits[0][i * v..(i + 1) * v],
+                &logits[1][i * v..(i + 1) * v],
+            );
             let cos = cosine(f, q);
             assert!(cos >= 0.9999, "{path}: position {i}: cosine {cos}");
             assert_eq!(argmax(f), argmax(q), "{path}: position {i}");

@@ -99,6 +99,18 @@ impl Int8Matrix {
     /// Errors: a row length that is not a multiple of [`INT8_BLOCK`], or no memory for the
     /// codes.
     pub fn quantize(kern: &Kernels, w: &FloatMatrix<'_>) -> Result<Int8Matrix, KernelError> {
+        Int8Matrix::quantize_in_chunks(kern, w, usize::MAX, |_| {})
+    }
+
+    /// As [`Int8Matrix::quantize`], `chunk_rows` rows at a time, calling `done(rows)` after
+    /// each chunk: a caller reading `w` from a memory mapping can release the chunk's pages
+    /// there, so the source and the copy are never resident whole at once.
+    pub fn quantize_in_chunks(
+        kern: &Kernels,
+        w: &FloatMatrix<'_>,
+        chunk_rows: usize,
+        mut done: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<Int8Matrix, KernelError> {
         let (rows, cols) = (w.rows(), w.cols());
         if !cols.is_multiple_of(INT8_BLOCK) {
             return Err(KernelError::Shape(format!(
@@ -118,23 +130,29 @@ impl Int8Matrix {
         let _ = codes.advise(memmap2::Advice::HugePage);
         let mut scales = try_filled(rows, 0.0f32, "int8 matrix scales")?;
         let f16_to_f32 = kern.f16_to_f32;
-        codes[..len]
-            .par_chunks_mut(cols)
-            .zip(scales.par_iter_mut())
-            .enumerate()
-            .with_min_len(64)
-            .for_each_init(
-                || vec![0.0f32; cols],
-                |buf, (r, (c, d))| {
-                    match w.format() {
-                        // SAFETY: `kern` exists only for an ISA this CPU supports; the row holds
-                        // `cols` f16 values, `buf` `cols` floats.
-                        FloatFormat::F16 => unsafe { f16_to_f32(w.row(r), buf) },
-                        f => f.dequantize(w.row(r), buf),
-                    }
-                    *d = quantize_row(buf, c);
-                },
-            );
+        let chunk_rows = chunk_rows.max(1);
+        for r0 in (0..rows).step_by(chunk_rows) {
+            let r1 = (r0 + chunk_rows).min(rows);
+            codes[r0 * cols..r1 * cols]
+                .par_chunks_mut(cols)
+                .zip(scales[r0..r1].par_iter_mut())
+                .enumerate()
+                .with_min_len(64)
+                .for_each_init(
+                    || vec![0.0f32; cols],
+                    |buf, (i, (c, d))| {
+                        let row = w.row(r0 + i);
+                        match w.format() {
+                            // SAFETY: `kern` exists only for an ISA this CPU supports; the
+                            // row holds `cols` f16 values, `buf` `cols` floats.
+                            FloatFormat::F16 => unsafe { f16_to_f32(row, buf) },
+                            f => f.dequantize(row, buf),
+                        }
+                        *d = quantize_row(buf, c);
+                    },
+                );
+            done(r0..r1);
+        }
         Ok(Int8Matrix {
             rows,
             cols,

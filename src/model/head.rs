@@ -66,6 +66,10 @@ impl fmt::Display for HeadMode {
     }
 }
 
+/// Bytes of the file's head read between two releases of their pages while the int8 head is
+/// made (what the making adds to the resident set at most).
+const RELEASE_CHUNK: usize = 32 << 20;
+
 /// The int8 copy of a head and what making it cost.
 pub(crate) struct Int8Head {
     pub(crate) matrix: Int8Matrix,
@@ -89,8 +93,8 @@ pub(crate) fn int8_applies(t: &TensorRef) -> bool {
 }
 
 impl HeadCache {
-    /// The int8 head of `t` in `file`, made now if it was not yet (rows in parallel), after
-    /// which the file's head pages are released; `None` when `t` has no int8 form or memory
+    /// The int8 head of `t` in `file`, made now if it was not yet (rows in parallel; the
+    /// file's head pages are released as they are read); `None` when `t` has no int8 form or memory
     /// for it could not be had (the reason is kept for [`HeadCache::describe`]).
     pub(crate) fn get(&self, file: &GgufFile, t: &TensorRef) -> Option<&Int8Head> {
         if !int8_applies(t) {
@@ -106,8 +110,13 @@ impl HeadCache {
                 .get(t.range.clone())
                 .ok_or_else(|| "the head's bytes are outside the file".to_string())?;
             let w = FloatMatrix::new(f, bytes, t.rows, t.cols).map_err(|e| e.to_string())?;
-            let matrix = Int8Matrix::quantize(Kernels::get(), &w).map_err(|e| e.to_string())?;
-            file.release(t.range.clone());
+            // The file's head pages leave the resident set chunk by chunk as they are read.
+            let row_bytes = f.row_bytes(t.cols);
+            let chunk_rows = (RELEASE_CHUNK / row_bytes.max(1)).max(1);
+            let matrix = Int8Matrix::quantize_in_chunks(Kernels::get(), &w, chunk_rows, |r| {
+                file.release(t.range.start + r.start * row_bytes..t.range.start + r.end * row_bytes)
+            })
+            .map_err(|e| e.to_string())?;
             Ok(Int8Head {
                 matrix,
                 made_in: start.elapsed(),

@@ -26,7 +26,8 @@ fn launches_of(model: &ternmux::model::Model) -> (u64, f64) {
 pub(crate) fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Failure> {
     use ternmux::model::{KvCache, KvType, Logits};
     set_threads(a.threads)?;
-    let model = open_model(&a.model, a.device)?;
+    let mut model = open_model(&a.model, a.device)?;
+    model.set_head_mode(a.head);
     let n_vocab = model.config.n_vocab as u64;
     // A fixed pseudo-random prompt (llama-bench also uses random tokens).
     let mut x = 0x2545_F491_4F6C_DD1Du64;
@@ -122,10 +123,11 @@ pub(crate) fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Fail
     if a.json {
         writeln!(
             out,
-            "{{\"engine\":\"ternmux\",\"model\":{:?},\"threads\":{threads},\"isa\":\"{isa}\",\"prompt_tokens\":{},\"gen_tokens\":{},\"prefill_tok_s\":{pp:.3},\"decode_tok_s\":{tg:.3}}}",
+            "{{\"engine\":\"ternmux\",\"model\":{:?},\"threads\":{threads},\"isa\":\"{isa}\",\"prompt_tokens\":{},\"gen_tokens\":{},\"prefill_tok_s\":{pp:.3},\"decode_tok_s\":{tg:.3},\"head\":{:?}}}",
             a.model.display().to_string(),
             prompt.len(),
-            a.gen_tokens
+            a.gen_tokens,
+            model.head_description()
         )
         .map_err(io_failure)?;
     } else {
@@ -140,6 +142,9 @@ pub(crate) fn bench_model(a: BenchArgs, out: &mut impl Write) -> Result<(), Fail
         .map_err(io_failure)?;
         writeln!(out, "prefill pp{:<5} {pp:>9.2} tok/s", prompt.len()).map_err(io_failure)?;
         writeln!(out, "decode  tg{:<5} {tg:>9.2} tok/s", a.gen_tokens).map_err(io_failure)?;
+        if matches!(model.placement(), ternmux::backend::Placement::Cpu) {
+            writeln!(out, "head: {}", model.head_description()).map_err(io_failure)?;
+        }
         if launches_per_token > 0.0 {
             writeln!(
                 out,

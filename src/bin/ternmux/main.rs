@@ -178,6 +178,10 @@ struct RunArgs {
     /// Stop at this string (repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
+    /// How the CPU computes the output head: int8 (a float head requantized per row on first
+    /// use: half an F16 head's bytes per token) or file (the file's own type and arithmetic).
+    #[arg(long = "head", default_value = "int8")]
+    head: ternmux::model::HeadMode,
     /// Where to run: auto (best OpenCL GPU, else CPU), cpu, opencl, opencl:N.
     #[arg(short = 'd', long = "device", default_value = "auto")]
     device: ternmux::backend::Device,
@@ -223,6 +227,10 @@ struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// How the CPU computes the output head: int8 (a float head requantized per row on first
+    /// use: half an F16 head's bytes per token) or file (the file's own type and arithmetic).
+    #[arg(long = "head", default_value = "int8")]
+    head: ternmux::model::HeadMode,
     /// Where to run: auto (best OpenCL GPU, else CPU), cpu, opencl, opencl:N.
     #[arg(short = 'd', long = "device", default_value = "auto")]
     device: ternmux::backend::Device,
@@ -282,7 +290,8 @@ fn run_model(a: RunArgs, out: &mut impl Write) -> Result<(), Failure> {
     use ternmux::model::GenerateOptions;
     use ternmux::sampling::SamplingParams;
     set_threads(a.threads)?;
-    let model = open_model(&a.model, a.device)?;
+    let mut model = open_model(&a.model, a.device)?;
+    model.set_head_mode(a.head);
     let opts = GenerateOptions {
         max_tokens: a.n_predict,
         sampling: SamplingParams {
@@ -698,6 +707,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(), Failure> {
                     device,
                     logits_out: None,
                     batch: 1,
+                    head: ternmux::model::HeadMode::default(),
                 };
                 bench_model::bench_model(a, out)?;
             }
