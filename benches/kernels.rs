@@ -294,7 +294,7 @@ fn heads(c: &mut Criterion) {
                 BenchmarkId::new(format!("{name}/{}", kern.isa()), format!("{k}x{n}")),
                 |b| {
                     b.iter(|| {
-                        kern.int8_matmul(&h, &acts, &mut out[..batch * n])
+                        kern.int8_matmul(&h.view(), &acts, &mut out[..batch * n])
                             .expect("int8 matmul")
                     })
                 },

@@ -233,3 +233,38 @@ fn int8_head_logits_close_to_the_files_head() {
     let text = greedy_from_bos(&m, 80);
     assert!(text.starts_with(EXPECTED), "file head: {text}");
 }
+
+/// On the CPU a multiplexer's copy of the head is the int8 head (codes and scales: what the
+/// budget counts and what the CPU reads), and greedy text through it is llama.cpp's.
+#[test]
+fn cpu_multiplexer_holds_the_int8_head() {
+    use ternmux::backend::Device;
+    use ternmux::mux::{Mux, UnitId};
+    let mux = Mux::new(Device::Cpu, 64 << 20).unwrap();
+    let m = mux
+        .register("s", model("bitllama2c-stories3M-TQ2_0.gguf"))
+        .unwrap();
+    let (v, e) = (m.config.n_vocab, m.config.n_embd);
+    let opts = GenerateOptions {
+        max_tokens: 40,
+        ..GenerateOptions::default()
+    };
+    let text = mux.generate("s", "", &opts, |_| true).unwrap().text;
+    assert!(
+        text.len() > 100 && EXPECTED.starts_with(text.trim_end()),
+        "got: {text:?}"
+    );
+    let stats = mux.stats();
+    let head = stats
+        .model("s")
+        .unwrap()
+        .units
+        .iter()
+        .find(|u| u.0 == UnitId::Head);
+    let bytes = head.unwrap().1.bytes;
+    // Codes (one byte per weight) then f32 scales, each piece aligned: far below F32's 4 bytes.
+    assert!(
+        bytes >= v * e + v * 4 && bytes < v * e + v * 4 + 4096,
+        "{bytes}"
+    );
+}

@@ -36,7 +36,7 @@
 //! let mut acts = Int8Acts::default();
 //! acts.quantize(&vec![2.0f32; k], k)?;
 //! let mut out = [0.0f32; 2];
-//! kern.int8_matmul(&head, &acts, &mut out)?;
+//! kern.int8_matmul(&head.view(), &acts, &mut out)?;
 //! assert_eq!(out, [256.0, -512.0]);
 //! # Ok::<(), ternmux_kernels::KernelError>(())
 //! ```
@@ -161,6 +161,65 @@ impl Int8Matrix {
         })
     }
 
+    /// A borrowed view (what [`Kernels::int8_matmul`] reads).
+    pub fn view(&self) -> Int8View<'_> {
+        Int8View {
+            rows: self.rows,
+            cols: self.cols,
+            codes: &self.codes[..self.rows * self.cols],
+            scales: &self.scales,
+        }
+    }
+    /// All codes `c + 128`, row after row (`rows × cols` bytes).
+    pub fn codes(&self) -> &[u8] {
+        &self.codes[..self.rows * self.cols]
+    }
+    /// The row scales `d_r`.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+    /// Bytes held (codes and scales).
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols + self.scales.len() * 4
+    }
+}
+
+/// An int8 matrix borrowed from wherever its codes and scales are (an [`Int8Matrix`], or a copy
+/// of both, e.g. a multiplexer's).
+#[derive(Clone, Copy, Debug)]
+pub struct Int8View<'a> {
+    rows: usize,
+    cols: usize,
+    codes: &'a [u8],
+    scales: &'a [f32],
+}
+
+impl<'a> Int8View<'a> {
+    /// Wraps `rows × cols` codes and `rows` scales, checking the lengths.
+    pub fn new(
+        codes: &'a [u8],
+        scales: &'a [f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, KernelError> {
+        if !cols.is_multiple_of(INT8_BLOCK)
+            || rows.checked_mul(cols) != Some(codes.len())
+            || scales.len() != rows
+        {
+            return Err(KernelError::Shape(format!(
+                "a {rows} x {cols} int8 matrix (rows a multiple of {INT8_BLOCK}) needs {} codes and                  {rows} scales, got {} and {}",
+                rows.saturating_mul(cols),
+                codes.len(),
+                scales.len()
+            )));
+        }
+        Ok(Int8View {
+            rows,
+            cols,
+            codes,
+            scales,
+        })
+    }
     /// Output rows (N).
     pub fn rows(&self) -> usize {
         self.rows
@@ -170,16 +229,12 @@ impl Int8Matrix {
         self.cols
     }
     /// Codes `c + 128` of row `r`.
-    pub fn row_codes(&self, r: usize) -> &[u8] {
+    pub fn row_codes(&self, r: usize) -> &'a [u8] {
         &self.codes[r * self.cols..(r + 1) * self.cols]
     }
     /// Scale `d_r` of row `r`.
     pub fn row_scale(&self, r: usize) -> f32 {
         self.scales[r]
-    }
-    /// Heap bytes held (codes and scales).
-    pub fn bytes(&self) -> usize {
-        self.codes.len() + self.scales.len() * 4
     }
 }
 

@@ -10,7 +10,7 @@ use crate::KernelError;
 use crate::act::QuantizedActs;
 use crate::dequant::FloatFormat;
 use crate::dispatch::Kernels;
-use crate::int8::{Int8Acts, Int8Matrix};
+use crate::int8::{Int8Acts, Int8View};
 use crate::ternary::{MAX_BATCH, TernaryFormat, TernaryMatrix, combine};
 use rayon::prelude::*;
 
@@ -468,13 +468,14 @@ impl Kernels {
 }
 
 impl Kernels {
-    /// `out[t·N + r] = d_r · Σ_b s_b · Σ c_rj · q_tj`: an [`Int8Matrix`] (a requantized head)
+    /// `out[t·N + r] = d_r · Σ_b s_b · Σ c_rj · q_tj`: an int8 matrix (a requantized head, see
+    /// [`crate::int8::Int8Matrix::view`])
     /// against [`Int8Acts`] (see [`crate::int8`] for the arithmetic), rows in parallel.
     ///
     /// Exactness: each block's integer sum is exact; ≤ ε in f32 after that.
     pub fn int8_matmul(
         &self,
-        w: &Int8Matrix,
+        w: &Int8View<'_>,
         acts: &Int8Acts,
         out: &mut [f32],
     ) -> Result<(), KernelError> {

@@ -59,11 +59,11 @@ proptest! {
         for kern in Kernels::available() {
             let m = Int8Matrix::quantize(kern, &fm).unwrap();
             let mut out = vec![f32::NAN; rows * tokens];
-            kern.int8_matmul(&m, &acts, &mut out).unwrap();
+            kern.int8_matmul(&m.view(), &acts, &mut out).unwrap();
             for t in 0..tokens {
                 let (q, s) = (acts.row(t), acts.block_scales(t));
                 for r in 0..rows {
-                    let (c, d) = (m.row_codes(r), f64::from(m.row_scale(r)));
+                    let (c, d) = (m.view().row_codes(r), f64::from(m.view().row_scale(r)));
                     let (mut exact, mut mag, mut float, mut qbound) = (0.0, 0.0, 0.0, 0.0);
                     for j in 0..k {
                         let cj = f64::from(i32::from(c[j]) - 128);
@@ -106,13 +106,13 @@ fn every_isa_gives_the_same_codes() {
         .collect();
     for m in &all[1..] {
         for r in 0..3 {
-            assert_eq!(m.row_codes(r), all[0].row_codes(r));
-            assert_eq!(m.row_scale(r), all[0].row_scale(r));
+            assert_eq!(m.view().row_codes(r), all[0].view().row_codes(r));
+            assert_eq!(m.view().row_scale(r), all[0].view().row_scale(r));
         }
     }
     // The largest magnitude of each row maps to ±127.
     for r in 0..3 {
-        let c = all[0].row_codes(r);
+        let c = all[0].view().row_codes(r);
         assert!(c.iter().any(|&v| v == 1 || v == 255), "row {r}: {c:?}");
         assert!(c.iter().all(|&v| v >= 1), "row {r}: a code below −127");
     }
@@ -131,10 +131,20 @@ fn bad_shapes_are_errors() {
     let m = Int8Matrix::quantize(Kernels::get(), &fm).unwrap();
     acts.quantize(&[1.0; 512], 512).unwrap();
     let mut out = [0.0f32; 2];
-    assert!(Kernels::get().int8_matmul(&m, &acts, &mut out).is_err());
+    assert!(
+        Kernels::get()
+            .int8_matmul(&m.view(), &acts, &mut out)
+            .is_err()
+    );
     acts.quantize(&[1.0; 512], 256).unwrap();
-    assert!(Kernels::get().int8_matmul(&m, &acts, &mut out).is_err());
+    assert!(
+        Kernels::get()
+            .int8_matmul(&m.view(), &acts, &mut out)
+            .is_err()
+    );
     let mut out = [0.0f32; 4];
-    Kernels::get().int8_matmul(&m, &acts, &mut out).unwrap();
+    Kernels::get()
+        .int8_matmul(&m.view(), &acts, &mut out)
+        .unwrap();
     assert_eq!(out, [256.0; 4]);
 }

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use ternmux_kernels::Kernels;
 use ternmux_kernels::act::{ActQuant, QuantizedActs};
-use ternmux_kernels::int8::Int8Acts;
+use ternmux_kernels::int8::{Int8Acts, Int8View};
 use ternmux_kernels::matmul::FloatMatrix;
 use ternmux_kernels::ternary::TernaryMatrix;
 
@@ -178,6 +178,27 @@ impl HostUnit {
     pub(crate) fn into_data(self) -> Option<Vec<u8>> {
         self.copy.map(|(d, _)| d)
     }
+    /// The int8 head of this head unit when the CPU computes it so: the model's own (a unit
+    /// read from the mapping, [`crate::model::HeadMode::Int8`]) or the copy packed in this unit
+    /// (a multiplexer's, whose layout says so).
+    fn int8_head<'a>(&'a self, model: &'a Model, t: &TensorRef) -> Result<Option<Int8View<'a>>> {
+        match &self.copy {
+            None => Ok(model.int8_head().map(|h| h.matrix.view())),
+            Some((data, layout)) => {
+                let (Some(c), Some(s)) = (
+                    layout.piece(PieceKind::Int8Codes),
+                    layout.piece(PieceKind::Int8Scales),
+                ) else {
+                    return Ok(None);
+                };
+                let scales: &[f32] = bytemuck::try_cast_slice(&data[s.offset..s.offset + s.len])
+                    .map_err(|e| Error::Mux(format!("unit {}: int8 head scales: {e}", self.id)))?;
+                let codes = &data[c.offset..c.offset + c.len];
+                Ok(Some(Int8View::new(codes, scales, t.rows, t.cols)?))
+            }
+        }
+    }
+
     fn bytes<'a>(&'a self, model: &'a Model, m: Mat) -> Result<&'a [u8]> {
         match &self.copy {
             None => Ok(crate::mux::units::piece_bytes(
@@ -358,7 +379,6 @@ impl Backend for CpuExec<'_> {
         let mut quantized = false;
         for (m, out) in outs.iter_mut() {
             let (t, scale, bias) = self.matrix(u, *m)?;
-            let bytes = u.bytes(self.model, *m)?;
             let x = &x[..rows * t.cols];
             let n = rows * t.rows;
             let dst: &mut [f32] = if accumulate {
@@ -367,17 +387,16 @@ impl Backend for CpuExec<'_> {
             } else {
                 &mut out[..n]
             };
-            // The int8 head, when the unit is read from the mapping (a multiplexer's copy of
-            // the head is used as stored: its bytes are what the budget counts).
-            let int8 = match (*m, &u.copy) {
-                (Mat::Output, None) => self.model.int8_head(),
-                _ => None,
+            let int8 = match *m {
+                Mat::Output => u.int8_head(self.model, t)?,
+                Mat::Layer(_) => None,
             };
             if let Some(h) = int8 {
                 let mut a8 = self.head_acts.borrow_mut();
                 a8.quantize(x, t.cols)?;
-                kern.int8_matmul(&h.matrix, &a8, dst)?;
+                kern.int8_matmul(&h, &a8, dst)?;
             } else {
+                let bytes = u.bytes(self.model, *m)?;
                 match t.ty {
                     GgmlType::Ternary(f) => {
                         if !quantized {

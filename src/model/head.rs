@@ -9,8 +9,9 @@
 //! checked in the tests and against llama.cpp by `scripts/bench_vs_llamacpp.sh`).
 //!
 //! Memory: the copy is owned (the one exception to zero copy, by choice), and the file's head
-//! pages leave the resident set once it is made (`GgufFile::release`): a tied table's rows are
-//! read back one token at a time for embedding lookups.
+//! pages leave the resident set as it is made (`GgufFile::release`): a tied table's rows are
+//! read back one token at a time for embedding lookups. A model in a multiplexer on the CPU
+//! pages this copy in as its head unit (`mux::units`), so its budget counts the int8 bytes.
 
 use crate::error::{Error, Result};
 use crate::gguf::{GgmlType, GgufFile};

@@ -174,6 +174,11 @@ impl Model {
         self.head.describe(self.head_mode, &self.weights.output)
     }
 
+    /// Whether the CPU backend computes this model's head in int8 (mode and head type).
+    pub(crate) fn int8_head_applies(&self) -> bool {
+        self.head_mode == HeadMode::Int8 && head::int8_applies(&self.weights.output)
+    }
+
     /// The int8 head for the CPU backend (made on first call), when the mode and the head's
     /// type allow one.
     pub(crate) fn int8_head(&self) -> Option<&head::Int8Head> {

@@ -232,11 +232,21 @@ impl Store {
             (Store::Host, Mem::Host(mut data)) => {
                 data.clear();
                 data.resize(layout.bytes, 0);
-                let pieces = layout
-                    .pieces
-                    .iter()
-                    .map(|p| (p.offset, piece_bytes(model, layout.id, p.kind)))
-                    .collect();
+                let mut pieces = Vec::with_capacity(layout.pieces.len());
+                for p in &layout.pieces {
+                    let src = piece_bytes(model, layout.id, p.kind);
+                    if src.len() != p.len {
+                        return Err(Error::Mux(format!(
+                            "unit {}: {:?} has {} bytes but its layout says {} (an int8 head that \
+                             could not be made: see Model::head_description)",
+                            layout.id,
+                            p.kind,
+                            src.len(),
+                            p.len
+                        )));
+                    }
+                    pieces.push((p.offset, src));
+                }
                 par_copy_pieces(&mut data, pieces, false)?;
                 Ok((
                     Resident::Host(HostUnit::owned(data, layout.clone())),

@@ -35,6 +35,11 @@ pub(crate) enum PieceKind {
     Bias(LayerMat),
     /// An f32 norm weight.
     Norm(Norm),
+    /// The codes of the CPU's int8 head (`crate::model::HeadMode::Int8`), in place of
+    /// `Mat(Output)` on a host store.
+    Int8Codes,
+    /// The f32 row scales of the CPU's int8 head.
+    Int8Scales,
 }
 
 /// A piece of a unit: where it sits in the unit's allocation.
@@ -71,12 +76,17 @@ const MATS: [LayerMat; 7] = [
     LayerMat::Down,
 ];
 
-/// The bytes of a piece of `unit`, borrowed from the model (the mapping, or the f32 vectors
-/// decoded at load).
+/// The bytes of a piece of `unit`, borrowed from the model (the mapping, the f32 vectors
+/// decoded at load, or the int8 head, made on the first call that needs it; empty if it could
+/// not be made).
 pub(crate) fn piece_bytes(model: &Model, unit: UnitId, kind: PieceKind) -> &[u8] {
     let w = model.weights();
     let file = model.file().as_bytes();
     match (unit, kind) {
+        (_, PieceKind::Int8Codes) => model.int8_head().map_or(&[][..], |h| h.matrix.codes()),
+        (_, PieceKind::Int8Scales) => model
+            .int8_head()
+            .map_or(&[][..], |h| f32_bytes(h.matrix.scales())),
         (_, PieceKind::Mat(m)) => w
             .matrix(unit, m)
             .map_or(&[][..], |(t, _, _)| &file[t.range.clone()]),
@@ -93,9 +103,20 @@ fn f32_bytes(v: &[f32]) -> &[u8] {
     bytemuck::cast_slice(v)
 }
 
+/// The length of a piece, without making the int8 head.
+fn piece_len(model: &Model, unit: UnitId, kind: PieceKind) -> usize {
+    let t = &model.weights().output;
+    match kind {
+        PieceKind::Int8Codes => t.rows * t.cols,
+        PieceKind::Int8Scales => t.rows * 4,
+        _ => piece_bytes(model, unit, kind).len(),
+    }
+}
+
 /// Every unit of `model`, blocks first then the head. Pieces start at multiples of `align`;
 /// `with_vectors` packs the f32 norms and biases too (devices need them; the CPU reads them from
-/// the model).
+/// the model). Without them (a host store) a head the CPU computes in int8 is packed as its
+/// int8 codes and scales, which is what the CPU reads.
 pub fn layouts(model: &Model, align: usize, with_vectors: bool) -> Vec<UnitLayout> {
     let align = align.max(1);
     let mut out = Vec::with_capacity(model.config.n_layer + 1);
@@ -103,7 +124,7 @@ pub fn layouts(model: &Model, align: usize, with_vectors: bool) -> Vec<UnitLayou
         let mut pieces = Vec::with_capacity(kinds.len());
         let mut at = 0usize;
         for &kind in kinds {
-            let len = piece_bytes(model, id, kind).len();
+            let len = piece_len(model, id, kind);
             if len == 0 {
                 continue;
             }
@@ -140,7 +161,11 @@ pub fn layouts(model: &Model, align: usize, with_vectors: bool) -> Vec<UnitLayou
         }
         pack(UnitId::Block(l), &kinds);
     }
-    let mut head = vec![PieceKind::Mat(Mat::Output)];
+    let mut head = if !with_vectors && model.int8_head_applies() {
+        vec![PieceKind::Int8Codes, PieceKind::Int8Scales]
+    } else {
+        vec![PieceKind::Mat(Mat::Output)]
+    };
     if with_vectors {
         head.push(PieceKind::Norm(Norm::Output));
     }

@@ -95,6 +95,12 @@ impl DevUnit {
                 }
                 PieceKind::Norm(n) => norms.push((n, dev.sub_buffer(&alloc, p.offset, p.len)?)),
                 PieceKind::Bias(_) => {}
+                PieceKind::Int8Codes | PieceKind::Int8Scales => {
+                    return Err(Error::Device(format!(
+                        "opencl: unit {} is packed for the CPU's int8 head",
+                        layout.id
+                    )));
+                }
             }
         }
         Ok(DevUnit { mats, norms, alloc })
