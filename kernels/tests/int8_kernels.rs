@@ -14,7 +14,7 @@
 use proptest::prelude::*;
 use ternmux_kernels::Kernels;
 use ternmux_kernels::dequant::FloatFormat;
-use ternmux_kernels::int8::{INT8_BLOCK, Int8Acts, Int8Matrix};
+use ternmux_kernels::int8::{INT8_BLOCK, Int8Acts, Int8Matrix, Int8View};
 use ternmux_kernels::matmul::FloatMatrix;
 
 const U: f64 = 1.0 / (1u64 << 24) as f64;
@@ -147,4 +147,10 @@ fn bad_shapes_are_errors() {
         .int8_matmul(&m.view(), &acts, &mut out)
         .unwrap();
     assert_eq!(out, [256.0; 4]);
+    // A borrowed view checks its lengths: codes, scales, and the row length's block multiple.
+    let (codes, scales) = (m.codes(), m.scales());
+    assert!(Int8View::new(codes, scales, 2, 256).is_ok());
+    assert!(Int8View::new(&codes[1..], scales, 2, 256).is_err());
+    assert!(Int8View::new(codes, &scales[1..], 2, 256).is_err());
+    assert!(Int8View::new(codes, &[1.0; 4], 4, 128).is_err());
 }
