@@ -196,13 +196,7 @@ impl Kernels {
                 acts.k()
             )));
         }
-        if out.len() != n * b {
-            return Err(KernelError::Shape(format!(
-                "output needs {} values ({b} x {n}), got {}",
-                n * b,
-                out.len()
-            )));
-        }
+        check_out(n, b, out.len())?;
         if acts.flavor() == crate::act::ActQuant::PerToken
             && let Some(tok) = self.tok
         {
@@ -393,13 +387,7 @@ impl Kernels {
             )));
         }
         let b = x.len() / k;
-        if out.len() != n * b {
-            return Err(KernelError::Shape(format!(
-                "output needs {} values ({b} x {n}), got {}",
-                n * b,
-                out.len()
-            )));
-        }
+        check_out(n, b, out.len())?;
         let fmt = w.format();
         let ptr = OutPtr(out.as_mut_ptr());
         let work = n * fmt.row_bytes(k) * b.max(1);
@@ -486,13 +474,7 @@ impl Kernels {
                 acts.k()
             )));
         }
-        if out.len() != n * b {
-            return Err(KernelError::Shape(format!(
-                "output needs {} values ({b} x {n}), got {}",
-                n * b,
-                out.len()
-            )));
-        }
+        check_out(n, b, out.len())?;
         let ptr = OutPtr(out.as_mut_ptr());
         let row_fn = self.int8_row;
         for_row_ranges(n, n * k * b.max(1), |r0, r1| {
@@ -603,6 +585,17 @@ impl<'a> TokJob<'a> {
             }
         }
     }
+}
+
+/// An output of `b` rows of `n` values must be exactly `n · b` long.
+fn check_out(n: usize, b: usize, len: usize) -> Result<(), KernelError> {
+    if len != n * b {
+        return Err(KernelError::Shape(format!(
+            "output needs {} values ({b} x {n}), got {len}",
+            n * b
+        )));
+    }
+    Ok(())
 }
 
 /// Validates one row kernel call: row length and bytes, batch size, activation buffer and range.
