@@ -78,18 +78,25 @@ fn try_filled<T: Clone>(len: usize, fill: T, what: &str) -> Result<Vec<T>, Kerne
     Ok(v)
 }
 
-/// `c + 128` codes of one row and its scale `d` (see the module's arithmetic).
-fn quantize_row(w: &[f32], codes: &mut [u8]) -> f32 {
-    let max = w.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+/// Absmax quantization of `v` to `[-127, 127]`, the one rule of weights and activations:
+/// `emit(j, q_j)` for every element, and the scale `max |v| / 127` returned. An all-zero or
+/// non-finite `v` emits nothing and returns 0 (the caller's zero-filled values stand).
+fn quantize_absmax(v: &[f32], mut emit: impl FnMut(usize, i32)) -> f32 {
+    let max = v.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
     if max == 0.0 || !max.is_finite() {
-        codes.fill(128);
         return 0.0;
     }
     let inv = 127.0 / max;
-    for (c, &v) in codes.iter_mut().zip(w) {
-        *c = (nearest_int(v * inv).clamp(-127, 127) + 128) as u8;
+    for (j, &x) in v.iter().enumerate() {
+        emit(j, nearest_int(x * inv).clamp(-127, 127));
     }
     max / 127.0
+}
+
+/// `c + 128` codes of one row and its scale `d` (see the module's arithmetic).
+fn quantize_row(w: &[f32], codes: &mut [u8]) -> f32 {
+    codes.fill(128);
+    quantize_absmax(w, |j, c| codes[j] = (c + 128) as u8)
 }
 
 impl Int8Matrix {
@@ -252,7 +259,8 @@ pub struct Int8Acts {
 }
 
 impl Int8Acts {
-    /// Quantizes `x` (rows of `k` values; `k` a multiple of [`INT8_BLOCK`]).
+    /// Quantizes `x` (rows of `k` values; `k` a multiple of [`INT8_BLOCK`]). A block that is
+    /// all zero or holds a non-finite value becomes zeros with scale 0.
     pub fn quantize(&mut self, x: &[f32], k: usize) -> Result<(), KernelError> {
         if k == 0 || !k.is_multiple_of(INT8_BLOCK) || !x.len().is_multiple_of(k) {
             return Err(KernelError::Shape(format!(
@@ -271,20 +279,12 @@ impl Int8Acts {
             .chunks_exact(INT8_BLOCK)
             .zip(self.q.chunks_exact_mut(INT8_BLOCK))
         {
-            let max = xb.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
-            if max == 0.0 || !max.is_finite() {
-                self.scales.push(0.0);
-                self.sums.push(0);
-                continue;
-            }
-            let inv = 127.0 / max;
             let mut sum = 0i32;
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                let c = nearest_int(v * inv).clamp(-127, 127);
+            let s = quantize_absmax(xb, |j, c| {
                 sum += c;
-                *q = c as i8;
-            }
-            self.scales.push(max / 127.0);
+                qb[j] = c as i8;
+            });
+            self.scales.push(s);
             self.sums.push(sum);
         }
         Ok(())
