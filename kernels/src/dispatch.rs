@@ -33,6 +33,8 @@ pub type AxpyF16Fn = unsafe fn(f32, &[u8], &mut [f32]);
 /// An int8 row against a batch: `(codes, acts, out)` writes `out[t] = Σ_b s_b · Σ c · q` for
 /// every token of `acts` (see [`crate::int8`]).
 pub type Int8RowFn = unsafe fn(&[u8], &crate::int8::Int8Acts, &mut [f32]);
+/// Attention of a head group over one KV head's f16 cache (see [`crate::attend`]).
+pub type AttendF16Fn = unsafe fn(&[f32], &crate::attend::F16Cache<'_>, f32, &mut [f32], &mut [f32]);
 /// f16 bytes → f32 conversion.
 pub type F16ToF32Fn = unsafe fn(&[u8], &mut [f32]);
 
@@ -147,6 +149,9 @@ pub struct Kernels {
     pub(crate) axpy_f16: Option<AxpyF16Fn>,
     /// Int8 rows (requantized heads) against per-block int8 activations.
     pub(crate) int8_row: Int8RowFn,
+    /// Fused attention over an f16 cache (head dimensions a multiple of 16); `None` → the
+    /// per-position twin ([`crate::attend::attend_f16_twin`]).
+    pub(crate) attend_f16: Option<AttendF16Fn>,
 }
 
 /// Scalar f16 → f32 conversion (the `half` crate; it uses F16C/FP16 itself when present).
@@ -167,6 +172,7 @@ static SCALAR: Kernels = Kernels {
     rows_f16: None,
     axpy_f16: None,
     int8_row: crate::int8::int8_row,
+    attend_f16: None,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -187,6 +193,7 @@ static AVX2: Kernels = Kernels {
     rows_f16: None,
     axpy_f16: Some(crate::x86_64::avx2::axpy_f16),
     int8_row: crate::x86_64::avx2::int8_row,
+    attend_f16: None,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -211,6 +218,7 @@ static AVX512: Kernels = Kernels {
     rows_f16: Some(crate::x86_64::avx512::rows_f16),
     axpy_f16: Some(crate::x86_64::avx2::axpy_f16),
     int8_row: crate::x86_64::avx512::int8_row,
+    attend_f16: Some(crate::x86_64::avx512_attend::attend_f16),
 };
 
 /// AVX-512 with VBMI: the same table but the 2-bit per-token kernels' code conversion.
@@ -244,6 +252,7 @@ static NEON: Kernels = Kernels {
     rows_f16: None,
     axpy_f16: None,
     int8_row: crate::int8::int8_row,
+    attend_f16: None,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -260,6 +269,7 @@ static NEON_DOTPROD: Kernels = Kernels {
     rows_f16: None,
     axpy_f16: None,
     int8_row: crate::int8::int8_row,
+    attend_f16: None,
 };
 
 impl Kernels {

@@ -13,6 +13,7 @@
 //! * [`ternary`], [`matmul`] — validated matrices and the parallel (rayon) products.
 //! * [`dequant`] — row dequantizers of every format.
 //! * [`int8`] — float heads requantized to int8 per row, against int8 activations per block.
+//! * [`attend`] — attention of a head group over an f16 key/value cache.
 //! * [`copy`] — copies with streaming stores, for memory a device reads next.
 //!
 //! Exactness classes: integer work is always exact. I2_S results and everything with Q8_K
@@ -40,6 +41,7 @@
 #![deny(missing_docs)]
 
 pub mod act;
+pub mod attend;
 pub mod blocks;
 pub mod copy;
 pub mod dequant;

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use ternmux_kernels::Kernels;
 use ternmux_kernels::act::{ActQuant, QuantizedActs};
+use ternmux_kernels::attend::F16Cache;
 use ternmux_kernels::int8::{Int8Acts, Int8View};
 use ternmux_kernels::matmul::FloatMatrix;
 use ternmux_kernels::ternary::TernaryMatrix;
@@ -40,22 +41,53 @@ impl KvStore {
             KvStore::F32(v) => v[at..at + src.len()].copy_from_slice(src),
         }
     }
-    fn dot(&self, kern: &Kernels, at: usize, q: &[f32]) -> f32 {
-        match self {
-            KvStore::F16(v) => kern.dot_f16(bytemuck::cast_slice(&v[at..at + q.len()]), q),
-            KvStore::F32(v) => v[at..at + q.len()].iter().zip(q).map(|(a, b)| a * b).sum(),
-        }
-    }
-    fn axpy(&self, kern: &Kernels, at: usize, a: f32, out: &mut [f32]) {
-        let n = out.len();
-        match self {
-            KvStore::F16(v) => kern.axpy_f16(a, bytemuck::cast_slice(&v[at..at + n]), out),
-            KvStore::F32(v) => {
-                for (o, x) in out.iter_mut().zip(&v[at..at + n]) {
-                    *o += a * x;
+    /// Attention of the query heads `q` (a group sharing one KV head) over `n_pos` positions of
+    /// `keys`/`values` from element `at`, positions `stride` apart: `out = softmax(s·q·K)·V`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        kern: &Kernels,
+        (keys, values): (&KvStore, &KvStore),
+        at: usize,
+        (n_pos, stride, hd): (usize, usize, usize),
+        q: &[f32],
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let end = at + (n_pos - 1) * stride + hd;
+        match (keys, values) {
+            (KvStore::F16(k), KvStore::F16(v)) => {
+                let (k, v) = (
+                    bytemuck::cast_slice(&k[at..end]),
+                    bytemuck::cast_slice(&v[at..end]),
+                );
+                let cache = F16Cache::new(k, v, n_pos, stride, hd)?;
+                kern.attend_f16(q, &cache, scale, scores, out)?;
+            }
+            (KvStore::F32(k), KvStore::F32(v)) => {
+                let (k, v) = (&k[at..end], &v[at..end]);
+                for (qg, og) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+                    scores.clear();
+                    scores.extend((0..n_pos).map(|p| {
+                        let kp = &k[p * stride..p * stride + hd];
+                        kp.iter().zip(qg).map(|(a, b)| a * b).sum::<f32>() * scale
+                    }));
+                    ops::softmax(scores);
+                    og.fill(0.0);
+                    for (p, &a) in scores.iter().enumerate() {
+                        for (o, x) in og.iter_mut().zip(&v[p * stride..p * stride + hd]) {
+                            *o += a * x;
+                        }
+                    }
                 }
             }
+            _ => {
+                return Err(Error::Request(
+                    "attention over keys and values of different types".into(),
+                ));
+            }
         }
+        Ok(())
     }
     fn bytes(&self) -> usize {
         match self {
@@ -484,28 +516,36 @@ impl Backend for CpuExec<'_> {
             .map(|&r| kv.at(RowPlace { pos: 0, ..r }))
             .collect::<Result<_>>()?;
         let work: usize = rows.iter().map(|r| r.pos as usize + 1).sum::<usize>() * c.n_head * hd;
-        // Query head h reads KV head h / group.
-        let head_job = |(idx, o): (usize, &mut [f32])| {
-            let (t, head) = (idx / c.n_head, idx % c.n_head);
-            let kvh = head / group;
-            let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-            let (base, n_pos) = (starts[t], rows[t].pos as usize + 1);
-            let mut scores: Vec<f32> = (0..n_pos)
-                .map(|p| kc.dot(kern, base + p * kvd + kvh * hd, qh) * kq_scale)
-                .collect();
-            ops::softmax(&mut scores);
-            o.fill(0.0);
-            for (p, &a) in scores.iter().enumerate() {
-                vc.axpy(kern, base + p * kvd + kvh * hd, a, o);
-            }
+        // One job per (row, KV head): the `group` query heads that read KV head `kvh` are
+        // `kvh·group … (kvh+1)·group`, contiguous in `q` and `out`.
+        let n_kv = c.n_head_kv;
+        let gw = group * hd;
+        let group_job = |scores: &mut Vec<f32>, (idx, o): (usize, &mut [f32])| -> Result<()> {
+            let (t, kvh) = (idx / n_kv, idx % n_kv);
+            let qg = &q[t * qd + kvh * gw..t * qd + (kvh + 1) * gw];
+            let (at, n_pos) = (starts[t] + kvh * hd, rows[t].pos as usize + 1);
+            KvStore::attend(
+                kern,
+                (kc, vc),
+                at,
+                (n_pos, kvd, hd),
+                qg,
+                kq_scale,
+                scores,
+                o,
+            )
         };
         let out = &mut out[..rows.len() * qd];
         if work > 1 << 16 {
-            out.par_chunks_mut(hd).enumerate().for_each(head_job);
+            out.par_chunks_mut(gw)
+                .enumerate()
+                .try_for_each_init(Vec::new, group_job)
         } else {
-            out.chunks_mut(hd).enumerate().for_each(head_job);
+            let mut scores = Vec::new();
+            out.chunks_mut(gw)
+                .enumerate()
+                .try_for_each(|job| group_job(&mut scores, job))
         }
-        Ok(())
     }
 
     fn ffn_act(

@@ -321,7 +321,14 @@ impl Model {
     ) -> Result<()> {
         cache.picked_last = false;
         match &mut cache.store {
-            KvStorage::Cpu(kv) => run(&CpuExec::new(self), self, kv, job, logits, picks),
+            // The whole pass runs on a pool thread: each layer's parallel product then forks
+            // from inside the pool, instead of the caller waking a worker and sleeping on a
+            // latch for every product (~50 times a token for a small model).
+            KvStorage::Cpu(kv) => {
+                let mut done = Ok(());
+                rayon::scope(|_| done = run(&CpuExec::new(self), self, kv, job, logits, picks));
+                done
+            }
             KvStorage::OpenCl(kv) => {
                 let Placement::OpenCl(dev) = &self.placement else {
                     return Err(Error::Device(

@@ -71,19 +71,8 @@ pub fn rope(x: &mut [f32], head_dim: usize, n_rot: usize, neox: bool, cos: &[f32
     }
 }
 
-/// Numerically stable softmax in place.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
+/// `x ← softmax(x)` in f32 (the kernels crate's, shared with its attention kernels).
+pub use ternmux_kernels::attend::softmax;
 
 /// `silu(g) · u` in place into `g`.
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
