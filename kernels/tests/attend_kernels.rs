@@ -9,8 +9,9 @@
 //! * **Weights.** Shifting every score by at most `Δ` scales each softmax weight by a factor in
 //!   `[e^{−2Δ}, e^{2Δ}]`. The f32 softmax adds one rounding for `ŝ_p − max` (relative to
 //!   `|ŝ_p − max|`, which moves `e^{−x}` by at most `x·ε·e^{−x} ≤ ε`), one `exp` (≤ 3 ε
-//!   relative: libm's, or the AVX-512 kernel's polynomial), the sum of `n` terms (`γ_n`) and the division: `|ŵ_p − w_p| ≤ w_p · η` with `η = e^{2Δ} − 1 +
-//!   γ_{n+8}`, plus `ε` absolute from the subtraction.
+//!   relative: libm's, or the AVX-512 kernel's polynomial), the sum of `n` terms (`γ_n`) and
+//!   the division: `|ŵ_p − w_p| ≤ w_p · η` with `η = e^{2Δ} − 1 + γ_{n+8}`, plus `ε` absolute
+//!   from the subtraction.
 //! * **Output.** `Σ_p ŵ_p v_p` over `n` positions adds `γ_{n+1} · Σ_p ŵ_p |v_p|`.
 //!
 //! So `|out − exact| ≤ (η + γ_{n+1}) · Σ_p w_p |v_p| · (1 + η) + n · ε · max|v|`, checked per
