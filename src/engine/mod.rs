@@ -12,7 +12,8 @@
 //! their own workers, so a request for a resident model never waits behind another model's
 //! page-in (only the device itself is shared). When the models with requests do not fit in the
 //! weight budget together, they take turns in slices ([`EngineOptions::slice`]) instead of
-//! evicting each other's layers at every step.
+//! evicting each other's layers at every step; a model with few sequences left gives its turn
+//! early to a waiting model with at least twice as many.
 //!
 //! ```
 //! use ternmux::backend::Device;
@@ -65,7 +66,8 @@ pub struct EngineOptions {
     /// before stepping aside for a waiting one (see the gate in the module docs). Default 1 s:
     /// with four 2B models under a budget for two on the H100, 1 s gave 1.17–1.34× the throughput
     /// of 300 ms at concurrency 4–64 with average TTFT still under 0.5 s; 2 s gained no more and
-    /// doubled the worst TTFT.
+    /// doubled the worst TTFT. After a quarter of it, a model also steps aside for a waiting
+    /// model with at least twice its queued and running sequences.
     pub slice: Duration,
     /// How long a model whose batch has just emptied keeps its place at the gate, waiting for
     /// its next request, before it steps aside for a waiting model. A client that sends its
@@ -376,6 +378,7 @@ impl Engine {
             )));
         }
         let weight_bytes = self.mux.stats().model(name).map_or(0, |m| m.total_bytes);
+        self.gate.register(name, metrics.clone());
         let ctx = worker::Context {
             name: name.to_string(),
             weight_bytes,

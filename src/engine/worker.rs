@@ -320,7 +320,7 @@ pub(super) fn run(mut ctx: Context) {
         ctx.metrics
             .sample_ns
             .fetch_add(sampling_from.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if admitted.is_some_and(|since| ctx.gate.should_yield(since)) {
+        if admitted.is_some_and(|since| ctx.gate.should_yield(&ctx.name, since)) {
             admitted = None;
             ctx.gate.leave(&ctx.name);
         }
