@@ -113,10 +113,21 @@ struct Replay {
     sizes: HashMap<(String, UnitId), usize>,
     totals: HashMap<String, usize>,
     held: HashSet<(String, UnitId)>,
+    /// A counter of uses, each unit's last use on it, and per model the use that began its
+    /// current pass and its previous one (a pass begins with `Block(0)`).
+    tick: u64,
+    last: HashMap<(String, UnitId), u64>,
+    passes: HashMap<String, (u64, u64)>,
 }
 
 impl Replay {
     fn touch(&mut self, k: (String, UnitId)) {
+        self.tick += 1;
+        if k.1 == UnitId::Block(0) {
+            let p = self.passes.entry(k.0.clone()).or_default();
+            *p = (self.tick, p.0);
+        }
+        self.last.insert(k.clone(), self.tick);
         self.order.retain(|x| *x != k);
         self.order.push(k);
     }
@@ -158,6 +169,13 @@ impl Replay {
                     let k = (model.to_string(), *unit);
                     prop_assert!(!self.order.contains(&k), "page-in of resident {k:?}");
                     let streaming = self.totals[&k.0] > *budget;
+                    // The previous pass of this model began before this page-in (which may
+                    // begin a new one).
+                    let prev = match self.passes.get(&k.0) {
+                        Some(&(cur, _)) if k.1 == UnitId::Block(0) => cur,
+                        Some(&(_, prev)) => prev,
+                        None => 0,
+                    };
                     for (vm, vu, for_model, _) in pending.drain(..) {
                         prop_assert_eq!(&for_model, &k.0);
                         let v = (vm, vu);
@@ -175,7 +193,15 @@ impl Replay {
                             evictable.iter().copied().filter(|x| x.0 != k.0).collect();
                         // Own units: the second most recent (the only one when alone).
                         let own_pick = own.get(own.len().saturating_sub(2)).copied();
-                        if streaming && own_resident >= 2 && !own.is_empty() {
+                        // Other models' units unused since this model's previous pass
+                        // began, least recent first.
+                        let cold = others
+                            .iter()
+                            .copied()
+                            .find(|x| self.last.get(*x).is_some_and(|&t| t < prev));
+                        if streaming && own_resident >= 2 && cold.is_some() {
+                            prop_assert_eq!(Some(&v), cold, "streaming victim (cold unit)");
+                        } else if streaming && own_resident >= 2 && !own.is_empty() {
                             prop_assert_eq!(Some(&v), own_pick, "streaming victim");
                         } else if !others.is_empty() {
                             prop_assert_eq!(&v, others[0], "LRU victim among other models");
@@ -257,6 +283,9 @@ fn run_machine(device: Device, ops: &[Op], host_cache: Option<usize>) -> Result<
         sizes: HashMap::new(),
         totals: HashMap::new(),
         held: HashSet::new(),
+        tick: 0,
+        last: HashMap::new(),
+        passes: HashMap::new(),
     };
     let mut registered: HashSet<usize> = HashSet::new();
     // Sizes are known once a model is registered.

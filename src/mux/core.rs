@@ -156,6 +156,10 @@ struct ModelEntry {
     layouts: Arc<Vec<UnitLayout>>,
     total: usize,
     last_use: u64,
+    /// Clock when the model's current pass asked for its first unit, and when its previous
+    /// pass did (0: none yet).
+    pass_start: u64,
+    prev_pass_start: u64,
     stats: ModelStats,
     unit_stats: BTreeMap<UnitId, UnitStats>,
 }
@@ -327,6 +331,8 @@ impl Core {
                 layouts: Arc::new(layouts),
                 total,
                 last_use: 0,
+                pass_start: 0,
+                prev_pass_start: 0,
                 stats: ModelStats {
                     name: name.into(),
                     total_bytes: total,
@@ -386,6 +392,14 @@ impl Core {
             .filter(|l| l.id == unit)
             .ok_or_else(|| Error::Mux(format!("model {name} has no unit {unit}")))?;
         let bytes = layout.bytes;
+        if index == 0 {
+            // A pass begins (passes ask for their units in order).
+            let start = t.clock + 1;
+            if let Some(m) = t.models.get_mut(&id) {
+                m.prev_pass_start = m.pass_start;
+                m.pass_start = start;
+            }
+        }
         let mut reuse: Option<(Mem, Vec<Event>)> = None;
         let mut streaming: bool;
         'retry: loop {
@@ -893,17 +907,29 @@ impl Table {
                 .map(|x| vec![x.1])
                 .unwrap_or_default()
         };
-        if streaming && self.units.keys().filter(|k| k.0 == me).count() >= self.stream_slots {
-            let v = own_victim();
-            if !v.is_empty() {
-                return v;
-            }
-        }
         let others = || {
             self.units
                 .iter()
                 .filter(|(k, e)| k.0 != me && self.evictable(k, e, want))
         };
+        if streaming && self.units.keys().filter(|k| k.0 == me).count() >= self.stream_slots {
+            // Layer-level: another model's unit that nothing has used since this model's
+            // previous pass began is colder than any of this model's own (each of which that
+            // pass used): it goes first, so a streamed model keeps more of itself when the rest
+            // of the budget has gone cold, and still never flushes layers in use meanwhile.
+            let prev = self.models.get(&me).map_or(0, |m| m.prev_pass_start);
+            if self.policy == Policy::LayerLru
+                && let Some((k, _)) = others()
+                    .filter(|(_, e)| e.last_use < prev)
+                    .min_by_key(|(k, e)| (e.last_use, **k))
+            {
+                return vec![*k];
+            }
+            let v = own_victim();
+            if !v.is_empty() {
+                return v;
+            }
+        }
         let chosen: Vec<Key> = match self.policy {
             Policy::LayerLru => others()
                 .min_by_key(|(k, e)| (e.last_use, **k))
