@@ -179,7 +179,7 @@ impl Kernels {
         scores.clear();
         scores.resize(group * cache.n_pos, 0.0);
         match self.attend_f16 {
-            Some(f) if hd.is_multiple_of(16) => {
+            Some((f, lanes)) if hd.is_multiple_of(lanes) => {
                 // SAFETY: `self` exists only for an ISA this CPU supports; the cache's slices
                 // were checked to hold every row read, `q`/`out` hold `group` heads and
                 // `scores` `group × n_pos` values (checked above).

@@ -149,9 +149,10 @@ pub struct Kernels {
     pub(crate) axpy_f16: Option<AxpyF16Fn>,
     /// Int8 rows (requantized heads) against per-block int8 activations.
     pub(crate) int8_row: Int8RowFn,
-    /// Fused attention over an f16 cache (head dimensions a multiple of 16); `None` → the
-    /// per-position twin ([`crate::attend::attend_f16_twin`]).
-    pub(crate) attend_f16: Option<AttendF16Fn>,
+    /// Fused attention over an f16 cache and the multiple of the head dimension it takes (its
+    /// lane count); `None`, or another head dimension → the per-position twin
+    /// ([`crate::attend::attend_f16_twin`]).
+    pub(crate) attend_f16: Option<(AttendF16Fn, usize)>,
 }
 
 /// Scalar f16 → f32 conversion (the `half` crate; it uses F16C/FP16 itself when present).
@@ -193,7 +194,7 @@ static AVX2: Kernels = Kernels {
     rows_f16: None,
     axpy_f16: Some(crate::x86_64::avx2::axpy_f16),
     int8_row: crate::x86_64::avx2::int8_row,
-    attend_f16: None,
+    attend_f16: Some((crate::x86_64::avx2_attend::attend_f16, 8)),
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -218,7 +219,7 @@ static AVX512: Kernels = Kernels {
     rows_f16: Some(crate::x86_64::avx512::rows_f16),
     axpy_f16: Some(crate::x86_64::avx2::axpy_f16),
     int8_row: crate::x86_64::avx512::int8_row,
-    attend_f16: Some(crate::x86_64::avx512_attend::attend_f16),
+    attend_f16: Some((crate::x86_64::avx512_attend::attend_f16, 16)),
 };
 
 /// AVX-512 with VBMI: the same table but the 2-bit per-token kernels' code conversion.
