@@ -4,12 +4,13 @@
 //! One call covers a whole head group over all its positions, so a token's attention is a
 //! handful of calls instead of two per position and head: each key and value row is loaded and
 //! widened once for the whole group, scores stay in a scratch row, and on AVX-512 and AVX2 the
-//! output accumulates in registers across positions. The portable version ([`attend_f16_twin`]) is the
-//! per-position composition of [`Kernels::dot_f16`] and [`Kernels::axpy_f16`] that attention
-//! used before; ISAs without a fused kernel run it.
+//! output accumulates in registers across positions. The portable version
+//! ([`attend_f16_twin`]) is the per-position composition of [`Kernels::dot_f16`] and
+//! [`Kernels::axpy_f16`] that attention used before; ISAs without a fused kernel run it.
 //!
 //! Exactness: ≤ ε class (f32 sums whose order depends on the ISA's lane count; FMA and a
-//! polynomial `exp` on AVX-512 and AVX2). The bound against an f64 reference is derived next to the tests (`tests/attend_kernels.rs`).
+//! polynomial `exp` on AVX-512 and AVX2). The bound against an f64 reference is derived next
+//! to the tests (`tests/attend_kernels.rs`).
 //!
 //! ```
 //! use ternmux_kernels::{Kernels, attend::F16Cache};
