@@ -15,11 +15,10 @@ use crate::ternary::{MAX_BATCH, TernaryFormat, TernaryMatrix, combine};
 use rayon::prelude::*;
 
 /// Below this much work (weight bytes × activation rows) a product runs on the calling thread:
-/// rayon's fork/join costs a few microseconds, more than a small matrix takes. Set by measuring
-/// the bundled 3M model (256 × 256 layers) on 2 cores, where every product is small: at 32 KiB
-/// both its batch-1 and its batch-8 decode beat 64, 128 and 256 KiB (a worker kept busy by
-/// consecutive products does not fall asleep between them).
-const PARALLEL_MIN_WORK: usize = 32 * 1024;
+/// rayon's fork/join costs a few microseconds, more than a small matrix takes. (32 KiB was
+/// faster for small models while passes ran inside the pool; from outside it, each product
+/// pays a wake-up and a latch, and 32 KiB made the bundled model's batch-1 decode 2–3× slower.)
+const PARALLEL_MIN_WORK: usize = 256 * 1024;
 
 /// Output pointer shared by row tasks that write disjoint elements.
 #[derive(Clone, Copy)]

@@ -321,14 +321,11 @@ impl Model {
     ) -> Result<()> {
         cache.picked_last = false;
         match &mut cache.store {
-            // The whole pass runs on a pool thread: each layer's parallel product then forks
-            // from inside the pool, instead of the caller waking a worker and sleeping on a
-            // latch for every product (~50 times a token for a small model).
-            KvStorage::Cpu(kv) => {
-                let mut done = Ok(());
-                rayon::scope(|_| done = run(&CpuExec::new(self), self, kv, job, logits, picks));
-                done
-            }
+            // Not inside the rayon pool: a pass can block (a mux page-in waiting for room, the
+            // head's first build), and a pool thread waiting in a join may steal another
+            // thread's whole pass and block under it — a deadlock (seen in CI's mux stress test
+            // when passes ran in `rayon::scope`).
+            KvStorage::Cpu(kv) => run(&CpuExec::new(self), self, kv, job, logits, picks),
             KvStorage::OpenCl(kv) => {
                 let Placement::OpenCl(dev) = &self.placement else {
                     return Err(Error::Device(
