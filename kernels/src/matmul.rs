@@ -15,10 +15,19 @@ use crate::ternary::{MAX_BATCH, TernaryFormat, TernaryMatrix, combine};
 use rayon::prelude::*;
 
 /// Below this much work (weight bytes × activation rows) a product runs on the calling thread:
-/// rayon's fork/join costs a few microseconds, more than a small matrix takes. (32 KiB was
-/// faster for small models while passes ran inside the pool; from outside it, each product
-/// pays a wake-up and a latch, and 32 KiB made the bundled model's batch-1 decode 2–3× slower.)
-const PARALLEL_MIN_WORK: usize = 256 * 1024;
+/// rayon's fork/join costs a few microseconds, more than a small matrix takes. From a pool
+/// thread (a CPU pass runs each block's ops as one pool job) a fork is a push onto its own
+/// deque and the join is often its own; from outside, each product pays a wake-up and a latch,
+/// so the bar is higher there (32 KiB from outside made the bundled model's batch-1 decode
+/// 2–3× slower).
+const PARALLEL_MIN_WORK_IN_POOL: usize = 32 * 1024;
+
+impl Kernels {
+    /// The work (weight bytes × activation rows) from which a product called from outside the
+    /// rayon pool splits its rows between threads; below it the product runs on the calling
+    /// thread. From a pool thread the bar is lower (32 KiB): forking there is cheap.
+    pub const PARALLEL_MIN_WORK: usize = 256 * 1024;
+}
 
 /// Output pointer shared by row tasks that write disjoint elements.
 #[derive(Clone, Copy)]
@@ -41,7 +50,12 @@ impl OutPtr {
 /// Runs `f(r0, r1)` over `[0, n)` split into row ranges, in parallel when the work is large.
 fn for_row_ranges(n: usize, work: usize, f: impl Fn(usize, usize) + Sync) {
     let threads = rayon::current_num_threads();
-    if threads <= 1 || work < PARALLEL_MIN_WORK || n < 2 {
+    let min_work = if rayon::current_thread_index().is_some() {
+        PARALLEL_MIN_WORK_IN_POOL
+    } else {
+        Kernels::PARALLEL_MIN_WORK
+    };
+    if threads <= 1 || work < min_work || n < 2 {
         f(0, n);
         return;
     }

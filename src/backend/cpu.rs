@@ -11,7 +11,7 @@ use crate::model::{FfnAct, KvType, Model, TensorRef, ops};
 use crate::mux::units::{PieceKind, UnitId, UnitLayout};
 use half::f16;
 use rayon::prelude::*;
-use std::cell::RefCell;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use ternmux_kernels::Kernels;
 use ternmux_kernels::act::{ActQuant, QuantizedActs};
 use ternmux_kernels::attend::F16Cache;
@@ -260,13 +260,20 @@ fn scale_bias(out: &mut [f32], n: usize, scale: f32, bias: Option<&[f32]>) {
     }
 }
 
-/// The CPU backend bound to one model.
+/// `m`'s scratch. A pass's scratch is only ever used by that pass, one op at a time, so the
+/// lock is uncontended; a panic mid-op leaves nothing another op relies on.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The CPU backend bound to one model. Its scratch sits behind (uncontended) locks so a
+/// block's ops can run on a pool thread ([`Backend::compute`]).
 pub struct CpuExec<'m> {
     model: &'m Model,
-    acts: RefCell<QuantizedActs>,
+    acts: Mutex<QuantizedActs>,
     /// Activations of the int8 head (per 256-block).
-    head_acts: RefCell<Int8Acts>,
-    tmp: RefCell<Vec<f32>>,
+    head_acts: Mutex<Int8Acts>,
+    tmp: Mutex<Vec<f32>>,
 }
 
 impl<'m> CpuExec<'m> {
@@ -274,9 +281,9 @@ impl<'m> CpuExec<'m> {
     pub fn new(model: &'m Model) -> CpuExec<'m> {
         CpuExec {
             model,
-            acts: RefCell::new(QuantizedActs::new(ActQuant::PerToken)),
-            head_acts: RefCell::new(Int8Acts::default()),
-            tmp: RefCell::new(Vec::new()),
+            acts: Mutex::new(QuantizedActs::new(ActQuant::PerToken)),
+            head_acts: Mutex::new(Int8Acts::default()),
+            tmp: Mutex::new(Vec::new()),
         }
     }
 
@@ -339,6 +346,20 @@ impl Backend for CpuExec<'_> {
     type Kv = CpuKv;
     type Unit = HostUnit;
 
+    fn compute<R: Send>(&self, work: usize, ops: impl FnOnce() -> R + Send) -> R {
+        // Below this, every product of the block is too small to split, and entering the pool
+        // would cost a wake-up and a latch for nothing (the bundled model's batch-1 decode).
+        if work < Kernels::PARALLEL_MIN_WORK {
+            return ops();
+        }
+        // A job of the rayon pool (run in place when already on a pool thread).
+        rayon::scope(|_| ops())
+    }
+
+    fn runs_of_blocks(&self) -> bool {
+        true
+    }
+
     fn unit<'r>(&self, r: &'r Resident) -> Result<&'r HostUnit> {
         match r {
             Resident::Host(u) => Ok(u),
@@ -400,14 +421,14 @@ impl Backend for CpuExec<'_> {
         accumulate: bool,
     ) -> Result<()> {
         let kern = Kernels::get();
-        let mut acts = self.acts.borrow_mut();
+        let mut acts = lock(&self.acts);
         if !accumulate
             && outs.len() > 1
             && self.project_ternary_many(u, x, rows, outs, &mut acts)?
         {
             return Ok(());
         }
-        let mut tmp = self.tmp.borrow_mut();
+        let mut tmp = lock(&self.tmp);
         let mut quantized = false;
         for (m, out) in outs.iter_mut() {
             let (t, scale, bias) = self.matrix(u, *m)?;
@@ -424,7 +445,7 @@ impl Backend for CpuExec<'_> {
                 Mat::Layer(_) => None,
             };
             if let Some(h) = int8 {
-                let mut a8 = self.head_acts.borrow_mut();
+                let mut a8 = lock(&self.head_acts);
                 a8.quantize(x, t.cols)?;
                 kern.int8_matmul(&h, &a8, dst)?;
             } else {

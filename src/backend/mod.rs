@@ -211,13 +211,30 @@ pub enum Resident {
 
 /// The ops of the forward pass. Buffers hold rows of f32 (one row per token); which row widths
 /// they hold is the caller's business, as in any tensor library.
-pub trait Backend {
+pub trait Backend: Sync {
     /// An activation buffer.
-    type Buf;
+    type Buf: Send;
     /// One sequence's KV cache.
-    type Kv;
+    type Kv: Send;
     /// A resident unit's weights in this backend's form.
-    type Unit;
+    type Unit: Sync;
+    /// Runs `ops`, one block's compute over `work` bytes (its weight bytes × rows), where this
+    /// backend computes best. The CPU runs a large block as one job inside its thread pool, so
+    /// the products within it fork and join among pool threads instead of waking the pool and
+    /// sleeping on a latch once per product. `ops` must not block on anything but its own work
+    /// (no page-in, no lock another pass holds): a pool thread waiting in a join may run
+    /// another pass's `ops` on top of its stack.
+    fn compute<R: Send>(&self, work: usize, ops: impl FnOnce() -> R + Send) -> R {
+        let _ = work;
+        ops()
+    }
+    /// Whether the forward pass should hand [`Backend::compute`] every resident block it can
+    /// pin at once (one job for the run), rather than one block at a time. A device queues
+    /// each block's ops as soon as its unit is pinned and frees the pin when they are queued,
+    /// so it keeps one block at a time; the CPU saves a handoff to its pool per block.
+    fn runs_of_blocks(&self) -> bool {
+        false
+    }
     /// This backend's view of a resident unit (an error if it belongs to another backend).
     fn unit<'r>(&self, r: &'r Resident) -> Result<&'r Self::Unit>;
     /// The most tokens one pass may hold (longer prompts are split into passes).

@@ -506,6 +506,98 @@ fn run<B: Backend>(
     Ok(())
 }
 
+/// A pass's activation buffers (rows of `t_n` tokens).
+struct Acts<B: Backend> {
+    /// The residual stream.
+    x: B::Buf,
+    /// The normed input of the next projection.
+    h: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    /// Rotated queries.
+    qr: B::Buf,
+    /// Attention output.
+    att: B::Buf,
+    /// Gate, then the activated product that goes down.
+    g: B::Buf,
+    u: B::Buf,
+}
+
+/// Block `li`'s ops over the pass's `t_n` rows: attention and FFN with their residual adds.
+/// Block 0 norms `a.x` itself; later blocks find their normed input in `a.h`, which the
+/// previous block's down projection made (`Norm::Next`). The last block leaves only `a.x`.
+#[allow(clippy::too_many_arguments)]
+fn block<B: Backend>(
+    be: &B,
+    model: &Model,
+    kv: &mut B::Kv,
+    li: usize,
+    blk: &B::Unit,
+    places: &[RowPlace],
+    t_n: usize,
+    a: &mut Acts<B>,
+) -> Result<()> {
+    let layers = &model.weights.layers;
+    let l = &layers[li];
+    if li == 0 {
+        be.norm(blk, Norm::Attn, &a.x, 0, t_n, &mut a.h)?;
+    }
+    be.project(
+        blk,
+        &a.h,
+        t_n,
+        &mut [
+            (Mat::Layer(LayerMat::Q), &mut a.q),
+            (Mat::Layer(LayerMat::K), &mut a.k),
+            (Mat::Layer(LayerMat::V), &mut a.v),
+        ],
+        false,
+    )?;
+    let sub = l.attn_sub_norm.is_some().then_some(blk);
+    be.rope_attention(kv, li, places, &a.q, &a.k, &a.v, &mut a.qr, &mut a.att, sub)?;
+    be.project_residual_norm(
+        blk,
+        &a.att,
+        t_n,
+        Mat::Layer(LayerMat::O),
+        &mut a.x,
+        Norm::Ffn,
+        &mut a.h,
+    )?;
+    be.project(
+        blk,
+        &a.h,
+        t_n,
+        &mut [
+            (Mat::Layer(LayerMat::Gate), &mut a.g),
+            (Mat::Layer(LayerMat::Up), &mut a.u),
+        ],
+        false,
+    )?;
+    let ffn_act = model.config.ffn_act;
+    be.ffn_act(blk, &mut a.g, &a.u, t_n, ffn_act, l.ffn_sub_norm.is_some())?;
+    if li + 1 < layers.len() {
+        be.project_residual_norm(
+            blk,
+            &a.g,
+            t_n,
+            Mat::Layer(LayerMat::Down),
+            &mut a.x,
+            Norm::Next,
+            &mut a.h,
+        )
+    } else {
+        be.project(
+            blk,
+            &a.g,
+            t_n,
+            &mut [(Mat::Layer(LayerMat::Down), &mut a.x)],
+            true,
+        )
+    }
+}
+
 /// One pass of the tokens of `feed` at `places`: the architecture's op list, then `sink`.
 fn pass<B: Backend>(
     be: &B,
@@ -552,78 +644,52 @@ fn pass<B: Backend>(
             Feed::Picked => be.embed_picked(kv, head, &mut x)?,
         }
     }
-    let mut h = be.alloc(t_n * e)?;
-    let (mut q, mut k, mut v) = (
-        be.alloc(t_n * qd)?,
-        be.alloc(t_n * kvd)?,
-        be.alloc(t_n * kvd)?,
-    );
-    let mut qr = be.alloc(t_n * qd)?;
-    let mut att = be.alloc(t_n * qd)?;
-    let (mut g, mut u) = (be.alloc(t_n * ff)?, be.alloc(t_n * ff)?);
-    for (li, l) in w.layers.iter().enumerate() {
-        // Pinned while this block's ops are issued; the next page-in may start as soon as the
-        // guard drops (the device keeps computing while the host copies).
-        let guard = model.acquire(UnitId::Block(li))?;
-        let blk = be.unit(&guard)?;
-        // Later blocks find their normed input in `h`: the previous block's down projection
-        // made it (Norm::Next).
-        if li == 0 {
-            be.norm(blk, Norm::Attn, &x, 0, t_n, &mut h)?;
+    let mut a = Acts::<B> {
+        h: be.alloc(t_n * e)?,
+        q: be.alloc(t_n * qd)?,
+        k: be.alloc(t_n * kvd)?,
+        v: be.alloc(t_n * kvd)?,
+        qr: be.alloc(t_n * qd)?,
+        att: be.alloc(t_n * qd)?,
+        g: be.alloc(t_n * ff)?,
+        u: be.alloc(t_n * ff)?,
+        x,
+    };
+    let n_layers = w.layers.len();
+    let mut li = 0;
+    while li < n_layers {
+        // Pinned while the blocks' ops run; the next page-in may start as soon as the guards
+        // drop (a device keeps computing while the host copies). Units are pinned here,
+        // outside `compute`: a page-in may wait for room, and `compute`'s ops must not block.
+        // A backend that takes runs of blocks gets this one and every block after it that is
+        // resident already (pinned without waiting).
+        let mut guards = vec![model.acquire(UnitId::Block(li))?];
+        if be.runs_of_blocks() {
+            while li + guards.len() < n_layers {
+                match model.pin_if_resident(UnitId::Block(li + guards.len()))? {
+                    Some(g) => guards.push(g),
+                    None => break,
+                }
+            }
         }
-        be.project(
-            blk,
-            &h,
-            t_n,
-            &mut [
-                (Mat::Layer(LayerMat::Q), &mut q),
-                (Mat::Layer(LayerMat::K), &mut k),
-                (Mat::Layer(LayerMat::V), &mut v),
-            ],
-            false,
-        )?;
-        let sub = l.attn_sub_norm.is_some().then_some(blk);
-        be.rope_attention(kv, li, places, &q, &k, &v, &mut qr, &mut att, sub)?;
-        be.project_residual_norm(
-            blk,
-            &att,
-            t_n,
-            Mat::Layer(LayerMat::O),
-            &mut x,
-            Norm::Ffn,
-            &mut h,
-        )?;
-        be.project(
-            blk,
-            &h,
-            t_n,
-            &mut [
-                (Mat::Layer(LayerMat::Gate), &mut g),
-                (Mat::Layer(LayerMat::Up), &mut u),
-            ],
-            false,
-        )?;
-        be.ffn_act(blk, &mut g, &u, t_n, c.ffn_act, l.ffn_sub_norm.is_some())?;
-        if li + 1 < w.layers.len() {
-            be.project_residual_norm(
-                blk,
-                &g,
-                t_n,
-                Mat::Layer(LayerMat::Down),
-                &mut x,
-                Norm::Next,
-                &mut h,
-            )?;
-        } else {
-            be.project(
-                blk,
-                &g,
-                t_n,
-                &mut [(Mat::Layer(LayerMat::Down), &mut x)],
-                true,
-            )?;
-        }
+        let units = guards
+            .iter()
+            .map(|g| be.unit(g))
+            .collect::<Result<Vec<_>>>()?;
+        let work = (li..li + units.len())
+            .map(|i| w.layers[i].matrix_bytes())
+            .sum::<usize>()
+            * t_n;
+        let (kv, a, first) = (&mut *kv, &mut a, li);
+        be.compute(work, move || {
+            units
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, blk)| block(be, model, kv, first + i, blk, places, t_n, a))
+        })?;
+        li += guards.len();
     }
+    let Acts { x, mut h, .. } = a;
     let n_out = match &sink {
         Sink::Logits { n_out, .. } => (*n_out).min(t_n),
         Sink::Pick => 1,

@@ -148,6 +148,15 @@ impl Model {
         }
     }
 
+    /// Pins a unit if that cannot wait: a model outside any table always, one in a table only
+    /// if the unit is resident already (no page-in, no waiting for room).
+    pub(crate) fn pin_if_resident(&self, unit: UnitId) -> Result<Option<UnitGuard>> {
+        match &self.binding {
+            None => self.acquire(unit).map(Some),
+            Some(b) => b.core.peek(b.id, unit),
+        }
+    }
+
     /// How the CPU backend computes the output head ([`HeadMode`]; default int8).
     pub fn head_mode(&self) -> HeadMode {
         self.head_mode

@@ -100,6 +100,22 @@ pub struct Layer {
 }
 
 impl Layer {
+    /// Bytes of the block's seven linear layers in the file (what one token's pass reads).
+    pub fn matrix_bytes(&self) -> usize {
+        [
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ]
+        .iter()
+        .map(|t| t.range.len())
+        .sum()
+    }
+
     /// The tensor of one of the block's linear layers.
     pub fn tensor(&self, m: crate::backend::LayerMat) -> &TensorRef {
         use crate::backend::LayerMat;
