@@ -308,7 +308,10 @@ fn run_machine(device: Device, ops: &[Op], host_cache: Option<usize>) -> Result<
             Op::Unregister(i) => {
                 let r = mux.unregister(&name(*i));
                 prop_assert_eq!(r.is_ok(), registered.remove(i));
+                // A model registered again starts afresh: no resident units, no passes.
                 replay.order.retain(|x| x.0 != name(*i));
+                replay.passes.remove(&name(*i));
+                replay.last.retain(|k, _| k.0 != name(*i));
             }
             Op::Generate(i, p) => {
                 let r = mux.generate(&name(*i), PROMPTS[*p], &opts(), |_| true);
