@@ -260,6 +260,10 @@ fn scale_bias(out: &mut [f32], n: usize, scale: f32, bias: Option<&[f32]>) {
     }
 }
 
+/// Logits from which [`Backend::pick_rows`] splits its rows between threads (fewer are scanned
+/// faster than the pool wakes).
+const PICK_PARALLEL_MIN: usize = 1 << 18;
+
 /// `m`'s scratch. A pass's scratch is only ever used by that pass, one op at a time, so the
 /// lock is uncontended; a panic mid-op leaves nothing another op relies on.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -358,6 +362,11 @@ impl Backend for CpuExec<'_> {
 
     fn runs_of_blocks(&self) -> bool {
         true
+    }
+
+    fn prepare_head(&self, head: &HostUnit) -> Result<()> {
+        let (t, ..) = self.matrix(head, Mat::Output)?;
+        head.int8_head(self.model, t).map(|_| ())
     }
 
     fn unit<'r>(&self, r: &'r Resident) -> Result<&'r HostUnit> {
@@ -607,10 +616,15 @@ impl Backend for CpuExec<'_> {
         let rows = logits
             .get(row0 * n_vocab..(row0 + rows) * n_vocab)
             .ok_or_else(|| Error::Request("pick_rows: rows past the logits".into()))?;
-        out.par_extend(
-            rows.par_chunks_exact(n_vocab.max(1))
-                .map(crate::sampling::argmax),
-        );
+        let per_row = rows.chunks_exact(n_vocab.max(1));
+        if rows.len() < PICK_PARALLEL_MIN {
+            out.extend(per_row.map(crate::sampling::argmax));
+        } else {
+            out.par_extend(
+                rows.par_chunks_exact(n_vocab.max(1))
+                    .map(crate::sampling::argmax),
+            );
+        }
         Ok(())
     }
 }

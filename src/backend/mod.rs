@@ -235,6 +235,13 @@ pub trait Backend: Sync {
     fn runs_of_blocks(&self) -> bool {
         false
     }
+    /// Makes, before [`Backend::compute`] runs the head, what projecting with `head`'s
+    /// [`Mat::Output`] needs and may be slow to make the first time (the CPU's int8 head, built
+    /// on first use behind a lock that `compute`'s ops must not wait on).
+    fn prepare_head(&self, head: &Self::Unit) -> Result<()> {
+        let _ = head;
+        Ok(())
+    }
     /// This backend's view of a resident unit (an error if it belongs to another backend).
     fn unit<'r>(&self, r: &'r Resident) -> Result<&'r Self::Unit>;
     /// The most tokens one pass may hold (longer prompts are split into passes).

@@ -598,6 +598,20 @@ fn block<B: Backend>(
     }
 }
 
+/// The head over rows `row0 .. row0 + rows` of the residual stream `a.x`: the output norm into
+/// `a.h`, then the logits into `out`.
+fn head_ops<B: Backend>(
+    be: &B,
+    head: &B::Unit,
+    a: &mut Acts<B>,
+    row0: usize,
+    rows: usize,
+    out: &mut B::Buf,
+) -> Result<()> {
+    be.norm(head, Norm::Output, &a.x, row0, rows, &mut a.h)?;
+    be.project(head, &a.h, rows, &mut [(Mat::Output, out)], false)
+}
+
 /// One pass of the tokens of `feed` at `places`: the architecture's op list, then `sink`.
 fn pass<B: Backend>(
     be: &B,
@@ -655,55 +669,73 @@ fn pass<B: Backend>(
         u: be.alloc(t_n * ff)?,
         x,
     };
+    let n_out = match &sink {
+        Sink::Logits { n_out, .. } => (*n_out).min(t_n),
+        Sink::Pick => 1,
+    };
+    let (row0, rows) = (t_n - n_out, n_out);
+    let mut out = (n_out > 0)
+        .then(|| be.alloc(rows * c.n_vocab))
+        .transpose()?;
+    let head_work = w.output.range.len() * rows;
     let n_layers = w.layers.len();
+    let mut head_done = false;
     let mut li = 0;
     while li < n_layers {
         // Pinned while the blocks' ops run; the next page-in may start as soon as the guards
         // drop (a device keeps computing while the host copies). Units are pinned here,
         // outside `compute`: a page-in may wait for room, and `compute`'s ops must not block.
         // A backend that takes runs of blocks gets this one and every block after it that is
-        // resident already (pinned without waiting).
+        // resident already (pinned without waiting), and the head with the last run when it is
+        // resident too: the rest of the pass as one job.
         let mut guards = vec![model.acquire(UnitId::Block(li))?];
-        if be.runs_of_blocks() {
-            while li + guards.len() < n_layers {
-                match model.pin_if_resident(UnitId::Block(li + guards.len()))? {
-                    Some(g) => guards.push(g),
-                    None => break,
-                }
+        let runs = be.runs_of_blocks();
+        while runs && li + guards.len() < n_layers {
+            match model.pin_if_resident(UnitId::Block(li + guards.len()))? {
+                Some(g) => guards.push(g),
+                None => break,
             }
+        }
+        let end = li + guards.len();
+        let head_guard = match out {
+            Some(_) if runs && end == n_layers => model.pin_if_resident(UnitId::Head)?,
+            _ => None,
+        };
+        let head = head_guard.as_ref().map(|g| be.unit(g)).transpose()?;
+        if let Some(hu) = head {
+            be.prepare_head(hu)?;
         }
         let units = guards
             .iter()
             .map(|g| be.unit(g))
             .collect::<Result<Vec<_>>>()?;
-        let work = (li..li + units.len())
-            .map(|i| w.layers[i].matrix_bytes())
-            .sum::<usize>()
-            * t_n;
+        let work = (li..end).map(|i| w.layers[i].matrix_bytes()).sum::<usize>() * t_n
+            + head.map_or(0, |_| head_work);
+        let head_out = head.zip(out.as_mut());
         let (kv, a, first) = (&mut *kv, &mut a, li);
         be.compute(work, move || {
-            units
-                .iter()
-                .enumerate()
-                .try_for_each(|(i, blk)| block(be, model, kv, first + i, blk, places, t_n, a))
+            for (i, blk) in units.iter().enumerate() {
+                block(be, model, kv, first + i, blk, places, t_n, a)?;
+            }
+            match head_out {
+                Some((hu, o)) => head_ops(be, hu, a, row0, rows, o),
+                None => Ok(()),
+            }
         })?;
-        li += guards.len();
+        head_done = head.is_some();
+        li = end;
     }
-    let Acts { x, mut h, .. } = a;
-    let n_out = match &sink {
-        Sink::Logits { n_out, .. } => (*n_out).min(t_n),
-        Sink::Pick => 1,
-    };
-    if n_out == 0 {
+    let Some(mut out) = out else {
         return Ok(());
+    };
+    if !head_done {
+        let guard = model.acquire(UnitId::Head)?;
+        let head = be.unit(&guard)?;
+        be.prepare_head(head)?;
+        let a = &mut a;
+        be.compute(head_work, || head_ops(be, head, a, row0, rows, &mut out))?;
+        drop(guard);
     }
-    let (row0, rows) = (t_n - n_out, n_out);
-    let guard = model.acquire(UnitId::Head)?;
-    let head = be.unit(&guard)?;
-    be.norm(head, Norm::Output, &x, row0, rows, &mut h)?;
-    let mut out = be.alloc(rows * c.n_vocab)?;
-    be.project(head, &h, rows, &mut [(Mat::Output, &mut out)], false)?;
-    drop(guard);
     match sink {
         Sink::Logits {
             logits,
