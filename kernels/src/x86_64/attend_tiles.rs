@@ -3,8 +3,9 @@
 //! [`super::avx512_attend`], to their `softmax`, register tiles and `attend_f16`, from the
 //! width's intrinsics and helpers.
 //!
-//! Scores: each key row is widened once and multiplied into up to 8 query heads' accumulators,
-//! reduced once per position. Softmax: `lanes` scores at a time, the `n mod lanes` tail through
+//! Scores: four key rows at a time are widened once and multiplied into the accumulators of up
+//! to `score_heads` query heads (4 with 32 vector registers, 2 with 16), and each head's four
+//! dot products end in one transposing reduction. Softmax: `lanes` scores at a time, the `n mod lanes` tail through
 //! a block padded with −∞ whose dead lanes are zeroed after `exp`. Values: the output of up to
 //! 4 heads × 4 registers stays in registers across all positions, each value row widened once
 //! for the whole group. The tiles are monomorphized on their sizes, so the accumulators are
@@ -16,8 +17,9 @@
 macro_rules! attend_kernel {
     (features = $feat:tt, lanes = $l:literal, vector = $v:ty, zero = $zero:path,
      set1 = $set1:path, fmadd = $fma:path, add = $add:path, sub = $sub:path, mul = $mul:path,
-     max = $max:path, hsum = $hsum:path, hmax = $hmax:path, load_f16 = $lh:path,
-     load_f32 = $lf:path, store_f32 = $sf:path, exp = $exp:path) => {
+     max = $max:path, hsum = $hsum:path, hsum4 = $h4:path, hmax = $hmax:path,
+     load_f16 = $lh:path, load_f32 = $lf:path, store_f32 = $sf:path, exp = $exp:path,
+     score_heads = $sh:literal) => {
         /// `s ← softmax(s)`, `lanes` at a time.
         #[target_feature(enable = $feat)]
         fn softmax(s: &mut [f32]) {
@@ -49,6 +51,9 @@ macro_rules! attend_kernel {
         }
 
         /// Scores of `G` query heads (`q`: `G × hd`) against every key: `scores[g·n + p]`.
+        /// Four positions at a time, so one transposing reduction (`hsum4`) ends four dot
+        /// products of a head instead of four full horizontal sums; each key row is widened
+        /// once for all `G` heads.
         #[target_feature(enable = $feat)]
         fn scores_tile<const G: usize>(
             q: &[f32],
@@ -58,7 +63,29 @@ macro_rules! attend_kernel {
         ) {
             let (hd, n, stride) = (cache.head_dim(), cache.n_pos(), cache.stride());
             let keys = cache.key_bytes();
-            for p in 0..n {
+            let by4 = n / 4 * 4;
+            for p in (0..by4).step_by(4) {
+                let rows: [&[u8]; 4] = core::array::from_fn(|j| {
+                    &keys[2 * (p + j) * stride..2 * ((p + j) * stride + hd)]
+                });
+                let mut acc: [[$v; 4]; G] = [[$zero(); 4]; G];
+                for c in 0..hd / $l {
+                    let k: [$v; 4] = core::array::from_fn(|j| $lh(&rows[j][2 * $l * c..]));
+                    for (g, ag) in acc.iter_mut().enumerate() {
+                        let qv = $lf(&q[g * hd + $l * c..]);
+                        for (a, &kj) in ag.iter_mut().zip(&k) {
+                            *a = $fma(kj, qv, *a);
+                        }
+                    }
+                }
+                for (g, ag) in acc.iter().enumerate() {
+                    let s4 = $h4(ag[0], ag[1], ag[2], ag[3]);
+                    for (o, s) in scores[g * n + p..g * n + p + 4].iter_mut().zip(s4) {
+                        *o = s * scale;
+                    }
+                }
+            }
+            for p in by4..n {
                 let row = &keys[2 * p * stride..2 * (p * stride + hd)];
                 let mut acc: [$v; G] = [$zero(); G];
                 for c in 0..hd / $l {
@@ -125,17 +152,13 @@ macro_rules! attend_kernel {
             let group = q.len() / hd;
             let mut g0 = 0;
             while g0 < group {
-                let g = (group - g0).min(8);
+                let g = (group - g0).min($sh);
                 let (q, s) = (&q[g0 * hd..], &mut scores[g0 * n..]);
                 match g {
                     1 => scores_tile::<1>(q, cache, scale, s),
                     2 => scores_tile::<2>(q, cache, scale, s),
                     3 => scores_tile::<3>(q, cache, scale, s),
-                    4 => scores_tile::<4>(q, cache, scale, s),
-                    5 => scores_tile::<5>(q, cache, scale, s),
-                    6 => scores_tile::<6>(q, cache, scale, s),
-                    7 => scores_tile::<7>(q, cache, scale, s),
-                    _ => scores_tile::<8>(q, cache, scale, s),
+                    _ => scores_tile::<4>(q, cache, scale, s),
                 }
                 g0 += g;
             }

@@ -68,6 +68,24 @@ fn exp_nonpositive(x: __m256) -> __m256 {
     _mm256_mul_ps(e, pow2)
 }
 
+/// The horizontal sums of `a`, `b`, `c` and `d`, in that order: pairs interleaved and added
+/// within each 128-bit half, then the two halves added.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> [f32; 4] {
+    let ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+    let cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+    let s = _mm256_add_ps(
+        _mm256_shuffle_ps::<0b0100_0100>(ab, cd),
+        _mm256_shuffle_ps::<0b1110_1110>(ab, cd),
+    );
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds exactly 4 writable f32; storeu has no alignment requirement.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
+    out
+}
+
 /// Largest of eight f32 lanes.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -89,9 +107,11 @@ super::attend_tiles::attend_kernel!(
     mul = _mm256_mul_ps,
     max = _mm256_max_ps,
     hsum = hsum_ps,
+    hsum4 = hsum4,
     hmax = hmax_ps,
     load_f16 = load_f16x8,
     load_f32 = load_f32x8,
     store_f32 = store_f32x8,
-    exp = exp_nonpositive
+    exp = exp_nonpositive,
+    score_heads = 2
 );

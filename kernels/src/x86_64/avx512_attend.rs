@@ -55,6 +55,28 @@ fn exp_nonpositive(x: __m512) -> __m512 {
     _mm512_scalef_ps(e, n)
 }
 
+/// The horizontal sums of `a`, `b`, `c` and `d`, in that order: pairs interleaved and added
+/// within each 128-bit lane, then the four lanes added.
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+#[inline]
+fn hsum4(a: __m512, b: __m512, c: __m512, d: __m512) -> [f32; 4] {
+    // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d.
+    let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    // Per 128-bit lane: [a, b, c, d] partial sums.
+    let s = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b0100_0100>(ab, cd),
+        _mm512_shuffle_ps::<0b1110_1110>(ab, cd),
+    );
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s)));
+    let s = _mm256_add_ps(_mm512_castps512_ps256(s), hi);
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds exactly 4 writable f32; storeu has no alignment requirement.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
+    out
+}
+
 /// Stores 16 f32.
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
 #[inline]
@@ -76,9 +98,11 @@ super::attend_tiles::attend_kernel!(
     mul = _mm512_mul_ps,
     max = _mm512_max_ps,
     hsum = _mm512_reduce_add_ps,
+    hsum4 = hsum4,
     hmax = _mm512_reduce_max_ps,
     load_f16 = load_f16x16,
     load_f32 = load_f32x16,
     store_f32 = store_f32x16,
-    exp = exp_nonpositive
+    exp = exp_nonpositive,
+    score_heads = 4
 );
