@@ -2,13 +2,28 @@
 //! `model/` never calls one). Numerics follow llama.cpp's CPU ops (FORMATS.md 3.4) so greedy
 //! outputs can be compared with it.
 
+/// `Σ v²` of a row in f64, as ggml takes it, in eight interleaved partial sums (independent
+/// lanes the compiler vectorizes, instead of one chain of dependent adds). Each square is the
+/// f32 product, exact in f64, so only the f64 rounding order differs from a sequential sum:
+/// far below the f32 the mean is rounded to.
+fn sum_squares(xr: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = xr.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(v * v)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f64::from(v * v);
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
 /// RMSNorm of each `n`-wide row of `x`, times `w`: `y = (x · 1/sqrt(mean(x²) + eps)) · w`.
 /// The sum of squares is taken in f64, as ggml does.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     for (xr, yr) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let sum: f64 = xr.iter().map(|&v| f64::from(v * v)).sum();
-        let mean = (sum / n as f64) as f32;
+        let mean = (sum_squares(xr) / n as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
         for ((y, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
             *y = (v * scale) * g;
@@ -20,8 +35,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let n = w.len();
     for xr in x.chunks_exact_mut(n) {
-        let sum: f64 = xr.iter().map(|&v| f64::from(v * v)).sum();
-        let mean = (sum / n as f64) as f32;
+        let mean = (sum_squares(xr) / n as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
         for (v, &g) in xr.iter_mut().zip(w) {
             *v = (*v * scale) * g;
