@@ -11,6 +11,21 @@
 //! for the whole group. The tiles are monomorphized on their sizes, so the accumulators are
 //! registers, not stack slots.
 
+/// The high part of `ln 2` for both widths' `exp_nonpositive` (`x = n·ln 2 + r`): short
+/// enough that `n · LN2_HI` is exact.
+pub(super) const LN2_HI: f32 = 0.693_359_4;
+/// The low part of `ln 2` ([`LN2_HI`]).
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
+/// Cephes' polynomial `p` of `e^r ≈ 1 + r + r²·p(r)`, highest coefficient first.
+pub(super) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// Defines `softmax`, `scores_tile`, `values_tile` and `pub unsafe fn attend_f16` in the
 /// invoking module, for vectors of `lanes` f32 with the given target features and operations
 /// (`load_f16` widens `lanes` f16 values from their bytes; `exp` is `e^x` for `x ≤ 0`).

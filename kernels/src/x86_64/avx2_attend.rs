@@ -3,6 +3,7 @@
 //! to 4 heads × 32 dimensions in register accumulators); this module holds the width's loads,
 //! stores, horizontal max and `exp`.
 
+use super::attend_tiles::{EXP_POLY, LN2_HI, LN2_LO};
 use super::avx2::hsum_ps;
 use crate::attend::F16Cache;
 use core::arch::x86_64::*;
@@ -43,16 +44,10 @@ fn exp_nonpositive(x: __m256) -> __m256 {
         x,
         _mm256_set1_ps(core::f32::consts::LOG2_E),
     ));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    let mut p = _mm256_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
     }
     let e = _mm256_fmadd_ps(

@@ -3,6 +3,7 @@
 //! widening; values of up to 4 heads × 64 dimensions in 16 register accumulators); this module
 //! holds the width's loads, stores and `exp`.
 
+use super::attend_tiles::{EXP_POLY, LN2_HI, LN2_LO};
 use crate::attend::F16Cache;
 use core::arch::x86_64::*;
 
@@ -34,17 +35,10 @@ fn exp_nonpositive(x: __m512) -> __m512 {
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(core::f32::consts::LOG2_E)),
     );
-    // ln 2 in two parts, so `n · 0.693359375` is exact.
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     }
     let e = _mm512_fmadd_ps(
