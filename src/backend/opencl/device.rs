@@ -375,6 +375,114 @@ struct Launched {
     event: Event,
 }
 
+/// The profile's name for a page-in copy on the copy queue.
+const COPY_NAME: &str = "page-in copy";
+/// The profile's name for a unit's fence (a marker on a compute queue).
+const FENCE_NAME: &str = "fence";
+/// The profile's name for a compute queue's barrier on a page-in.
+const BARRIER_NAME: &str = "barrier";
+
+/// One profiled command's device timestamps (ns): queued by the host, submitted to the device,
+/// started, ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandTimes {
+    /// The kernel's name, or `page-in copy`, `fence`, `barrier`.
+    pub name: String,
+    /// When the host queued it.
+    pub queued: u64,
+    /// When the driver handed it to the device.
+    pub submit: u64,
+    /// When it started.
+    pub start: u64,
+    /// When it ended.
+    pub end: u64,
+}
+
+/// How a device's time was spent over a stretch of work (profiling timestamps, seconds): the
+/// span from the first command's start to the last one's end, and within it the time kernels
+/// ran, page-in copies ran, and both ran at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Timeline {
+    /// First start to last end.
+    pub span_s: f64,
+    /// Time at least one kernel ran.
+    pub kernels_s: f64,
+    /// Time at least one copy ran.
+    pub copies_s: f64,
+    /// Time a kernel and a copy ran at once.
+    pub both_s: f64,
+}
+
+impl Timeline {
+    /// The idle time: neither a kernel nor a copy ran.
+    pub fn idle_s(&self) -> f64 {
+        (self.span_s - self.kernels_s - self.copies_s + self.both_s).max(0.0)
+    }
+
+    /// Builds it from profiled commands (fences and barriers take no time of their own).
+    pub fn from_commands(commands: &[CommandTimes]) -> Timeline {
+        let mut kernels = Vec::new();
+        let mut copies = Vec::new();
+        for c in commands {
+            match c.name.as_str() {
+                COPY_NAME => copies.push((c.start, c.end)),
+                FENCE_NAME | BARRIER_NAME => {}
+                _ => kernels.push((c.start, c.end)),
+            }
+        }
+        Timeline::from_intervals(kernels, copies)
+    }
+
+    /// Builds it from `(start, end)` nanosecond intervals of kernels and of copies.
+    ///
+    /// ```
+    /// use ternmux::backend::opencl::Timeline;
+    /// let t = Timeline::from_intervals(vec![(0, 10), (5, 20)], vec![(15, 40)]);
+    /// let ns = |s: f64| (s * 1e9).round() as u64;
+    /// assert_eq!([t.span_s, t.kernels_s, t.copies_s, t.both_s].map(ns), [40, 20, 25, 5]);
+    /// assert_eq!(ns(t.idle_s()), 0);
+    /// ```
+    pub fn from_intervals(kernels: Vec<(u64, u64)>, copies: Vec<(u64, u64)>) -> Timeline {
+        let kernels = union(kernels);
+        let copies = union(copies);
+        let first = kernels.iter().chain(&copies).map(|i| i.0).min();
+        let last = kernels.iter().chain(&copies).map(|i| i.1).max();
+        let total = |v: &[(u64, u64)]| v.iter().map(|i| i.1 - i.0).sum::<u64>();
+        // Both sorted and disjoint: a merge walk sums their intersection.
+        let (mut both, mut i, mut j) = (0u64, 0, 0);
+        while i < kernels.len() && j < copies.len() {
+            let (a, b) = (kernels[i], copies[j]);
+            both += a.1.min(b.1).saturating_sub(a.0.max(b.0));
+            if a.1 < b.1 {
+                i += 1;
+            } else {
+                j += 1;
+            }
+        }
+        let s = |ns: u64| ns as f64 * 1e-9;
+        Timeline {
+            span_s: s(last.unwrap_or(0) - first.unwrap_or(0)),
+            kernels_s: s(total(&kernels)),
+            copies_s: s(total(&copies)),
+            both_s: s(both),
+        }
+    }
+}
+
+/// Sorted, disjoint intervals covering the same time as `v`.
+fn union(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.retain(|i| i.1 > i.0);
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(l) if a <= l.1 => l.1 = l.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
 /// Time spent in one kernel over the launches since the last [`ClDevice::take_profile`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelTime {
@@ -587,7 +695,7 @@ impl ClDevice {
                     .map_err(|e| cl_err("create command queue", e))
             })
             .collect::<Result<Vec<_>>>()?;
-        let copy_queue = CommandQueue::create_default_with_properties(&context, 0, 0)
+        let copy_queue = CommandQueue::create_default_with_properties(&context, props, 0)
             .map_err(|e| cl_err("create the copy queue", e))?;
         let gpu_shaped = match std::env::var("TERNMUX_CL_GPU_KERNELS").as_deref() {
             Ok("1") => true,
@@ -815,28 +923,69 @@ impl ClDevice {
         self.profile.is_some()
     }
 
-    /// Waits for the queue, then returns the time per kernel of the launches since the last
-    /// call (most device time first) and forgets them. Empty when not [`profiling`](Self::profiling).
-    pub fn take_profile(&self) -> Result<Vec<KernelTime>> {
+    /// Every command recorded since the last call (kernels, page-in copies, fences and the
+    /// barriers that wait for copies), in the order queued, with its device timestamps.
+    /// Empty when not [`profiling`](Self::profiling).
+    pub fn take_commands(&self) -> Result<Vec<CommandTimes>> {
+        self.take_launched()?
+            .into_iter()
+            .map(|(l, start, end)| {
+                let stamp = |r: std::result::Result<u64, _>| {
+                    r.map_err(|e| cl_err("read a profiling timestamp", e))
+                };
+                Ok(CommandTimes {
+                    queued: stamp(l.event.profiling_command_queued())?,
+                    submit: stamp(l.event.profiling_command_submit())?,
+                    start,
+                    end,
+                    name: l.name,
+                })
+            })
+            .collect()
+    }
+
+    /// Waits for the queues, then hands over the launches (and page-in copies) recorded since
+    /// the last call, with their device start and end timestamps (ns).
+    fn take_launched(&self) -> Result<Vec<(Launched, u64, u64)>> {
         let Some(p) = &self.profile else {
             return Ok(Vec::new());
         };
         self.finish()?;
+        self.finish_copies()?;
         let launched = std::mem::take(
             &mut *p
                 .lock()
                 .map_err(|_| Error::Device("opencl: profile poisoned".into()))?,
         );
+        launched
+            .into_iter()
+            .map(|l| {
+                let start = l
+                    .event
+                    .profiling_command_start()
+                    .map_err(|e| cl_err("read a profiling timestamp", e))?;
+                let end = l
+                    .event
+                    .profiling_command_end()
+                    .map_err(|e| cl_err("read a profiling timestamp", e))?;
+                Ok((l, start, end))
+            })
+            .collect()
+    }
+
+    /// How the device spent the time since the last call (or [`Self::take_profile`]): when
+    /// kernels ran, when page-in copies ran, and when both did. Zero when not
+    /// [`profiling`](Self::profiling).
+    pub fn take_timeline(&self) -> Result<Timeline> {
+        Ok(Timeline::from_commands(&self.take_commands()?))
+    }
+
+    /// Waits for the queue, then returns the time per kernel of the launches since the last
+    /// call (most device time first) and forgets them; page-in copies are the row
+    /// `page-in copy`. Empty when not [`profiling`](Self::profiling).
+    pub fn take_profile(&self) -> Result<Vec<KernelTime>> {
         let mut by_name: Vec<KernelTime> = Vec::new();
-        for l in launched {
-            let start = l
-                .event
-                .profiling_command_start()
-                .map_err(|e| cl_err("read a profiling timestamp", e))?;
-            let end = l
-                .event
-                .profiling_command_end()
-                .map_err(|e| cl_err("read a profiling timestamp", e))?;
+        for (l, start, end) in self.take_launched()? {
             let device_s = end.saturating_sub(start) as f64 * 1e-9;
             let host_s = l.host_ns as f64 * 1e-9;
             match by_name.iter_mut().find(|k| k.name == l.name) {
@@ -1172,9 +1321,10 @@ impl ClDevice {
             })
             .map(|e| e.get())
             .collect();
+        let entered = Instant::now();
         // SAFETY: ranges checked above; `src` is driver-owned mapped memory that the caller keeps
         // unmodified until the event completes (documented contract above).
-        unsafe {
+        let ev = unsafe {
             self.copy_queue.enqueue_write_buffer(
                 &mut dst.buf,
                 opencl3::types::CL_NON_BLOCKING,
@@ -1183,7 +1333,24 @@ impl ClDevice {
                 &wait,
             )
         }
-        .map_err(|e| cl_err("queue a page-in", e))
+        .map_err(|e| cl_err("queue a page-in", e))?;
+        self.record(COPY_NAME, entered, &ev)?;
+        Ok(ev)
+    }
+
+    /// Keeps a command's event for the profile (when profiling).
+    fn record(&self, name: &str, entered: Instant, ev: &Event) -> Result<()> {
+        if let Some(p) = &self.profile {
+            let record = Launched {
+                name: name.to_string(),
+                host_ns: entered.elapsed().as_nanos() as u64,
+                event: retain_event(ev)?,
+            };
+            p.lock()
+                .map_err(|_| Error::Device("opencl: profile poisoned".into()))?
+                .push(record);
+        }
+        Ok(())
     }
 
     /// Copies `data` into `dst` at `offset` on the copy queue (blocking: the driver stages
@@ -1220,11 +1387,13 @@ impl ClDevice {
     /// wait for this marker, and a marker the driver has not been handed yet completes only
     /// when something else flushes the queue.
     pub fn fence(&self) -> Result<Event> {
+        let entered = Instant::now();
         let queue = &self.lane().queue;
         // SAFETY: a marker with an empty wait list reads no memory.
         let marker =
             unsafe { queue.enqueue_marker_with_wait_list(&[]) }.map_err(|e| cl_err("marker", e))?;
         queue.flush().map_err(|e| cl_err("flush", e))?;
+        self.record(FENCE_NAME, entered, &marker)?;
         Ok(marker)
     }
 
@@ -1233,11 +1402,12 @@ impl ClDevice {
         if events.is_empty() {
             return Ok(());
         }
+        let entered = Instant::now();
         let wait: Vec<_> = events.iter().map(|e| e.get()).collect();
         // SAFETY: the events belong to this device's context and are alive for the call.
-        unsafe { self.lane().queue.enqueue_barrier_with_wait_list(&wait) }
+        let barrier = unsafe { self.lane().queue.enqueue_barrier_with_wait_list(&wait) }
             .map_err(|e| cl_err("barrier", e))?;
-        Ok(())
+        self.record(BARRIER_NAME, entered, &barrier)
     }
 
     /// Blocks the calling thread until `events` have completed (their queues are flushed).

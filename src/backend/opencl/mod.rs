@@ -22,7 +22,8 @@ pub mod exec;
 pub mod ops;
 
 pub use device::{
-    Arg, ClDevice, DevBuf, DeviceInfo, KernelTime, PROFILE_ENV, Pinned, Unavailable, list_devices,
+    Arg, ClDevice, CommandTimes, DevBuf, DeviceInfo, KernelTime, PROFILE_ENV, Pinned, Timeline,
+    Unavailable, list_devices,
 };
 pub use exec::{ClExec, ClKv, DevUnit};
 pub use ops::{Places, RopeShape, RowTail, TernaryOut, pick_part_bytes};

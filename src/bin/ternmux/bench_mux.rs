@@ -7,6 +7,7 @@ use crate::{Failure, say as w};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use ternmux::backend::opencl::{CommandTimes, Timeline};
 use ternmux::backend::{Device, Placement};
 use ternmux::kernels::ternary::TernaryFormat;
 use ternmux::model::GenerateOptions;
@@ -290,6 +291,11 @@ fn streaming(
     };
     let mux = Mux::new(a.device, usize::MAX)?;
     mux.register("m", &path)?;
+    // With TERNMUX_CL_PROFILE=1: where the device's time goes (kernels, copies, both, idle).
+    let profiled = match placement {
+        Placement::OpenCl(d) if d.profiling() => Some(d),
+        _ => None,
+    };
     let s = mux.stats();
     let m = s.model("m").cloned().unwrap_or_default();
     let total = m.total_bytes;
@@ -325,7 +331,22 @@ fn streaming(
         mux.set_budget(budget)?;
         mux.generate("m", "hello", &opts, |_| true)?; // warm
         let before = mux.stats().bytes_in();
+        if let Some(d) = profiled {
+            d.take_commands()?;
+        }
         let g = mux.generate("m", "hello", &opts, |_| true)?;
+        let timeline = match profiled {
+            Some(d) => {
+                let commands = d.take_commands()?;
+                let csv = dir.join(format!(
+                    "stream-{ratio}x-{}.csv",
+                    if with_cache { "cache" } else { "mapping" }
+                ));
+                write_commands(&csv, &commands)?;
+                Some(Timeline::from_commands(&commands))
+            }
+            None => None,
+        };
         let passes = 1 + g.tokens.len().saturating_sub(1);
         let per_pass = (mux.stats().bytes_in() - before) as f64 / passes.max(1) as f64;
         let bound = peak * 1e9 / per_pass.max(1.0);
@@ -347,8 +368,49 @@ fn streaming(
                 }
             ),
         )?;
+        if let Some(t) = timeline {
+            // The whole generation (prompt included), per pass.
+            let ms = |s: f64| 1e3 * s / passes.max(1) as f64;
+            w(
+                out,
+                format!(
+                    "{:>12} device per pass: {:.3} ms span, kernels {:.3} ms, copies {:.3} ms, \
+                     both at once {:.3} ms, idle {:.3} ms",
+                    "",
+                    ms(t.span_s),
+                    ms(t.kernels_s),
+                    ms(t.copies_s),
+                    ms(t.both_s),
+                    ms(t.idle_s())
+                ),
+            )?;
+        }
     }
     Ok(())
+}
+
+/// Writes profiled commands as CSV (microseconds from the first one queued).
+fn write_commands(path: &Path, commands: &[CommandTimes]) -> Result<(), Failure> {
+    let t0 = commands.iter().map(|c| c.queued).min().unwrap_or(0);
+    let us = |t: u64| t.saturating_sub(t0) as f64 * 1e-3;
+    let mut text = String::from("name,queued_us,submit_us,start_us,end_us\n");
+    for c in commands {
+        text.push_str(&format!(
+            "{},{:.1},{:.1},{:.1},{:.1}\n",
+            c.name,
+            us(c.queued),
+            us(c.submit),
+            us(c.start),
+            us(c.end)
+        ));
+    }
+    std::fs::write(path, text).map_err(|e| Failure {
+        error: ternmux::Error::Io {
+            path: path.into(),
+            source: e,
+        },
+        hint: None,
+    })
 }
 
 /// Zipf-distributed model choice (s = 1.1) from a fixed-seed generator.
