@@ -419,6 +419,11 @@ impl Core {
                 m.prev_pass_start = m.pass_start;
                 m.pass_start = start;
             }
+            // A prefetch the last pass did not use (a pass without the head) no longer holds
+            // back the next one.
+            for (_, e) in t.units.iter_mut().filter(|(k, _)| k.0 == id) {
+                e.prefetched = false;
+            }
         }
         let mut reuse: Option<(Mem, Vec<Event>)> = None;
         let mut streaming: bool;
@@ -607,8 +612,12 @@ impl Core {
     /// * for a model larger than the budget, once it cycles through its slots (a prefetch then
     ///   takes the slot a page-in would take a moment later, and changes nothing else);
     /// * on a device whose page-ins return before their copy runs (pinned staging);
-    /// * when at most one victim of the same size is needed (its storage is reused after its
-    ///   fence on the device: no host wait).
+    /// * when at most two victims are needed and none makes the host wait: storage of the
+    ///   same size is reused after its fences on the device, other storage is freed only if
+    ///   its last use has run;
+    /// * when no earlier prefetch of the model is still unused (found in a simulation of the
+    ///   rules: a second prefetch far ahead evicted the first before its use, and at 4× the
+    ///   budget every unit was then paged in every pass).
     pub fn prefetch(self: &Arc<Self>, model: &Model, id: ModelId, after: UnitId) -> Result<()> {
         if !self.store.copies_async() {
             return Ok(());
@@ -643,27 +652,58 @@ impl Core {
             .iter()
             .filter(|(k, e)| k.0 == id && e.streamed)
             .count();
-        if slots < t.stream_slots || bytes > t.budget {
+        // One prefetch at a time: a second one would take the slot of the first before the
+        // pass has used it.
+        let outstanding = t.units.iter().any(|(k, e)| k.0 == id && e.prefetched);
+        if slots < t.stream_slots || outstanding || bytes > t.budget {
+            return Ok(());
+        }
+        // The victims a page-in would take now, each one taken out of the table to find the
+        // next; all are put back if one would make the host wait (a different size whose last
+        // use may still run) or more than two are needed.
+        let mut plan: Vec<(Key, Entry)> = Vec::new();
+        let mut room = t.budget.saturating_sub(t.used);
+        let mut reusing = false;
+        let admitted = loop {
+            if room >= if reusing { 0 } else { bytes } {
+                break true;
+            }
+            if plan.len() == 2 {
+                break false;
+            }
+            let Some(v) = t.victims(key, true).first().copied() else {
+                break false;
+            };
+            let Some(e) = t.units.remove(&v) else {
+                break false;
+            };
+            let same = !reusing && e.bytes == bytes;
+            let waits = !same && !e.fence.iter().all(event_done);
+            if same {
+                reusing = true;
+            } else {
+                room += e.bytes;
+            }
+            plan.push((v, e));
+            if waits {
+                break false;
+            }
+        };
+        let victims: Vec<Key> = plan.iter().map(|p| p.0).collect();
+        t.units.extend(plan);
+        if !admitted {
             return Ok(());
         }
         let mut reuse: Option<(Mem, Vec<Event>)> = None;
-        let mut evicted_own = false;
-        if t.used + bytes > t.budget {
-            let victims = t.victims(key, true);
-            let [v] = victims[..] else {
-                return Ok(());
-            };
-            if t.units.get(&v).is_none_or(|e| e.bytes != bytes) {
-                return Ok(());
-            }
-            evicted_own = v.0 == id;
+        let evicted_own = victims.iter().any(|v| v.0 == id);
+        for v in victims {
             let evicted = self.evict(&mut t, v, &name, bytes, &mut reuse)?;
             events.events.push(evicted);
-            if reuse.is_none() && t.used + bytes > t.budget {
-                // The victim's storage could not be taken over (still referenced) and was
-                // freed instead; the room is there only if that sufficed.
-                return Ok(());
-            }
+        }
+        if t.used + if reuse.is_some() { 0 } else { bytes } > t.budget {
+            // Storage that could not be taken over (still referenced) was freed instead, and
+            // that did not make the room.
+            return Ok(());
         }
         t.clock += 1;
         let now = t.clock;
