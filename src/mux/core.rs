@@ -619,7 +619,10 @@ impl Core {
     ///   rules: a second prefetch far ahead evicted the first before its use, and at 4× the
     ///   budget every unit was then paged in every pass).
     pub fn prefetch(self: &Arc<Self>, model: &Model, id: ModelId, after: UnitId) -> Result<()> {
-        if !self.store.copies_async() {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        // `TERNMUX_PREFETCH=0` turns it off (for measurements).
+        let off = *OFF.get_or_init(|| std::env::var("TERNMUX_PREFETCH").is_ok_and(|v| v == "0"));
+        if off || !self.store.copies_async() {
             return Ok(());
         }
         let mut events = Emit {
