@@ -118,8 +118,6 @@ struct Replay {
     tick: u64,
     last: HashMap<(String, UnitId), u64>,
     passes: HashMap<String, (u64, u64)>,
-    /// Resident units a streaming model paged in in place of one of its own (its slots).
-    streamed: HashSet<(String, UnitId)>,
 }
 
 impl Replay {
@@ -178,7 +176,6 @@ impl Replay {
                         Some(&(_, prev)) => prev,
                         None => 0,
                     };
-                    let mut evicted_own = false;
                     for (vm, vu, for_model, _) in pending.drain(..) {
                         prop_assert_eq!(&for_model, &k.0);
                         let v = (vm, vu);
@@ -196,23 +193,6 @@ impl Replay {
                             evictable.iter().copied().filter(|x| x.0 != k.0).collect();
                         // Own units: the second most recent (the only one when alone).
                         let own_pick = own.get(own.len().saturating_sub(2)).copied();
-                        // A streaming model: the least recent of its slots once it has two,
-                        // else the most recent of its other units but the very last.
-                        let slots = self
-                            .order
-                            .iter()
-                            .filter(|x| x.0 == k.0 && self.streamed.contains(*x))
-                            .count();
-                        let stream_pick = if slots >= 2 {
-                            own.iter().copied().find(|x| self.streamed.contains(*x))
-                        } else {
-                            own.iter()
-                                .rev()
-                                .skip(1)
-                                .copied()
-                                .find(|x| !self.streamed.contains(*x))
-                        }
-                        .or(own_pick);
                         // Other models' units unused since this model's previous pass
                         // began, least recent first.
                         let cold = others
@@ -222,18 +202,13 @@ impl Replay {
                         if streaming && own_resident >= 2 && cold.is_some() {
                             prop_assert_eq!(Some(&v), cold, "streaming victim (cold unit)");
                         } else if streaming && own_resident >= 2 && !own.is_empty() {
-                            prop_assert_eq!(Some(&v), stream_pick, "streaming victim");
+                            prop_assert_eq!(Some(&v), own_pick, "streaming victim");
                         } else if !others.is_empty() {
                             prop_assert_eq!(&v, others[0], "LRU victim among other models");
                         } else {
                             prop_assert_eq!(Some(&v), own_pick, "own victim");
                         }
-                        evicted_own |= v.0 == k.0;
-                        self.streamed.remove(&v);
                         self.order.retain(|x| *x != v);
-                    }
-                    if streaming && evicted_own {
-                        self.streamed.insert(k.clone());
                     }
                     let _ = self.sizes.get(&k);
                     self.touch(k);
@@ -250,7 +225,6 @@ impl Replay {
                 .filter(|x| !self.held.contains(*x))
                 .collect();
             prop_assert_eq!(&v, evictable[0], "budget-change victim");
-            self.streamed.remove(&v);
             self.order.retain(|x| *x != v);
         }
         Ok(())
@@ -312,7 +286,6 @@ fn run_machine(device: Device, ops: &[Op], host_cache: Option<usize>) -> Result<
         tick: 0,
         last: HashMap::new(),
         passes: HashMap::new(),
-        streamed: HashSet::new(),
     };
     let mut registered: HashSet<usize> = HashSet::new();
     // Sizes are known once a model is registered.
@@ -339,7 +312,6 @@ fn run_machine(device: Device, ops: &[Op], host_cache: Option<usize>) -> Result<
                 replay.order.retain(|x| x.0 != name(*i));
                 replay.passes.remove(&name(*i));
                 replay.last.retain(|k, _| k.0 != name(*i));
-                replay.streamed.retain(|k| k.0 != name(*i));
             }
             Op::Generate(i, p) => {
                 let r = mux.generate(&name(*i), PROMPTS[*p], &opts(), |_| true);

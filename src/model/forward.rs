@@ -697,8 +697,6 @@ fn pass<B: Backend>(
             }
         }
         let end = li + guards.len();
-        // A streaming model's next missing unit starts copying now, while these compute.
-        model.prefetch_after(UnitId::Block(end - 1))?;
         let head_guard = match out {
             Some(_) if runs && end == n_layers => model.pin_if_resident(UnitId::Head)?,
             _ => None,

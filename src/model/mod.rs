@@ -140,15 +140,6 @@ impl Model {
         }
     }
 
-    /// Starts paging in the next unit a pass will need after `after`, when the model streams
-    /// through a table on a device ([`crate::mux`]'s prefetch; nothing otherwise).
-    pub(crate) fn prefetch_after(&self, after: UnitId) -> Result<()> {
-        match &self.binding {
-            None => Ok(()),
-            Some(b) => b.core.prefetch(self, b.id, after),
-        }
-    }
-
     /// Pins a unit only if it is resident already.
     pub(crate) fn peek(&self, unit: UnitId) -> Result<Option<UnitGuard>> {
         match &self.binding {

@@ -24,15 +24,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// How many slots a streaming model cycles its non-resident units through
-/// (`TERNMUX_STREAM_SLOTS`, 2 to 8; default 2).
-fn stream_slots() -> usize {
-    std::env::var("TERNMUX_STREAM_SLOTS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(2, |n| n.clamp(2, 8))
-}
-
 /// Identifies a model inside one table.
 pub(crate) type ModelId = u64;
 /// A unit of one model.
@@ -75,9 +66,6 @@ pub enum MuxEvent {
         budget: usize,
         /// Whether the bytes came from the pinned host cache (one DMA) rather than the mapping.
         from_host_cache: bool,
-        /// Whether it was started ahead of the pass's use ([`super::Mux`] prefetches the next
-        /// missing unit of a streaming model while the units before it compute).
-        prefetched: bool,
     },
     /// A unit was evicted to make room.
     Evict {
@@ -110,10 +98,9 @@ impl std::fmt::Display for MuxEvent {
                 used,
                 budget,
                 from_host_cache,
-                prefetched,
             } => write!(
                 f,
-                "page-in  {:<16} {:>8.1} KiB {micros:>7} µs   {:.2}/{:.2} MiB{}{}",
+                "page-in  {:<16} {:>8.1} KiB {micros:>7} µs   {:.2}/{:.2} MiB{}",
                 format!("{model}/{unit}"),
                 kib(*bytes),
                 mib(*used),
@@ -122,8 +109,7 @@ impl std::fmt::Display for MuxEvent {
                     "   (from the host cache)"
                 } else {
                     ""
-                },
-                if *prefetched { "   (prefetched)" } else { "" }
+                }
             ),
             MuxEvent::Evict {
                 model,
@@ -163,12 +149,6 @@ struct Entry {
     /// The copy that paged the unit in (until seen complete): a pass that finds the unit
     /// makes its kernels wait for it.
     copying: Option<Event>,
-    /// Paged in by a streaming model in place of one of its own units: one of the slots the
-    /// model cycles its non-resident units through (see [`Table::victims`]).
-    streamed: bool,
-    /// Paged in ahead of its use ([`Core::prefetch`]) and not used yet: that use is the miss
-    /// the prefetch counted, not a hit.
-    prefetched: bool,
 }
 
 struct ModelEntry {
@@ -284,7 +264,7 @@ impl Core {
                 peak: 0,
                 clock: 0,
                 policy: Policy::LayerLru,
-                stream_slots: stream_slots(),
+                stream_slots: 2,
                 next_id: 0,
                 models: BTreeMap::new(),
                 units: HashMap::new(),
@@ -419,15 +399,9 @@ impl Core {
                 m.prev_pass_start = m.pass_start;
                 m.pass_start = start;
             }
-            // A prefetch the last pass did not use (a pass without the head) no longer holds
-            // back the next one.
-            for (_, e) in t.units.iter_mut().filter(|(k, _)| k.0 == id) {
-                e.prefetched = false;
-            }
         }
         let mut reuse: Option<(Mem, Vec<Event>)> = None;
         let mut streaming: bool;
-        let mut evicted_own = false;
         'retry: loop {
             t.clock += 1;
             let now = t.clock;
@@ -487,7 +461,6 @@ impl Core {
                     continue 'retry;
                 }
                 for v in victims {
-                    evicted_own |= v.0 == id;
                     let evicted = self.evict(&mut t, v, &name, bytes, &mut reuse)?;
                     events.events.push(evicted);
                 }
@@ -502,8 +475,6 @@ impl Core {
                     slot: Slot::Loading,
                     fence: Vec::new(),
                     copying: None,
-                    streamed: streaming && evicted_own,
-                    prefetched: false,
                 },
             );
             // Reclaimed storage was already counted in `used`.
@@ -521,33 +492,6 @@ impl Core {
             break;
         }
         drop(t);
-        let (res, copying) =
-            self.fill_reserved(model, key, layout, reuse, name, false, &mut events)?;
-        drop(events);
-        let guard = self.pinned(key, res);
-        // The pass's kernels that read the unit wait for the copy: this thread waits, or (for
-        // a streaming model) the compute queue does.
-        if let Some(copy) = copying {
-            self.store.wait_ready(&copy, streaming)?;
-        }
-        Ok(guard)
-    }
-
-    /// Copies unit `key` in, its entry already in the table as loading with its bytes counted
-    /// (`reuse`: the storage of a victim of the same size, with the fences to wait for), and
-    /// marks it ready. Returns the unit and the copy the kernels that read it must wait for.
-    #[allow(clippy::too_many_arguments)]
-    fn fill_reserved(
-        &self,
-        model: &Model,
-        key: Key,
-        layout: &UnitLayout,
-        reuse: Option<(Mem, Vec<Event>)>,
-        name: Arc<str>,
-        prefetched: bool,
-        events: &mut Emit<'_>,
-    ) -> Result<(Arc<Resident>, Option<Event>)> {
-        let bytes = layout.bytes;
         let started = Instant::now();
         let filled = (|| {
             let (mem, after) = match reuse {
@@ -570,174 +514,35 @@ impl Core {
         let res = Arc::new(res);
         if let Some(e) = t.units.get_mut(&key) {
             e.slot = Slot::Ready(res.clone());
-            // Passes that find the unit before its copy has run wait for it (the thread that
-            // paged it in for its own use waits too, in `acquire`).
+            // Passes of other threads that find the unit before its copy has run wait for it
+            // too (this thread waits below).
             e.copying = copying.as_ref().map(retain_event).transpose()?;
         }
         let (used, budget) = (t.used, t.budget);
-        if let Some(m) = t.models.get_mut(&key.0) {
+        if let Some(m) = t.models.get_mut(&id) {
             m.stats.bytes_in += bytes as u64;
             m.stats.page_in_time.record(took);
             m.stats.page_in_total += took;
-            if prefetched {
-                m.stats.prefetches += 1;
-                if let Some(u) = m.unit_stats.get_mut(&key.1) {
-                    u.prefetches += 1;
-                }
-            }
         }
         self.changed.notify_all();
         drop(t);
         events.events.push(MuxEvent::PageIn {
             model: name,
-            unit: key.1,
+            unit,
             bytes,
             micros: took.as_micros() as u64,
             used,
             budget,
             from_host_cache,
-            prefetched,
         });
-        Ok((res, copying))
-    }
-
-    /// Starts the page-in of the next unit a streaming model's pass needs after `after` (the
-    /// first one ahead of it, in pass order, that is not resident), when that needs no waiting,
-    /// so that its copy runs while the units before it compute.
-    ///
-    /// A pass asks for its units one at a time and queues each one's kernels before it asks
-    /// for the next, so without this the copy of a missing unit is queued only after the host
-    /// has queued every kernel before it, and the device waits for the host (measured on an
-    /// H100: the copy queue idle while the host queued each unit's kernels). It is done only:
-    /// * for a model larger than the budget, once it cycles through its slots (a prefetch then
-    ///   takes the slot a page-in would take a moment later, and changes nothing else);
-    /// * on a device whose page-ins return before their copy runs (pinned staging);
-    /// * when at most two victims are needed and none makes the host wait: storage of the
-    ///   same size is reused after its fences on the device, other storage is freed only if
-    ///   its last use has run;
-    /// * when no earlier prefetch of the model is still unused (found in a simulation of the
-    ///   rules: a second prefetch far ahead evicted the first before its use, and at 4× the
-    ///   budget every unit was then paged in every pass).
-    pub fn prefetch(self: &Arc<Self>, model: &Model, id: ModelId, after: UnitId) -> Result<()> {
-        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        // `TERNMUX_PREFETCH=0` turns it off (for measurements).
-        let off = *OFF.get_or_init(|| std::env::var("TERNMUX_PREFETCH").is_ok_and(|v| v == "0"));
-        if off || !self.store.copies_async() {
-            return Ok(());
+        drop(events);
+        let guard = self.pinned(key, res);
+        // The pass's kernels that read the unit wait for the copy: this thread waits, or (for
+        // a streaming model) the compute queue does.
+        if let Some(copy) = copying {
+            self.store.wait_ready(&copy, streaming)?;
         }
-        let mut events = Emit {
-            core: self,
-            events: Vec::new(),
-        };
-        let mut t = self.lock()?;
-        let Some(m) = t.models.get(&id) else {
-            return Ok(());
-        };
-        let (layouts, name) = (m.layouts.clone(), m.name.clone());
-        if m.total <= t.budget {
-            return Ok(());
-        }
-        let from = match after {
-            UnitId::Block(n) => n + 1,
-            UnitId::Head => return Ok(()),
-        };
-        let Some(layout) = layouts
-            .iter()
-            .skip(from)
-            .find(|l| !t.units.contains_key(&(id, l.id)))
-        else {
-            return Ok(());
-        };
-        let key = (id, layout.id);
-        let bytes = layout.bytes;
-        let slots = t
-            .units
-            .iter()
-            .filter(|(k, e)| k.0 == id && e.streamed)
-            .count();
-        // One prefetch at a time: a second one would take the slot of the first before the
-        // pass has used it.
-        let outstanding = t.units.iter().any(|(k, e)| k.0 == id && e.prefetched);
-        if slots < t.stream_slots || outstanding || bytes > t.budget {
-            return Ok(());
-        }
-        // The victims a page-in would take now, each one taken out of the table to find the
-        // next; all are put back if one would make the host wait (a different size whose last
-        // use may still run) or more than two are needed.
-        let mut plan: Vec<(Key, Entry)> = Vec::new();
-        let mut room = t.budget.saturating_sub(t.used);
-        let mut reusing = false;
-        let admitted = loop {
-            if room >= if reusing { 0 } else { bytes } {
-                break true;
-            }
-            if plan.len() == 2 {
-                break false;
-            }
-            let Some(v) = t.victims(key, true).first().copied() else {
-                break false;
-            };
-            let Some(e) = t.units.remove(&v) else {
-                break false;
-            };
-            let same = !reusing && e.bytes == bytes;
-            let waits = !same && !e.fence.iter().all(event_done);
-            if same {
-                reusing = true;
-            } else {
-                room += e.bytes;
-            }
-            plan.push((v, e));
-            if waits {
-                break false;
-            }
-        };
-        let victims: Vec<Key> = plan.iter().map(|p| p.0).collect();
-        t.units.extend(plan);
-        if !admitted {
-            return Ok(());
-        }
-        let mut reuse: Option<(Mem, Vec<Event>)> = None;
-        let evicted_own = victims.iter().any(|v| v.0 == id);
-        for v in victims {
-            let evicted = self.evict(&mut t, v, &name, bytes, &mut reuse)?;
-            events.events.push(evicted);
-        }
-        if t.used + if reuse.is_some() { 0 } else { bytes } > t.budget {
-            // Storage that could not be taken over (still referenced) was freed instead, and
-            // that did not make the room.
-            return Ok(());
-        }
-        t.clock += 1;
-        let now = t.clock;
-        t.units.insert(
-            key,
-            Entry {
-                bytes,
-                last_use: now,
-                pins: 0,
-                held: 0,
-                slot: Slot::Loading,
-                fence: Vec::new(),
-                copying: None,
-                streamed: evicted_own,
-                prefetched: true,
-            },
-        );
-        if reuse.is_none() {
-            t.used += bytes;
-        }
-        t.peak = t.peak.max(t.used);
-        if let Some(m) = t.models.get_mut(&id) {
-            m.last_use = now;
-            m.stats.misses += 1;
-            if let Some(u) = m.unit_stats.get_mut(&layout.id) {
-                u.misses += 1;
-            }
-        }
-        drop(t);
-        self.fill_reserved(model, key, layout, reuse, name, true, &mut events)?;
-        Ok(())
+        Ok(guard)
     }
 
     /// [`Self::pinned`] for a hit: when the copy that paged the unit in may still run
@@ -1042,14 +847,11 @@ impl Table {
         };
         e.pins += 1;
         e.last_use = now;
-        let hit = !std::mem::take(&mut e.prefetched);
         if let Some(m) = self.models.get_mut(&key.0) {
             m.last_use = now;
-            if hit {
-                m.stats.hits += 1;
-                if let Some(u) = m.unit_stats.get_mut(&key.1) {
-                    u.hits += 1;
-                }
+            m.stats.hits += 1;
+            if let Some(u) = m.unit_stats.get_mut(&key.1) {
+                u.hits += 1;
             }
         }
         Some((res, copying))
@@ -1079,40 +881,6 @@ impl Table {
 
     fn evictable(&self, k: &Key, e: &Entry, want: Key) -> bool {
         e.pins == 0 && e.held == 0 && matches!(e.slot, Slot::Ready(_)) && *k != want
-    }
-
-    /// The unit a streaming model gives up for its next page-in.
-    ///
-    /// Its units split into those that stay resident and `stream_slots` slots its other units
-    /// are cycled through, each page-in taking the slot whose last use is oldest. The copy into
-    /// that slot then waits only for a use several units back, so copies run back to back while
-    /// the compute queue works through the units between (the slot of the unit just before
-    /// would hold the copy back until that unit's kernels, still queued, have run). Until the
-    /// model has its slots, the most recent of its staying units goes (cyclic access: the one
-    /// needed last), but never its most recent unit, which may still be computing.
-    fn stream_victim(&self, want: Key) -> Vec<Key> {
-        let (me, _) = want;
-        let mut own: Vec<(u64, Key, bool)> = self
-            .units
-            .iter()
-            .filter(|(k, e)| k.0 == me && self.evictable(k, e, want))
-            .map(|(k, e)| (e.last_use, *k, e.streamed))
-            .collect();
-        own.sort_unstable_by(|a, b| b.cmp(a));
-        let slots = self
-            .units
-            .iter()
-            .filter(|(k, e)| k.0 == me && e.streamed)
-            .count();
-        let pick = if slots >= self.stream_slots {
-            own.iter().rev().find(|x| x.2)
-        } else {
-            own.iter().skip(1).find(|x| !x.2)
-        };
-        pick.or(own.get(1))
-            .or(own.first())
-            .map(|x| vec![x.1])
-            .unwrap_or_default()
     }
 
     /// Units to evict next so that `want` can be paged in (empty: none can go now).
@@ -1157,7 +925,7 @@ impl Table {
             {
                 return vec![*k];
             }
-            let v = self.stream_victim(want);
+            let v = own_victim();
             if !v.is_empty() {
                 return v;
             }

@@ -47,9 +47,6 @@ pub struct UnitStats {
     pub hits: u64,
     /// Uses that paged it in.
     pub misses: u64,
-    /// Page-ins started ahead of their use (streaming; each is also a miss, and its use is not
-    /// counted as a hit).
-    pub prefetches: u64,
     /// Times it was evicted.
     pub evictions: u64,
     /// Whether it is resident now.
@@ -67,9 +64,6 @@ pub struct ModelStats {
     pub hits: u64,
     /// Page-ins.
     pub misses: u64,
-    /// Page-ins started ahead of their use (streaming; each is also a miss, and its use is not
-    /// counted as a hit).
-    pub prefetches: u64,
     /// Units of this model evicted.
     pub evictions: u64,
     /// Bytes copied in.

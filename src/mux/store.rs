@@ -174,12 +174,6 @@ impl Store {
         }
     }
 
-    /// Whether a page-in returns before its copy has run (a device with pinned staging): only
-    /// then can a copy started ahead of time overlap the work queued meanwhile.
-    pub fn copies_async(&self) -> bool {
-        matches!(self, Store::Device(d) if d.staging.is_some())
-    }
-
     /// Whether units carry their norms and biases (devices) or leave them to the model (CPU).
     pub fn with_vectors(&self) -> bool {
         matches!(self, Store::Device(_))
