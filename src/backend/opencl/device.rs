@@ -973,16 +973,10 @@ impl ClDevice {
             .collect()
     }
 
-    /// How the device spent the time since the last call (or [`Self::take_profile`]): when
-    /// kernels ran, when page-in copies ran, and when both did. Zero when not
-    /// [`profiling`](Self::profiling).
-    pub fn take_timeline(&self) -> Result<Timeline> {
-        Ok(Timeline::from_commands(&self.take_commands()?))
-    }
-
     /// Waits for the queue, then returns the time per kernel of the launches since the last
-    /// call (most device time first) and forgets them; page-in copies are the row
-    /// `page-in copy`. Empty when not [`profiling`](Self::profiling).
+    /// call (most device time first) and forgets them; page-in copies, fences and barriers
+    /// are the rows `page-in copy`, `fence` and `barrier`. Empty when not
+    /// [`profiling`](Self::profiling).
     pub fn take_profile(&self) -> Result<Vec<KernelTime>> {
         let mut by_name: Vec<KernelTime> = Vec::new();
         for (l, start, end) in self.take_launched()? {
