@@ -1,6 +1,8 @@
 //! The bundled TinyStories model end to end: tokenizer, forward pass, greedy text equal to
 //! llama.cpp's, on all three ternary encodings.
 
+mod common;
+use common::cosine;
 use ternmux::model::{GenerateOptions, Model};
 
 fn model(name: &str) -> String {
@@ -171,18 +173,6 @@ fn batched_prefill_equals_token_by_token() {
             "token {i}: max diff {max_diff} (scale {scale})"
         );
     }
-}
-
-/// Cosine similarity of two logit rows.
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
 }
 
 /// The default int8 head (requantized per row) against the file's own head: every position's

@@ -2,6 +2,8 @@
 //! CI). Under `CI=true` a missing device fails every test; elsewhere the tests say they were
 //! skipped and why.
 
+mod common;
+use common::cosine;
 use half::f16;
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -893,17 +895,6 @@ fn bundled_model_greedy_text_equals_cpu() {
              max |Δ| {worst_diff:.3}, top-1 equal at all {checked} steps with margin > 0.3"
         );
     }
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
 }
 
 /// The synthetic BitNet 2B-4T-shape model (30 layers, 2560/6912, 128256 vocabulary; TQ2_0 and
