@@ -111,6 +111,9 @@ struct Replay {
     /// Resident units in recency order (front = least recent).
     order: Vec<(String, UnitId)>,
     sizes: HashMap<(String, UnitId), usize>,
+    /// Bytes of each resident unit's storage: its own size, or a victim's a little larger
+    /// that it took over (see `fits`).
+    storage: HashMap<(String, UnitId), usize>,
     totals: HashMap<String, usize>,
     held: HashSet<(String, UnitId)>,
     /// A counter of uses, each unit's last use on it, and per model the use that began its
@@ -118,6 +121,12 @@ struct Replay {
     tick: u64,
     last: HashMap<(String, UnitId), u64>,
     passes: HashMap<String, (u64, u64)>,
+}
+
+/// The multiplexer's rule for reusing a victim's storage: the unit's size, or for a streaming
+/// model up to an eighth larger.
+fn fits(storage: usize, want: usize, slack: bool) -> bool {
+    storage == want || (slack && storage > want && storage - want <= want / 8)
 }
 
 impl Replay {
@@ -158,6 +167,7 @@ impl Replay {
                 MuxEvent::PageIn {
                     model,
                     unit,
+                    bytes,
                     used,
                     budget: b,
                     ..
@@ -176,6 +186,7 @@ impl Replay {
                         Some(&(_, prev)) => prev,
                         None => 0,
                     };
+                    let mut reused: Option<usize> = None;
                     for (vm, vu, for_model, _) in pending.drain(..) {
                         prop_assert_eq!(&for_model, &k.0);
                         let v = (vm, vu);
@@ -191,8 +202,15 @@ impl Replay {
                         let own_resident = self.order.iter().filter(|x| x.0 == k.0).count();
                         let others: Vec<&(String, UnitId)> =
                             evictable.iter().copied().filter(|x| x.0 != k.0).collect();
-                        // Own units: the second most recent (the only one when alone).
-                        let own_pick = own.get(own.len().saturating_sub(2)).copied();
+                        // Own units: among all but the most recent, the most recent whose
+                        // storage fits; else the second most recent (the only one when alone).
+                        let own_pick = own
+                            .iter()
+                            .rev()
+                            .skip(1)
+                            .find(|x| fits(self.storage[*x], *bytes, streaming))
+                            .or(own.get(own.len().saturating_sub(2)))
+                            .copied();
                         // Other models' units unused since this model's previous pass
                         // began, least recent first.
                         let cold = others
@@ -208,9 +226,13 @@ impl Replay {
                         } else {
                             prop_assert_eq!(Some(&v), own_pick, "own victim");
                         }
+                        let freed = self.storage.remove(&v).unwrap_or(0);
+                        if reused.is_none() && fits(freed, *bytes, streaming) {
+                            reused = Some(freed);
+                        }
                         self.order.retain(|x| *x != v);
                     }
-                    let _ = self.sizes.get(&k);
+                    self.storage.insert(k.clone(), reused.unwrap_or(*bytes));
                     self.touch(k);
                 }
             }
@@ -225,6 +247,7 @@ impl Replay {
                 .filter(|x| !self.held.contains(*x))
                 .collect();
             prop_assert_eq!(&v, evictable[0], "budget-change victim");
+            self.storage.remove(&v);
             self.order.retain(|x| *x != v);
         }
         Ok(())
@@ -281,6 +304,7 @@ fn run_machine(device: Device, ops: &[Op], host_cache: Option<usize>) -> Result<
     let mut replay = Replay {
         order: Vec::new(),
         sizes: HashMap::new(),
+        storage: HashMap::new(),
         totals: HashMap::new(),
         held: HashSet::new(),
         tick: 0,
@@ -310,6 +334,7 @@ fn run_machine(device: Device, ops: &[Op], host_cache: Option<usize>) -> Result<
                 prop_assert_eq!(r.is_ok(), registered.remove(i));
                 // A model registered again starts afresh: no resident units, no passes.
                 replay.order.retain(|x| x.0 != name(*i));
+                replay.storage.retain(|k, _| k.0 != name(*i));
                 replay.passes.remove(&name(*i));
                 replay.last.retain(|k, _| k.0 != name(*i));
             }

@@ -249,6 +249,16 @@ fn event_done(ev: &Event) -> bool {
         .is_ok_and(|st| st.0 == opencl3::event::CL_COMPLETE || st.0 < 0)
 }
 
+/// Whether storage of `storage` bytes may take a unit of `want` bytes: the same size, or for a
+/// streaming model (`slack`) at most an eighth larger. A model's last block lacks the next
+/// block's norm, so it is a few KiB smaller than the others; without the slack, a pass that
+/// cycles it through a slot frees and allocates storage instead of reusing it, and the host
+/// waits for the device to finish with the freed storage first. Models that fit keep exact
+/// sizes, so pinning a whole model needs no more than its bytes.
+fn fits(storage: usize, want: usize, slack: bool) -> bool {
+    storage == want || (slack && storage > want && storage - want <= want / 8)
+}
+
 fn mib(b: usize) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }
@@ -369,6 +379,21 @@ impl Core {
         id: ModelId,
         unit: UnitId,
     ) -> Result<UnitGuard> {
+        let entered = Instant::now();
+        let r = self.acquire_timed(model, id, unit);
+        let took = entered.elapsed();
+        if let Some(m) = self.lock()?.models.get_mut(&id) {
+            m.stats.acquire_total += took;
+        }
+        r
+    }
+
+    fn acquire_timed(
+        self: &Arc<Self>,
+        model: &Model,
+        id: ModelId,
+        unit: UnitId,
+    ) -> Result<UnitGuard> {
         let key = (id, unit);
         // Emitted when dropped, on every path (after the table's lock, declared later, is released).
         let mut events = Emit {
@@ -400,7 +425,9 @@ impl Core {
                 m.pass_start = start;
             }
         }
-        let mut reuse: Option<(Mem, Vec<Event>)> = None;
+        // Reclaimed storage for this page-in: the memory, the fences of its last unit's uses,
+        // and its size (it may be a little larger than this unit: see [`fits`]).
+        let mut reuse: Option<(Mem, Vec<Event>, usize)> = None;
         let mut streaming: bool;
         'retry: loop {
             t.clock += 1;
@@ -413,9 +440,9 @@ impl Core {
                             .ok_or_else(|| Error::Mux(format!("unit {unit} of {name} vanished")))?;
                         drop(t);
                         let guard = self.pinned_after(key, res, copying)?;
-                        if let Some((mem, fence)) = reuse {
+                        if let Some((mem, fence, storage)) = reuse {
                             // Another thread paged the unit in meanwhile: give the room back.
-                            self.return_reserved(mem, fence, bytes)?;
+                            self.return_reserved(mem, fence, storage)?;
                         }
                         if self.has_sink.load(Ordering::Relaxed) {
                             events.events.push(MuxEvent::Hit {
@@ -451,7 +478,7 @@ impl Core {
                 return Err(t.no_room(unit, &name, bytes));
             }
             while t.used + if reuse.is_some() { 0 } else { bytes } > t.budget {
-                let victims = t.victims(key, streaming);
+                let victims = t.victims(key, bytes, streaming);
                 if victims.is_empty() {
                     if !t.busy() {
                         return Err(t.no_room(unit, &name, bytes));
@@ -461,14 +488,16 @@ impl Core {
                     continue 'retry;
                 }
                 for v in victims {
-                    let evicted = self.evict(&mut t, v, &name, bytes, &mut reuse)?;
+                    let evicted = self.evict(&mut t, v, &name, bytes, streaming, &mut reuse)?;
                     events.events.push(evicted);
                 }
             }
+            // The unit is charged for its storage.
+            let charged = reuse.as_ref().map_or(bytes, |r| r.2);
             t.units.insert(
                 key,
                 Entry {
-                    bytes,
+                    bytes: charged,
                     last_use: now,
                     pins: 1,
                     held: 0,
@@ -495,7 +524,7 @@ impl Core {
         let started = Instant::now();
         let filled = (|| {
             let (mem, after) = match reuse {
-                Some((mem, fence)) => (mem, fence),
+                Some((mem, fence, _)) => (mem, fence),
                 None => (self.store.alloc(bytes)?, Vec::new()),
             };
             self.store.fill(mem, key, layout, model, &after)
@@ -505,8 +534,9 @@ impl Core {
         let (res, copying, from_host_cache) = match filled {
             Ok(v) => v,
             Err(err) => {
-                t.units.remove(&key);
-                t.used -= bytes;
+                if let Some(e) = t.units.remove(&key) {
+                    t.used -= e.bytes;
+                }
                 self.changed.notify_all();
                 return Err(err);
             }
@@ -608,7 +638,7 @@ impl Core {
         Ok(())
     }
 
-    /// Removes victim `k`. Storage of the size the page-in needs is kept for it (`reuse`, still
+    /// Removes victim `k`. Storage that [`fits`] the page-in is kept for it (`reuse`, still
     /// counted in `used`); other storage is freed once the device is done with it.
     fn evict(
         &self,
@@ -616,7 +646,8 @@ impl Core {
         k: Key,
         for_model: &Arc<str>,
         want: usize,
-        reuse: &mut Option<(Mem, Vec<Event>)>,
+        slack: bool,
+        reuse: &mut Option<(Mem, Vec<Event>, usize)>,
     ) -> Result<MuxEvent> {
         let e = t
             .units
@@ -626,8 +657,8 @@ impl Core {
             return Err(Error::Mux("a loading unit was chosen as a victim".into()));
         };
         match Arc::try_unwrap(res) {
-            Ok(resident) if reuse.is_none() && e.bytes == want => {
-                *reuse = Some((Store::reclaim(resident), e.fence));
+            Ok(resident) if reuse.is_none() && fits(e.bytes, want, slack) => {
+                *reuse = Some((Store::reclaim(resident), e.fence, e.bytes));
             }
             other => {
                 for f in &e.fence {
@@ -661,6 +692,7 @@ impl Core {
     }
 
     fn unpin(&self, key: Key) {
+        let entered = Instant::now();
         let fence = if self.fenced {
             self.store.fence().ok().flatten()
         } else {
@@ -673,6 +705,9 @@ impl Core {
                     e.fence.retain(|x| !event_done(x));
                     e.fence.push(f);
                 }
+            }
+            if let Some(m) = t.models.get_mut(&key.0) {
+                m.stats.release_total += entered.elapsed();
             }
             self.changed.notify_all();
         }
@@ -718,7 +753,7 @@ impl Core {
         let old = t.budget;
         t.budget = budget;
         while t.used > t.budget {
-            let victims = t.victims((u64::MAX, UnitId::Head), false);
+            let victims = t.victims((u64::MAX, UnitId::Head), 0, false);
             if victims.is_empty() {
                 if t.busy() {
                     t = self.changed.wait(t).map_err(poisoned)?;
@@ -733,7 +768,8 @@ impl Core {
             }
             for v in victims {
                 let mut none = None;
-                let evicted = self.evict(&mut t, v, &Arc::from(""), usize::MAX, &mut none)?;
+                let evicted =
+                    self.evict(&mut t, v, &Arc::from(""), usize::MAX, false, &mut none)?;
                 events.events.push(evicted);
             }
         }
@@ -889,20 +925,26 @@ impl Table {
     /// of them every token; evicting them for each other is LRU's cyclic worst case), so they
     /// are chosen only when no other model's unit can go. A model larger than the whole budget
     /// streams: once it holds `stream_slots` units it evicts its own before anyone else's.
-    fn victims(&self, want: Key, streaming: bool) -> Vec<Key> {
+    fn victims(&self, want: Key, want_bytes: usize, streaming: bool) -> Vec<Key> {
         let (me, _) = want;
         // Own evictable units, most recent first: evict the second most recent (the most recent
         // may still be computing while the next copy runs) and keep every older one that
-        // stayed resident, so cycling through a model keeps what fits.
+        // stayed resident, so cycling through a model keeps what fits. Among all but the most
+        // recent, the most recent whose storage fits the page-in goes first: storage of
+        // another size is freed only once the device is done with it, which makes the host
+        // wait (a block evicting the head, or the head two blocks, in every streamed pass).
         let own_victim = || {
-            let mut own: Vec<(u64, Key)> = self
+            let mut own: Vec<(u64, Key, usize)> = self
                 .units
                 .iter()
                 .filter(|(k, e)| k.0 == me && self.evictable(k, e, want))
-                .map(|(k, e)| (e.last_use, *k))
+                .map(|(k, e)| (e.last_use, *k, e.bytes))
                 .collect();
             own.sort_unstable_by(|a, b| b.cmp(a));
-            own.get(1)
+            own.iter()
+                .skip(1)
+                .find(|x| fits(x.2, want_bytes, streaming))
+                .or(own.get(1))
                 .or(own.first())
                 .map(|x| vec![x.1])
                 .unwrap_or_default()

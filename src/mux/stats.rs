@@ -80,6 +80,11 @@ pub struct ModelStats {
     pub page_in_time: Histogram,
     /// Total time page-ins held the requesting thread.
     pub page_in_total: Duration,
+    /// Total time passes spent asking for units (hits and page-ins, waits for room and
+    /// evictions included): the host's share of paging.
+    pub acquire_total: Duration,
+    /// Total time passes spent giving units back (each use's completion fence queued).
+    pub release_total: Duration,
     /// Per unit, blocks then the head.
     pub units: Vec<(UnitId, UnitStats)>,
 }

@@ -7,7 +7,7 @@
 use crate::backend::Resident;
 use crate::backend::cpu::HostUnit;
 use crate::backend::opencl::device::retain_event;
-use crate::backend::opencl::{ClDevice, DevBuf, DevUnit, Pinned};
+use crate::backend::opencl::{ClDevice, DevBuf, DevStorage, DevUnit, Pinned};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::mux::core::{Key, ModelId};
@@ -60,7 +60,7 @@ pub(crate) enum Store {
 /// The storage of one unit, empty or reclaimed from an evicted unit.
 pub(crate) enum Mem {
     Host(Vec<u8>),
-    Device(DevBuf),
+    Device(DevStorage),
 }
 
 /// Copies each `(offset, src)` into `dst` at `offset`, on all cores when the total is large:
@@ -212,7 +212,7 @@ impl Store {
                 })?;
                 Mem::Host(v)
             }
-            Store::Device(d) => Mem::Device(d.dev.alloc(bytes)?),
+            Store::Device(d) => Mem::Device(DevStorage::new(d.dev.alloc(bytes)?)),
         })
     }
 
@@ -254,7 +254,8 @@ impl Store {
                     false,
                 ))
             }
-            (Store::Device(d), Mem::Device(mut buf)) => {
+            (Store::Device(d), Mem::Device(mut storage)) => {
+                let buf = storage.alloc_mut();
                 let mut from_cache = false;
                 let ready = match &d.staging {
                     None => {
@@ -265,7 +266,7 @@ impl Store {
                                 Vec::new()
                             };
                             d.dev.write_direct(
-                                &mut buf,
+                                buf,
                                 p.offset,
                                 piece_bytes(model, layout.id, p.kind),
                                 &wait,
@@ -273,15 +274,15 @@ impl Store {
                         }
                         None
                     }
-                    Some(ring) => match d.cached_copy(key, &mut buf, layout, model, after)? {
+                    Some(ring) => match d.cached_copy(key, buf, layout, model, after)? {
                         Some((ev, hit)) => {
                             from_cache = hit;
                             Some(ev)
                         }
-                        None => Some(d.staged_copy(ring, &mut buf, layout, model, after)?),
+                        None => Some(d.staged_copy(ring, buf, layout, model, after)?),
                     },
                 };
-                let unit = DevUnit::new(&d.dev, buf, layout, model)?;
+                let unit = DevUnit::new(&d.dev, storage, layout, model)?;
                 Ok((Resident::Device(unit), ready, from_cache))
             }
             _ => Err(Error::Mux(
@@ -306,12 +307,16 @@ impl Store {
     /// engine runs it alone) uses a barrier on the compute queue instead, so the host keeps
     /// queueing and the next copy overlaps more of the compute (measured: 74 vs 57 tok/s at 2×
     /// the budget on the H200).
-    /// `TERNMUX_PAGE_IN_BARRIER=1` makes every page-in use the barrier (for measurements).
+    /// `TERNMUX_PAGE_IN_BARRIER=1` makes every page-in use the barrier, `=0` none (the
+    /// calling thread waits), for measurements.
     pub fn wait_ready(&self, ready: &Event, on_device: bool) -> Result<()> {
-        static ALWAYS_BARRIER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on_device = on_device
-            || *ALWAYS_BARRIER
-                .get_or_init(|| std::env::var("TERNMUX_PAGE_IN_BARRIER").is_ok_and(|v| v == "1"));
+        static BARRIER: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+        let forced = *BARRIER.get_or_init(|| match std::env::var("TERNMUX_PAGE_IN_BARRIER") {
+            Ok(v) if v == "1" => Some(true),
+            Ok(v) if v == "0" => Some(false),
+            _ => None,
+        });
+        let on_device = forced.unwrap_or(on_device);
         match self {
             Store::Host => Ok(()),
             Store::Device(d) if on_device => d.dev.wait_on_device(&[ready]),
@@ -323,7 +328,7 @@ impl Store {
     pub fn reclaim(res: Resident) -> Mem {
         match res {
             Resident::Host(h) => Mem::Host(h.into_data().unwrap_or_default()),
-            Resident::Device(u) => Mem::Device(u.into_alloc()),
+            Resident::Device(u) => Mem::Device(u.into_storage()),
         }
     }
 }

@@ -193,6 +193,8 @@ pub struct DevBuf {
     /// Unique for the process: what the kernel-argument cache compares (a freed buffer's
     /// handle value can come back for a new buffer; its id never does).
     id: u64,
+    /// Where a sub-buffer starts in its parent (`None`: not a sub-buffer).
+    origin: Option<usize>,
 }
 
 /// The next [`DevBuf`] id.
@@ -204,12 +206,23 @@ impl DevBuf {
             buf,
             bytes,
             id: NEXT_BUF_ID.fetch_add(1, Ordering::Relaxed),
+            origin: None,
         }
     }
 
     /// Size in bytes.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+    /// Unique for the process (never reused): what identifies the buffer to the kernel
+    /// argument cache.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// Where this view starts in its parent buffer, for a view made by
+    /// [`ClDevice::sub_buffer`].
+    pub fn origin(&self) -> Option<usize> {
+        self.origin
     }
     fn mem(&self) -> cl_mem {
         use opencl3::memory::ClMem;
@@ -509,6 +522,8 @@ pub struct ClDevice {
     /// The built program (kernel objects are made from it per lane).
     program: Program,
     launches: AtomicU64,
+    /// `clSetKernelArg` calls so far (arguments the instance did not hold already).
+    arg_sets: AtomicU64,
     /// Host nanoseconds spent in [`ClDevice::launch`] (argument setting and queueing), summed.
     queue_ns: AtomicU64,
     build_time: std::time::Duration,
@@ -846,6 +861,7 @@ impl ClDevice {
             copy_queue,
             program,
             launches: AtomicU64::new(0),
+            arg_sets: AtomicU64::new(0),
             queue_ns: AtomicU64::new(0),
             build_time: start.elapsed(),
             dp4a,
@@ -899,6 +915,13 @@ impl ClDevice {
     /// Kernel launches so far (all models on this device).
     pub fn launches(&self) -> u64 {
         self.launches.load(Ordering::Relaxed)
+    }
+
+    /// Kernel arguments set so far: those a launch's kernel object did not hold already
+    /// (all models on this device). Against [`ClDevice::launches`] it shows how often the
+    /// argument cache missed.
+    pub fn arg_sets(&self) -> u64 {
+        self.arg_sets.load(Ordering::Relaxed)
     }
 
     /// Host time spent queueing kernels so far (argument setting and the enqueue call), summed
@@ -1281,7 +1304,9 @@ impl ClDevice {
                 .create_sub_buffer(CL_MEM_READ_ONLY, origin, bytes)
         }
         .map_err(|e| cl_err("create a sub-buffer", e))?;
-        Ok(DevBuf::new(buf, bytes))
+        let mut view = DevBuf::new(buf, bytes);
+        view.origin = Some(origin);
+        Ok(view)
     }
 
     /// Queues a copy of `len` bytes of `src` from `src_offset` into `dst` at `offset` on the
@@ -1505,6 +1530,7 @@ impl ClDevice {
             };
             set.map_err(|e| cl_err(&format!("argument {i} of {name}"), e))?;
             inst.args[i] = Some(v);
+            self.arg_sets.fetch_add(1, Ordering::Relaxed);
         }
         let k = &inst.kernel;
         if global.len() != local.len() || global.is_empty() || global.len() > 3 {

@@ -49,11 +49,55 @@ pub struct DevUnit {
     alloc: DevBuf,
 }
 
+/// A unit's device allocation between units, with the views the last unit in it made.
+///
+/// A page-in into reclaimed storage takes the views it needs from here instead of creating
+/// one per tensor (and releasing the old ones): a streamed model cycles units of one layout
+/// through the same storage, so each page-in finds every view it needs, and the kernel objects
+/// that last read this storage find their buffer arguments already set.
+pub struct DevStorage {
+    alloc: DevBuf,
+    /// `(origin, bytes, view)`.
+    views: Vec<(usize, usize, DevBuf)>,
+}
+
+impl DevStorage {
+    /// A fresh allocation, with no views yet.
+    pub fn new(alloc: DevBuf) -> DevStorage {
+        DevStorage {
+            alloc,
+            views: Vec::new(),
+        }
+    }
+
+    /// The allocation, to copy a unit's bytes into.
+    pub fn alloc_mut(&mut self) -> &mut DevBuf {
+        &mut self.alloc
+    }
+
+    /// Views kept from the last unit.
+    pub fn kept_views(&self) -> usize {
+        self.views.len()
+    }
+
+    /// A read-only view of `bytes` bytes at `origin`: a kept one, or a new one.
+    fn view(&mut self, dev: &ClDevice, origin: usize, bytes: usize) -> Result<DevBuf> {
+        match self
+            .views
+            .iter()
+            .position(|v| v.0 == origin && v.1 == bytes)
+        {
+            Some(i) => Ok(self.views.swap_remove(i).2),
+            None => dev.sub_buffer(&self.alloc, origin, bytes),
+        }
+    }
+}
+
 impl DevUnit {
-    /// Views into `alloc`, which holds `layout`'s pieces of `model`'s unit (already copied).
+    /// Views into `storage`, which holds `layout`'s pieces of `model`'s unit (already copied).
     pub(crate) fn new(
         dev: &ClDevice,
-        alloc: DevBuf,
+        mut storage: DevStorage,
         layout: &UnitLayout,
         model: &Model,
     ) -> Result<DevUnit> {
@@ -69,7 +113,7 @@ impl DevUnit {
                     let bias = match m {
                         Mat::Layer(which) => layout
                             .piece(PieceKind::Bias(which))
-                            .map(|b| dev.sub_buffer(&alloc, b.offset, b.len))
+                            .map(|b| storage.view(dev, b.offset, b.len))
                             .transpose()?,
                         Mat::Output => None,
                     };
@@ -84,7 +128,7 @@ impl DevUnit {
                     mats.push((
                         m,
                         DevMat {
-                            buf: dev.sub_buffer(&alloc, p.offset, p.len)?,
+                            buf: storage.view(dev, p.offset, p.len)?,
                             ty: t.ty,
                             rows: t.rows,
                             cols: t.cols,
@@ -93,7 +137,7 @@ impl DevUnit {
                         },
                     ));
                 }
-                PieceKind::Norm(n) => norms.push((n, dev.sub_buffer(&alloc, p.offset, p.len)?)),
+                PieceKind::Norm(n) => norms.push((n, storage.view(dev, p.offset, p.len)?)),
                 PieceKind::Bias(_) => {}
                 PieceKind::Int8Codes | PieceKind::Int8Scales => {
                     return Err(Error::Device(format!(
@@ -103,14 +147,34 @@ impl DevUnit {
                 }
             }
         }
-        Ok(DevUnit { mats, norms, alloc })
+        // Views of the last unit that this one does not use go now (they hold the storage).
+        storage.views.clear();
+        Ok(DevUnit {
+            mats,
+            norms,
+            alloc: storage.alloc,
+        })
     }
 
-    /// The allocation, for reuse by the next page-in of the same size.
-    pub(crate) fn into_alloc(self) -> DevBuf {
+    /// The allocation with this unit's views, for reuse by the next page-in of the same size.
+    pub(crate) fn into_storage(self) -> DevStorage {
         let DevUnit { mats, norms, alloc } = self;
-        drop((mats, norms));
-        alloc
+        let mut views = Vec::with_capacity(mats.len() + norms.len());
+        let mut keep = |b: DevBuf| {
+            if let Some(origin) = b.origin() {
+                views.push((origin, b.bytes(), b));
+            }
+        };
+        for (_, m) in mats {
+            keep(m.buf);
+            if let Some(b) = m.bias {
+                keep(b);
+            }
+        }
+        for (_, b) in norms {
+            keep(b);
+        }
+        DevStorage { alloc, views }
     }
 
     /// Bytes of the unit's allocation.
@@ -531,12 +595,15 @@ impl Backend for ClExec<'_> {
             .pool
             .lock()
             .map_err(|_| Error::Device("opencl: buffer pool poisoned".into()))?;
-        // Smallest pooled buffer that fits, else a new one.
+        // Smallest pooled buffer that fits, else a new one; among equals the oldest. Passes
+        // ask for their buffers in the same order and give them all back, so each pass gets
+        // the same buffer for the same use: launches then find their kernel objects with these
+        // arguments already set (the choice by position permuted them from pass to pass).
         let best = pool
             .iter()
             .enumerate()
             .filter(|(_, r)| r.cap >= len)
-            .min_by_key(|(_, r)| r.cap)
+            .min_by_key(|(_, r)| (r.cap, r.f.id()))
             .map(|(i, _)| i);
         let raw = match best {
             Some(i) => pool.swap_remove(i),

@@ -5,7 +5,7 @@
 //!
 //! * [`device`] — discovery ([`list_devices`]), why OpenCL is unusable ([`Unavailable`]), and the
 //!   one safe wrapper over the OpenCL API ([`ClDevice`]).
-//! * [`exec`] — a resident unit on the device ([`DevUnit`]), a KV cache ([`ClKv`]) and the
+//! * [`exec`] — a resident unit on the device ([`DevUnit`], its storage between units: [`DevStorage`]), a KV cache ([`ClKv`]) and the
 //!   [`crate::backend::Backend`] implementation ([`ClExec`]).
 //!
 //! ```no_run
@@ -25,5 +25,5 @@ pub use device::{
     Arg, ClDevice, CommandTimes, DevBuf, DeviceInfo, KernelTime, PROFILE_ENV, Pinned, Timeline,
     Unavailable, list_devices,
 };
-pub use exec::{ClExec, ClKv, DevUnit};
+pub use exec::{ClExec, ClKv, DevStorage, DevUnit};
 pub use ops::{Places, RopeShape, RowTail, TernaryOut, pick_part_bytes};

@@ -302,10 +302,12 @@ fn streaming(
     let largest = m.units.iter().map(|u| u.1.bytes).max().unwrap_or(0);
     // Resident baseline.
     mux.generate("m", "hello", &opts, |_| true)?;
-    let base = mux
-        .generate("m", "hello", &opts, |_| true)?
-        .timings
-        .decode_tok_s();
+    let host0 = HostMark::take(&mux, placement);
+    let g = mux.generate("m", "hello", &opts, |_| true)?;
+    let resident_host = HostMark::take(&mux, placement)
+        .since(&host0)
+        .line(&g, 1 + g.tokens.len().saturating_sub(1));
+    let base = g.timings.decode_tok_s();
     let (peak_what, peak) = peak_gb_s(placement, largest, a.reps)?;
     w(
         out,
@@ -318,6 +320,7 @@ fn streaming(
             largest as f64 / (1u64 << 20) as f64
         ),
     )?;
+    w(out, format!("resident {}", resident_host.trim_start()))?;
     w(
         out,
         format!(
@@ -341,11 +344,14 @@ fn streaming(
                     .decode_tok_s(),
             );
         }
-        let before = mux.stats().bytes_in();
+        let before = mux.stats();
+        let host0 = HostMark::take(&mux, placement);
         if let Some(d) = profiled {
             d.take_commands()?;
         }
         let g = mux.generate("m", "hello", &opts, |_| true)?;
+        let after = mux.stats();
+        let host = HostMark::take(&mux, placement).since(&host0);
         let timeline = match profiled {
             Some(d) => {
                 let commands = d.take_commands()?;
@@ -359,7 +365,7 @@ fn streaming(
             None => None,
         };
         let passes = 1 + g.tokens.len().saturating_sub(1);
-        let per_pass = (mux.stats().bytes_in() - before) as f64 / passes.max(1) as f64;
+        let per_pass = (after.bytes_in() - before.bytes_in()) as f64 / passes.max(1) as f64;
         let bound = peak * 1e9 / per_pass.max(1.0);
         rates.push(g.timings.decode_tok_s());
         let got = median(rates);
@@ -380,6 +386,8 @@ fn streaming(
                 }
             ),
         )?;
+        // Where the host's time per pass went (the last generation, prompt included).
+        w(out, host.line(&g, passes))?;
         if let Some(t) = timeline {
             // The whole generation (prompt included), per pass.
             let ms = |s: f64| 1e3 * s / passes.max(1) as f64;
@@ -399,6 +407,66 @@ fn streaming(
         }
     }
     Ok(())
+}
+
+/// The host's running totals at one moment: kernel queueing (OpenCL) and model `m`'s
+/// multiplexer calls.
+struct HostMark {
+    queued: Duration,
+    launches: u64,
+    arg_sets: u64,
+    acquire: Duration,
+    page_in: Duration,
+    release: Duration,
+}
+
+impl HostMark {
+    fn take(mux: &Mux, placement: &Placement) -> HostMark {
+        let m = mux.stats().model("m").cloned().unwrap_or_default();
+        let (queued, launches, arg_sets) = match placement {
+            Placement::OpenCl(d) => (d.queue_time(), d.launches(), d.arg_sets()),
+            Placement::Cpu => (Duration::ZERO, 0, 0),
+        };
+        HostMark {
+            queued,
+            launches,
+            arg_sets,
+            acquire: m.acquire_total,
+            page_in: m.page_in_total,
+            release: m.release_total,
+        }
+    }
+
+    /// What happened between `earlier` and this mark.
+    fn since(&self, earlier: &HostMark) -> HostMark {
+        HostMark {
+            queued: self.queued.saturating_sub(earlier.queued),
+            launches: self.launches - earlier.launches,
+            arg_sets: self.arg_sets - earlier.arg_sets,
+            acquire: self.acquire.saturating_sub(earlier.acquire),
+            page_in: self.page_in.saturating_sub(earlier.page_in),
+            release: self.release.saturating_sub(earlier.release),
+        }
+    }
+
+    /// Per pass of generation `g` (`passes` of them, the prompt's included).
+    fn line(&self, g: &ternmux::model::Generation, passes: usize) -> String {
+        let n = passes.max(1) as f64;
+        let ms = |d: Duration| 1e3 * d.as_secs_f64() / n;
+        format!(
+            "{:>12} host per pass: {:.3} ms wall, queueing kernels {:.3} ms ({:.0} launches, {:.0} \
+             arguments set), asking for units {:.3} ms (page-ins {:.3} ms), giving them back \
+             {:.3} ms",
+            "",
+            ms(g.timings.prefill + g.timings.decode),
+            ms(self.queued),
+            self.launches as f64 / n,
+            self.arg_sets as f64 / n,
+            ms(self.acquire),
+            ms(self.page_in),
+            ms(self.release),
+        )
+    }
 }
 
 /// Writes profiled commands as CSV (microseconds from the first one queued).
