@@ -472,6 +472,104 @@ __kernel void ternary_gemv_i2s(int k, __global const char* q, __global const flo
     gemv_body(k, q, qsc, ROW_ARGS, accumulate, red, 1);
 }
 
+// The GEMV over a few tokens (2..GEMV_T; batched decode of a few sequences): each lane loads its
+// codes and block scales once, GEMV_U blocks in flight as in the GEMV, and applies them to every
+// token's activations (which stay in the caches: a token's row is k bytes), so the weights
+// stream from memory once for the batch with the GEMV's loads in flight. The pair kernel's
+// byte loads and one block at a time left most of the bandwidth idle at these batch sizes.
+// Output of token t at o[t·n + r]. Grid: teams · TEAM work-items, as the GEMV; local memory
+// for GEMV_T floats per work-item.
+#define GEMV_T 8
+
+inline void gemv_few_body(int k, __global const char* q, __global const float* qsc, int n_tok,
+                          ROW_PARAMS, int accumulate, __local float* red, const int i2s) {
+    Row row = gemv_row(ROW_ARGS);
+    int lid = get_local_id(0), lane = lid % TEAM;
+    float acc[GEMV_T];
+#pragma unroll
+    for (int t = 0; t < GEMV_T; t++) acc[t] = 0.0f;
+    if (row.rr < row.n) {
+        int nblk = k / 256, bb = tblk_bytes(i2s);
+        const __global uchar* wr = row.w + (size_t)row.rr * (nblk * bb);
+        int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
+        for (int b0 = pair; b0 < nblk; b0 += 2 * GEMV_U) {
+            uint c[GEMV_U];
+            float d[GEMV_U];
+#pragma unroll
+            for (int u = 0; u < GEMV_U; u++) {
+                int b = b0 + 2 * u;
+                if (b < nblk) {
+                    const __global uchar* blk = wr + b * bb;
+                    if (i2s) {
+                        c[u] = *(const __global uint*)(blk + m);
+                    } else {
+                        ushort2 h = vload2(0, (const __global ushort*)(blk + m));
+                        c[u] = (uint)h.x | ((uint)h.y << 16);
+                    }
+                    d[u] = tblk_scale(blk, i2s);
+                } else {
+                    c[u] = 0x55555555u;  // code 1 everywhere: weight 0
+                    d[u] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < GEMV_T; t++) {
+                if (t < n_tok) {
+                    const __global char* qt = q + (size_t)t * k;
+#pragma unroll
+                    for (int u = 0; u < GEMV_U; u++) {
+                        int b = b0 + 2 * u;
+                        if (b < nblk) {
+                            const __global uint* qb = (const __global uint*)(qt + b * 256 + base);
+                            uint a0 = qb[0], a1 = qb[8], a2 = qb[16], a3 = qb[24];
+                            int dot = i2s ? tq2_dot16(c[u], a3, a2, a1, a0)
+                                          : tq2_dot16(c[u], a0, a1, a2, a3);
+                            acc[t] += (float)dot * d[u];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Each token's sums meet: by shuffles on NVIDIA (lane 0 writes), else through local
+    // memory with one barrier (lane t of the team adds token t's).
+#ifdef TERNMUX_DP4A
+#pragma unroll
+    for (int t = 0; t < GEMV_T; t++) {
+        float v = warp_sum(acc[t]);
+        if (t < n_tok && row.rr < row.n && lane == 0) {
+            v = v / qsc[t] * row.s;
+            if (row.hb) v += row.bias[row.rr];
+            size_t at = (size_t)t * row.n + row.rr;
+            row.o[at] = accumulate ? row.o[at] + v : v;
+        }
+    }
+#else
+    int wg = get_local_size(0), first = lid - lane;
+#pragma unroll
+    for (int t = 0; t < GEMV_T; t++) red[t * wg + lid] = acc[t];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (lane < n_tok && row.rr < row.n) {
+        float v = 0.0f;
+        for (int i = 0; i < TEAM; i++) v += red[lane * wg + first + i];
+        v = v / qsc[lane] * row.s;
+        if (row.hb) v += row.bias[row.rr];
+        size_t at = (size_t)lane * row.n + row.rr;
+        row.o[at] = accumulate ? row.o[at] + v : v;
+    }
+#endif
+}
+
+#define GEMV_FEW_PARAMS                                                                    \
+    int k, __global const char *q, __global const float *qsc, int n_tok, ROW_PARAMS,       \
+        int accumulate, __local float *red
+#define GEMV_FEW_ARGS k, q, qsc, n_tok, ROW_ARGS, accumulate, red
+
+__kernel void ternary_gemv_tq2_few(GEMV_FEW_PARAMS) { gemv_few_body(GEMV_FEW_ARGS, 0); }
+
+// The same over I2_S rows (a multiple of 256 long).
+__kernel void ternary_gemv_i2s_few(GEMV_FEW_PARAMS) { gemv_few_body(GEMV_FEW_ARGS, 1); }
+
 // The GEMV of one matrix (output o0, n0 rows) followed by RMSNorm · w and the int8
 // quantization of that output (`norm_quant` of norm.cl with a norm, y written), done by the last
 // work-group to finish: the launch of a residual projection and the next norm in one.
