@@ -23,7 +23,7 @@ pub enum KvType {
 
 enum KvStorage {
     Cpu(CpuKv),
-    OpenCl(ClKv),
+    OpenCl(Box<ClKv>),
 }
 
 /// Keys and values of every layer for up to `n_ctx` positions of each of `slots` sequences,
@@ -61,7 +61,7 @@ impl KvCache {
                 (KvStorage::Cpu(CpuKv::new(model, n_ctx, slots, ty)), charge)
             }
             Placement::OpenCl(dev) => (
-                KvStorage::OpenCl(ClKv::new(dev, model, n_ctx, slots, ty, meter)?),
+                KvStorage::OpenCl(Box::new(ClKv::new(dev, model, n_ctx, slots, ty, meter)?)),
                 None,
             ),
         };
