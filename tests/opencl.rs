@@ -7,9 +7,7 @@ use common::cosine;
 use half::f16;
 use proptest::prelude::*;
 use std::sync::Arc;
-use ternmux::backend::opencl::{
-    ClDevice, DevBuf, GEMV_FEW_MAX, Places, RopeShape, RowTail, TernaryOut,
-};
+use ternmux::backend::opencl::{ClDevice, DevBuf, Places, RopeShape, RowTail, TernaryOut};
 use ternmux::backend::{Device, Placement, RowPlace};
 use ternmux::gguf::GgmlType;
 use ternmux::kernels::dequant::FloatFormat;
@@ -253,10 +251,9 @@ fn check_ternary(
             .map(|(_, o, _)| read_f32(&d, o, n_tok * rows))
             .collect(),
     )];
-    // One TQ2_0 token (or I2_S with rows of a multiple of 256): the GEMV kernel too, and for a
-    // few tokens the few-token GEMV (what GPUs run; called directly so that CPU devices test
-    // them as well), from the same starting outputs.
-    if ClDevice::gemv_takes(fmt, k) && n_tok <= GEMV_FEW_MAX {
+    // One TQ2_0 token (or I2_S with rows of a multiple of 256): the GEMV kernel too (what GPUs
+    // run; called directly so that CPU devices test it as well), from the same starting outputs.
+    if ClDevice::gemv_takes(fmt, k) && n_tok == 1 {
         let fresh: Vec<DevBuf> = mats.iter().map(|_| up_f32(&d, &start)).collect();
         let outs: Vec<TernaryOut<'_>> = fresh
             .iter()
@@ -270,21 +267,11 @@ fn check_ternary(
                 bias: b.as_ref(),
             })
             .collect();
-        let path = if n_tok == 1 {
-            d.ternary_gemv(fmt, k, &qb, &sb, &outs, accumulate, None)
-                .unwrap();
-            "gemv"
-        } else {
-            d.ternary_gemv_few(fmt, k, &qb, &sb, n_tok, &outs, accumulate)
-                .unwrap();
-            "gemv_few"
-        };
+        d.ternary_gemv(fmt, k, &qb, &sb, &outs, accumulate, None)
+            .unwrap();
         paths.push((
-            path,
-            fresh
-                .iter()
-                .map(|o| read_f32(&d, o, n_tok * rows))
-                .collect(),
+            "gemv",
+            fresh.iter().map(|o| read_f32(&d, o, rows)).collect(),
         ));
     }
     let nsb = k.div_ceil(256);

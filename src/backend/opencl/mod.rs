@@ -26,4 +26,4 @@ pub use device::{
     Unavailable, list_devices,
 };
 pub use exec::{ClExec, ClKv, DevStorage, DevUnit};
-pub use ops::{GEMV_FEW_MAX, Places, RopeShape, RowTail, TernaryOut, pick_part_bytes};
+pub use ops::{Places, RopeShape, RowTail, TernaryOut, pick_part_bytes};

@@ -43,19 +43,6 @@ const MMA_ROWS: usize = 64;
 const MMA_TOKS: usize = 64;
 const MMA_STRIDE: usize = 72;
 const MMA_MIN_TOKENS: usize = 8;
-/// The most tokens [`ClDevice::ternary_gemv_few`] takes (`GEMV_T` in cl/ternary.cl).
-pub const GEMV_FEW_MAX: usize = 8;
-/// Batches up to this many tokens take [`ClDevice::ternary_gemv_few`] on GPUs
-/// (`TERNMUX_CL_GEMV_FEW=N` sets it, 0 or 1 turns it off, to measure it).
-fn gemv_few_limit() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("TERNMUX_CL_GEMV_FEW")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(GEMV_FEW_MAX, |n: usize| n.min(GEMV_FEW_MAX))
-    })
-}
 /// The tensor-core F16 GEMM (cl/float_mma.cl, NVIDIA sm_80+): rows and tokens of a
 /// work-group's tile (eight warps of 16 rows), elements per staged chunk, local words per
 /// staged token.
@@ -157,7 +144,6 @@ impl Tq2Like {
             Tq2Like::Tq2 => Tq2Kernels {
                 gemv: "ternary_gemv_tq2",
                 gemv_norm: "ternary_gemv_tq2_norm",
-                gemv_few: "ternary_gemv_tq2_few",
                 pair: "ternary_matmul_tq2_pair",
                 tiled: "ternary_matmul_tq2_tiled",
                 mma: "ternary_matmul_tq2_mma",
@@ -165,7 +151,6 @@ impl Tq2Like {
             Tq2Like::I2s => Tq2Kernels {
                 gemv: "ternary_gemv_i2s",
                 gemv_norm: "ternary_gemv_i2s_norm",
-                gemv_few: "ternary_gemv_i2s_few",
                 pair: "ternary_matmul_i2s_pair",
                 tiled: "ternary_matmul_i2s_tiled",
                 mma: "ternary_matmul_i2s_mma",
@@ -180,8 +165,6 @@ struct Tq2Kernels {
     gemv: &'static str,
     /// One token, then the output row's RMSNorm and quantization by the last work-group.
     gemv_norm: &'static str,
-    /// 2 to [`GEMV_FEW_MAX`] tokens, the GEMV's loads applied to each.
-    gemv_few: &'static str,
     /// Small batches, two rows per team.
     pair: &'static str,
     /// Batches from `TILED_MIN_TOKENS`, tiled in local memory.
@@ -525,10 +508,6 @@ impl ClDevice {
         if like.is_some() && n_tok == 1 && self.gpu_kernels() {
             return self.ternary_gemv(fmt, k, q, s, outs, accumulate, None);
         }
-        // A few tokens: the GEMV's loads, applied to each token.
-        if like.is_some() && n_tok <= gemv_few_limit() && self.gpu_kernels() {
-            return self.ternary_gemv_few(fmt, k, q, s, n_tok, outs, accumulate);
-        }
         let mut args = vec![
             Arg::I32(ternary_format_id(fmt)),
             int(k)?,
@@ -716,48 +695,6 @@ impl ClDevice {
             }
         };
         self.launch(name, &[total.div_ceil(ROWS_PER_GROUP) * wg], &[wg], &args)
-    }
-
-    /// [`Self::ternary_gemv`] for 2 to [`GEMV_FEW_MAX`] tokens (`n_tok` rows of `q`, scales
-    /// `s`; output of token `t` at row `t` of each output, as [`Self::ternary_matmul`] writes
-    /// it): each work-item's weight codes are loaded once, several blocks in flight, and
-    /// applied to every token. Same results as [`Self::ternary_matmul`], which takes this path
-    /// for such batches on GPUs.
-    #[allow(clippy::too_many_arguments)]
-    pub fn ternary_gemv_few(
-        &self,
-        fmt: TernaryFormat,
-        k: usize,
-        q: &DevBuf,
-        s: &DevBuf,
-        n_tok: usize,
-        outs: &[TernaryOut<'_>],
-        accumulate: bool,
-    ) -> Result<()> {
-        let like = Tq2Like::of(fmt, k);
-        let Some(like) = like.filter(|_| {
-            !outs.is_empty() && outs.len() <= 3 && k > 0 && (1..=GEMV_FEW_MAX).contains(&n_tok)
-        }) else {
-            return Err(Error::Device(format!(
-                "opencl: GEMV of {} {} matrices with row length {k} over {n_tok} tokens (TQ2_0, \
-                 or I2_S with rows of a multiple of 256; 1 to {GEMV_FEW_MAX} tokens)",
-                outs.len(),
-                fmt.name()
-            )));
-        };
-        need("activations", q, n_tok * k)?;
-        need("token scales", s, n_tok * 4)?;
-        let mut args = vec![int(k)?, Arg::Buf(q), Arg::Buf(s), int(n_tok)?];
-        let total = self.push_outs(&mut args, outs, fmt, k, n_tok)?;
-        args.push(Arg::I32(i32::from(accumulate)));
-        let wg = ROWS_PER_GROUP * TEAM;
-        args.push(Arg::Local(wg * GEMV_FEW_MAX * 4));
-        self.launch(
-            like.kernels().gemv_few,
-            &[total.div_ceil(ROWS_PER_GROUP) * wg],
-            &[wg],
-            &args,
-        )
     }
 
     /// Whether [`Self::ternary_gemv`] takes matrices of `fmt` with rows of `k`.
