@@ -75,11 +75,6 @@ impl DevStorage {
         &mut self.alloc
     }
 
-    /// Views kept from the last unit.
-    pub fn kept_views(&self) -> usize {
-        self.views.len()
-    }
-
     /// A read-only view of `bytes` bytes at `origin`: a kept one, or a new one.
     fn view(&mut self, dev: &ClDevice, origin: usize, bytes: usize) -> Result<DevBuf> {
         match self

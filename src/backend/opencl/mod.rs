@@ -5,8 +5,9 @@
 //!
 //! * [`device`] — discovery ([`list_devices`]), why OpenCL is unusable ([`Unavailable`]), and the
 //!   one safe wrapper over the OpenCL API ([`ClDevice`]).
-//! * [`exec`] — a resident unit on the device ([`DevUnit`], its storage between units: [`DevStorage`]), a KV cache ([`ClKv`]) and the
-//!   [`crate::backend::Backend`] implementation ([`ClExec`]).
+//! * [`exec`] — a resident unit on the device ([`DevUnit`]; between units, its storage
+//!   [`DevStorage`]), a KV cache ([`ClKv`]) and the [`crate::backend::Backend`] implementation
+//!   ([`ClExec`]).
 //!
 //! ```no_run
 //! use ternmux::backend::opencl::list_devices;
