@@ -421,4 +421,6 @@ fn metrics_are_prometheus_text() {
     assert!(metric(&url, "ternmux_generated_tokens_total") >= 12.0);
     assert!(metric(&url, "ternmux_time_to_first_token_seconds_count") >= 1.0);
     assert!(metric(&url, "ternmux_mux_page_ins_total") >= 1.0);
+    // Passes asked the multiplexer for units, and that took time.
+    assert!(metric(&url, "ternmux_mux_acquire_seconds_total") > 0.0);
 }

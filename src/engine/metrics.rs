@@ -2,7 +2,7 @@
 //! time-to-first-token / inter-token histograms, rendered with the multiplexer's counters as
 //! Prometheus text (exposition format 0.0.4) for `GET /metrics`.
 
-use crate::mux::MuxStats;
+use crate::mux::{ModelStats, MuxStats};
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -343,19 +343,33 @@ pub fn render(models: &[(&str, &ModelMetrics)], mux: &MuxStats) -> String {
         ),
     ];
     families(&mut o, &mux_series, &mux_rows);
-    header(
-        &mut o,
-        "ternmux_mux_page_in_seconds_total",
-        "counter",
-        "Time spent paging units in.",
-    );
-    for m in &mux.models {
-        let _ = writeln!(
-            o,
-            "ternmux_mux_page_in_seconds_total{{model=\"{}\"}} {}",
-            label(&m.name),
-            m.page_in_total.as_secs_f64()
-        );
+    let times: [(&str, &str, fn(&ModelStats) -> Duration); 3] = [
+        (
+            "ternmux_mux_page_in_seconds_total",
+            "Time spent paging units in.",
+            |m| m.page_in_total,
+        ),
+        (
+            "ternmux_mux_acquire_seconds_total",
+            "Time passes spent asking for units (page-ins and waits for room included).",
+            |m| m.acquire_total,
+        ),
+        (
+            "ternmux_mux_release_seconds_total",
+            "Time passes spent giving units back (each use's completion fence).",
+            |m| m.release_total,
+        ),
+    ];
+    for (name, help, get) in times {
+        header(&mut o, name, "counter", help);
+        for m in &mux.models {
+            let _ = writeln!(
+                o,
+                "{name}{{model=\"{}\"}} {}",
+                label(&m.name),
+                get(m).as_secs_f64()
+            );
+        }
     }
     o
 }
