@@ -8,6 +8,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// One of a model's time counters in [`ModelStats`].
+type ModelTime = fn(&ModelStats) -> Duration;
+
 /// Upper bounds (seconds) of the latency histograms' buckets.
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -343,7 +346,7 @@ pub fn render(models: &[(&str, &ModelMetrics)], mux: &MuxStats) -> String {
         ),
     ];
     families(&mut o, &mux_series, &mux_rows);
-    let times: [(&str, &str, fn(&ModelStats) -> Duration); 3] = [
+    let times: [(&str, &str, ModelTime); 3] = [
         (
             "ternmux_mux_page_in_seconds_total",
             "Time spent paging units in.",
