@@ -344,13 +344,11 @@ fn streaming(
                     .decode_tok_s(),
             );
         }
-        let before = mux.stats();
         let host0 = HostMark::take(&mux, placement);
         if let Some(d) = profiled {
             d.take_commands()?;
         }
         let g = mux.generate("m", "hello", &opts, |_| true)?;
-        let after = mux.stats();
         let host = HostMark::take(&mux, placement).since(&host0);
         let timeline = match profiled {
             Some(d) => {
@@ -365,7 +363,7 @@ fn streaming(
             None => None,
         };
         let passes = 1 + g.tokens.len().saturating_sub(1);
-        let per_pass = (after.bytes_in() - before.bytes_in()) as f64 / passes.max(1) as f64;
+        let per_pass = host.bytes_in as f64 / passes.max(1) as f64;
         let bound = peak * 1e9 / per_pass.max(1.0);
         rates.push(g.timings.decode_tok_s());
         let got = median(rates);
@@ -410,8 +408,9 @@ fn streaming(
 }
 
 /// The host's running totals at one moment: kernel queueing (OpenCL) and model `m`'s
-/// multiplexer calls.
+/// multiplexer calls, with the bytes they paged in.
 struct HostMark {
+    bytes_in: u64,
     queued: Duration,
     launches: u64,
     arg_sets: u64,
@@ -428,6 +427,7 @@ impl HostMark {
             Placement::Cpu => (Duration::ZERO, 0, 0),
         };
         HostMark {
+            bytes_in: m.bytes_in,
             queued,
             launches,
             arg_sets,
@@ -440,6 +440,7 @@ impl HostMark {
     /// What happened between `earlier` and this mark.
     fn since(&self, earlier: &HostMark) -> HostMark {
         HostMark {
+            bytes_in: self.bytes_in - earlier.bytes_in,
             queued: self.queued.saturating_sub(earlier.queued),
             launches: self.launches - earlier.launches,
             arg_sets: self.arg_sets - earlier.arg_sets,
