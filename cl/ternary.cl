@@ -495,6 +495,30 @@ __kernel void ternary_gemv_tq2_norm(GEMV_NORM_PARAMS) { gemv_norm_body(GEMV_NORM
 // The same over I2_S rows (a multiple of 256 long).
 __kernel void ternary_gemv_i2s_norm(GEMV_NORM_PARAMS) { gemv_norm_body(GEMV_NORM_ARGS, 1); }
 
+// The gate/up GEMV of an FFN (gate in o0, up in o1, n0 == n1 rows) followed by the activation
+// of the pair (`ffn_act_quant_row` of norm.cl: g = act(g) · u, the sub-norm when has_norm, the
+// int8 quantization to tq / tqs), done by the last work-group to finish: one launch instead of
+// two per decoded token and layer.
+#define GEMV_ACT_PARAMS                                                                     \
+    int k, __global const char *q, __global const float *qsc, ROW_PARAMS, int accumulate,       \
+        __local float *red, volatile __global int *ticket, int act, __global const float *nw,   \
+        int has_norm, float eps, __global char *tq, __global float *tqs
+#define GEMV_ACT_ARGS k, q, qsc, ROW_ARGS, accumulate, red, ticket, act, nw, has_norm, eps, tq, tqs
+
+inline void gemv_act_body(GEMV_ACT_PARAMS, const int i2s) {
+    Row row = gemv_row(ROW_ARGS);
+    int lane = get_local_id(0) % TEAM;
+    float acc = row.rr < row.n ? gemv_tq2_lane(row, k, q, lane, i2s) : 0.0f;
+    gemv_store(row, acc, qsc, accumulate, red);
+    if (!last_group(ticket, get_num_groups(0), red)) return;
+    ffn_act_quant_row(o0, o1, n0, act, nw, has_norm, eps, tq, tqs, red);
+}
+
+__kernel void ternary_gemv_tq2_act(GEMV_ACT_PARAMS) { gemv_act_body(GEMV_ACT_ARGS, 0); }
+
+// The same over I2_S rows (a multiple of 256 long).
+__kernel void ternary_gemv_i2s_act(GEMV_ACT_PARAMS) { gemv_act_body(GEMV_ACT_ARGS, 1); }
+
 // TQ2_0 × a batch of tokens, tiled for GPUs (batched decode and prefill): the row teams of the
 // kernels above re-read every token's activations for each row, so their time grows with the
 // batch; here a work-item owns TT_RPT rows × TT_TPT tokens and reuses each row's masks for all

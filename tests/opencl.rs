@@ -7,7 +7,7 @@ use common::cosine;
 use half::f16;
 use proptest::prelude::*;
 use std::sync::Arc;
-use ternmux::backend::opencl::{ClDevice, DevBuf, Places, RopeShape, RowTail, TernaryOut};
+use ternmux::backend::opencl::{ActTail, ClDevice, DevBuf, Places, RopeShape, RowTail, TernaryOut};
 use ternmux::backend::{Device, Placement, RowPlace};
 use ternmux::gguf::GgmlType;
 use ternmux::kernels::dequant::FloatFormat;
@@ -559,6 +559,51 @@ proptest! {
             let (a, e) = (read_f32(&d, &xa, n), read_f32(&d, &xe, n));
             prop_assert!(a.iter().zip(&e).all(|(a, e)| a.to_bits() == e.to_bits()), "residual output differs (round {round})");
             same_rows(&d, "GEMV norm epilogue", (&ya, &qa, &sa), (&ye, &qe, &se), 1, n)?;
+        }
+    }
+
+    /// The gate/up GEMV with the FFN activation as its epilogue gives what the GEMV and
+    /// `ffn_act_quant` give as two launches, bit for bit, and again on a second launch (the
+    /// ticket is back at 0); SiLU and ReLU², with and without the sub-norm, rows past what the
+    /// row kernels keep in registers too.
+    #[test]
+    fn gemv_act_epilogue_equals_two_launches(n in prop_oneof![1usize..300, Just(6912usize), 8000usize..8400], kb in 1usize..4, i2s in any::<bool>(), relu2 in any::<bool>(), with_norm in any::<bool>(), seed in any::<u64>()) {
+        let Some(d) = device() else { return Ok(()) };
+        let k = kb * 256;
+        let mut r = Lcg(seed);
+        let fmt = if i2s { TernaryFormat::I2S } else { TernaryFormat::Tq2_0 };
+        let ty = GgmlType::Ternary(fmt);
+        let mut trits = |len: usize| -> Vec<f32> {
+            (0..len).map(|_| { let v = r.f(); if v.abs() < 0.3 { 0.0 } else { v.signum() } }).collect()
+        };
+        let (wg, wu) = (trits(n * k), trits(n * k));
+        let wgb = d.upload(&quant::encode(ty, &wg, n, k).unwrap()).unwrap();
+        let wub = d.upload(&quant::encode(ty, &wu, n, k).unwrap()).unwrap();
+        let q: Vec<i8> = (0..k).map(|_| ((r.next() % 255) as i32 - 127) as i8).collect();
+        let (qb, sb) = (d.upload(bytemuck::cast_slice(&q)).unwrap(), up_f32(&d, &[37.5]));
+        let w: Vec<f32> = (0..n).map(|_| r.f()).collect();
+        let nw = up_f32(&d, &w);
+        let act = if relu2 { FfnAct::Relu2 } else { FfnAct::Silu };
+        let norm = with_norm.then_some(&nw);
+        fn out<'a>(w: &'a DevBuf, o: &'a DevBuf, rows: usize, scale: f32) -> TernaryOut<'a> {
+            TernaryOut { w, rows, out: o, scale, bias: None }
+        }
+        // Two launches: the GEMV of both matrices, then the activation.
+        let (ga, ua, qa, sa) = (d.alloc(n * 4).unwrap(), d.alloc(n * 4).unwrap(), d.alloc(n).unwrap(), d.alloc(4).unwrap());
+        d.ternary_gemv(fmt, k, &qb, &sb, &[out(&wgb, &ga, n, 0.75), out(&wub, &ua, n, 1.25)], false, None).unwrap();
+        d.ffn_act_quant(&ga, &ua, n, 1, act, norm, 1e-5, &qa, &sa).unwrap();
+        for round in 0..2 {
+            let (ge, ue, qe, se) = (d.alloc(n * 4).unwrap(), d.alloc(n * 4).unwrap(), d.alloc(n).unwrap(), d.alloc(4).unwrap());
+            let tail = ActTail { act, norm, eps: 1e-5, q: &qe, s: &se };
+            d.ternary_gemv_act(fmt, k, (&qb, &sb), out(&wgb, &ge, n, 0.75), out(&wub, &ue, n, 1.25), &tail).unwrap();
+            let (a, e) = (read_f32(&d, &ua, n), read_f32(&d, &ue, n));
+            prop_assert!(a.iter().zip(&e).all(|(a, e)| a.to_bits() == e.to_bits()), "up output differs (round {round})");
+            same_rows(&d, "GEMV activation epilogue", (&ga, &qa, &sa), (&ge, &qe, &se), 1, n)?;
+        }
+        // A gate and an up of different heights are refused before anything runs.
+        let tail = ActTail { act, norm: None, eps: 1e-5, q: &qa, s: &sa };
+        if n > 1 {
+            prop_assert!(d.ternary_gemv_act(fmt, k, (&qb, &sb), out(&wgb, &ga, n, 1.0), out(&wub, &ua, n - 1, 1.0), &tail).is_err());
         }
     }
 

@@ -361,6 +361,21 @@ pub trait Backend: Sync {
         act: FfnAct,
         sub_norm: bool,
     ) -> Result<()>;
+    /// The FFN's gate and up projections of `x` into `g` and `u`, then [`Backend::ffn_act`]
+    /// on them: two calls by default; a device may do both in one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn project_act(
+        &self,
+        w: &Self::Unit,
+        x: &Self::Buf,
+        rows: usize,
+        g: &mut Self::Buf,
+        u: &mut Self::Buf,
+        act: FfnAct,
+        sub_norm: bool,
+    ) -> Result<()> {
+        project_act_apart(self, w, x, rows, g, u, act, sub_norm)
+    }
     /// Appends the first `len` values of `x` to `out` (waits for the device).
     fn read(&self, x: &Self::Buf, len: usize, out: &mut Vec<f32>) -> Result<()>;
     /// Appends to `out` the greedy token (largest logit, lowest id on ties, as
@@ -411,4 +426,30 @@ pub trait Backend: Sync {
             "this backend does not choose tokens on a device".into(),
         ))
     }
+}
+
+/// [`Backend::project_act`] as its two calls: the gate and up projections, then
+/// [`Backend::ffn_act`] (the default, and a device's way where one launch cannot do both).
+#[allow(clippy::too_many_arguments)]
+pub fn project_act_apart<B: Backend + ?Sized>(
+    be: &B,
+    w: &B::Unit,
+    x: &B::Buf,
+    rows: usize,
+    g: &mut B::Buf,
+    u: &mut B::Buf,
+    act: FfnAct,
+    sub_norm: bool,
+) -> Result<()> {
+    be.project(
+        w,
+        x,
+        rows,
+        &mut [
+            (Mat::Layer(LayerMat::Gate), &mut *g),
+            (Mat::Layer(LayerMat::Up), &mut *u),
+        ],
+        false,
+    )?;
+    be.ffn_act(w, g, u, rows, act, sub_norm)
 }

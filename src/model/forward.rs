@@ -565,18 +565,9 @@ fn block<B: Backend>(
         Norm::Ffn,
         &mut a.h,
     )?;
-    be.project(
-        blk,
-        &a.h,
-        t_n,
-        &mut [
-            (Mat::Layer(LayerMat::Gate), &mut a.g),
-            (Mat::Layer(LayerMat::Up), &mut a.u),
-        ],
-        false,
-    )?;
     let ffn_act = model.config.ffn_act;
-    be.ffn_act(blk, &mut a.g, &a.u, t_n, ffn_act, l.ffn_sub_norm.is_some())?;
+    let sub = l.ffn_sub_norm.is_some();
+    be.project_act(blk, &a.h, t_n, &mut a.g, &mut a.u, ffn_act, sub)?;
     if li + 1 < layers.len() {
         be.project_residual_norm(
             blk,

@@ -5,9 +5,9 @@
 //! are read.
 
 use super::device::{ClDevice, DevBuf, Pinned, TICKETS};
-use super::ops::{Places, RopeShape, RowTail, TernaryOut, pick_part_bytes};
+use super::ops::{ActTail, Places, RopeShape, RowTail, TernaryOut, pick_part_bytes};
 use crate::backend::cpu::extend_rope_tables;
-use crate::backend::{Backend, Mat, Norm, Resident, RowPlace};
+use crate::backend::{Backend, LayerMat, Mat, Norm, Resident, RowPlace, project_act_apart};
 use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::model::{FfnAct, KvType, Model};
@@ -27,6 +27,13 @@ const MAX_PASS_ROWS: usize = 128;
 fn fuse_rope() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_FUSE_ROPE").is_none_or(|v| v != "0"))
+}
+
+/// Whether a one-token pass does the FFN's gate/up GEMV and its activation in one launch
+/// (`TERNMUX_CL_ACT_TAIL=0` turns it off, to measure what it saves).
+fn act_tail() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_ACT_TAIL").is_none_or(|v| v != "0"))
 }
 
 /// One matrix of a resident unit.
@@ -949,6 +956,53 @@ impl Backend for ClExec<'_> {
             &gr.q,
             &gr.s,
         )?;
+        g.quantized.set(true);
+        Ok(())
+    }
+
+    fn project_act(
+        &self,
+        unit: &DevUnit,
+        x: &ClBuf,
+        rows: usize,
+        g: &mut ClBuf,
+        u: &mut ClBuf,
+        act: FfnAct,
+        sub_norm: bool,
+    ) -> Result<()> {
+        let n = self.model.config.n_ff;
+        if !act_tail() {
+            return project_act_apart(self, unit, x, rows, g, u, act, sub_norm);
+        }
+        let gate = self.gemv_with_tail(unit, x, rows, Mat::Layer(LayerMat::Gate), n)?;
+        let up = self.gemv_with_tail(unit, x, rows, Mat::Layer(LayerMat::Up), n)?;
+        let (Some(gm), Some(um)) = (gate, up) else {
+            return project_act_apart(self, unit, x, rows, g, u, act, sub_norm);
+        };
+        let (GgmlType::Ternary(fmt), true) = (gm.ty, um.ty == gm.ty && um.cols == gm.cols) else {
+            return project_act_apart(self, unit, x, rows, g, u, act, sub_norm);
+        };
+        let (xr, gr, ur) = (x.raw()?, g.raw()?, u.raw()?);
+        let tail = ActTail {
+            act,
+            norm: if sub_norm {
+                Some(unit.norm(Norm::FfnSub)?)
+            } else {
+                None
+            },
+            eps: self.model.config.rms_eps,
+            q: &gr.q,
+            s: &gr.s,
+        };
+        self.dev().ternary_gemv_act(
+            fmt,
+            gm.cols,
+            (&xr.q, &xr.s),
+            ternary_out(gm, gr),
+            ternary_out(um, ur),
+            &tail,
+        )?;
+        u.quantized.set(false);
         g.quantized.set(true);
         Ok(())
     }

@@ -89,6 +89,22 @@ pub struct RowTail<'a> {
     pub s: &'a DevBuf,
 }
 
+/// The FFN activation of a gate/up GEMV's two outputs, done by the launch's last work-group
+/// ([`ClDevice::ternary_gemv_act`]): `gate = act(gate) · up`, the sub-norm · `norm` when given,
+/// and the int8 quantization of the result into `q` / `s`.
+pub struct ActTail<'a> {
+    /// SiLU or ReLU².
+    pub act: FfnAct,
+    /// The FFN sub-norm's weight (f32, one per row of the gate), if the model has one.
+    pub norm: Option<&'a DevBuf>,
+    /// RMS epsilon.
+    pub eps: f32,
+    /// The quantized activation (int8, one per row of the gate).
+    pub q: &'a DevBuf,
+    /// Its scale (one f32).
+    pub s: &'a DevBuf,
+}
+
 fn act_id(act: FfnAct) -> i32 {
     match act {
         FfnAct::Silu => 0,
@@ -144,6 +160,7 @@ impl Tq2Like {
             Tq2Like::Tq2 => Tq2Kernels {
                 gemv: "ternary_gemv_tq2",
                 gemv_norm: "ternary_gemv_tq2_norm",
+                gemv_act: "ternary_gemv_tq2_act",
                 pair: "ternary_matmul_tq2_pair",
                 tiled: "ternary_matmul_tq2_tiled",
                 mma: "ternary_matmul_tq2_mma",
@@ -151,6 +168,7 @@ impl Tq2Like {
             Tq2Like::I2s => Tq2Kernels {
                 gemv: "ternary_gemv_i2s",
                 gemv_norm: "ternary_gemv_i2s_norm",
+                gemv_act: "ternary_gemv_i2s_act",
                 pair: "ternary_matmul_i2s_pair",
                 tiled: "ternary_matmul_i2s_tiled",
                 mma: "ternary_matmul_i2s_mma",
@@ -165,6 +183,8 @@ struct Tq2Kernels {
     gemv: &'static str,
     /// One token, then the output row's RMSNorm and quantization by the last work-group.
     gemv_norm: &'static str,
+    /// One token of an FFN's gate and up, then their activation by the last work-group.
+    gemv_act: &'static str,
     /// Small batches, two rows per team.
     pair: &'static str,
     /// Batches from `TILED_MIN_TOKENS`, tiled in local memory.
@@ -656,28 +676,10 @@ impl ClDevice {
         accumulate: bool,
         tail: Option<&RowTail<'_>>,
     ) -> Result<()> {
-        let like = Tq2Like::of(fmt, k);
-        let Some(like) = like.filter(|_| !outs.is_empty() && outs.len() <= 3 && k > 0) else {
-            return Err(Error::Device(format!(
-                "opencl: GEMV of {} {} matrices with row length {k} (TQ2_0, or I2_S with rows \
-                 of a multiple of 256)",
-                outs.len(),
-                fmt.name()
-            )));
-        };
-        let Tq2Kernels {
-            gemv, gemv_norm, ..
-        } = like.kernels();
-        need("activations", q, k)?;
-        need("token scales", s, 4)?;
-        let mut args = vec![int(k)?, Arg::Buf(q), Arg::Buf(s)];
-        let total = self.push_outs(&mut args, outs, fmt, k, 1)?;
-        args.push(Arg::I32(i32::from(accumulate)));
-        let wg = ROWS_PER_GROUP * TEAM;
-        args.push(Arg::Local(wg * 4));
+        let (kernels, mut args, total) = self.gemv_args(fmt, k, q, s, outs, accumulate)?;
         let n = outs[0].rows;
         let name = match tail {
-            None => gemv,
+            None => kernels.gemv,
             Some(RowTail { w, eps, y, q, s }) => {
                 need("norm weight", w, n * 4)?;
                 need("norm output", y, n * 4)?;
@@ -691,10 +693,88 @@ impl ClDevice {
                     Arg::Buf(q),
                     Arg::Buf(s),
                 ]);
-                gemv_norm
+                kernels.gemv_norm
             }
         };
+        let wg = ROWS_PER_GROUP * TEAM;
         self.launch(name, &[total.div_ceil(ROWS_PER_GROUP) * wg], &[wg], &args)
+    }
+
+    /// The gate and up matrices of an FFN (same rows, same row length `k`) × one token's int8
+    /// activations, then, by the launch's last work-group, what [`Self::ffn_act_quant`] does
+    /// with the two outputs (`gate = act(gate) · up`, the optional sub-norm, the int8
+    /// quantization into `q` / `s`): one launch instead of two, the same results. Only where
+    /// [`Self::row_tails`] holds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ternary_gemv_act(
+        &self,
+        fmt: TernaryFormat,
+        k: usize,
+        x: (&DevBuf, &DevBuf),
+        gate: TernaryOut<'_>,
+        up: TernaryOut<'_>,
+        tail: &ActTail<'_>,
+    ) -> Result<()> {
+        let n = gate.rows;
+        if up.rows != n {
+            return Err(Error::Device(format!(
+                "opencl: FFN gate of {n} rows and up of {} rows in one activation",
+                up.rows
+            )));
+        }
+        let outs = [gate, up];
+        let (kernels, mut args, total) = self.gemv_args(fmt, k, x.0, x.1, &outs, false)?;
+        need("quantized output", tail.q, n)?;
+        need("token scale", tail.s, 4)?;
+        if let Some(w) = tail.norm {
+            need("sub-norm weight", w, n * 4)?;
+        }
+        args.extend([
+            Arg::Buf(self.tickets()),
+            Arg::I32(act_id(tail.act)),
+            Arg::Buf(tail.norm.unwrap_or(self.dummy())),
+            Arg::I32(i32::from(tail.norm.is_some())),
+            Arg::F32(tail.eps),
+            Arg::Buf(tail.q),
+            Arg::Buf(tail.s),
+        ]);
+        let wg = ROWS_PER_GROUP * TEAM;
+        self.launch(
+            kernels.gemv_act,
+            &[total.div_ceil(ROWS_PER_GROUP) * wg],
+            &[wg],
+            &args,
+        )
+    }
+
+    /// The arguments every GEMV entry point starts with (row length, activations, their
+    /// scale, the matrices, `accumulate`, the team's local sums), its kernel family, and the
+    /// rows of all the matrices.
+    fn gemv_args<'b>(
+        &'b self,
+        fmt: TernaryFormat,
+        k: usize,
+        q: &'b DevBuf,
+        s: &'b DevBuf,
+        outs: &[TernaryOut<'b>],
+        accumulate: bool,
+    ) -> Result<(Tq2Kernels, Vec<Arg<'b>>, usize)> {
+        let like = Tq2Like::of(fmt, k);
+        let Some(like) = like.filter(|_| !outs.is_empty() && outs.len() <= 3 && k > 0) else {
+            return Err(Error::Device(format!(
+                "opencl: GEMV of {} {} matrices with row length {k} (TQ2_0, or I2_S with rows \
+                 of a multiple of 256)",
+                outs.len(),
+                fmt.name()
+            )));
+        };
+        need("activations", q, k)?;
+        need("token scales", s, 4)?;
+        let mut args = vec![int(k)?, Arg::Buf(q), Arg::Buf(s)];
+        let total = self.push_outs(&mut args, outs, fmt, k, 1)?;
+        args.push(Arg::I32(i32::from(accumulate)));
+        args.push(Arg::Local(ROWS_PER_GROUP * TEAM * 4));
+        Ok((like.kernels(), args, total))
     }
 
     /// Whether [`Self::ternary_gemv`] takes matrices of `fmt` with rows of `k`.

@@ -72,7 +72,7 @@ enum Command {
     /// List the OpenCL devices (the N of `--device opencl:N`), or say why there are none.
     Devices,
     /// Measure an OpenCL device in one run: copy and host→device bandwidth, the ternary
-    /// matmul kernels on BitNet 2B-4T and 8B-class shapes, then (with -m) a model end to end.
+    /// matmul kernels on BitNet 2B-4T, 8B- and 70B-class shapes, then (with -m) a model end to end.
     BenchDevice {
         /// The OpenCL device (opencl or opencl:N).
         #[arg(short = 'd', long = "device", default_value = "opencl")]
@@ -525,7 +525,7 @@ fn launch_probes(
     Ok(())
 }
 
-/// `bench-device`'s ternary matmul table: every format on the 2B-4T and 8B-class shapes at
+/// `bench-device`'s ternary matmul table: every format on the 2B-4T, 8B- and 70B-class shapes at
 /// `batches`, weights cold.
 fn ternary_table(
     dev: &ternmux::backend::opencl::ClDevice,
@@ -572,6 +572,8 @@ fn ternary_table(
         ("8B q/o", 4096, 4096),
         ("8B gate/up", 14336, 4096),
         ("8B down", 4096, 14336),
+        ("70B gate/up", 28672, 8192),
+        ("70B down", 8192, 28672),
     ];
     for fmt in ternmux::kernels::ternary::TernaryFormat::ALL {
         for (name, rows, cols) in shapes {
