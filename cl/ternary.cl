@@ -472,6 +472,110 @@ __kernel void ternary_gemv_i2s(int k, __global const char* q, __global const flo
     gemv_body(k, q, qsc, ROW_ARGS, accumulate, red, 1);
 }
 
+// One output of a batched GEMM (token t of row x): (Σ / s_token) · scale + bias, added when `accumulate`.
+inline void tiled_store(Row x, float v, const __global float* qsc, int t, int accumulate) {
+    v = v / qsc[t] * x.s;
+    if (x.hb) v += x.bias[x.rr];
+    size_t at = (size_t)t * x.n + x.rr;
+    x.o[at] = accumulate ? x.o[at] + v : v;
+}
+
+// TQ2_0 (I2_S) × 2..FEW_T tokens (the small batched steps of several sequences decoding): the
+// GEMV's split (a team per row; each lane the same 16 weights of every second block, in the
+// same order; GEMV_U blocks' codes and scales loaded before any sum), with each block's code
+// planes made into selection masks once and applied to every token: the weights are read once
+// for all the tokens, and a token costs one load of its 16 activations per plane and one select
+// and byte sum each. Each token's sum is the GEMV's, in the GEMV's order (the same bits).
+// Grid: teams · TEAM work-items; local `red`: FEW_T floats per work-item (CPU devices).
+#define FEW_T 8
+
+inline void few_body(int k, __global const char* q, __global const float* qsc, int n_tok,
+                     ROW_PARAMS, int accumulate, __local float* red, const int i2s) {
+    Row row = gemv_row(ROW_ARGS);
+    int lid = get_local_id(0), lane = lid % TEAM;
+    int nt = min(n_tok, FEW_T);
+    bool valid = row.rr < row.n;
+    float acc[FEW_T];
+#pragma unroll
+    for (int t = 0; t < FEW_T; t++) acc[t] = 0.0f;
+    if (valid) {
+        int nblk = k / 256, bb = tblk_bytes(i2s);
+        const __global uchar* wr = row.w + (size_t)row.rr * (nblk * bb);
+        int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
+        for (int b0 = pair; b0 < nblk; b0 += 2 * GEMV_U) {
+            uint c[GEMV_U];
+            float d[GEMV_U];
+#pragma unroll
+            for (int u = 0; u < GEMV_U; u++) {
+                int b = b0 + 2 * u;
+                c[u] = 0x55555555u;
+                d[u] = 0.0f;
+                if (b < nblk) {
+                    const __global uchar* blk = wr + b * bb;
+                    if (i2s) {
+                        c[u] = *(const __global uint*)(blk + m);
+                    } else {
+                        ushort2 h = vload2(0, (const __global ushort*)(blk + m));
+                        c[u] = (uint)h.x | ((uint)h.y << 16);
+                    }
+                    d[u] = tblk_scale(blk, i2s);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_U; u++) {
+                int b = b0 + 2 * u;
+                if (b < nblk) {
+                    uint2 m0 = tq2_plane(c[u], tplane(0, i2s)), m1 = tq2_plane(c[u], tplane(1, i2s));
+                    uint2 m2 = tq2_plane(c[u], tplane(2, i2s)), m3 = tq2_plane(c[u], tplane(3, i2s));
+                    int neg = tq2_neg_count(c[u]);
+                    const __global uint* qb = (const __global uint*)(q + b * 256 + base);
+#pragma unroll
+                    for (int t = 0; t < FEW_T; t++) {
+                        if (t < nt) {
+                            const __global uint* qt = qb + (size_t)t * (k / 4);
+                            int dot = sum4(tq2_apply(qt[0], m0), neg);
+                            dot = sum4(tq2_apply(qt[8], m1), dot);
+                            dot = sum4(tq2_apply(qt[16], m2), dot);
+                            dot = sum4(tq2_apply(qt[24], m3), dot);
+                            acc[t] += (float)dot * d[u];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Each token's row sum as `gemv_store` adds it; lane t (CPU devices) or lane 0 writes it.
+#ifdef TERNMUX_DP4A
+#pragma unroll
+    for (int t = 0; t < FEW_T; t++) {
+        if (t < nt) {
+            float v = warp_sum(acc[t]);
+            if (valid && lane == 0) tiled_store(row, v, qsc, t, accumulate);
+        }
+    }
+#else
+#pragma unroll
+    for (int t = 0; t < FEW_T; t++) red[t * get_local_size(0) + lid] = acc[t];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (valid && lane < nt) {
+        int t = lane;
+        float v = 0.0f;
+        for (int i = 0; i < TEAM; i++) v += red[t * get_local_size(0) + lid - lane + i];
+        tiled_store(row, v, qsc, t, accumulate);
+    }
+#endif
+}
+
+#define FEW_PARAMS                                                                           \
+    int k, __global const char *q, __global const float *qsc, int n_tok, ROW_PARAMS,           \
+        int accumulate, __local float *red
+#define FEW_ARGS k, q, qsc, n_tok, ROW_ARGS, accumulate, red
+
+__kernel void ternary_few_tq2(FEW_PARAMS) { few_body(FEW_ARGS, 0); }
+
+// The same over I2_S rows (a multiple of 256 long).
+__kernel void ternary_few_i2s(FEW_PARAMS) { few_body(FEW_ARGS, 1); }
+
 // The GEMV of one matrix (output o0, n0 rows) followed by RMSNorm · w and the int8
 // quantization of that output (`norm_quant` of norm.cl with a norm, y written), done by the last
 // work-group to finish: the launch of a residual projection and the next norm in one.
@@ -562,13 +666,6 @@ inline int split_tile_last(volatile __global int* tickets, int splits) {
     return last;
 }
 
-// One output of the tiled GEMM: (Σ / s_token) · scale + bias, added when `accumulate`.
-inline void tiled_store(Row x, float v, const __global float* qsc, int t, int accumulate) {
-    v = v / qsc[t] * x.s;
-    if (x.hb) v += x.bias[x.rr];
-    size_t at = (size_t)t * x.n + x.rr;
-    x.o[at] = accumulate ? x.o[at] + v : v;
-}
 
 #define TILED_PARAMS                                                                         \
     int k, __global const char *q, __global const float *qsc, int n_tok, int tgroups,          \

@@ -7,7 +7,7 @@ use common::cosine;
 use half::f16;
 use proptest::prelude::*;
 use std::sync::Arc;
-use ternmux::backend::opencl::{ActTail, ClDevice, DevBuf, Places, RopeShape, RowTail, TernaryOut};
+use ternmux::backend::opencl::{ActTail, ClDevice, DevBuf, FEW_MAX_TOKENS, Places, RopeShape, RowTail, TernaryOut};
 use ternmux::backend::{Device, Placement, RowPlace};
 use ternmux::gguf::GgmlType;
 use ternmux::kernels::dequant::FloatFormat;
@@ -560,6 +560,63 @@ proptest! {
             prop_assert!(a.iter().zip(&e).all(|(a, e)| a.to_bits() == e.to_bits()), "residual output differs (round {round})");
             same_rows(&d, "GEMV norm epilogue", (&ya, &qa, &sa), (&ye, &qe, &se), 1, n)?;
         }
+    }
+
+    /// The few-token kernel (2..=FEW_MAX_TOKENS tokens, up to three matrices of different
+    /// heights, a bias, accumulating or not) gives each token the bits the GEMV gives that
+    /// token alone, and more tokens than it takes are refused.
+    #[test]
+    fn few_token_kernel_equals_gemv_per_token(rows_a in prop_oneof![1usize..200, Just(2560usize)], rows_b in 1usize..70, kb in 1usize..20, n_tok in 2usize..=FEW_MAX_TOKENS, i2s in any::<bool>(), accumulate in any::<bool>(), seed in any::<u64>()) {
+        let Some(d) = device() else { return Ok(()) };
+        let k = kb * 256;
+        let mut r = Lcg(seed);
+        let fmt = if i2s { TernaryFormat::I2S } else { TernaryFormat::Tq2_0 };
+        let ty = GgmlType::Ternary(fmt);
+        // Ternary values times a magnitude per 256-weight block, so TQ2_0's block scales differ.
+        let mut trits = |len: usize| -> Vec<f32> {
+            let mut mag = 1.0f32;
+            (0..len).map(|i| {
+                if i % 256 == 0 { mag = 0.25 + r.f().abs(); }
+                let v = r.f();
+                if v.abs() < 0.3 { 0.0 } else { v.signum() * mag }
+            }).collect()
+        };
+        let (wa, wb) = (trits(rows_a * k), trits(rows_b * k));
+        let wab = d.upload(&quant::encode(ty, &wa, rows_a, k).unwrap()).unwrap();
+        let wbb = d.upload(&quant::encode(ty, &wb, rows_b, k).unwrap()).unwrap();
+        let q: Vec<i8> = (0..n_tok * k).map(|_| ((r.next() % 255) as i32 - 127) as i8).collect();
+        let sc: Vec<f32> = (0..n_tok).map(|t| 20.0 + 7.5 * t as f32).collect();
+        let bias: Vec<f32> = (0..rows_b).map(|_| r.f()).collect();
+        let biasb = up_f32(&d, &bias);
+        let start_a: Vec<f32> = (0..n_tok * rows_a).map(|_| r.f()).collect();
+        let start_b: Vec<f32> = (0..n_tok * rows_b).map(|_| r.f()).collect();
+        let (oa, ob) = (up_f32(&d, &start_a), up_f32(&d, &start_b));
+        let (qb, sb) = (d.upload(bytemuck::cast_slice(&q)).unwrap(), up_f32(&d, &sc));
+        d.ternary_few(fmt, k, &qb, &sb, n_tok, &[
+            TernaryOut { w: &wab, rows: rows_a, out: &oa, scale: 0.75, bias: None },
+            TernaryOut { w: &wbb, rows: rows_b, out: &ob, scale: 1.5, bias: Some(&biasb) },
+        ], accumulate).unwrap();
+        let (ga, gb) = (read_f32(&d, &oa, n_tok * rows_a), read_f32(&d, &ob, n_tok * rows_b));
+        for t in 0..n_tok {
+            let qt = d.upload(bytemuck::cast_slice(&q[t * k..(t + 1) * k])).unwrap();
+            let st = up_f32(&d, &sc[t..=t]);
+            let (ea, eb) = (up_f32(&d, &start_a[t * rows_a..(t + 1) * rows_a]), up_f32(&d, &start_b[t * rows_b..(t + 1) * rows_b]));
+            d.ternary_gemv(fmt, k, &qt, &st, &[
+                TernaryOut { w: &wab, rows: rows_a, out: &ea, scale: 0.75, bias: None },
+                TernaryOut { w: &wbb, rows: rows_b, out: &eb, scale: 1.5, bias: Some(&biasb) },
+            ], accumulate, None).unwrap();
+            let (wa1, wb1) = (read_f32(&d, &ea, rows_a), read_f32(&d, &eb, rows_b));
+            for (i, w) in wa1.iter().enumerate() {
+                let g = ga[t * rows_a + i];
+                prop_assert_eq!(g.to_bits(), w.to_bits(), "token {} row {} of a: {} vs {}", t, i, g, w);
+            }
+            for (i, w) in wb1.iter().enumerate() {
+                let g = gb[t * rows_b + i];
+                prop_assert_eq!(g.to_bits(), w.to_bits(), "token {} row {} of b: {} vs {}", t, i, g, w);
+            }
+        }
+        let over = d.ternary_few(fmt, k, &qb, &sb, FEW_MAX_TOKENS + 1, &[TernaryOut { w: &wab, rows: rows_a, out: &oa, scale: 1.0, bias: None }], false);
+        prop_assert!(over.is_err(), "more tokens than the kernel takes must be refused");
     }
 
     /// The gate/up GEMV with the FFN activation as its epilogue gives what the GEMV and

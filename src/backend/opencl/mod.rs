@@ -27,4 +27,4 @@ pub use device::{
     Unavailable, list_devices,
 };
 pub use exec::{ClExec, ClKv, DevStorage, DevUnit};
-pub use ops::{ActTail, Places, RopeShape, RowTail, TernaryOut, pick_part_bytes};
+pub use ops::{ActTail, FEW_MAX_TOKENS, Places, RopeShape, RowTail, TernaryOut, pick_part_bytes};

@@ -43,6 +43,22 @@ const MMA_ROWS: usize = 64;
 const MMA_TOKS: usize = 64;
 const MMA_STRIDE: usize = 72;
 const MMA_MIN_TOKENS: usize = 8;
+
+/// The most tokens the few-token kernel takes (`FEW_T` in cl/ternary.cl).
+pub const FEW_MAX_TOKENS: usize = 8;
+
+/// Batches of up to this many tokens take the few-token kernel on GPUs ([`FEW_MAX_TOKENS`]
+/// unless `TERNMUX_CL_FEW_MAX` sets fewer, to measure it; 1 or 0 turns it off).
+fn few_max_tokens() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("TERNMUX_CL_FEW_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(FEW_MAX_TOKENS)
+            .min(FEW_MAX_TOKENS)
+    })
+}
 /// The tensor-core F16 GEMM (cl/float_mma.cl, NVIDIA sm_80+): rows and tokens of a
 /// work-group's tile (eight warps of 16 rows), elements per staged chunk, local words per
 /// staged token.
@@ -161,6 +177,7 @@ impl Tq2Like {
                 gemv: "ternary_gemv_tq2",
                 gemv_norm: "ternary_gemv_tq2_norm",
                 gemv_act: "ternary_gemv_tq2_act",
+                few: "ternary_few_tq2",
                 pair: "ternary_matmul_tq2_pair",
                 tiled: "ternary_matmul_tq2_tiled",
                 mma: "ternary_matmul_tq2_mma",
@@ -169,6 +186,7 @@ impl Tq2Like {
                 gemv: "ternary_gemv_i2s",
                 gemv_norm: "ternary_gemv_i2s_norm",
                 gemv_act: "ternary_gemv_i2s_act",
+                few: "ternary_few_i2s",
                 pair: "ternary_matmul_i2s_pair",
                 tiled: "ternary_matmul_i2s_tiled",
                 mma: "ternary_matmul_i2s_mma",
@@ -185,6 +203,8 @@ struct Tq2Kernels {
     gemv_norm: &'static str,
     /// One token of an FFN's gate and up, then their activation by the last work-group.
     gemv_act: &'static str,
+    /// 2..=`FEW_MAX_TOKENS` tokens, the GEMV's split with each block's masks applied to all.
+    few: &'static str,
     /// Small batches, two rows per team.
     pair: &'static str,
     /// Batches from `TILED_MIN_TOKENS`, tiled in local memory.
@@ -528,6 +548,10 @@ impl ClDevice {
         if like.is_some() && n_tok == 1 && self.gpu_kernels() {
             return self.ternary_gemv(fmt, k, q, s, outs, accumulate, None);
         }
+        // A few tokens: the GEMV's split, each block's weights applied to all of them.
+        if like.is_some() && n_tok >= 2 && n_tok <= few_max_tokens() && self.gpu_kernels() {
+            return self.ternary_few(fmt, k, q, s, n_tok, outs, accumulate);
+        }
         let mut args = vec![
             Arg::I32(ternary_format_id(fmt)),
             int(k)?,
@@ -775,6 +799,48 @@ impl ClDevice {
         args.push(Arg::I32(i32::from(accumulate)));
         args.push(Arg::Local(ROWS_PER_GROUP * TEAM * 4));
         Ok((like.kernels(), args, total))
+    }
+
+    /// TQ2_0 matrices (or I2_S ones with rows of a multiple of 256: [`Self::gemv_takes`]) ×
+    /// 2..=[`FEW_MAX_TOKENS`] tokens' int8 activations: the GEMV's work split (a team of
+    /// work-items per row, several blocks' loads in flight per work-item), each block's codes
+    /// made into masks once and applied to every token. Each token's outputs are the bits
+    /// [`Self::ternary_gemv`] gives for that token alone.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ternary_few(
+        &self,
+        fmt: TernaryFormat,
+        k: usize,
+        q: &DevBuf,
+        s: &DevBuf,
+        n_tok: usize,
+        outs: &[TernaryOut<'_>],
+        accumulate: bool,
+    ) -> Result<()> {
+        if !(2..=FEW_MAX_TOKENS).contains(&n_tok) {
+            return Err(Error::Device(format!(
+                "opencl: the few-token kernel takes 2 to {FEW_MAX_TOKENS} tokens, not {n_tok}"
+            )));
+        }
+        let (kernels, mut args, total) = self.gemv_args(fmt, k, q, s, outs, accumulate)?;
+        // Shaped as the GEMV's arguments, with the tokens after the scales, the outputs sized
+        // for all of them, and FEW_MAX_TOKENS sums per work-item of local memory.
+        need("activations", q, n_tok * k)?;
+        need("token scales", s, n_tok * 4)?;
+        for o in outs {
+            need("matmul output", o.out, n_tok * o.rows * 4)?;
+        }
+        args.insert(3, int(n_tok)?);
+        let wg = ROWS_PER_GROUP * TEAM;
+        if let Some(last) = args.last_mut() {
+            *last = Arg::Local(wg * FEW_MAX_TOKENS * 4);
+        }
+        self.launch(
+            kernels.few,
+            &[total.div_ceil(ROWS_PER_GROUP) * wg],
+            &[wg],
+            &args,
+        )
     }
 
     /// Whether [`Self::ternary_gemv`] takes matrices of `fmt` with rows of `k`.
