@@ -480,95 +480,82 @@ inline void tiled_store(Row x, float v, const __global float* qsc, int t, int ac
     x.o[at] = accumulate ? x.o[at] + v : v;
 }
 
-// TQ2_0 (I2_S) × 1..FEW_T tokens (decode, and the small batched steps of several sequences
-// decoding). A team of 32 work-items per output row walks it a 128-weight chunk (half a block)
-// per step, lane l taking the four weights that pair with activation word l of the chunk:
-// activation group g = l / 8 (elements 32g + 4(l % 8) + 0..3) against code bytes 4(l % 8) + 0..3
-// of the chunk, bit plane g (TQ2_0; I2_S's planes run the other way). So a team's activation
-// load is 128 contiguous bytes (one cache wavefront; the GEMV's lanes touch four lines per load,
-// which bounds it once activations are re-read per token), and the eight lanes of a code word
-// share its load. Each lane first loads the codes and scales of FEW_U blocks, then turns each
-// code word into its plane's selection masks once and applies them to every token: one
-// activation load, one select and one byte sum per four weights and token; exact integer sums
-// per block, one float scale per block, the lanes' sums added by the team in a fixed order (the
-// bits do not depend on how many tokens share the launch).
+// TQ2_0 (I2_S) × 2..FEW_T tokens (the small batched steps of several sequences decoding): the
+// GEMV's split (a team per row; each lane the same 16 weights of every second block, in the
+// same order; GEMV_U blocks' codes and scales loaded before any sum), with each block's code
+// planes made into selection masks once and applied to every token: the weights are read once
+// for all the tokens, and a token costs four activation loads, selects and byte sums per block.
+// Each entry point is built for a fixed count NT (2, 4 or 8) so that every loop over tokens is
+// straight-line code whose loads can all be in flight together (a guard per token made each
+// token wait for the last); rows past n_tok read the last token's activations again and their
+// sums are dropped. Each token's sum is the GEMV's, in the GEMV's order (the same bits).
 // Grid: teams · TEAM work-items; local `red`: FEW_T floats per work-item (CPU devices).
 #define FEW_T 8
-#define FEW_U 8
 
 inline void few_body(int k, __global const char* q, __global const float* qsc, int n_tok,
-                     ROW_PARAMS, int accumulate, __local float* red, const int i2s) {
+                     ROW_PARAMS, int accumulate, __local float* red, const int i2s,
+                     const int NT) {
     Row row = gemv_row(ROW_ARGS);
     int lid = get_local_id(0), lane = lid % TEAM;
-    int nt = min(n_tok, FEW_T);
+    int nt = clamp(n_tok, 1, NT);
     bool valid = row.rr < row.n;
-    // This lane's code bytes in a chunk, its activation word, and its bit plane.
-    int cb = 4 * (lane % 8), pl = tplane(lane / 8, i2s);
     float acc[FEW_T];
 #pragma unroll
     for (int t = 0; t < FEW_T; t++) acc[t] = 0.0f;
     if (valid) {
         int nblk = k / 256, bb = tblk_bytes(i2s);
         const __global uchar* wr = row.w + (size_t)row.rr * (nblk * bb);
-        const __global uint* qa = (const __global uint*)q + lane;
-        for (int b0 = 0; b0 < nblk; b0 += FEW_U) {
-            // Codes of both chunks of FEW_U blocks, and their scales, before any sum.
-            uint c[FEW_U][2];
-            float d[FEW_U];
+        int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
+        for (int b0 = pair; b0 < nblk; b0 += 2 * GEMV_U) {
+            uint c[GEMV_U];
+            float d[GEMV_U];
 #pragma unroll
-            for (int u = 0; u < FEW_U; u++) {
-                int b = b0 + u;
-                c[u][0] = 0x55555555u;
-                c[u][1] = 0x55555555u;
+            for (int u = 0; u < GEMV_U; u++) {
+                int b = b0 + 2 * u;
+                c[u] = 0x55555555u;
                 d[u] = 0.0f;
                 if (b < nblk) {
                     const __global uchar* blk = wr + b * bb;
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        if (i2s) {
-                            c[u][h] = *(const __global uint*)(blk + 32 * h + cb);
-                        } else {
-                            // 66-byte blocks: only 2-byte alignment holds.
-                            ushort2 w2 = vload2(0, (const __global ushort*)(blk + 32 * h + cb));
-                            c[u][h] = (uint)w2.x | ((uint)w2.y << 16);
-                        }
+                    if (i2s) {
+                        c[u] = *(const __global uint*)(blk + m);
+                    } else {
+                        ushort2 h = vload2(0, (const __global ushort*)(blk + m));
+                        c[u] = (uint)h.x | ((uint)h.y << 16);
                     }
                     d[u] = tblk_scale(blk, i2s);
                 }
             }
 #pragma unroll
-            for (int u = 0; u < FEW_U; u++) {
-                int b = b0 + u;
+            for (int u = 0; u < GEMV_U; u++) {
+                int b = b0 + 2 * u;
                 if (b < nblk) {
-                    uint2 m0 = tq2_plane(c[u][0], pl), m1 = tq2_plane(c[u][1], pl);
-                    // The −1 of each flipped byte (code 0) given back.
-                    int neg = popcount(m0.y & 0x01010101u) + popcount(m1.y & 0x01010101u);
-                    const __global uint* qb = qa + b * 64;
+                    uint2 m0 = tq2_plane(c[u], tplane(0, i2s)), m1 = tq2_plane(c[u], tplane(1, i2s));
+                    uint2 m2 = tq2_plane(c[u], tplane(2, i2s)), m3 = tq2_plane(c[u], tplane(3, i2s));
+                    int neg = tq2_neg_count(c[u]);
+                    const __global uint* qb = (const __global uint*)(q + b * 256 + base);
 #pragma unroll
-                    for (int t = 0; t < FEW_T; t++) {
-                        if (t < nt) {
-                            const __global uint* qt = qb + (size_t)t * (k / 4);
-                            int dot = sum4(tq2_apply(qt[0], m0), neg);
-                            dot = sum4(tq2_apply(qt[32], m1), dot);
-                            acc[t] += (float)dot * d[u];
-                        }
+                    for (int t = 0; t < NT; t++) {
+                        const __global uint* qt = qb + (size_t)min(t, nt - 1) * (k / 4);
+                        int dot = sum4(tq2_apply(qt[0], m0), neg);
+                        dot = sum4(tq2_apply(qt[8], m1), dot);
+                        dot = sum4(tq2_apply(qt[16], m2), dot);
+                        dot = sum4(tq2_apply(qt[24], m3), dot);
+                        acc[t] += (float)dot * d[u];
                     }
                 }
             }
         }
     }
-    // Each token's row sum: warp shuffles on NVIDIA, else lane t adds the team's sums in order.
+    // Each token's row sum as `gemv_store` adds it; lane 0 (NVIDIA) or lane t writes it.
 #ifdef TERNMUX_DP4A
 #pragma unroll
-    for (int t = 0; t < FEW_T; t++) {
-        if (t < nt) {
-            float v = warp_sum(acc[t]);
-            if (valid && lane == 0) tiled_store(row, v, qsc, t, accumulate);
-        }
+    for (int t = 0; t < NT; t++) {
+        float v = warp_sum(acc[t]);
+        if (t < nt && valid && lane == 0) tiled_store(row, v, qsc, t, accumulate);
     }
 #else
 #pragma unroll
-    for (int t = 0; t < FEW_T; t++) red[t * get_local_size(0) + lid] = acc[t];
+    for (int t = 0; t < NT; t++) red[t * get_local_size(0) + lid] = acc[t];
     barrier(CLK_LOCAL_MEM_FENCE);
     if (valid && lane < nt) {
         int t = lane;
@@ -584,10 +571,14 @@ inline void few_body(int k, __global const char* q, __global const float* qsc, i
         int accumulate, __local float *red
 #define FEW_ARGS k, q, qsc, n_tok, ROW_ARGS, accumulate, red
 
-__kernel void ternary_few_tq2(FEW_PARAMS) { few_body(FEW_ARGS, 0); }
+__kernel void ternary_few2_tq2(FEW_PARAMS) { few_body(FEW_ARGS, 0, 2); }
+__kernel void ternary_few4_tq2(FEW_PARAMS) { few_body(FEW_ARGS, 0, 4); }
+__kernel void ternary_few8_tq2(FEW_PARAMS) { few_body(FEW_ARGS, 0, 8); }
 
 // The same over I2_S rows (a multiple of 256 long).
-__kernel void ternary_few_i2s(FEW_PARAMS) { few_body(FEW_ARGS, 1); }
+__kernel void ternary_few2_i2s(FEW_PARAMS) { few_body(FEW_ARGS, 1, 2); }
+__kernel void ternary_few4_i2s(FEW_PARAMS) { few_body(FEW_ARGS, 1, 4); }
+__kernel void ternary_few8_i2s(FEW_PARAMS) { few_body(FEW_ARGS, 1, 8); }
 
 // The GEMV of one matrix (output o0, n0 rows) followed by RMSNorm · w and the int8
 // quantization of that output (`norm_quant` of norm.cl with a norm, y written), done by the last

@@ -184,7 +184,7 @@ impl Tq2Like {
                 gemv: "ternary_gemv_tq2",
                 gemv_norm: "ternary_gemv_tq2_norm",
                 gemv_act: "ternary_gemv_tq2_act",
-                few: "ternary_few_tq2",
+                few: ["ternary_few2_tq2", "ternary_few4_tq2", "ternary_few8_tq2"],
                 pair: "ternary_matmul_tq2_pair",
                 tiled: "ternary_matmul_tq2_tiled",
                 mma: "ternary_matmul_tq2_mma",
@@ -193,7 +193,7 @@ impl Tq2Like {
                 gemv: "ternary_gemv_i2s",
                 gemv_norm: "ternary_gemv_i2s_norm",
                 gemv_act: "ternary_gemv_i2s_act",
-                few: "ternary_few_i2s",
+                few: ["ternary_few2_i2s", "ternary_few4_i2s", "ternary_few8_i2s"],
                 pair: "ternary_matmul_i2s_pair",
                 tiled: "ternary_matmul_i2s_tiled",
                 mma: "ternary_matmul_i2s_mma",
@@ -210,8 +210,8 @@ struct Tq2Kernels {
     gemv_norm: &'static str,
     /// One token of an FFN's gate and up, then their activation by the last work-group.
     gemv_act: &'static str,
-    /// 1..=`FEW_MAX_TOKENS` tokens, each code word's masks applied to all of them.
-    few: &'static str,
+    /// Up to 2, 4 and 8 tokens: the GEMV's split, each block's masks applied to all of them.
+    few: [&'static str; 3],
     /// Small batches, two rows per team.
     pair: &'static str,
     /// Batches from `TILED_MIN_TOKENS`, tiled in local memory.
@@ -809,11 +809,10 @@ impl ClDevice {
     }
 
     /// TQ2_0 matrices (or I2_S ones with rows of a multiple of 256: [`Self::gemv_takes`]) ×
-    /// 1..=[`FEW_MAX_TOKENS`] tokens' int8 activations: a team of work-items per row, each
-    /// work-item's share of every block chosen so that the team loads its activations as whole
-    /// contiguous lines, several blocks' codes in flight per work-item, each code word made
-    /// into masks once and applied to every token. A token's outputs are the same bits however
-    /// many tokens share the launch.
+    /// 1..=[`FEW_MAX_TOKENS`] tokens' int8 activations: the GEMV's work split (a team of
+    /// work-items per row, several blocks' loads in flight per work-item), each block's codes
+    /// made into masks once and applied to every token. Each token's outputs are the bits
+    /// [`Self::ternary_gemv`] gives for that token alone.
     #[allow(clippy::too_many_arguments)]
     pub fn ternary_few(
         &self,
@@ -843,8 +842,14 @@ impl ClDevice {
         if let Some(last) = args.last_mut() {
             *last = Arg::Local(wg * FEW_MAX_TOKENS * 4);
         }
+        // The entry built for the fewest tokens that hold these.
+        let name = kernels.few[match n_tok {
+            ..=2 => 0,
+            3..=4 => 1,
+            _ => 2,
+        }];
         self.launch(
-            kernels.few,
+            name,
             &[total.div_ceil(ROWS_PER_GROUP) * wg],
             &[wg],
             &args,
