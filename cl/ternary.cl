@@ -480,17 +480,22 @@ inline void tiled_store(Row x, float v, const __global float* qsc, int t, int ac
     x.o[at] = accumulate ? x.o[at] + v : v;
 }
 
-// TQ2_0 (I2_S) × 2..FEW_T tokens (the small batched steps of several sequences decoding): the
-// GEMV's split (a team per row; each lane the same 16 weights of every second block, in the
-// same order; GEMV_U blocks' codes and scales loaded before any sum), with each block's code
-// planes made into selection masks once and applied to every token: the weights are read once
-// for all the tokens, and a token costs four activation loads, selects and byte sums per block.
-// Each entry point is built for a fixed count NT (2, 4 or 8) so that every loop over tokens is
-// straight-line code whose loads can all be in flight together (a guard per token made each
-// token wait for the last); rows past n_tok read the last token's activations again and their
-// sums are dropped. Each token's sum is the GEMV's, in the GEMV's order (the same bits).
+// TQ2_0 (I2_S) × 1..FEW_T tokens (the small batched steps of several sequences decoding): the
+// weights are read once for all the tokens, each code word made into selection masks once and
+// applied to every token. A team of 32 work-items per output row walks it a block at a time,
+// lane l taking, of each 128-weight half, the four weights that pair with activation word l:
+// activation group g = l / 8 (elements 32g + 4(l % 8) + 0..3) against code bytes 4(l % 8) + 0..3,
+// bit plane g (TQ2_0; I2_S's planes run the other way). So each activation load of a team is
+// 128 contiguous bytes, one cache wavefront: with the GEMV's lanes (16 weights each, four
+// lines per load) the activation loads, repeated per token, were what each token cost. Each
+// lane loads the codes and scales of FEW_U blocks before any sum. Each entry point is built for
+// a fixed count NT (2, 4 or 8), so every loop over tokens is straight-line code whose loads are
+// all in flight together; rows past n_tok read the last token again and are dropped. Exact
+// integer sums per block, one float scale per block, the lanes' sums added in a fixed order:
+// a token's outputs do not depend on how many tokens share the launch.
 // Grid: teams · TEAM work-items; local `red`: FEW_T floats per work-item (CPU devices).
 #define FEW_T 8
+#define FEW_U 8
 
 inline void few_body(int k, __global const char* q, __global const float* qsc, int n_tok,
                      ROW_PARAMS, int accumulate, __local float* red, const int i2s,
@@ -499,54 +504,61 @@ inline void few_body(int k, __global const char* q, __global const float* qsc, i
     int lid = get_local_id(0), lane = lid % TEAM;
     int nt = clamp(n_tok, 1, NT);
     bool valid = row.rr < row.n;
+    // This lane's code bytes in a half block, and its bit plane.
+    int cb = 4 * (lane % 8), pl = tplane(lane / 8, i2s);
     float acc[FEW_T];
 #pragma unroll
     for (int t = 0; t < FEW_T; t++) acc[t] = 0.0f;
     if (valid) {
         int nblk = k / 256, bb = tblk_bytes(i2s);
         const __global uchar* wr = row.w + (size_t)row.rr * (nblk * bb);
-        int pair = lane / 16, m = 4 * (lane % 16), base = 128 * (m / 32) + m % 32;
-        for (int b0 = pair; b0 < nblk; b0 += 2 * GEMV_U) {
-            uint c[GEMV_U];
-            float d[GEMV_U];
+        const __global uint* qa = (const __global uint*)q + lane;
+        for (int b0 = 0; b0 < nblk; b0 += FEW_U) {
+            // Codes of both halves of FEW_U blocks, and their scales, before any sum.
+            uint c0[FEW_U], c1[FEW_U];
+            float d[FEW_U];
 #pragma unroll
-            for (int u = 0; u < GEMV_U; u++) {
-                int b = b0 + 2 * u;
-                c[u] = 0x55555555u;
+            for (int u = 0; u < FEW_U; u++) {
+                int b = b0 + u;
+                c0[u] = 0x55555555u;
+                c1[u] = 0x55555555u;
                 d[u] = 0.0f;
                 if (b < nblk) {
-                    const __global uchar* blk = wr + b * bb;
+                    const __global uchar* blk = wr + b * bb + cb;
                     if (i2s) {
-                        c[u] = *(const __global uint*)(blk + m);
+                        c0[u] = *(const __global uint*)blk;
+                        c1[u] = *(const __global uint*)(blk + 32);
                     } else {
-                        ushort2 h = vload2(0, (const __global ushort*)(blk + m));
-                        c[u] = (uint)h.x | ((uint)h.y << 16);
+                        // 66-byte blocks: only 2-byte alignment holds.
+                        ushort2 h0 = vload2(0, (const __global ushort*)blk);
+                        ushort2 h1 = vload2(0, (const __global ushort*)(blk + 32));
+                        c0[u] = (uint)h0.x | ((uint)h0.y << 16);
+                        c1[u] = (uint)h1.x | ((uint)h1.y << 16);
                     }
-                    d[u] = tblk_scale(blk, i2s);
+                    d[u] = tblk_scale(wr + b * bb, i2s);
                 }
             }
 #pragma unroll
-            for (int u = 0; u < GEMV_U; u++) {
-                int b = b0 + 2 * u;
+            for (int u = 0; u < FEW_U; u++) {
+                int b = b0 + u;
                 if (b < nblk) {
-                    uint2 m0 = tq2_plane(c[u], tplane(0, i2s)), m1 = tq2_plane(c[u], tplane(1, i2s));
-                    uint2 m2 = tq2_plane(c[u], tplane(2, i2s)), m3 = tq2_plane(c[u], tplane(3, i2s));
-                    int neg = tq2_neg_count(c[u]);
-                    const __global uint* qb = (const __global uint*)(q + b * 256 + base);
+                    uint2 m0 = tq2_plane(c0[u], pl), m1 = tq2_plane(c1[u], pl);
+                    // The −1 of each flipped byte (code 0) given back.
+                    int neg = popcount(m0.y & 0x01010101u) + popcount(m1.y & 0x01010101u);
+                    const __global uint* qb = qa + b * 64;
 #pragma unroll
                     for (int t = 0; t < NT; t++) {
                         const __global uint* qt = qb + (size_t)min(t, nt - 1) * (k / 4);
                         int dot = sum4(tq2_apply(qt[0], m0), neg);
-                        dot = sum4(tq2_apply(qt[8], m1), dot);
-                        dot = sum4(tq2_apply(qt[16], m2), dot);
-                        dot = sum4(tq2_apply(qt[24], m3), dot);
+                        dot = sum4(tq2_apply(qt[32], m1), dot);
                         acc[t] += (float)dot * d[u];
                     }
                 }
             }
         }
     }
-    // Each token's row sum as `gemv_store` adds it; lane 0 (NVIDIA) or lane t writes it.
+    // Each token's row sum: warp shuffles on NVIDIA (lane 0 writes), else lane t adds the
+    // team's sums in order.
 #ifdef TERNMUX_DP4A
 #pragma unroll
     for (int t = 0; t < NT; t++) {

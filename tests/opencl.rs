@@ -585,11 +585,11 @@ proptest! {
     }
 
     /// The few-token kernel (up to FEW_MAX_TOKENS tokens, matrices of different heights, a
-    /// bias, accumulating or not) gives each token the bits the GEMV gives that token alone: a
+    /// bias, accumulating or not) gives each token the bits it gives that token alone: a
     /// sequence's outputs do not depend on which others share its step. More tokens than it
     /// takes are refused. (`check_ternary` holds it against f64.)
     #[test]
-    fn few_token_kernel_equals_gemv_per_token(rows_a in prop_oneof![1usize..200, Just(2560usize)], rows_b in 1usize..70, kb in 1usize..20, n_tok in 2usize..=FEW_MAX_TOKENS, i2s in any::<bool>(), accumulate in any::<bool>(), seed in any::<u64>()) {
+    fn few_token_kernel_same_bits_alone(rows_a in prop_oneof![1usize..200, Just(2560usize)], rows_b in 1usize..70, kb in 1usize..20, n_tok in 2usize..=FEW_MAX_TOKENS, i2s in any::<bool>(), accumulate in any::<bool>(), seed in any::<u64>()) {
         let Some(d) = device() else { return Ok(()) };
         let k = kb * 256;
         let mut r = Lcg(seed);
@@ -624,10 +624,10 @@ proptest! {
             let qt = d.upload(bytemuck::cast_slice(&q[t * k..(t + 1) * k])).unwrap();
             let st = up_f32(&d, &sc[t..=t]);
             let (ea, eb) = (up_f32(&d, &start_a[t * rows_a..(t + 1) * rows_a]), up_f32(&d, &start_b[t * rows_b..(t + 1) * rows_b]));
-            d.ternary_gemv(fmt, k, &qt, &st, &[
+            d.ternary_few(fmt, k, &qt, &st, 1, &[
                 TernaryOut { w: &wab, rows: rows_a, out: &ea, scale: 0.75, bias: None },
                 TernaryOut { w: &wbb, rows: rows_b, out: &eb, scale: 1.5, bias: Some(&biasb) },
-            ], accumulate, None).unwrap();
+            ], accumulate).unwrap();
             let (wa1, wb1) = (read_f32(&d, &ea, rows_a), read_f32(&d, &eb, rows_b));
             for (i, w) in wa1.iter().enumerate() {
                 let g = ga[t * rows_a + i];

@@ -47,22 +47,17 @@ const MMA_MIN_TOKENS: usize = 8;
 /// The most tokens the few-token kernel takes (`FEW_T` in cl/ternary.cl).
 pub const FEW_MAX_TOKENS: usize = 8;
 
-/// Whether one token without a row epilogue takes the few-token kernel instead of the GEMV
-/// (`TERNMUX_CL_FEW_ONE=1`, to compare them).
-fn few_for_one() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_FEW_ONE").is_some_and(|v| v == "1"))
-}
-
-/// Batches of up to this many tokens take the few-token kernel on GPUs ([`FEW_MAX_TOKENS`]
-/// unless `TERNMUX_CL_FEW_MAX` sets fewer, to measure it; 1 or 0 turns it off).
+/// Batches of 2 to this many tokens take the few-token kernel on GPUs: 4 (`TERNMUX_CL_FEW_MAX`
+/// sets another count up to [`FEW_MAX_TOKENS`], to measure it; 1 or 0 turns it off). Measured
+/// on an H100 (BENCHMARKS.md): its device time grows by about a GEMV's weight time per token,
+/// so from 5 tokens the two-row kernel, and from 8 the tensor cores, are quicker.
 fn few_max_tokens() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| {
         std::env::var("TERNMUX_CL_FEW_MAX")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(FEW_MAX_TOKENS)
+            .unwrap_or(4)
             .min(FEW_MAX_TOKENS)
     })
 }
@@ -210,7 +205,7 @@ struct Tq2Kernels {
     gemv_norm: &'static str,
     /// One token of an FFN's gate and up, then their activation by the last work-group.
     gemv_act: &'static str,
-    /// Up to 2, 4 and 8 tokens: the GEMV's split, each block's masks applied to all of them.
+    /// Up to 2, 4 and 8 tokens, each code word's masks applied to all of them.
     few: [&'static str; 3],
     /// Small batches, two rows per team.
     pair: &'static str,
@@ -552,10 +547,10 @@ impl ClDevice {
         let like = Tq2Like::of(fmt, k);
         // One TQ2_0 (or I2_S) token on a GPU: the GEMV, which keeps more weight loads in
         // flight per team.
-        if like.is_some() && n_tok == 1 && self.gpu_kernels() && !few_for_one() {
+        if like.is_some() && n_tok == 1 && self.gpu_kernels() {
             return self.ternary_gemv(fmt, k, q, s, outs, accumulate, None);
         }
-        // A few tokens: the GEMV's split, each block's weights applied to all of them.
+        // A few tokens: each block's weights read once and applied to all of them.
         if like.is_some() && n_tok <= few_max_tokens() && self.gpu_kernels() {
             return self.ternary_few(fmt, k, q, s, n_tok, outs, accumulate);
         }
@@ -809,10 +804,11 @@ impl ClDevice {
     }
 
     /// TQ2_0 matrices (or I2_S ones with rows of a multiple of 256: [`Self::gemv_takes`]) ×
-    /// 1..=[`FEW_MAX_TOKENS`] tokens' int8 activations: the GEMV's work split (a team of
-    /// work-items per row, several blocks' loads in flight per work-item), each block's codes
-    /// made into masks once and applied to every token. Each token's outputs are the bits
-    /// [`Self::ternary_gemv`] gives for that token alone.
+    /// 1..=[`FEW_MAX_TOKENS`] tokens' int8 activations: a team of work-items per row, each
+    /// work-item's share of every block chosen so that the team loads activations as whole
+    /// contiguous lines, several blocks' codes in flight per work-item, each code word made
+    /// into masks once and applied to every token. A token's outputs are the same bits however
+    /// many tokens share the launch.
     #[allow(clippy::too_many_arguments)]
     pub fn ternary_few(
         &self,
