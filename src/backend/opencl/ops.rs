@@ -47,19 +47,19 @@ const MMA_MIN_TOKENS: usize = 8;
 /// The most tokens the few-token kernel takes (`FEW_T` in cl/ternary.cl).
 pub const FEW_MAX_TOKENS: usize = 8;
 
-/// Batches of 2 to this many tokens take the few-token kernel on GPUs: 4 (`TERNMUX_CL_FEW_MAX`
-/// sets another count up to [`FEW_MAX_TOKENS`], to measure it; 1 or 0 turns it off). Measured
-/// on an H100 (BENCHMARKS.md): its device time grows by about a GEMV's weight time per token,
-/// so from 5 tokens the two-row kernel, and from 8 the tensor cores, are quicker.
-fn few_max_tokens() -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
+/// Batches of 2 to this many tokens take the few-token kernel on GPUs, for rows of `k`:
+/// [`FEW_MAX_TOKENS`], or 4 for rows of 14336 and longer, where the tensor cores (8 tokens) and
+/// the two-row kernel are as quick from 5 tokens on (measured on an H100, BENCHMARKS.md).
+/// `TERNMUX_CL_FEW_MAX` sets the count for every row length, to measure it (1 or 0: off).
+fn few_max_tokens(k: usize) -> usize {
+    static MAX: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let set = *MAX.get_or_init(|| {
         std::env::var("TERNMUX_CL_FEW_MAX")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(4)
-            .min(FEW_MAX_TOKENS)
-    })
+    });
+    set.unwrap_or(if k >= 14336 { 4 } else { FEW_MAX_TOKENS })
+        .min(FEW_MAX_TOKENS)
 }
 /// The tensor-core F16 GEMM (cl/float_mma.cl, NVIDIA sm_80+): rows and tokens of a
 /// work-group's tile (eight warps of 16 rows), elements per staged chunk, local words per
@@ -551,7 +551,7 @@ impl ClDevice {
             return self.ternary_gemv(fmt, k, q, s, outs, accumulate, None);
         }
         // A few tokens: each block's weights read once and applied to all of them.
-        if like.is_some() && n_tok <= few_max_tokens() && self.gpu_kernels() {
+        if like.is_some() && n_tok <= few_max_tokens(k) && self.gpu_kernels() {
             return self.ternary_few(fmt, k, q, s, n_tok, outs, accumulate);
         }
         let mut args = vec![
