@@ -7,7 +7,9 @@ use common::cosine;
 use half::f16;
 use proptest::prelude::*;
 use std::sync::Arc;
-use ternmux::backend::opencl::{ActTail, ClDevice, DevBuf, FEW_MAX_TOKENS, Places, RopeShape, RowTail, TernaryOut};
+use ternmux::backend::opencl::{
+    ActTail, ClDevice, DevBuf, FEW_MAX_TOKENS, Places, RopeShape, RowTail, TernaryOut,
+};
 use ternmux::backend::{Device, Placement, RowPlace};
 use ternmux::gguf::GgmlType;
 use ternmux::kernels::dequant::FloatFormat;
@@ -293,7 +295,10 @@ fn check_ternary(
             .unwrap();
         paths.push((
             "few",
-            fresh.iter().map(|o| read_f32(&d, o, n_tok * rows)).collect(),
+            fresh
+                .iter()
+                .map(|o| read_f32(&d, o, n_tok * rows))
+                .collect(),
         ));
     }
     let nsb = k.div_ceil(256);

@@ -844,12 +844,7 @@ impl ClDevice {
             3..=4 => 1,
             _ => 2,
         }];
-        self.launch(
-            name,
-            &[total.div_ceil(ROWS_PER_GROUP) * wg],
-            &[wg],
-            &args,
-        )
+        self.launch(name, &[total.div_ceil(ROWS_PER_GROUP) * wg], &[wg], &args)
     }
 
     /// Whether [`Self::ternary_gemv`] takes matrices of `fmt` with rows of `k`.
