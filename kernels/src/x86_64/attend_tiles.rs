@@ -1,5 +1,5 @@
 //! The attention kernel's body, written once for both x86 vector widths (see
-//! [`crate::attend`]): [`attend_kernel!`] expands, inside [`super::avx2_attend`] and
+//! [`crate::attend`]): `attend_kernel!` expands, inside [`super::avx2_attend`] and
 //! [`super::avx512_attend`], to their `softmax`, register tiles and `attend_f16`, from the
 //! width's intrinsics and helpers.
 //!
