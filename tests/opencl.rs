@@ -253,53 +253,36 @@ fn check_ternary(
             .map(|(_, o, _)| read_f32(&d, o, n_tok * rows))
             .collect(),
     )];
-    // One TQ2_0 token (or I2_S with rows of a multiple of 256): the GEMV kernel too (what GPUs
-    // run; called directly so that CPU devices test it as well), from the same starting outputs.
+    // The kernels GPUs run, called directly so that CPU devices test them as well, each from
+    // the same starting outputs: the GEMV for one TQ2_0 token (or I2_S with rows of a multiple
+    // of 256), the few-token kernel for up to FEW_MAX_TOKENS of them.
+    let direct = |launch: &dyn Fn(&[TernaryOut<'_>]) -> ternmux::Result<()>| -> Vec<Vec<f32>> {
+        let fresh: Vec<DevBuf> = mats.iter().map(|_| up_f32(&d, &start)).collect();
+        let outs: Vec<TernaryOut<'_>> = fresh
+            .iter()
+            .zip(&bufs)
+            .zip(&mats)
+            .map(|((o, (w, _, b)), m)| TernaryOut {
+                w,
+                rows,
+                out: o,
+                scale: m.3 * m.4,
+                bias: b.as_ref(),
+            })
+            .collect();
+        launch(&outs).unwrap();
+        fresh
+            .iter()
+            .map(|o| read_f32(&d, o, n_tok * rows))
+            .collect()
+    };
     if ClDevice::gemv_takes(fmt, k) && n_tok == 1 {
-        let fresh: Vec<DevBuf> = mats.iter().map(|_| up_f32(&d, &start)).collect();
-        let outs: Vec<TernaryOut<'_>> = fresh
-            .iter()
-            .zip(&bufs)
-            .zip(&mats)
-            .map(|((o, (w, _, b)), m)| TernaryOut {
-                w,
-                rows,
-                out: o,
-                scale: m.3 * m.4,
-                bias: b.as_ref(),
-            })
-            .collect();
-        d.ternary_gemv(fmt, k, &qb, &sb, &outs, accumulate, None)
-            .unwrap();
-        paths.push((
-            "gemv",
-            fresh.iter().map(|o| read_f32(&d, o, rows)).collect(),
-        ));
+        let gemv = direct(&|outs| d.ternary_gemv(fmt, k, &qb, &sb, outs, accumulate, None));
+        paths.push(("gemv", gemv));
     }
-    // Up to FEW_MAX_TOKENS such tokens: the few-token kernel (what GPUs run for 2 to 7).
     if ClDevice::gemv_takes(fmt, k) && n_tok <= FEW_MAX_TOKENS {
-        let fresh: Vec<DevBuf> = mats.iter().map(|_| up_f32(&d, &start)).collect();
-        let outs: Vec<TernaryOut<'_>> = fresh
-            .iter()
-            .zip(&bufs)
-            .zip(&mats)
-            .map(|((o, (w, _, b)), m)| TernaryOut {
-                w,
-                rows,
-                out: o,
-                scale: m.3 * m.4,
-                bias: b.as_ref(),
-            })
-            .collect();
-        d.ternary_few(fmt, k, &qb, &sb, n_tok, &outs, accumulate)
-            .unwrap();
-        paths.push((
-            "few",
-            fresh
-                .iter()
-                .map(|o| read_f32(&d, o, n_tok * rows))
-                .collect(),
-        ));
+        let few = direct(&|outs| d.ternary_few(fmt, k, &qb, &sb, n_tok, outs, accumulate));
+        paths.push(("few", few));
     }
     let nsb = k.div_ceil(256);
     for (path, got, (_, w, bias, scale, _)) in paths
