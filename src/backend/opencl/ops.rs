@@ -48,8 +48,8 @@ const MMA_MIN_TOKENS: usize = 8;
 pub const FEW_MAX_TOKENS: usize = 8;
 
 /// Batches of 2 to this many tokens take the few-token kernel on GPUs, for rows of `k`:
-/// [`FEW_MAX_TOKENS`], or 4 for rows of 14336 and longer, where the tensor cores (8 tokens) and
-/// the two-row kernel are as quick from 5 tokens on (measured on an H100, BENCHMARKS.md).
+/// [`FEW_MAX_TOKENS`], or 4 for rows of 14336 and longer, where the tensor cores were as quick
+/// or quicker at 8 tokens (measured on an H100, BENCHMARKS.md).
 /// `TERNMUX_CL_FEW_MAX` sets the count for every row length, to measure it (1 or 0: off).
 fn few_max_tokens(k: usize) -> usize {
     static MAX: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
