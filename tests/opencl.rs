@@ -164,6 +164,21 @@ fn ternary_case() -> impl Strategy<Value = (TernaryFormat, usize, usize, usize, 
         })
 }
 
+/// `len` ternary weight values (about 40% zeros), ±1, or ± a magnitude drawn per 256-weight
+/// block when `varied` (so TQ2_0's block scales differ).
+fn trits(r: &mut Lcg, len: usize, varied: bool) -> Vec<f32> {
+    let mut mag = 1.0f32;
+    (0..len)
+        .map(|i| {
+            if varied && i % 256 == 0 {
+                mag = 0.25 + r.f().abs();
+            }
+            let v = r.f();
+            if v.abs() < 0.3 { 0.0 } else { v.signum() * mag }
+        })
+        .collect()
+}
+
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> u64 {
@@ -548,7 +563,7 @@ proptest! {
         let mut r = Lcg(seed);
         let fmt = if i2s { TernaryFormat::I2S } else { TernaryFormat::Tq2_0 };
         let ty = GgmlType::Ternary(fmt);
-        let x: Vec<f32> = (0..n * k).map(|_| { let v = r.f(); if v.abs() < 0.3 { 0.0 } else { v.signum() } }).collect();
+        let x = trits(&mut r, n * k, false);
         let wa = d.upload(&quant::encode(ty, &x, n, k).unwrap()).unwrap();
         let q: Vec<i8> = (0..k).map(|_| ((r.next() % 255) as i32 - 127) as i8).collect();
         let (qb, sb) = (d.upload(bytemuck::cast_slice(&q)).unwrap(), up_f32(&d, &[37.5]));
@@ -583,16 +598,7 @@ proptest! {
         let mut r = Lcg(seed);
         let fmt = if i2s { TernaryFormat::I2S } else { TernaryFormat::Tq2_0 };
         let ty = GgmlType::Ternary(fmt);
-        // Ternary values times a magnitude per 256-weight block, so TQ2_0's block scales differ.
-        let mut trits = |len: usize| -> Vec<f32> {
-            let mut mag = 1.0f32;
-            (0..len).map(|i| {
-                if i % 256 == 0 { mag = 0.25 + r.f().abs(); }
-                let v = r.f();
-                if v.abs() < 0.3 { 0.0 } else { v.signum() * mag }
-            }).collect()
-        };
-        let (wa, wb) = (trits(rows_a * k), trits(rows_b * k));
+        let (wa, wb) = (trits(&mut r, rows_a * k, true), trits(&mut r, rows_b * k, true));
         let wab = d.upload(&quant::encode(ty, &wa, rows_a, k).unwrap()).unwrap();
         let wbb = d.upload(&quant::encode(ty, &wb, rows_b, k).unwrap()).unwrap();
         let q: Vec<i8> = (0..n_tok * k).map(|_| ((r.next() % 255) as i32 - 127) as i8).collect();
@@ -641,10 +647,7 @@ proptest! {
         let mut r = Lcg(seed);
         let fmt = if i2s { TernaryFormat::I2S } else { TernaryFormat::Tq2_0 };
         let ty = GgmlType::Ternary(fmt);
-        let mut trits = |len: usize| -> Vec<f32> {
-            (0..len).map(|_| { let v = r.f(); if v.abs() < 0.3 { 0.0 } else { v.signum() } }).collect()
-        };
-        let (wg, wu) = (trits(n * k), trits(n * k));
+        let (wg, wu) = (trits(&mut r, n * k, true), trits(&mut r, n * k, true));
         let wgb = d.upload(&quant::encode(ty, &wg, n, k).unwrap()).unwrap();
         let wub = d.upload(&quant::encode(ty, &wu, n, k).unwrap()).unwrap();
         let q: Vec<i8> = (0..k).map(|_| ((r.next() % 255) as i32 - 127) as i8).collect();

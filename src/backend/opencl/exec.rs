@@ -971,15 +971,16 @@ impl Backend for ClExec<'_> {
         sub_norm: bool,
     ) -> Result<()> {
         let n = self.model.config.n_ff;
-        if !act_tail() {
-            return project_act_apart(self, unit, x, rows, g, u, act, sub_norm);
-        }
         let gate = self.gemv_with_tail(unit, x, rows, Mat::Layer(LayerMat::Gate), n)?;
         let up = self.gemv_with_tail(unit, x, rows, Mat::Layer(LayerMat::Up), n)?;
-        let (Some(gm), Some(um)) = (gate, up) else {
-            return project_act_apart(self, unit, x, rows, g, u, act, sub_norm);
-        };
-        let (GgmlType::Ternary(fmt), true) = (gm.ty, um.ty == gm.ty && um.cols == gm.cols) else {
+        // Both GEMV-shaped (so ternary), of one format and row length; else two launches.
+        let pair = gate
+            .zip(up)
+            .filter(|(g, u)| act_tail() && g.ty == u.ty && g.cols == u.cols);
+        let Some((gm, um, fmt)) = pair.and_then(|(g, u)| match g.ty {
+            GgmlType::Ternary(f) => Some((g, u, f)),
+            GgmlType::Float(_) => None,
+        }) else {
             return project_act_apart(self, unit, x, rows, g, u, act, sub_norm);
         };
         let (xr, gr, ur) = (x.raw()?, g.raw()?, u.raw()?);

@@ -702,7 +702,7 @@ impl ClDevice {
         accumulate: bool,
         tail: Option<&RowTail<'_>>,
     ) -> Result<()> {
-        let (kernels, mut args, total) = self.gemv_args(fmt, k, q, s, outs, accumulate)?;
+        let (kernels, mut args, total) = self.gemv_args(fmt, k, q, s, None, outs, accumulate)?;
         let n = outs[0].rows;
         let name = match tail {
             None => kernels.gemv,
@@ -749,7 +749,7 @@ impl ClDevice {
             )));
         }
         let outs = [gate, up];
-        let (kernels, mut args, total) = self.gemv_args(fmt, k, x.0, x.1, &outs, false)?;
+        let (kernels, mut args, total) = self.gemv_args(fmt, k, x.0, x.1, None, &outs, false)?;
         need("quantized output", tail.q, n)?;
         need("token scale", tail.s, 4)?;
         if let Some(w) = tail.norm {
@@ -773,15 +773,19 @@ impl ClDevice {
         )
     }
 
-    /// The arguments every GEMV entry point starts with (row length, activations, their
-    /// scale, the matrices, `accumulate`, the team's local sums), its kernel family, and the
-    /// rows of all the matrices.
+    /// The arguments every GEMV and few-token entry point starts with (row length,
+    /// activations, their scales, the token count for `Some(n_tok)` (the few-token kernel), the
+    /// matrices, `accumulate`, the team's local sums: one float per work-item, or
+    /// [`FEW_MAX_TOKENS`] for the few-token kernel), its kernel family, and the rows of all the
+    /// matrices; buffers checked for one token or `n_tok`.
+    #[allow(clippy::too_many_arguments)]
     fn gemv_args<'b>(
         &'b self,
         fmt: TernaryFormat,
         k: usize,
         q: &'b DevBuf,
         s: &'b DevBuf,
+        few: Option<usize>,
         outs: &[TernaryOut<'b>],
         accumulate: bool,
     ) -> Result<(Tq2Kernels, Vec<Arg<'b>>, usize)> {
@@ -794,12 +798,17 @@ impl ClDevice {
                 fmt.name()
             )));
         };
-        need("activations", q, k)?;
-        need("token scales", s, 4)?;
+        let n_tok = few.unwrap_or(1);
+        need("activations", q, n_tok * k)?;
+        need("token scales", s, n_tok * 4)?;
         let mut args = vec![int(k)?, Arg::Buf(q), Arg::Buf(s)];
-        let total = self.push_outs(&mut args, outs, fmt, k, 1)?;
+        if few.is_some() {
+            args.push(int(n_tok)?);
+        }
+        let total = self.push_outs(&mut args, outs, fmt, k, n_tok)?;
         args.push(Arg::I32(i32::from(accumulate)));
-        args.push(Arg::Local(ROWS_PER_GROUP * TEAM * 4));
+        let sums = if few.is_some() { FEW_MAX_TOKENS } else { 1 };
+        args.push(Arg::Local(ROWS_PER_GROUP * TEAM * sums * 4));
         Ok((like.kernels(), args, total))
     }
 
@@ -825,19 +834,8 @@ impl ClDevice {
                 "opencl: the few-token kernel takes 1 to {FEW_MAX_TOKENS} tokens, not {n_tok}"
             )));
         }
-        let (kernels, mut args, total) = self.gemv_args(fmt, k, q, s, outs, accumulate)?;
-        // Shaped as the GEMV's arguments, with the tokens after the scales, the outputs sized
-        // for all of them, and FEW_MAX_TOKENS sums per work-item of local memory.
-        need("activations", q, n_tok * k)?;
-        need("token scales", s, n_tok * 4)?;
-        for o in outs {
-            need("matmul output", o.out, n_tok * o.rows * 4)?;
-        }
-        args.insert(3, int(n_tok)?);
+        let (kernels, args, total) = self.gemv_args(fmt, k, q, s, Some(n_tok), outs, accumulate)?;
         let wg = ROWS_PER_GROUP * TEAM;
-        if let Some(last) = args.last_mut() {
-            *last = Arg::Local(wg * FEW_MAX_TOKENS * 4);
-        }
         // The entry built for the fewest tokens that hold these.
         let name = kernels.few[match n_tok {
             ..=2 => 0,
