@@ -15,6 +15,7 @@
 //! * [`int8`] — float heads requantized to int8 per row, against int8 activations per block.
 //! * [`attend`] — attention of a head group over an f16 key/value cache.
 //! * [`copy`] — copies with streaming stores, for memory a device reads next.
+//! * [`serial`] — products kept on the calling thread, for callers that split work themselves.
 //!
 //! Exactness classes: integer work is always exact. I2_S results and everything with Q8_K
 //! activations are **bit-exact** with the scalar twin on every ISA (and I2_S with bitnet.cpp's
@@ -50,6 +51,7 @@ pub mod int8;
 pub mod matmul;
 pub mod pack;
 pub mod reference;
+pub mod serial;
 pub mod ternary;
 
 #[cfg(target_arch = "x86_64")]

@@ -38,6 +38,18 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
+    /// The `len` outputs from `start`, to write.
+    ///
+    /// # Safety
+    /// `start + len` must be within the output slice, and no other task may access those
+    /// elements while the returned slice lives.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn run<'a>(self, start: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: guaranteed by the caller (bounds and exclusivity).
+        unsafe { core::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+
     /// # Safety
     /// `idx` must be in bounds of the output slice, and no other task may access element `idx`.
     #[inline(always)]
@@ -47,7 +59,8 @@ impl OutPtr {
     }
 }
 
-/// Runs `f(r0, r1)` over `[0, n)` split into row ranges, in parallel when the work is large.
+/// Runs `f(r0, r1)` over `[0, n)` split into row ranges, in parallel when the work is large
+/// (never inside [`crate::serial::serial`]).
 fn for_row_ranges(n: usize, work: usize, f: impl Fn(usize, usize) + Sync) {
     let threads = rayon::current_num_threads();
     let min_work = if rayon::current_thread_index().is_some() {
@@ -55,7 +68,7 @@ fn for_row_ranges(n: usize, work: usize, f: impl Fn(usize, usize) + Sync) {
     } else {
         Kernels::PARALLEL_MIN_WORK
     };
-    if threads <= 1 || work < min_work || n < 2 {
+    if threads <= 1 || work < min_work || n < 2 || crate::serial::is_serial() {
         f(0, n);
         return;
     }
@@ -556,6 +569,7 @@ impl<'a> TokJob<'a> {
         let row_bytes = w.format().row_bytes(k);
         let data = w.data();
         let mut buf = [0f32; TOK_ROW_BLOCK * MAX_BATCH];
+        let mut div = [1f32; TOK_ROW_BLOCK * MAX_BATCH];
         // Rows in blocks, tokens in L1-sized tiles: a tile's activations are read from L2
         // once per block of rows instead of once per row (the weights, a quarter of the
         // bytes per element, are the ones read again, from L1).
@@ -585,17 +599,29 @@ impl<'a> TokJob<'a> {
                         }
                     }
                 }
-                for (i, vals) in got.chunks_exact(nt).enumerate() {
-                    for (t, &v) in vals.iter().enumerate() {
-                        // bitnet.cpp's order for I2_S: sumi / s · w_s.
-                        let y = if i2s {
-                            v / scales[t0 + t] * w_s
-                        } else {
-                            v / scales[t0 + t]
-                        };
-                        // SAFETY: (t0 + t) < b and rb + i < n, so the index is in bounds of
-                        // the b·n outputs; rows rb..re are this task's alone.
-                        unsafe { self.ptr.write((t0 + t) * n + rb + i, y) }
+                // Divided in place as one vector loop (element j is token j mod nt's), then
+                // each token's outputs stored as one contiguous run of rows: one scalar
+                // division per output cost as much as the kernel at the bundled model's size.
+                let divisors = &mut div[..got.len()];
+                for row in divisors.chunks_exact_mut(nt) {
+                    row.copy_from_slice(&scales[t0..t0 + nt]);
+                }
+                if i2s {
+                    // bitnet.cpp's order for I2_S: sumi / s · w_s.
+                    got.iter_mut()
+                        .zip(divisors.iter())
+                        .for_each(|(v, &s)| *v = *v / s * w_s);
+                } else {
+                    got.iter_mut()
+                        .zip(divisors.iter())
+                        .for_each(|(v, &s)| *v /= s);
+                }
+                for t in 0..nt {
+                    // SAFETY: (t0 + t) < b and re ≤ n, so the run (t0 + t)·n + rb .. re is in
+                    // bounds of the b·n outputs; rows rb..re are this task's alone.
+                    let dst = unsafe { self.ptr.run((t0 + t) * n + rb, re - rb) };
+                    for (d, &v) in dst.iter_mut().zip(got[t..].iter().step_by(nt)) {
+                        *d = v;
                     }
                 }
             }

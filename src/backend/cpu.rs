@@ -10,8 +10,9 @@ use crate::gguf::GgmlType;
 use crate::model::{FfnAct, KvType, Model, TensorRef, ops};
 use crate::mux::units::{PieceKind, UnitId, UnitLayout};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use ternmux_kernels::Kernels;
 use ternmux_kernels::act::{ActQuant, QuantizedActs};
 use ternmux_kernels::attend::F16Cache;
@@ -33,12 +34,16 @@ impl KvStore {
     }
     fn write(&mut self, at: usize, src: &[f32]) {
         match self {
-            KvStore::F16(v) => {
-                for (d, &s) in v[at..at + src.len()].iter_mut().zip(src) {
-                    *d = f16::from_f32(s);
-                }
-            }
+            // half's slice conversion uses F16C when the CPU has it (8 values an instruction).
+            KvStore::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
             KvStore::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+        }
+    }
+    /// Writes one position's values of every KV head (`src`, heads of `hd` one after another)
+    /// into a layer's head-major cache of `n_ctx` positions per head.
+    fn write_heads(&mut self, pos: usize, src: &[f32], hd: usize, n_ctx: usize) {
+        for (h, head) in src.chunks_exact(hd).enumerate() {
+            self.write((h * n_ctx + pos) * hd, head);
         }
     }
     /// Attention of the query heads `q` (a group sharing one KV head) over `n_pos` positions of
@@ -97,17 +102,35 @@ impl KvStore {
     }
 }
 
-/// Keys and values of every layer for `slots` sequences of up to `n_ctx` positions each, in host
-/// memory, with the RoPE table of those positions.
-pub struct CpuKv {
+/// One sequence's keys and values, every layer (`n_ctx × kv_dim` values each), head-major: a
+/// KV head's positions are contiguous, so attention streams each head's keys and values in
+/// order (position-major, a head read 64 of every 256 bytes with the bundled model's shape,
+/// and the batched step's attention ran 3–4 times as long per row as a single sequence's).
+struct SlotKv {
     k: Vec<KvStore>,
     v: Vec<KvStore>,
-    kv_dim: usize,
-    n_ctx: usize,
-    slots: usize,
-    /// cos/sin per position and rotated pair (`n_rot/2` per position, filled as positions are used).
+}
+
+/// RoPE cos/sin per position and rotated pair (`n_rot/2` per position, filled as positions are
+/// used).
+#[derive(Clone, Default)]
+struct RopeTables {
     cos: Vec<f32>,
     sin: Vec<f32>,
+}
+
+/// Keys and values of every layer for `slots` sequences of up to `n_ctx` positions each, in host
+/// memory, with the RoPE table of those positions.
+///
+/// Each slot owns its storage, so a batch split by sequence ([`CpuKv::lend`]) runs its parts on
+/// several threads at once, each part holding its own sequences' slots.
+pub struct CpuKv {
+    /// Per slot; `None` while lent to a part ([`CpuKv::lend`]).
+    slots: Vec<Option<SlotKv>>,
+    kv_dim: usize,
+    n_ctx: usize,
+    /// Shared with the parts, which never extend it (the lender covers their positions).
+    rope: Arc<RopeTables>,
 }
 
 impl CpuKv {
@@ -115,15 +138,20 @@ impl CpuKv {
     pub fn new(model: &Model, n_ctx: usize, slots: usize, ty: KvType) -> CpuKv {
         let c = &model.config;
         let kv_dim = c.n_head_kv * c.head_dim;
-        let len = slots * n_ctx * kv_dim;
+        let len = n_ctx * kv_dim;
+        let layers = || (0..c.n_layer).map(|_| KvStore::new(ty, len)).collect();
         CpuKv {
-            k: (0..c.n_layer).map(|_| KvStore::new(ty, len)).collect(),
-            v: (0..c.n_layer).map(|_| KvStore::new(ty, len)).collect(),
+            slots: (0..slots)
+                .map(|_| {
+                    Some(SlotKv {
+                        k: layers(),
+                        v: layers(),
+                    })
+                })
+                .collect(),
             kv_dim,
             n_ctx,
-            slots,
-            cos: Vec::new(),
-            sin: Vec::new(),
+            rope: Arc::default(),
         }
     }
     /// Bytes the keys and values of a cache for `slots × n_ctx` positions take (known before
@@ -134,31 +162,85 @@ impl CpuKv {
         2 * c.n_layer * slots * n_ctx * c.n_head_kv * c.head_dim * width
     }
 
-    /// Index of `row`'s first value in a layer's cache, checked against the cache's shape.
-    fn at(&self, row: RowPlace) -> Result<usize> {
+    /// `row`'s slot, checked against the cache's shape (and against the slot being lent out).
+    fn slot_of(&self, row: RowPlace) -> Result<&SlotKv> {
         let (slot, pos) = (row.slot as usize, row.pos as usize);
-        if slot >= self.slots {
-            return Err(Error::Request(format!(
-                "row for cache slot {slot} of a cache with {} slots",
-                self.slots
-            )));
-        }
         if pos >= self.n_ctx {
             return Err(Error::Context {
                 needed: pos + 1,
                 limit: self.n_ctx,
             });
         }
-        Ok((slot * self.n_ctx + pos) * self.kv_dim)
+        match self.slots.get(slot) {
+            Some(Some(s)) => Ok(s),
+            Some(None) => Err(Error::Engine(format!(
+                "cache slot {slot} is lent to another part of a split pass"
+            ))),
+            None => Err(Error::Request(format!(
+                "row for cache slot {slot} of a cache with {} slots",
+                self.slots.len()
+            ))),
+        }
+    }
+    /// [`CpuKv::slot_of`] for writing.
+    fn slot_of_mut(&mut self, row: RowPlace) -> Result<&mut SlotKv> {
+        let slot = row.slot as usize;
+        self.slot_of(row)?;
+        match self.slots.get_mut(slot) {
+            Some(Some(s)) => Ok(s),
+            _ => Err(Error::Engine(format!("cache slot {slot} vanished"))),
+        }
+    }
+    /// Extends the RoPE tables to positions `0..end` (a no-op when they cover them).
+    fn cover_positions(&mut self, model: &Model, end: usize) {
+        let half = (model.config.n_rot / 2).max(1);
+        if self.rope.cos.len() < end * half {
+            let rope = Arc::make_mut(&mut self.rope);
+            extend_rope_tables(model, end, &mut rope.cos, &mut rope.sin);
+        }
+    }
+    /// Moves the slots `which` into a new cache, a part of a split pass whose rows reach
+    /// positions below `end`; they stay lent (unusable here) until [`CpuKv::take_back`]. No
+    /// values are copied: each slot's storage moves.
+    pub(crate) fn lend(&mut self, model: &Model, which: &[usize], end: usize) -> Result<CpuKv> {
+        self.cover_positions(model, end);
+        let mut part = CpuKv {
+            slots: (0..self.slots.len()).map(|_| None).collect(),
+            kv_dim: self.kv_dim,
+            n_ctx: self.n_ctx,
+            rope: Arc::clone(&self.rope),
+        };
+        for &s in which {
+            let taken = self.slots.get_mut(s).and_then(Option::take);
+            match taken {
+                Some(kv) => part.slots[s] = Some(kv),
+                None => {
+                    self.take_back(part);
+                    return Err(Error::Engine(format!(
+                        "cache slot {s} cannot be lent (out of range or lent already)"
+                    )));
+                }
+            }
+        }
+        Ok(part)
+    }
+    /// Takes back the slots lent to `part` ([`CpuKv::lend`]).
+    pub(crate) fn take_back(&mut self, part: CpuKv) {
+        for (mine, lent) in self.slots.iter_mut().zip(part.slots) {
+            if lent.is_some() {
+                *mine = lent;
+            }
+        }
     }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.k
+        self.slots
             .iter()
-            .chain(&self.v)
+            .flatten()
+            .flat_map(|s| s.k.iter().chain(&s.v))
             .map(KvStore::bytes)
             .sum::<usize>()
-            + (self.cos.len() + self.sin.len()) * 4
+            + (self.rope.cos.len() + self.rope.sin.len()) * 4
     }
 }
 
@@ -353,7 +435,7 @@ impl Backend for CpuExec<'_> {
     fn compute<R: Send>(&self, work: usize, ops: impl FnOnce() -> R + Send) -> R {
         // Below this, every product of the block is too small to split, and entering the pool
         // would cost a wake-up and a latch for nothing (the bundled model's batch-1 decode).
-        if work < Kernels::PARALLEL_MIN_WORK {
+        if work < Kernels::PARALLEL_MIN_WORK || ternmux_kernels::serial::is_serial() {
             return ops();
         }
         // A job of the rayon pool (run in place when already on a pool thread).
@@ -500,14 +582,16 @@ impl Backend for CpuExec<'_> {
         let n = rows.len();
         q_out[..n * qd].copy_from_slice(&q[..n * qd]);
         let end = rows.iter().map(|r| r.pos as usize + 1).max().unwrap_or(0);
-        extend_rope_tables(self.model, end, &mut kv.cos, &mut kv.sin);
+        kv.cover_positions(self.model, end);
+        let rope = Arc::clone(&kv.rope);
+        let (hd, n_ctx) = (c.head_dim, kv.n_ctx);
         let mut kr = vec![0f32; kvd];
         for (t, &row) in rows.iter().enumerate() {
-            let at = kv.at(row)?;
+            let slot = kv.slot_of_mut(row)?;
             let p = row.pos as usize;
             let (ct, st) = (
-                &kv.cos[p * half..(p + 1) * half],
-                &kv.sin[p * half..(p + 1) * half],
+                &rope.cos[p * half..(p + 1) * half],
+                &rope.sin[p * half..(p + 1) * half],
             );
             ops::rope(
                 &mut q_out[t * qd..(t + 1) * qd],
@@ -519,8 +603,14 @@ impl Backend for CpuExec<'_> {
             );
             kr.copy_from_slice(&k[t * kvd..(t + 1) * kvd]);
             ops::rope(&mut kr, c.head_dim, c.n_rot, c.rope_neox, ct, st);
-            kv.k[layer].write(at, &kr);
-            kv.v[layer].write(at, &v[t * kvd..(t + 1) * kvd]);
+            let bad_layer = || Error::Engine(format!("no KV layer {layer}"));
+            let (k_layer, v_layer) = (slot.k.get_mut(layer), slot.v.get_mut(layer));
+            k_layer
+                .ok_or_else(bad_layer)?
+                .write_heads(p, &kr, hd, n_ctx);
+            v_layer
+                .ok_or_else(bad_layer)?
+                .write_heads(p, &v[t * kvd..(t + 1) * kvd], hd, n_ctx);
         }
         Ok(())
     }
@@ -534,16 +624,21 @@ impl Backend for CpuExec<'_> {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         let c = &self.model.config;
-        let (hd, kvd) = (c.head_dim, kv.kv_dim);
+        let hd = c.head_dim;
         let qd = c.n_head * hd;
         let group = c.n_head / c.n_head_kv;
         let kq_scale = 1.0 / (hd as f32).sqrt();
-        let (kc, vc) = (&kv.k[layer], &kv.v[layer]);
         let kern = Kernels::get();
-        // Each row's slot start, checked once.
-        let starts: Vec<usize> = rows
+        // Each row's keys and values of this layer, checked once.
+        let caches: Vec<(&KvStore, &KvStore)> = rows
             .iter()
-            .map(|&r| kv.at(RowPlace { pos: 0, ..r }))
+            .map(|&r| {
+                let slot = kv.slot_of(RowPlace { pos: 0, ..r })?;
+                slot.k
+                    .get(layer)
+                    .zip(slot.v.get(layer))
+                    .ok_or_else(|| Error::Engine(format!("no KV layer {layer}")))
+            })
             .collect::<Result<_>>()?;
         let work: usize = rows.iter().map(|r| r.pos as usize + 1).sum::<usize>() * c.n_head * hd;
         // One job per (row, KV head): the `group` query heads that read KV head `kvh` are
@@ -553,12 +648,13 @@ impl Backend for CpuExec<'_> {
         let group_job = |scores: &mut Vec<f32>, (idx, o): (usize, &mut [f32])| -> Result<()> {
             let (t, kvh) = (idx / n_kv, idx % n_kv);
             let qg = &q[t * qd + kvh * gw..t * qd + (kvh + 1) * gw];
-            let (at, n_pos) = (starts[t] + kvh * hd, rows[t].pos as usize + 1);
+            // Head-major: this KV head's positions are one contiguous run.
+            let (at, n_pos) = (kvh * kv.n_ctx * hd, rows[t].pos as usize + 1);
             KvStore::attend(
                 kern,
-                (kc, vc),
+                caches[t],
                 at,
-                (n_pos, kvd, hd),
+                (n_pos, hd, hd),
                 qg,
                 kq_scale,
                 scores,
@@ -566,7 +662,7 @@ impl Backend for CpuExec<'_> {
             )
         };
         let out = &mut out[..rows.len() * qd];
-        if work > 1 << 16 {
+        if work > 1 << 16 && !ternmux_kernels::serial::is_serial() {
             out.par_chunks_mut(gw)
                 .enumerate()
                 .try_for_each_init(Vec::new, group_job)
@@ -617,7 +713,7 @@ impl Backend for CpuExec<'_> {
             .get(row0 * n_vocab..(row0 + rows) * n_vocab)
             .ok_or_else(|| Error::Request("pick_rows: rows past the logits".into()))?;
         let per_row = rows.chunks_exact(n_vocab.max(1));
-        if rows.len() < PICK_PARALLEL_MIN {
+        if rows.len() < PICK_PARALLEL_MIN || ternmux_kernels::serial::is_serial() {
             out.extend(per_row.map(crate::sampling::argmax));
         } else {
             out.par_extend(

@@ -3,13 +3,14 @@
 //! weights are read once per layer for the whole prompt (a backend may split long prompts into
 //! passes of [`Backend::max_tokens_per_pass`] tokens).
 
-use super::Model;
+use super::{Model, split};
 use crate::backend::cpu::{CpuExec, CpuKv};
 use crate::backend::opencl::{ClExec, ClKv};
 use crate::backend::{Backend, LayerMat, Mat, Norm, Placement, RowPlace};
 use crate::error::{Error, Result};
 use crate::mux::meter::Reservation;
 use crate::mux::units::UnitId;
+use rayon::prelude::*;
 
 /// Storage type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -245,41 +246,26 @@ impl Model {
             }
             self.check_tokens(cache, cache.lens[s.slot], s.tokens)?;
         }
-        // Rows whose logits are wanted go last, so the head runs over one contiguous tail:
-        // those read back first, those only picked after them.
-        let mut tokens = Vec::with_capacity(total);
-        let mut places = Vec::with_capacity(total);
-        let (mut tail, mut picked) = (Vec::new(), Vec::new());
-        for s in seqs {
-            let pos0 = cache.lens[s.slot];
-            for (i, &t) in s.tokens.iter().enumerate() {
-                let place = RowPlace {
-                    slot: s.slot as u32,
-                    pos: (pos0 + i) as u32,
-                };
-                if s.logits && i + 1 == s.tokens.len() {
-                    if s.pick {
-                        picked.push((t, place));
-                    } else {
-                        tail.push((t, place));
-                    }
-                } else {
-                    tokens.push(t);
-                    places.push(place);
-                }
+        let parts = match &cache.store {
+            KvStorage::Cpu(_) => self.split_plan(seqs),
+            KvStorage::OpenCl(_) => None,
+        };
+        // A split pass runs its parts on pool threads, which must never wait for a page-in:
+        // every unit is pinned first, or the batch is not split.
+        let pins = match parts {
+            Some(_) => self.pin_all_resident()?,
+            None => None,
+        };
+        match (parts, pins, &mut cache.store) {
+            (Some(parts), Some(_pins), KvStorage::Cpu(kv)) => {
+                cache.picked_last = false;
+                self.forward_parts(kv, &cache.lens, seqs, &parts, logits, picks)?;
+            }
+            _ => {
+                let rows = BatchRows::of(&cache.lens, seqs);
+                self.execute(cache, &rows.job(), logits, picks)?;
             }
         }
-        let (n_pick, n_out) = (picked.len(), tail.len() + picked.len());
-        for (t, p) in tail.into_iter().chain(picked) {
-            tokens.push(t);
-            places.push(p);
-        }
-        let job = Job {
-            tokens: &tokens,
-            places: &places,
-            out: Out::Tail { n_out, n_pick },
-        };
-        self.execute(cache, &job, logits, picks)?;
         for s in seqs {
             cache.lens[s.slot] += s.tokens.len();
         }
@@ -335,6 +321,173 @@ impl Model {
                 run(&ClExec::new(dev, self, kv), self, kv, job, logits, picks)
             }
         }
+    }
+}
+
+/// A batch's rows in pass order: rows whose logits are wanted go last, so the head runs over
+/// one contiguous tail: those read back first, those only picked after them.
+struct BatchRows {
+    tokens: Vec<u32>,
+    places: Vec<RowPlace>,
+    n_out: usize,
+    n_pick: usize,
+}
+
+impl BatchRows {
+    /// The rows of `seqs`, each sequence's from its slot's length in `lens` on.
+    fn of(lens: &[usize], seqs: &[SeqChunk<'_>]) -> BatchRows {
+        let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        let mut tokens = Vec::with_capacity(total);
+        let mut places = Vec::with_capacity(total);
+        let (mut tail, mut picked) = (Vec::new(), Vec::new());
+        for s in seqs {
+            let pos0 = lens.get(s.slot).copied().unwrap_or(0);
+            for (i, &t) in s.tokens.iter().enumerate() {
+                let place = RowPlace {
+                    slot: s.slot as u32,
+                    pos: (pos0 + i) as u32,
+                };
+                if s.logits && i + 1 == s.tokens.len() {
+                    if s.pick {
+                        picked.push((t, place));
+                    } else {
+                        tail.push((t, place));
+                    }
+                } else {
+                    tokens.push(t);
+                    places.push(place);
+                }
+            }
+        }
+        let (n_pick, n_out) = (picked.len(), tail.len() + picked.len());
+        for (t, p) in tail.into_iter().chain(picked) {
+            tokens.push(t);
+            places.push(p);
+        }
+        BatchRows {
+            tokens,
+            places,
+            n_out,
+            n_pick,
+        }
+    }
+
+    /// The job of one pass over these rows.
+    fn job(&self) -> Job<'_> {
+        Job {
+            tokens: &self.tokens,
+            places: &self.places,
+            out: Out::Tail {
+                n_out: self.n_out,
+                n_pick: self.n_pick,
+            },
+        }
+    }
+}
+
+impl Model {
+    /// How to split a batch on the CPU by sequence ([`split`]), or `None` to split each
+    /// product's rows instead.
+    fn split_plan(&self, seqs: &[SeqChunk<'_>]) -> Option<Vec<Vec<usize>>> {
+        if !split::enabled() {
+            return None;
+        }
+        let w = &self.weights;
+        let largest_block = w.layers.iter().map(|l| l.matrix_bytes()).max();
+        if largest_block.unwrap_or(0).max(w.output.range.len()) > split::SPLIT_MAX_UNIT_BYTES {
+            return None;
+        }
+        let rows: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
+        split::plan(&rows, rayon::current_num_threads())
+    }
+
+    /// Pins every unit of the model when all are resident; `None`, pinning nothing, when one
+    /// is not.
+    fn pin_all_resident(&self) -> Result<Option<Vec<crate::mux::core::UnitGuard>>> {
+        let units = (0..self.weights.layers.len())
+            .map(UnitId::Block)
+            .chain([UnitId::Head]);
+        let mut pins = Vec::with_capacity(self.weights.layers.len() + 1);
+        for u in units {
+            match self.pin_if_resident(u)? {
+                Some(g) => pins.push(g),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(pins))
+    }
+
+    /// A batch split by sequence into `parts` (indices into `seqs`): each part's slots are lent
+    /// to it and it runs as one pass on a pool thread with its products kept there; the
+    /// logits and picks come back in `seqs`' order, as one pass gives them.
+    fn forward_parts(
+        &self,
+        kv: &mut CpuKv,
+        lens: &[usize],
+        seqs: &[SeqChunk<'_>],
+        parts: &[Vec<usize>],
+        logits: &mut Vec<f32>,
+        picks: &mut Vec<u32>,
+    ) -> Result<()> {
+        let end = seqs
+            .iter()
+            .map(|s| lens.get(s.slot).copied().unwrap_or(0) + s.tokens.len())
+            .max()
+            .unwrap_or(0);
+        #[cfg(test)]
+        split::SPLIT_PASSES.with(|c| c.set(c.get() + 1));
+        let mut kvs = Vec::with_capacity(parts.len());
+        for p in parts {
+            let slots: Vec<usize> = p.iter().map(|&i| seqs[i].slot).collect();
+            match kv.lend(self, &slots, end) {
+                Ok(part) => kvs.push(part),
+                Err(e) => {
+                    kvs.into_iter().for_each(|part| kv.take_back(part));
+                    return Err(e);
+                }
+            }
+        }
+        let outs: Vec<Result<(Vec<f32>, Vec<u32>)>> = kvs
+            .par_iter_mut()
+            .zip(parts.par_iter())
+            .map(|(part_kv, idx)| {
+                ternmux_kernels::serial::serial(|| {
+                    let chunks: Vec<SeqChunk<'_>> = idx.iter().map(|&i| seqs[i]).collect();
+                    let rows = BatchRows::of(lens, &chunks);
+                    let (mut l, mut p) = (Vec::new(), Vec::new());
+                    run(
+                        &CpuExec::new(self),
+                        self,
+                        part_kv,
+                        &rows.job(),
+                        &mut l,
+                        &mut p,
+                    )?;
+                    Ok((l, p))
+                })
+            })
+            .collect();
+        kvs.into_iter().for_each(|part| kv.take_back(part));
+        let outs = outs.into_iter().collect::<Result<Vec<_>>>()?;
+        let mut part_of = vec![0; seqs.len()];
+        for (pi, p) in parts.iter().enumerate() {
+            p.iter().for_each(|&i| part_of[i] = pi);
+        }
+        let n_vocab = self.config.n_vocab;
+        let mut next = vec![(0, 0); parts.len()];
+        let short = || Error::Engine("a part of a split pass returned too few logits".into());
+        for (i, s) in seqs.iter().enumerate().filter(|(_, s)| s.logits) {
+            let ((l, p), at) = (&outs[part_of[i]], &mut next[part_of[i]]);
+            if s.pick {
+                picks.push(*p.get(at.1).ok_or_else(short)?);
+                at.1 += 1;
+            } else {
+                let row = l.get(at.0 * n_vocab..(at.0 + 1) * n_vocab);
+                logits.extend_from_slice(row.ok_or_else(short)?);
+                at.0 += 1;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -18,6 +18,7 @@ mod config;
 mod forward;
 mod head;
 pub mod ops;
+mod split;
 mod text_out;
 mod weights;
 
