@@ -122,7 +122,7 @@ struct RopeTables {
 /// Keys and values of every layer for `slots` sequences of up to `n_ctx` positions each, in host
 /// memory, with the RoPE table of those positions.
 ///
-/// Each slot owns its storage, so a batch split by sequence ([`CpuKv::lend`]) runs its parts on
+/// Each slot owns its storage, so a batch split by sequence (`CpuKv::lend`) runs its parts on
 /// several threads at once, each part holding its own sequences' slots.
 pub struct CpuKv {
     /// Per slot; `None` while lent to a part ([`CpuKv::lend`]).
