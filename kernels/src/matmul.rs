@@ -534,8 +534,6 @@ struct TokJob<'a> {
     tile: usize,
     /// The CPU has AVX-512: the epilogue is compiled for it ([`TokJob::rows_avx512`]).
     wide: bool,
-    /// I2_S: outputs scaled by the tensor's scale too.
-    i2s: bool,
 }
 
 impl<'a> TokJob<'a> {
@@ -556,7 +554,6 @@ impl<'a> TokJob<'a> {
             ptr: OutPtr(out.as_mut_ptr()),
             n: w.rows(),
             tile: tok_tile(w.cols()),
-            i2s: w.format() == TernaryFormat::I2S,
             wide: matches!(
                 kern.isa(),
                 crate::dispatch::Isa::Avx512 | crate::dispatch::Isa::Avx512Vbmi
@@ -621,7 +618,7 @@ impl<'a> TokJob<'a> {
     /// A row sum `v` of a token quantized with scale `s` as the product's output.
     #[inline(always)]
     fn finish(&self, v: f32, s: f32) -> f32 {
-        if self.i2s {
+        if self.w.format() == TernaryFormat::I2S {
             // bitnet.cpp's order for I2_S: sumi / s · w_s.
             v / s * self.w.tensor_scale()
         } else {

@@ -104,8 +104,7 @@ impl KvStore {
 
 /// One sequence's keys and values, every layer (`n_ctx × kv_dim` values each), head-major: a
 /// KV head's positions are contiguous, so attention streams each head's keys and values in
-/// order (position-major, a head read 64 of every 256 bytes with the bundled model's shape,
-/// and the batched step's attention ran 3–4 times as long per row as a single sequence's).
+/// order (position-major, a head read 64 of every 256 bytes with the bundled model's shape).
 struct SlotKv {
     k: Vec<KvStore>,
     v: Vec<KvStore>,
