@@ -328,6 +328,13 @@ fn arg_cache_enabled() -> bool {
     *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_ARG_CACHE").is_none_or(|v| v != "0"))
 }
 
+/// Whether runs of launches are queued holding the device's baton ([`ClDevice::queueing`];
+/// `TERNMUX_CL_BATON=0` turns it off).
+fn baton_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_BATON").is_none_or(|v| v != "0"))
+}
+
 /// How the host waits for a read (`TERNMUX_CL_WAIT`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ReadWait {
@@ -543,6 +550,9 @@ pub struct ClDevice {
     profile: Option<Mutex<Vec<Launched>>>,
     /// Whether the GPU-shaped kernel paths are chosen ([`ClDevice::gpu_kernels`]).
     gpu_shaped: bool,
+    /// Held while a thread queues a run of launches ([`ClDevice::queueing`]), so the threads
+    /// of models side by side take turns per run instead of per launch.
+    baton: Mutex<()>,
 }
 
 /// One compute queue and what the launches on it share. Launches on one in-order queue never
@@ -870,6 +880,7 @@ impl ClDevice {
             build_fallbacks,
             profile: profiling.then(|| Mutex::new(Vec::new())),
             gpu_shaped,
+            baton: Mutex::new(()),
         });
         open.insert(dev.info.raw, dev.clone());
         Ok(dev)
@@ -939,6 +950,24 @@ impl ClDevice {
     /// on PoCL as well.
     pub fn gpu_kernels(&self) -> bool {
         self.gpu_shaped
+    }
+
+    /// Runs `queue` (which queues launches and must not wait for the device or for another
+    /// thread) holding the device's queueing baton, so that one thread at a time queues a run.
+    ///
+    /// NVIDIA's driver serializes the threads that queue work on a context, and when two
+    /// threads queue launch by launch each pays for the other's: on the H100, two 2B models
+    /// side by side, one client each, took 24.7–26.6 µs of host time per launch against
+    /// 11.9 µs for one model alone (BENCHMARKS.md, issue 6, session 22). Handed over per run
+    /// (a block's launches), a thread queues its run at the uncontended cost while the other
+    /// waits, or waits for its own results. `TERNMUX_CL_BATON=0` turns it off, to compare.
+    pub fn queueing<R>(&self, queue: impl FnOnce() -> R) -> R {
+        if !baton_enabled() {
+            return queue();
+        }
+        // A poisoned baton guards nothing (it holds no data): take it anyway.
+        let _held = self.baton.lock().unwrap_or_else(|p| p.into_inner());
+        queue()
     }
 
     /// Whether launches are being profiled ([`PROFILE_ENV`] was set when the device opened).

@@ -592,6 +592,13 @@ impl Backend for ClExec<'_> {
         kv.max_pass
     }
 
+    /// Queues `ops` holding the device's queueing baton ([`ClDevice::queueing`]): models side
+    /// by side take turns per block instead of per launch.
+    fn compute<R: Send>(&self, work: usize, ops: impl FnOnce() -> R + Send) -> R {
+        let _ = work;
+        self.dev.queueing(ops)
+    }
+
     fn alloc(&self, len: usize) -> Result<ClBuf> {
         let mut pool = self
             .pool

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use ternmux::backend::Placement;
+use ternmux::backend::opencl::Timeline;
 use ternmux::engine::{Engine, Event, Prompt, Request};
 use ternmux::sampling::SamplingParams;
 use ternmux::server::client;
@@ -199,12 +201,13 @@ fn run_query(
 }
 
 /// Steps, rows, forward ns, sampling ns and gate-wait ns summed over the in-process engine's
-/// models, then its multiplexer's page-ins, bytes paged in and page-in ns.
-fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 8]> {
+/// models, then its multiplexer's page-ins, bytes paged in and page-in ns, then the tokens
+/// generated, and on OpenCL the kernels launched and the host ns spent queueing them.
+fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 11]> {
     let Target::Local(engine) = target else {
         return None;
     };
-    let mut out = [0u64; 8];
+    let mut out = [0u64; 11];
     for m in models {
         let c = engine.metrics(m).ok()?;
         for (o, v) in out.iter_mut().zip([
@@ -216,6 +219,11 @@ fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 8]> {
         ]) {
             *o += v.load(Ordering::Relaxed);
         }
+        out[8] += c.generated_tokens.load(Ordering::Relaxed);
+    }
+    if let Placement::OpenCl(d) = engine.mux().placement() {
+        out[9] = d.launches();
+        out[10] = d.queue_time().as_nanos() as u64;
     }
     let mux = engine.mux().stats();
     out[5] = mux.misses();
@@ -226,6 +234,39 @@ fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 8]> {
         .map(|m| m.page_in_total.as_nanos() as u64)
         .sum();
     Some(out)
+}
+
+/// With `TERNMUX_CL_PROFILE=1` on an in-process OpenCL engine: how the device spent the
+/// level (kernels, page-in copies, idle), from the commands recorded since the last call.
+fn device_timeline(target: &Target, wall: f64) -> Option<String> {
+    let Target::Local(engine) = target else {
+        return None;
+    };
+    let Placement::OpenCl(d) = engine.mux().placement() else {
+        return None;
+    };
+    if !d.profiling() {
+        return None;
+    }
+    let commands = match d.take_commands() {
+        Ok(c) => c,
+        Err(e) => return Some(format!("device timeline unavailable: {e}")),
+    };
+    let t = Timeline::from_commands(&commands);
+    let kernels = commands
+        .iter()
+        .filter(|c| !matches!(c.name.as_str(), "page-in copy" | "fence" | "barrier"))
+        .count();
+    Some(format!(
+        "device (profiled): {kernels} kernels; over the {wall:.2} s level kernels ran {:.2} s \
+         ({:.0}%), page-in copies {:.2} s, both at once {:.2} s, idle {:.2} s of a {:.2} s span",
+        t.kernels_s,
+        100.0 * t.kernels_s / wall.max(1e-9),
+        t.copies_s,
+        t.both_s,
+        t.idle_s(),
+        t.span_s
+    ))
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -417,18 +458,33 @@ pub fn bench_concurrency(a: ConcArgs, out: &mut impl Write) -> Result<(), Failur
         if let (Some(b), Some(a)) = (before, after) {
             let steps = (a[0] - b[0]).max(1) as f64;
             eprintln!(
-                "  conc {conc}: {} batched steps, {:.1} rows/step, {:.2} ms forward (of which \
-                 {:.2} ms waiting on page-ins) + {:.2} ms sampling/streaming per step; \
-                 {:.2} s waiting at the gate, {} page-ins, {:.2} GB paged in",
+                "  conc {conc}: {} batched steps, {:.1} rows/step, {:.1} tokens/step, {:.2} ms \
+                 forward (of which {:.2} ms waiting on page-ins) + {:.2} ms sampling/streaming \
+                 per step, {:.2} passes running at once on average; {:.2} s waiting at the gate, \
+                 {} page-ins, {:.2} GB paged in",
                 a[0] - b[0],
                 (a[1] - b[1]) as f64 / steps,
+                (a[8] - b[8]) as f64 / steps,
                 (a[2] - b[2]) as f64 / steps / 1e6,
                 (a[7] - b[7]) as f64 / steps / 1e6,
                 (a[3] - b[3]) as f64 / steps / 1e6,
+                (a[2] - b[2]) as f64 / 1e9 / wall.max(1e-9),
                 (a[4] - b[4]) as f64 / 1e9,
                 a[5] - b[5],
                 (a[6] - b[6]) as f64 / 1e9
             );
+            if a[9] > b[9] {
+                eprintln!(
+                    "  conc {conc}: {:.0} kernel launches per step, {:.2} ms of host time \
+                     queueing them per step ({:.1} µs a launch)",
+                    (a[9] - b[9]) as f64 / steps,
+                    (a[10] - b[10]) as f64 / steps / 1e6,
+                    (a[10] - b[10]) as f64 / (a[9] - b[9]) as f64 / 1e3
+                );
+            }
+            if let Some(line) = device_timeline(&target, wall) {
+                eprintln!("  conc {conc}: {line}");
+            }
         }
         if let Some(e) = failure.into_inner().ok().flatten() {
             return Err(e.into());
