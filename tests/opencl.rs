@@ -30,6 +30,54 @@ fn device() -> Option<Arc<ClDevice>> {
     }
 }
 
+/// Runs of launches queued through `ClDevice::queueing` (what the forward pass does per block)
+/// never overlap between threads: models side by side take turns per run, not per launch. A
+/// closure that sees another thread inside fails the test; each run queues real launches.
+#[test]
+fn queueing_runs_take_turns() {
+    let Some(d) = device() else { return };
+    if std::env::var_os("TERNMUX_CL_BATON").is_some_and(|v| v == "0") {
+        eprintln!("skipped: TERNMUX_CL_BATON=0 turns the baton off");
+        return;
+    }
+    let n = 2560;
+    let x = up_f32(&d, &vec![1.0f32; n]);
+    let inside = std::sync::atomic::AtomicUsize::new(0);
+    let overlaps = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for lane in 0..2 {
+            let (d, x, inside, overlaps) = (&d, &x, &inside, &overlaps);
+            s.spawn(move || {
+                ClDevice::bind_lane(lane);
+                let (y, q, sc) = (
+                    d.alloc(n * 4).unwrap(),
+                    d.alloc(n).unwrap(),
+                    d.alloc(4).unwrap(),
+                );
+                for _ in 0..50 {
+                    d.queueing(|| {
+                        if inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst) != 0 {
+                            overlaps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        for _ in 0..4 {
+                            d.norm_quant(x, n, 0, 1, None, 1e-5, Some(&y), Some((&q, &sc)))
+                                .unwrap();
+                        }
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                        inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    });
+                }
+                d.finish().unwrap();
+            });
+        }
+    });
+    assert_eq!(
+        overlaps.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "two threads queued runs at once"
+    );
+}
+
 #[test]
 fn opencl_device_named() {
     let Some(d) = device() else { return };
