@@ -7,6 +7,7 @@ use common::cosine;
 use half::f16;
 use proptest::prelude::*;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use ternmux::backend::opencl::{
     ActTail, ClDevice, DevBuf, FEW_MAX_TOKENS, Places, RopeShape, RowTail, TernaryOut,
 };
@@ -42,8 +43,8 @@ fn queueing_runs_take_turns() {
     }
     let n = 2560;
     let x = up_f32(&d, &vec![1.0f32; n]);
-    let inside = std::sync::atomic::AtomicUsize::new(0);
-    let overlaps = std::sync::atomic::AtomicUsize::new(0);
+    let inside = AtomicUsize::new(0);
+    let overlaps = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for lane in 0..2 {
             let (d, x, inside, overlaps) = (&d, &x, &inside, &overlaps);
@@ -56,15 +57,15 @@ fn queueing_runs_take_turns() {
                 );
                 for _ in 0..50 {
                     d.queueing(|| {
-                        if inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst) != 0 {
-                            overlaps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if inside.fetch_add(1, Ordering::SeqCst) != 0 {
+                            overlaps.fetch_add(1, Ordering::SeqCst);
                         }
                         for _ in 0..4 {
                             d.norm_quant(x, n, 0, 1, None, 1e-5, Some(&y), Some((&q, &sc)))
                                 .unwrap();
                         }
                         std::thread::sleep(std::time::Duration::from_micros(200));
-                        inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        inside.fetch_sub(1, Ordering::SeqCst);
                     });
                 }
                 d.finish().unwrap();
@@ -72,7 +73,7 @@ fn queueing_runs_take_turns() {
         }
     });
     assert_eq!(
-        overlaps.load(std::sync::atomic::Ordering::SeqCst),
+        overlaps.load(Ordering::SeqCst),
         0,
         "two threads queued runs at once"
     );

@@ -418,6 +418,13 @@ pub struct CommandTimes {
     pub end: u64,
 }
 
+impl CommandTimes {
+    /// Whether the command is a kernel (not a page-in copy, a fence or a barrier).
+    pub fn is_kernel(&self) -> bool {
+        !matches!(self.name.as_str(), COPY_NAME | FENCE_NAME | BARRIER_NAME)
+    }
+}
+
 /// How a device's time was spent over a stretch of work (profiling timestamps, seconds): the
 /// span from the first command's start to the last one's end, and within it the time kernels
 /// ran, page-in copies ran, and both ran at once.
@@ -444,10 +451,10 @@ impl Timeline {
         let mut kernels = Vec::new();
         let mut copies = Vec::new();
         for c in commands {
-            match c.name.as_str() {
-                COPY_NAME => copies.push((c.start, c.end)),
-                FENCE_NAME | BARRIER_NAME => {}
-                _ => kernels.push((c.start, c.end)),
+            if c.is_kernel() {
+                kernels.push((c.start, c.end));
+            } else if c.name == COPY_NAME {
+                copies.push((c.start, c.end));
             }
         }
         Timeline::from_intervals(kernels, copies)

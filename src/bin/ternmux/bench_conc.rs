@@ -253,10 +253,7 @@ fn device_timeline(target: &Target, wall: f64) -> Option<String> {
         Err(e) => return Some(format!("device timeline unavailable: {e}")),
     };
     let t = Timeline::from_commands(&commands);
-    let kernels = commands
-        .iter()
-        .filter(|c| !matches!(c.name.as_str(), "page-in copy" | "fence" | "barrier"))
-        .count();
+    let kernels = commands.iter().filter(|c| c.is_kernel()).count();
     Some(format!(
         "device (profiled): {kernels} kernels; over the {wall:.2} s level kernels ran {:.2} s \
          ({:.0}%), page-in copies {:.2} s, both at once {:.2} s, idle {:.2} s of a {:.2} s span",
