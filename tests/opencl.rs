@@ -636,10 +636,11 @@ proptest! {
         }
     }
 
-    /// The few-token kernel (up to FEW_MAX_TOKENS tokens, matrices of different heights, a
-    /// bias, accumulating or not) gives each token the bits it gives that token alone: a
-    /// sequence's outputs do not depend on which others share its step. More tokens than it
-    /// takes are refused. (`check_ternary` holds it against f64.)
+    /// The few-token kernels (up to FEW_MAX_TOKENS tokens, matrices of different heights, a
+    /// bias, accumulating or not: the team-per-row kernel, and on NVIDIA sm_80+ the
+    /// tensor-core one) give each token the bits they give that token alone: within a kernel,
+    /// a sequence's outputs do not depend on which others share its step. More tokens than
+    /// they take are refused. (`check_ternary` holds both against f64.)
     #[test]
     fn few_token_kernel_same_bits_alone(rows_a in prop_oneof![1usize..200, Just(2560usize)], rows_b in 1usize..70, kb in 1usize..20, n_tok in 2usize..=FEW_MAX_TOKENS, i2s in any::<bool>(), accumulate in any::<bool>(), seed in any::<u64>()) {
         let Some(d) = device() else { return Ok(()) };
@@ -656,33 +657,45 @@ proptest! {
         let biasb = up_f32(&d, &bias);
         let start_a: Vec<f32> = (0..n_tok * rows_a).map(|_| r.f()).collect();
         let start_b: Vec<f32> = (0..n_tok * rows_b).map(|_| r.f()).collect();
-        let (oa, ob) = (up_f32(&d, &start_a), up_f32(&d, &start_b));
         let (qb, sb) = (d.upload(bytemuck::cast_slice(&q)).unwrap(), up_f32(&d, &sc));
-        d.ternary_few(fmt, k, &qb, &sb, n_tok, &[
-            TernaryOut { w: &wab, rows: rows_a, out: &oa, scale: 0.75, bias: None },
-            TernaryOut { w: &wbb, rows: rows_b, out: &ob, scale: 1.5, bias: Some(&biasb) },
-        ], accumulate).unwrap();
-        let (ga, gb) = (read_f32(&d, &oa, n_tok * rows_a), read_f32(&d, &ob, n_tok * rows_b));
-        for t in 0..n_tok {
-            let qt = d.upload(bytemuck::cast_slice(&q[t * k..(t + 1) * k])).unwrap();
-            let st = up_f32(&d, &sc[t..=t]);
-            let (ea, eb) = (up_f32(&d, &start_a[t * rows_a..(t + 1) * rows_a]), up_f32(&d, &start_b[t * rows_b..(t + 1) * rows_b]));
-            d.ternary_few(fmt, k, &qt, &st, 1, &[
-                TernaryOut { w: &wab, rows: rows_a, out: &ea, scale: 0.75, bias: None },
-                TernaryOut { w: &wbb, rows: rows_b, out: &eb, scale: 1.5, bias: Some(&biasb) },
-            ], accumulate).unwrap();
-            let (wa1, wb1) = (read_f32(&d, &ea, rows_a), read_f32(&d, &eb, rows_b));
-            for (i, w) in wa1.iter().enumerate() {
-                let g = ga[t * rows_a + i];
-                prop_assert_eq!(g.to_bits(), w.to_bits(), "token {} row {} of a: {} vs {}", t, i, g, w);
+        for mma in [false, true] {
+            if mma && !d.mma() {
+                continue;
             }
-            for (i, w) in wb1.iter().enumerate() {
-                let g = gb[t * rows_b + i];
-                prop_assert_eq!(g.to_bits(), w.to_bits(), "token {} row {} of b: {} vs {}", t, i, g, w);
+            let few = |q: &DevBuf, s: &DevBuf, n: usize, outs: &[TernaryOut<'_>]| {
+                if mma {
+                    d.ternary_few_mma(fmt, k, q, s, n, outs, accumulate)
+                } else {
+                    d.ternary_few(fmt, k, q, s, n, outs, accumulate)
+                }
+            };
+            let (oa, ob) = (up_f32(&d, &start_a), up_f32(&d, &start_b));
+            few(&qb, &sb, n_tok, &[
+                TernaryOut { w: &wab, rows: rows_a, out: &oa, scale: 0.75, bias: None },
+                TernaryOut { w: &wbb, rows: rows_b, out: &ob, scale: 1.5, bias: Some(&biasb) },
+            ]).unwrap();
+            let (ga, gb) = (read_f32(&d, &oa, n_tok * rows_a), read_f32(&d, &ob, n_tok * rows_b));
+            for t in 0..n_tok {
+                let qt = d.upload(bytemuck::cast_slice(&q[t * k..(t + 1) * k])).unwrap();
+                let st = up_f32(&d, &sc[t..=t]);
+                let (ea, eb) = (up_f32(&d, &start_a[t * rows_a..(t + 1) * rows_a]), up_f32(&d, &start_b[t * rows_b..(t + 1) * rows_b]));
+                few(&qt, &st, 1, &[
+                    TernaryOut { w: &wab, rows: rows_a, out: &ea, scale: 0.75, bias: None },
+                    TernaryOut { w: &wbb, rows: rows_b, out: &eb, scale: 1.5, bias: Some(&biasb) },
+                ]).unwrap();
+                let (wa1, wb1) = (read_f32(&d, &ea, rows_a), read_f32(&d, &eb, rows_b));
+                for (i, w) in wa1.iter().enumerate() {
+                    let g = ga[t * rows_a + i];
+                    prop_assert_eq!(g.to_bits(), w.to_bits(), "token {} row {} of a: {} vs {}", t, i, g, w);
+                }
+                for (i, w) in wb1.iter().enumerate() {
+                    let g = gb[t * rows_b + i];
+                    prop_assert_eq!(g.to_bits(), w.to_bits(), "token {} row {} of b: {} vs {}", t, i, g, w);
+                }
             }
+            let over = few(&qb, &sb, FEW_MAX_TOKENS + 1, &[TernaryOut { w: &wab, rows: rows_a, out: &oa, scale: 1.0, bias: None }]);
+            prop_assert!(over.is_err(), "more tokens than the kernel takes must be refused");
         }
-        let over = d.ternary_few(fmt, k, &qb, &sb, FEW_MAX_TOKENS + 1, &[TernaryOut { w: &wab, rows: rows_a, out: &oa, scale: 1.0, bias: None }], false);
-        prop_assert!(over.is_err(), "more tokens than the kernel takes must be refused");
     }
 
     /// The gate/up GEMV with the FFN activation as its epilogue gives what the GEMV and

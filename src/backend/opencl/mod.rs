@@ -27,4 +27,7 @@ pub use device::{
     Unavailable, list_devices,
 };
 pub use exec::{ClExec, ClKv, DevStorage, DevUnit};
-pub use ops::{ActTail, FEW_MAX_TOKENS, Places, RopeShape, RowTail, TernaryOut, pick_part_bytes};
+pub use ops::{
+    ActTail, FEW_MAX_TOKENS, FEW_MMA_MIN_TOKENS, Places, RopeShape, RowTail, TernaryOut,
+    pick_part_bytes,
+};

@@ -61,6 +61,26 @@ fn few_max_tokens(k: usize) -> usize {
     set.unwrap_or(if k >= 14336 { 4 } else { FEW_MAX_TOKENS })
         .min(FEW_MAX_TOKENS)
 }
+/// Blocks whose codes a warp of the tensor-core few-token kernel loads at once (`MF_U` in
+/// cl/ternary_mma.cl); the host gives a work-group enough warps, at most [`MF_WARPS`], that
+/// each has about half that many of the row's blocks.
+const MF_U: usize = 4;
+/// The most warps of a work-group of the tensor-core few-token kernel.
+const MF_WARPS: usize = 8;
+
+/// The fewest tokens that take the tensor-core few-token kernel: at 2 tokens the team-per-row
+/// kernel was quicker (passes of the 2B shape 3.12–3.14 against 3.27–3.68 ms; at 4 tokens
+/// 3.40–3.42 against 3.82–3.90, at 8 3.84–3.86 against 4.86–4.90; H100, BENCHMARKS.md).
+pub const FEW_MMA_MIN_TOKENS: usize = 3;
+
+/// Whether batches of [`FEW_MMA_MIN_TOKENS`] or more take the tensor-core few-token kernel
+/// where the kernels have it (`ternary_few_tq2_mma`; `TERNMUX_CL_FEW_MMA=0`: the team-per-row
+/// kernels instead).
+fn few_mma_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_FEW_MMA").is_none_or(|v| v != "0"))
+}
+
 /// The tensor-core F16 GEMM (cl/float_mma.cl, NVIDIA sm_80+): rows and tokens of a
 /// work-group's tile (eight warps of 16 rows), elements per staged chunk, local words per
 /// staged token.
@@ -180,6 +200,7 @@ impl Tq2Like {
                 gemv_norm: "ternary_gemv_tq2_norm",
                 gemv_act: "ternary_gemv_tq2_act",
                 few: ["ternary_few2_tq2", "ternary_few4_tq2", "ternary_few8_tq2"],
+                few_mma: "ternary_few_tq2_mma",
                 pair: "ternary_matmul_tq2_pair",
                 tiled: "ternary_matmul_tq2_tiled",
                 mma: "ternary_matmul_tq2_mma",
@@ -189,6 +210,7 @@ impl Tq2Like {
                 gemv_norm: "ternary_gemv_i2s_norm",
                 gemv_act: "ternary_gemv_i2s_act",
                 few: ["ternary_few2_i2s", "ternary_few4_i2s", "ternary_few8_i2s"],
+                few_mma: "ternary_few_i2s_mma",
                 pair: "ternary_matmul_i2s_pair",
                 tiled: "ternary_matmul_i2s_tiled",
                 mma: "ternary_matmul_i2s_mma",
@@ -207,6 +229,8 @@ struct Tq2Kernels {
     gemv_act: &'static str,
     /// Up to 2, 4 and 8 tokens, each code word's masks applied to all of them.
     few: [&'static str; 3],
+    /// Up to 8 tokens on NVIDIA's int8 tensor cores (sm_80+), 16 rows a work-group.
+    few_mma: &'static str,
     /// Small batches, two rows per team.
     pair: &'static str,
     /// Batches from `TILED_MIN_TOKENS`, tiled in local memory.
@@ -552,6 +576,9 @@ impl ClDevice {
         }
         // A few tokens: each block's weights read once and applied to all of them.
         if like.is_some() && n_tok <= few_max_tokens(k) && self.gpu_kernels() {
+            if n_tok >= FEW_MMA_MIN_TOKENS && self.mma() && few_mma_enabled() {
+                return self.ternary_few_mma(fmt, k, q, s, n_tok, outs, accumulate);
+            }
             return self.ternary_few(fmt, k, q, s, n_tok, outs, accumulate);
         }
         let mut args = vec![
@@ -843,6 +870,44 @@ impl ClDevice {
             _ => 2,
         }];
         self.launch(name, &[total.div_ceil(ROWS_PER_GROUP) * wg], &[wg], &args)
+    }
+
+    /// What [`Self::ternary_few`] computes, on NVIDIA's int8 tensor cores (sm_80 and later:
+    /// [`Self::mma`]): a work-group of warps per 16 rows, each warp a share of the blocks, the
+    /// 1..=[`FEW_MAX_TOKENS`] tokens one tile of the tensor core's `m16n8k32`. Its cost barely
+    /// grows with the tokens (the team-per-row kernel's does), so batches of
+    /// [`FEW_MMA_MIN_TOKENS`] or more take it (H100, BENCHMARKS.md, issue 6, session 22). A
+    /// token's outputs are the same bits however many tokens share the launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ternary_few_mma(
+        &self,
+        fmt: TernaryFormat,
+        k: usize,
+        q: &DevBuf,
+        s: &DevBuf,
+        n_tok: usize,
+        outs: &[TernaryOut<'_>],
+        accumulate: bool,
+    ) -> Result<()> {
+        if !self.mma() {
+            return Err(Error::Device(
+                "opencl: the tensor-core few-token kernel needs NVIDIA sm_80 or later".into(),
+            ));
+        }
+        if !(1..=FEW_MAX_TOKENS).contains(&n_tok) {
+            return Err(Error::Device(format!(
+                "opencl: the few-token kernel takes 1 to {FEW_MAX_TOKENS} tokens, not {n_tok}"
+            )));
+        }
+        let (kernels, mut args, total) =
+            self.gemv_args(fmt, k, q, s, Some(n_tok), outs, accumulate)?;
+        // 16 rows per work-group of `ks` warps; their sums meet in local memory.
+        let ks = (k / 256).div_ceil(MF_U / 2).clamp(1, MF_WARPS);
+        if let Some(last) = args.last_mut() {
+            *last = Arg::Local(ks * TEAM * 4 * 4);
+        }
+        let wg = ks * TEAM;
+        self.launch(kernels.few_mma, &[total.div_ceil(16) * wg], &[wg], &args)
     }
 
     /// Whether [`Self::ternary_gemv`] takes matrices of `fmt` with rows of `k`.
