@@ -314,9 +314,9 @@ inline void mma_body(MMA_PARAMS, const int fmt) {
 }
 
 // 1..8 tokens (the small batched steps of a few sequences decoding) on the int8 tensor cores: a
-// work-group of ks warps (the host's choice: at most 8, each with about MF_U / 2 blocks) owns 16
-// rows, each warp a share of their blocks (blocks w, w + ks, …), the codes of MF_U of its blocks
-// loaded before any is summed; the tokens are one mma n-tile,
+// work-group of ks warps (the host's choice: a power of two, at most 8, each warp with about
+// MF_U / 2 blocks) owns 16 rows, each warp a share of their blocks (blocks w, w + ks, …), the
+// codes of MF_U of its blocks loaded before any is summed; the tokens are one mma n-tile,
 // their activations read straight from global memory (B fragments: token g, k = 4·tq..+3 and
 // 16 + 4·tq..+3 of each 32-weight slice; zeros past the last token). Per block the int32 sums
 // are exact, then the row's block scale; the warps' sums are added in warp order by warp 0, so

@@ -63,14 +63,15 @@ fn few_max_tokens(k: usize) -> usize {
 }
 /// Blocks whose codes a warp of the tensor-core few-token kernel loads at once (`MF_U` in
 /// cl/ternary_mma.cl); the host gives a work-group enough warps, at most [`MF_WARPS`], that
-/// each has about half that many of the row's blocks.
+/// each has about half that many of the row's blocks (rounded up to a power of two).
 const MF_U: usize = 4;
 /// The most warps of a work-group of the tensor-core few-token kernel.
 const MF_WARPS: usize = 8;
 
 /// The fewest tokens that take the tensor-core few-token kernel: at 2 tokens the team-per-row
-/// kernel was quicker (passes of the 2B shape 3.12–3.14 against 3.27–3.68 ms; at 4 tokens
-/// 3.40–3.42 against 3.82–3.90, at 8 3.84–3.86 against 4.86–4.90; H100, BENCHMARKS.md).
+/// kernel was quicker (passes of the 2B shape on the H100, 3.12–3.14 ms against 3.27–3.68 for a
+/// first build of the tensor-core kernel; at 4 and 8 tokens this build takes 3.50–3.67 and
+/// 3.92–3.94 ms against 3.78–3.89 and 4.81–4.88: BENCHMARKS.md, issue 6, session 22).
 pub const FEW_MMA_MIN_TOKENS: usize = 3;
 
 /// Whether batches of [`FEW_MMA_MIN_TOKENS`] or more take the tensor-core few-token kernel
@@ -902,7 +903,10 @@ impl ClDevice {
         let (kernels, mut args, total) =
             self.gemv_args(fmt, k, q, s, Some(n_tok), outs, accumulate)?;
         // 16 rows per work-group of `ks` warps; their sums meet in local memory.
-        let ks = (k / 256).div_ceil(MF_U / 2).clamp(1, MF_WARPS);
+        let ks = (k / 256)
+            .div_ceil(MF_U / 2)
+            .next_power_of_two()
+            .clamp(1, MF_WARPS);
         if let Some(last) = args.last_mut() {
             *last = Arg::Local(ks * TEAM * 4 * 4);
         }
