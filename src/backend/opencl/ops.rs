@@ -74,6 +74,16 @@ const MF_WARPS: usize = 8;
 /// 3.92–3.94 ms against 3.78–3.89 and 4.81–4.88: BENCHMARKS.md, issue 6, session 22).
 pub const FEW_MMA_MIN_TOKENS: usize = 3;
 
+/// Refuses a token count the few-token kernels do not take (1..=[`FEW_MAX_TOKENS`]).
+fn few_tokens(n_tok: usize) -> Result<()> {
+    if (1..=FEW_MAX_TOKENS).contains(&n_tok) {
+        return Ok(());
+    }
+    Err(Error::Device(format!(
+        "opencl: the few-token kernels take 1 to {FEW_MAX_TOKENS} tokens, not {n_tok}"
+    )))
+}
+
 /// Whether batches of [`FEW_MMA_MIN_TOKENS`] or more take the tensor-core few-token kernel
 /// where the kernels have it (`ternary_few_tq2_mma`; `TERNMUX_CL_FEW_MMA=0`: the team-per-row
 /// kernels instead).
@@ -857,11 +867,7 @@ impl ClDevice {
         outs: &[TernaryOut<'_>],
         accumulate: bool,
     ) -> Result<()> {
-        if !(1..=FEW_MAX_TOKENS).contains(&n_tok) {
-            return Err(Error::Device(format!(
-                "opencl: the few-token kernel takes 1 to {FEW_MAX_TOKENS} tokens, not {n_tok}"
-            )));
-        }
+        few_tokens(n_tok)?;
         let (kernels, args, total) = self.gemv_args(fmt, k, q, s, Some(n_tok), outs, accumulate)?;
         let wg = ROWS_PER_GROUP * TEAM;
         // The entry built for the fewest tokens that hold these.
@@ -895,11 +901,7 @@ impl ClDevice {
                 "opencl: the tensor-core few-token kernel needs NVIDIA sm_80 or later".into(),
             ));
         }
-        if !(1..=FEW_MAX_TOKENS).contains(&n_tok) {
-            return Err(Error::Device(format!(
-                "opencl: the few-token kernel takes 1 to {FEW_MAX_TOKENS} tokens, not {n_tok}"
-            )));
-        }
+        few_tokens(n_tok)?;
         let (kernels, mut args, total) =
             self.gemv_args(fmt, k, q, s, Some(n_tok), outs, accumulate)?;
         // 16 rows per work-group of `ks` warps; their sums meet in local memory.
