@@ -964,8 +964,8 @@ impl ClDevice {
     ///
     /// NVIDIA's driver serializes the threads that queue work on a context, and when two
     /// threads queue launch by launch each pays for the other's: on the H100, two 2B models
-    /// side by side, one client each, took 24.7–26.6 µs of host time per launch against
-    /// 11.9 µs for one model alone (BENCHMARKS.md, issue 6, session 22). Handed over per run
+    /// side by side, two or four clients each, took 24.7–26.6 µs of host time per launch
+    /// against 11.9 µs for one model alone (BENCHMARKS.md, issue 6, session 22). Handed over per run
     /// (a block's launches), a thread queues its run at the uncontended cost while the other
     /// waits, or waits for its own results. `TERNMUX_CL_BATON=0` turns it off, to compare.
     pub fn queueing<R>(&self, queue: impl FnOnce() -> R) -> R {

@@ -909,8 +909,14 @@ impl ClDevice {
             .div_ceil(MF_U / 2)
             .next_power_of_two()
             .clamp(1, MF_WARPS);
-        if let Some(last) = args.last_mut() {
-            *last = Arg::Local(ks * TEAM * 4 * 4);
+        // The team sums' local buffer, which `gemv_args` puts last, sized for this kernel.
+        match args.last_mut() {
+            Some(sums @ Arg::Local(_)) => *sums = Arg::Local(ks * TEAM * 4 * 4),
+            _ => {
+                return Err(Error::Device(
+                    "opencl: the few-token arguments do not end with their local sums".into(),
+                ));
+            }
         }
         let wg = ks * TEAM;
         self.launch(kernels.few_mma, &[total.div_ceil(16) * wg], &[wg], &args)
