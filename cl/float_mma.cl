@@ -18,7 +18,8 @@
 // and lo halves, token stride ≡ 16 words mod 32 so the 16-byte loads meet no bank conflict), two
 // buffers: the next chunk's loads are in flight while this one is summed.
 //
-// Grid: (row tiles · MF_WARPS · 32, token tiles); local: 2 · (MF_TOKS · MF_STRIDE + MF_TOKS) words.
+// Grid: (row tiles · MF_WARPS · 32, token tiles); local: 2 · tile tokens · (MF_STRIDE + 1) words
+// (tile tokens: MF_TOKS, or 8 for `float_matmul_f16_mma8`).
 
 #ifdef TERNMUX_MMA_F16
 #define MF_WARPS 8
@@ -68,13 +69,13 @@ inline float half_warp_max(float v) {
 // This work-item's share of chunk `ch` of the tile's activations (float4 pieces lid, lid + 256,
 // …; 16 per token, so a token's pieces are 16 consecutive lanes), all loads issued first.
 inline void mf_load(__global const float* x, int k, int t0, int nt, int n_piece, int ch, int lid,
-                    float4 stage[MF_STAGE]) {
+                    float4 stage[MF_STAGE], const int tiles) {
 #pragma unroll
     for (int i = 0; i < MF_STAGE; i++) {
         int u = lid + i * MF_WARPS * 32;
         int t = u / 16, v = u % 16;
         stage[i] = (float4)(0.0f);
-        if (u < n_piece && t < nt) {
+        if (i * MF_WARPS * 32 < tiles * 128 && u < n_piece && t < nt) {
             stage[i] = *(const __global float4*)(x + (size_t)(t0 + t) * k + ch * MF_CHUNK + 4 * v);
         }
     }
@@ -84,12 +85,13 @@ inline void mf_load(__global const float* x, int k, int t0, int nt, int n_piece,
 // (kept in `ex`, after the MF_TOKS token rows), split into f16 hi (words 0..31 of the token's
 // row) and lo (words 32..63). Pieces past `n_piece` are skipped by whole warps (n_piece is a
 // multiple of 128), so the shuffles see all 32 lanes.
-inline void mf_store(__local uint* buf, int n_piece, int lid, float4 stage[MF_STAGE]) {
-    __local int* ex = (__local int*)(buf + MF_TOKS * MF_STRIDE);
+inline void mf_store(__local uint* buf, int n_piece, int lid, float4 stage[MF_STAGE],
+                     const int tiles) {
+    __local int* ex = (__local int*)(buf + tiles * 8 * MF_STRIDE);
 #pragma unroll
     for (int i = 0; i < MF_STAGE; i++) {
         int u = lid + i * MF_WARPS * 32;
-        if (u < n_piece) {
+        if (i * MF_WARPS * 32 < tiles * 128 && u < n_piece) {
             int t = u / 16, v = u % 16;
             float4 a = stage[i];
             float m = half_warp_max(fmax(fmax(fabs(a.x), fabs(a.y)), fmax(fabs(a.z), fabs(a.w))));
@@ -107,20 +109,20 @@ inline void mf_store(__local uint* buf, int n_piece, int lid, float4 stage[MF_ST
     }
 }
 
-__kernel void float_matmul_f16_mma(int k, int row_bytes, __global const float* x, int n_tok,
-                                   __global const uchar* w, int n, __global float* o, float s,
-                                   int accumulate, __local uint4* tile16) {
+inline void mf_body(int k, int row_bytes, __global const float* x, int n_tok,
+                    __global const uchar* w, int n, __global float* o, float s, int accumulate,
+                    __local uint4* tile16, const int tiles) {
     // Declared as uint4: NVIDIA aligns a local argument only to its declared type.
     __local uint* tile = (__local uint*)tile16;
     int lid = get_local_id(0);
     int lane = lid % 32, warp = lid / 32;
     int g = lane / 4, tq = lane % 4;
     int r_base = get_group_id(0) * MF_WARPS * 16 + warp * 16;
-    int t0 = get_group_id(1) * MF_TOKS;
-    int nt = min(MF_TOKS, n_tok - t0);
+    int t0 = get_group_id(1) * tiles * 8;
+    int nt = min(tiles * 8, n_tok - t0);
     int ntiles = (nt + 7) / 8;
     int n_piece = ntiles * 8 * 16;
-    int buf_words = MF_TOKS * MF_STRIDE + MF_TOKS;
+    int buf_words = tiles * 8 * (MF_STRIDE + 1);
     // This work-item's rows g and g + 8 of its warp's sixteen; rows past the end read the last
     // row and store nothing.
     const __global uint4* wr[2];
@@ -143,8 +145,8 @@ __kernel void float_matmul_f16_mma(int k, int row_bytes, __global const float* x
 #pragma unroll
         for (int p = 0; p < 2; p++) wv[r][p] = wr[r][4 * p + tq];
     }
-    mf_load(x, k, t0, nt, n_piece, 0, lid, stage);
-    mf_store(tile, n_piece, lid, stage);
+    mf_load(x, k, t0, nt, n_piece, 0, lid, stage, tiles);
+    mf_store(tile, n_piece, lid, stage, tiles);
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int ch = 0; ch < nch; ch++) {
         __local const uint* cur = tile + (ch & 1) * buf_words;
@@ -156,7 +158,7 @@ __kernel void float_matmul_f16_mma(int k, int row_bytes, __global const float* x
 #pragma unroll
                 for (int p = 0; p < 2; p++) wn[r][p] = wr[r][(ch + 1) * (MF_CHUNK / 8) + 4 * p + tq];
             }
-            mf_load(x, k, t0, nt, n_piece, ch + 1, lid, stage);
+            mf_load(x, k, t0, nt, n_piece, ch + 1, lid, stage, tiles);
         }
         uint c[8][4];
 #pragma unroll
@@ -168,7 +170,7 @@ __kernel void float_matmul_f16_mma(int k, int row_bytes, __global const float* x
         for (int p = 0; p < 2; p++) {
 #pragma unroll
             for (int nn = 0; nn < 8; nn++) {
-                if (nn < ntiles) {
+                if (nn < tiles && nn < ntiles) {
                     __local const uint* row = cur + (nn * 8 + g) * MF_STRIDE + 16 * p + 4 * tq;
                     uint4 hi = *(__local const uint4*)row;
                     uint4 lo = *(__local const uint4*)(row + 32);
@@ -183,10 +185,10 @@ __kernel void float_matmul_f16_mma(int k, int row_bytes, __global const float* x
         }
         // c[nn]: rows g (0, 1) and g + 8 (2, 3), tokens 8·nn + 2·tq (0, 2) and + 1 (1, 3); each
         // token's chunk scale undone exactly.
-        __local const int* ex = (__local const int*)(cur + MF_TOKS * MF_STRIDE);
+        __local const int* ex = (__local const int*)(cur + tiles * 8 * MF_STRIDE);
 #pragma unroll
         for (int nn = 0; nn < 8; nn++) {
-            if (nn < ntiles) {
+            if (nn < tiles && nn < ntiles) {
                 int2 e = *(__local const int2*)(ex + 8 * nn + 2 * tq);
                 acc[nn][0] += ldexp(as_float(c[nn][0]), e.x);
                 acc[nn][1] += ldexp(as_float(c[nn][1]), e.y);
@@ -195,7 +197,7 @@ __kernel void float_matmul_f16_mma(int k, int row_bytes, __global const float* x
             }
         }
         if (more) {
-            mf_store(next, n_piece, lid, stage);
+            mf_store(next, n_piece, lid, stage, tiles);
 #pragma unroll
             for (int r = 0; r < 2; r++) {
 #pragma unroll
@@ -210,7 +212,7 @@ __kernel void float_matmul_f16_mma(int k, int row_bytes, __global const float* x
         for (int i = 0; i < 4; i++) {
             int tl = 8 * nn + 2 * tq + (i & 1);
             int row = r_base + g + 8 * (i / 2);
-            if (tl < nt && row < n) {
+            if (nn < tiles && tl < nt && row < n) {
                 size_t at = (size_t)(t0 + tl) * n + row;
                 float v = acc[nn][i] * s;
                 o[at] = accumulate ? o[at] + v : v;
@@ -218,4 +220,14 @@ __kernel void float_matmul_f16_mma(int k, int row_bytes, __global const float* x
         }
     }
 }
+
+#define MF_PARAMS                                                                             \
+    int k, int row_bytes, __global const float *x, int n_tok, __global const uchar *w, int n,  \
+        __global float *o, float s, int accumulate, __local uint4 *tile16
+#define MF_ARGS k, row_bytes, x, n_tok, w, n, o, s, accumulate, tile16
+// Tiles of MF_TOKS tokens (batches of 9 and more).
+__kernel void float_matmul_f16_mma(MF_PARAMS) { mf_body(MF_ARGS, MF_TOKS / 8); }
+// One tile of 8 (batches of 2–8): an eighth of the registers and staging, so more work-groups
+// share each SM and more weight loads are in flight.
+__kernel void float_matmul_f16_mma8(MF_PARAMS) { mf_body(MF_ARGS, 1); }
 #endif

@@ -874,13 +874,13 @@ proptest! {
     // Few cases: each checks up to 140 tokens × 200 rows against f64.
     #![proptest_config(ProptestConfig::with_cases(cases(12)))]
 
-    /// Batches of F16 rows (the output head of batched decoding: the tiled kernel, and on
-    /// NVIDIA the tensor-core one, which scales each 64-element chunk of a token by a power of
-    /// two and splits it into two f16 parts) at any activation magnitude: tokens from 1e-6 to
-    /// 1e6, elements within a token spread over six decades, against the same f64 bound as
-    /// every float matmul.
+    /// Batches of F16 rows (the output head of batched decoding: the row-team kernel up to 8
+    /// tokens, then the tiled kernel, and on NVIDIA the tensor-core ones from 2 tokens, which
+    /// scale each 64-element chunk of a token by a power of two and split it into two f16
+    /// parts) at any activation magnitude: tokens from 1e-6 to 1e6, elements within a token spread over
+    /// six decades, against the same f64 bound as every float matmul.
     #[test]
-    fn f16_batches_match_f64_at_any_magnitude(rows in prop_oneof![1usize..40, 120usize..200], k in prop_oneof![2 => Just(64usize), 2 => Just(192), 1 => Just(2560)], n_tok in 9usize..140, accumulate in any::<bool>(), seed in any::<u64>()) {
+    fn f16_batches_match_f64_at_any_magnitude(rows in prop_oneof![1usize..40, 120usize..200], k in prop_oneof![2 => Just(64usize), 2 => Just(192), 1 => Just(2560)], n_tok in prop_oneof![1 => 2usize..9, 3 => 9usize..140], accumulate in any::<bool>(), seed in any::<u64>()) {
         let Some(d) = device() else { return Ok(()) };
         let fmt = FloatFormat::F16;
         let bytes = random_blocks(fmt, rows, k, seed);

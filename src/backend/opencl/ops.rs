@@ -1010,10 +1010,18 @@ impl ClDevice {
             ]
         };
         // Batches of F16 rows on NVIDIA sm_80+: the f16 tensor cores (activations split into
-        // two f16 parts per power-of-two-scaled chunk: f32-grade sums).
-        let mf_local = 2 * (MF_TOKS * MF_STRIDE + MF_TOKS) * 4;
+        // two f16 parts per power-of-two-scaled chunk: f32-grade sums). Batches of 2–8 take the
+        // one-tile kernel: on the H100 it reads a 2B model's head (656 MB) at 2–8 tokens in
+        // 252–255 µs, as fast as the one-token GEMV, where the 64-token tile took 502–537 µs
+        // and the row-team kernel 395–877 µs.
+        let (mf_name, mf_toks) = if n_tok < FLOAT_TILED_MIN_TOKENS {
+            ("float_matmul_f16_mma8", 8)
+        } else {
+            ("float_matmul_f16_mma", MF_TOKS)
+        };
+        let mf_local = 2 * mf_toks * (MF_STRIDE + 1) * 4;
         if fmt == FloatFormat::F16
-            && n_tok >= FLOAT_TILED_MIN_TOKENS
+            && n_tok >= 2
             && k.is_multiple_of(MF_CHUNK)
             && self.mma_f16()
             && self.tiled_gemm()
@@ -1021,10 +1029,10 @@ impl ClDevice {
         {
             let args = shared(mf_local);
             return self.launch(
-                "float_matmul_f16_mma",
+                mf_name,
                 &[
                     n.div_ceil(MF_ROWS) * MF_ROWS / 16 * TEAM,
-                    n_tok.div_ceil(MF_TOKS),
+                    n_tok.div_ceil(mf_toks),
                 ],
                 &[MF_ROWS / 16 * TEAM, 1],
                 &args,

@@ -202,12 +202,13 @@ fn run_query(
 
 /// Steps, rows, forward ns, sampling ns and gate-wait ns summed over the in-process engine's
 /// models, then its multiplexer's page-ins, bytes paged in and page-in ns, then the tokens
-/// generated, and on OpenCL the kernels launched and the host ns spent queueing them.
-fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 11]> {
+/// generated, on OpenCL the kernels launched and the host ns spent queueing them, and the
+/// multiplexer's ns spent handing units out (page-ins included) and taking them back.
+fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 13]> {
     let Target::Local(engine) = target else {
         return None;
     };
-    let mut out = [0u64; 11];
+    let mut out = [0u64; 13];
     for m in models {
         let c = engine.metrics(m).ok()?;
         for (o, v) in out.iter_mut().zip([
@@ -233,6 +234,10 @@ fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 11]> {
         .iter()
         .map(|m| m.page_in_total.as_nanos() as u64)
         .sum();
+    for m in &mux.models {
+        out[11] += m.acquire_total.as_nanos() as u64;
+        out[12] += m.release_total.as_nanos() as u64;
+    }
     Some(out)
 }
 
@@ -469,6 +474,12 @@ pub fn bench_concurrency(a: ConcArgs, out: &mut impl Write) -> Result<(), Failur
                 (a[4] - b[4]) as f64 / 1e9,
                 a[5] - b[5],
                 (a[6] - b[6]) as f64 / 1e9
+            );
+            eprintln!(
+                "  conc {conc}: {:.2} ms asking the multiplexer for units (page-ins included) and \
+                 {:.2} ms giving them back (each use's fence) per step",
+                (a[11] - b[11]) as f64 / steps / 1e6,
+                (a[12] - b[12]) as f64 / steps / 1e6
             );
             if a[9] > b[9] {
                 eprintln!(
