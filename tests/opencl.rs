@@ -31,6 +31,52 @@ fn device() -> Option<Arc<ClDevice>> {
     }
 }
 
+/// A fence made when nothing was queued on its queue since the last fence there is that same
+/// marker (a pass's units given back together share one); a launch or a barrier in between
+/// makes a new one. Each fence completes once the work queued before it has.
+#[test]
+fn fences_share_a_marker_only_when_nothing_was_queued_between() {
+    let Some(d) = device() else { return };
+    let n = 2560;
+    let x = up_f32(&d, &vec![1.0f32; n]);
+    let (y, q, sc) = (
+        d.alloc(n * 4).unwrap(),
+        d.alloc(n).unwrap(),
+        d.alloc(4).unwrap(),
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // A lane of its own: no other test's commands land between this test's.
+            ClDevice::bind_lane(d.lanes() - 1);
+            let (made0, shared0) = d.fences();
+            d.norm_quant(&x, n, 0, 1, None, 1e-5, Some(&y), Some((&q, &sc)))
+                .unwrap();
+            let a = d.fence().unwrap();
+            let b = d.fence().unwrap();
+            assert_eq!(a.get(), b.get(), "nothing queued between: one marker");
+            d.norm_quant(&x, n, 0, 1, None, 1e-5, Some(&y), Some((&q, &sc)))
+                .unwrap();
+            let c = d.fence().unwrap();
+            assert_ne!(c.get(), a.get(), "a launch between: a new marker");
+            d.wait_on_device(&[&c]).unwrap();
+            let e = d.fence().unwrap();
+            assert_ne!(e.get(), c.get(), "a barrier between: a new marker");
+            d.wait_host(&[&a, &b, &c, &e]).unwrap();
+            drop((a, b, c));
+            // The marker kept for sharing outlives the fences handed out.
+            let f = d.fence().unwrap();
+            assert_eq!(f.get(), e.get());
+            drop(e);
+            d.wait_host(&[&f]).unwrap();
+            let (made, shared) = d.fences();
+            assert!(
+                made >= made0 + 3 && shared >= shared0 + 2,
+                "made {made0} → {made}, shared {shared0} → {shared}"
+            );
+        });
+    });
+}
+
 /// Runs of launches queued through `ClDevice::queueing` (what the forward pass does per block)
 /// never overlap between threads: models side by side take turns per run, not per launch. A
 /// closure that sees another thread inside fails the test; each run queues real launches.

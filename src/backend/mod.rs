@@ -235,6 +235,14 @@ pub trait Backend: Sync {
     fn runs_of_blocks(&self) -> bool {
         false
     }
+    /// Whether the forward pass keeps the pins of resident blocks until the pass is queued and
+    /// gives them back together (a block that must be paged in first gives back the pins held
+    /// so far, so a model streaming through a budget smaller than itself still frees each block
+    /// after use). On a device each pin given back queues a fence; given back together, the
+    /// pass's blocks share one ([`crate::backend::opencl::ClDevice::fence`]).
+    fn unpins_together(&self) -> bool {
+        false
+    }
     /// Makes, before [`Backend::compute`] runs the head, what projecting with `head`'s
     /// [`Mat::Output`] needs and may be slow to make the first time (the CPU's int8 head, built
     /// on first use behind a lock that `compute`'s ops must not wait on).

@@ -825,6 +825,9 @@ fn pass<B: Backend>(
     let n_layers = w.layers.len();
     let mut head_done = false;
     let mut li = 0;
+    // Pins of resident blocks kept until the pass is queued (`Backend::unpins_together`).
+    let together = be.unpins_together();
+    let mut held = Vec::new();
     while li < n_layers {
         // Pinned while the blocks' ops run; the next page-in may start as soon as the guards
         // drop (a device keeps computing while the host copies). Units are pinned here,
@@ -832,7 +835,20 @@ fn pass<B: Backend>(
         // A backend that takes runs of blocks gets this one and every block after it that is
         // resident already (pinned without waiting), and the head with the last run when it is
         // resident too: the rest of the pass as one job.
-        let mut guards = vec![model.acquire(UnitId::Block(li))?];
+        // Block 0 through `acquire` always: it marks the start of a pass for the multiplexer.
+        let first = match together && li > 0 {
+            true => model.pin_if_resident(UnitId::Block(li))?,
+            false => None,
+        };
+        let first = match first {
+            Some(g) => g,
+            None => {
+                // A page-in may wait for room: the pins held so far go back first.
+                held.clear();
+                model.acquire(UnitId::Block(li))?
+            }
+        };
+        let mut guards = vec![first];
         let runs = be.runs_of_blocks();
         while runs && li + guards.len() < n_layers {
             match model.pin_if_resident(UnitId::Block(li + guards.len()))? {
@@ -868,18 +884,33 @@ fn pass<B: Backend>(
         })?;
         head_done = head.is_some();
         li = end;
+        if together {
+            held.extend(guards);
+        }
     }
     let Some(mut out) = out else {
         return Ok(());
     };
     if !head_done {
-        let guard = model.acquire(UnitId::Head)?;
+        let guard = match together {
+            true => model.pin_if_resident(UnitId::Head)?,
+            false => None,
+        };
+        let guard = match guard {
+            Some(g) => g,
+            None => {
+                held.clear();
+                model.acquire(UnitId::Head)?
+            }
+        };
         let head = be.unit(&guard)?;
         be.prepare_head(head)?;
         let a = &mut a;
         be.compute(head_work, || head_ops(be, head, a, row0, rows, &mut out))?;
-        drop(guard);
+        held.push(guard);
     }
+    // Every pin back, together: the pass is queued.
+    drop(held);
     match sink {
         Sink::Logits {
             logits,

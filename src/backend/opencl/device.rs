@@ -538,6 +538,10 @@ pub struct ClDevice {
     launches: AtomicU64,
     /// `clSetKernelArg` calls so far (arguments the instance did not hold already).
     arg_sets: AtomicU64,
+    /// Fences made (a marker queued and flushed) and fences that reused the last marker of
+    /// their queue ([`ClDevice::fence`]).
+    fences_made: AtomicU64,
+    fences_shared: AtomicU64,
     /// Host nanoseconds spent in [`ClDevice::launch`] (argument setting and queueing), summed.
     queue_ns: AtomicU64,
     build_time: std::time::Duration,
@@ -581,6 +585,11 @@ struct Lane {
     split_part: Mutex<Option<DevBuf>>,
     /// The kernel objects this lane's launches use.
     kernels: Mutex<KernelTable>,
+    /// Counts the calls that may queue a command here (every [`ClDevice::lane`]), so that a
+    /// fence can tell that nothing was queued since the last one.
+    touched: AtomicU64,
+    /// The last fence's marker and the count of `touched` it was made at.
+    last_fence: Mutex<Option<(u64, Event)>>,
 }
 
 thread_local! {
@@ -868,6 +877,8 @@ impl ClDevice {
                     }),
                     tick: 0,
                 }),
+                touched: AtomicU64::new(0),
+                last_fence: Mutex::new(None),
             });
         }
         let dev = Arc::new(ClDevice {
@@ -879,6 +890,8 @@ impl ClDevice {
             program,
             launches: AtomicU64::new(0),
             arg_sets: AtomicU64::new(0),
+            fences_made: AtomicU64::new(0),
+            fences_shared: AtomicU64::new(0),
             queue_ns: AtomicU64::new(0),
             build_time: start.elapsed(),
             dp4a,
@@ -940,6 +953,15 @@ impl ClDevice {
     /// argument cache missed.
     pub fn arg_sets(&self) -> u64 {
         self.arg_sets.load(Ordering::Relaxed)
+    }
+
+    /// Fences so far ([`ClDevice::fence`]): those that queued and flushed a marker, and those
+    /// that reused their queue's last marker (nothing queued there since).
+    pub fn fences(&self) -> (u64, u64) {
+        (
+            self.fences_made.load(Ordering::Relaxed),
+            self.fences_shared.load(Ordering::Relaxed),
+        )
     }
 
     /// Host time spent queueing kernels so far (argument setting and the enqueue call), summed
@@ -1441,14 +1463,32 @@ impl ClDevice {
     /// use by a forward pass). The queue is flushed after it: a page-in on the copy queue may
     /// wait for this marker, and a marker the driver has not been handed yet completes only
     /// when something else flushes the queue.
+    ///
+    /// When nothing was queued on this thread's queue since its last fence, that fence's
+    /// marker serves again (it completes at the same point): the units a pass pins for one
+    /// run of launches are given back together, and each used to queue and flush a marker of
+    /// its own, 30-odd a pass, while another model's worker queued its launches.
     pub fn fence(&self) -> Result<Event> {
         let entered = Instant::now();
-        let queue = &self.lane().queue;
+        let lane = self.lane_uncounted();
+        let mut last = lane
+            .last_fence
+            .lock()
+            .map_err(|_| Error::Device("opencl: fence record poisoned".into()))?;
+        let now = lane.touched.load(Ordering::Relaxed);
+        if let Some((at, marker)) = last.as_ref()
+            && *at == now
+        {
+            self.fences_shared.fetch_add(1, Ordering::Relaxed);
+            return retain_event(marker);
+        }
         // SAFETY: a marker with an empty wait list reads no memory.
-        let marker =
-            unsafe { queue.enqueue_marker_with_wait_list(&[]) }.map_err(|e| cl_err("marker", e))?;
-        queue.flush().map_err(|e| cl_err("flush", e))?;
+        let marker = unsafe { lane.queue.enqueue_marker_with_wait_list(&[]) }
+            .map_err(|e| cl_err("marker", e))?;
+        lane.queue.flush().map_err(|e| cl_err("flush", e))?;
         self.record(FENCE_NAME, entered, &marker)?;
+        *last = Some((now, retain_event(&marker)?));
+        self.fences_made.fetch_add(1, Ordering::Relaxed);
         Ok(marker)
     }
 
@@ -1651,8 +1691,16 @@ impl ClDevice {
         Ok(())
     }
 
-    /// The compute queue (and its tickets and scratch) this thread queues on.
+    /// The compute queue (and its tickets and scratch) this thread queues on. Counted as a
+    /// possible command on it (see [`ClDevice::fence`]).
     fn lane(&self) -> &Lane {
+        let lane = self.lane_uncounted();
+        lane.touched.fetch_add(1, Ordering::Relaxed);
+        lane
+    }
+
+    /// This thread's lane, not counted as a command on it.
+    fn lane_uncounted(&self) -> &Lane {
         &self.lanes[LANE.with(|l| l.get()) % self.lanes.len()]
     }
 

@@ -36,6 +36,13 @@ fn act_tail() -> bool {
     *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_ACT_TAIL").is_none_or(|v| v != "0"))
 }
 
+/// Whether a pass gives its resident blocks' pins back together ([`Backend::unpins_together`];
+/// `TERNMUX_CL_UNPIN_TOGETHER=0` gives each back after its block, to compare).
+fn unpin_together() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_UNPIN_TOGETHER").is_none_or(|v| v != "0"))
+}
+
 /// One matrix of a resident unit.
 pub struct DevMat {
     buf: DevBuf,
@@ -590,6 +597,12 @@ impl Backend for ClExec<'_> {
 
     fn max_tokens_per_pass(&self, kv: &ClKv) -> usize {
         kv.max_pass
+    }
+
+    /// On unless `TERNMUX_CL_UNPIN_TOGETHER=0` (to compare): a pass's resident blocks share
+    /// one fence instead of queueing and flushing one each.
+    fn unpins_together(&self) -> bool {
+        unpin_together()
     }
 
     /// Queues `ops` holding the device's queueing baton ([`ClDevice::queueing`]): models side

@@ -202,13 +202,14 @@ fn run_query(
 
 /// Steps, rows, forward ns, sampling ns and gate-wait ns summed over the in-process engine's
 /// models, then its multiplexer's page-ins, bytes paged in and page-in ns, then the tokens
-/// generated, on OpenCL the kernels launched and the host ns spent queueing them, and the
-/// multiplexer's ns spent handing units out (page-ins included) and taking them back.
-fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 13]> {
+/// generated, on OpenCL the kernels launched and the host ns spent queueing them, the
+/// multiplexer's ns spent handing units out (page-ins included) and taking them back, and on
+/// OpenCL the fences queued and shared.
+fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 15]> {
     let Target::Local(engine) = target else {
         return None;
     };
-    let mut out = [0u64; 13];
+    let mut out = [0u64; 15];
     for m in models {
         let c = engine.metrics(m).ok()?;
         for (o, v) in out.iter_mut().zip([
@@ -225,6 +226,7 @@ fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 13]> {
     if let Placement::OpenCl(d) = engine.mux().placement() {
         out[9] = d.launches();
         out[10] = d.queue_time().as_nanos() as u64;
+        (out[13], out[14]) = d.fences();
     }
     let mux = engine.mux().stats();
     out[5] = mux.misses();
@@ -484,10 +486,13 @@ pub fn bench_concurrency(a: ConcArgs, out: &mut impl Write) -> Result<(), Failur
             if a[9] > b[9] {
                 eprintln!(
                     "  conc {conc}: {:.0} kernel launches per step, {:.2} ms of host time \
-                     queueing them per step ({:.1} µs a launch)",
+                     queueing them per step ({:.1} µs a launch); {:.1} fences queued and {:.1} \
+                     shared per step",
                     (a[9] - b[9]) as f64 / steps,
                     (a[10] - b[10]) as f64 / steps / 1e6,
-                    (a[10] - b[10]) as f64 / (a[9] - b[9]) as f64 / 1e3
+                    (a[10] - b[10]) as f64 / (a[9] - b[9]) as f64 / 1e3,
+                    (a[13] - b[13]) as f64 / steps,
+                    (a[14] - b[14]) as f64 / steps
                 );
             }
             if let Some(line) = device_timeline(&target, wall) {
