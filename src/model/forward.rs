@@ -8,6 +8,7 @@ use crate::backend::cpu::{CpuExec, CpuKv};
 use crate::backend::opencl::{ClExec, ClKv};
 use crate::backend::{Backend, LayerMat, Mat, Norm, Placement, RowPlace};
 use crate::error::{Error, Result};
+use crate::mux::core::UnitGuard;
 use crate::mux::meter::Reservation;
 use crate::mux::units::UnitId;
 use rayon::prelude::*;
@@ -403,7 +404,7 @@ impl Model {
 
     /// Pins every unit of the model when all are resident; `None`, pinning nothing, when one
     /// is not.
-    fn pin_all_resident(&self) -> Result<Option<Vec<crate::mux::core::UnitGuard>>> {
+    fn pin_all_resident(&self) -> Result<Option<Vec<UnitGuard>>> {
         let units = (0..self.weights.layers.len())
             .map(UnitId::Block)
             .chain([UnitId::Head]);
@@ -756,6 +757,22 @@ fn head_ops<B: Backend>(
     be.project(head, &a.h, rows, &mut [(Mat::Output, out)], false)
 }
 
+/// Pins `unit` for a pass: while the pass keeps its pins (`keep`), one that is resident
+/// already is pinned without waiting; otherwise the pins in `held` go back first (a page-in
+/// may wait for room) and the unit is acquired.
+fn pin_unit(
+    model: &Model,
+    unit: UnitId,
+    keep: bool,
+    held: &mut Vec<UnitGuard>,
+) -> Result<UnitGuard> {
+    if keep && let Some(g) = model.pin_if_resident(unit)? {
+        return Ok(g);
+    }
+    held.clear();
+    model.acquire(unit)
+}
+
 /// One pass of the tokens of `feed` at `places`: the architecture's op list, then `sink`.
 fn pass<B: Backend>(
     be: &B,
@@ -836,19 +853,12 @@ fn pass<B: Backend>(
         // resident already (pinned without waiting), and the head with the last run when it is
         // resident too: the rest of the pass as one job.
         // Block 0 through `acquire` always: it marks the start of a pass for the multiplexer.
-        let first = match together && li > 0 {
-            true => model.pin_if_resident(UnitId::Block(li))?,
-            false => None,
-        };
-        let first = match first {
-            Some(g) => g,
-            None => {
-                // A page-in may wait for room: the pins held so far go back first.
-                held.clear();
-                model.acquire(UnitId::Block(li))?
-            }
-        };
-        let mut guards = vec![first];
+        let mut guards = vec![pin_unit(
+            model,
+            UnitId::Block(li),
+            together && li > 0,
+            &mut held,
+        )?];
         let runs = be.runs_of_blocks();
         while runs && li + guards.len() < n_layers {
             match model.pin_if_resident(UnitId::Block(li + guards.len()))? {
@@ -892,17 +902,7 @@ fn pass<B: Backend>(
         return Ok(());
     };
     if !head_done {
-        let guard = match together {
-            true => model.pin_if_resident(UnitId::Head)?,
-            false => None,
-        };
-        let guard = match guard {
-            Some(g) => g,
-            None => {
-                held.clear();
-                model.acquire(UnitId::Head)?
-            }
-        };
+        let guard = pin_unit(model, UnitId::Head, together, &mut held)?;
         let head = be.unit(&guard)?;
         be.prepare_head(head)?;
         let a = &mut a;
