@@ -200,45 +200,82 @@ fn run_query(
     }
 }
 
-/// Steps, rows, forward ns, sampling ns and gate-wait ns summed over the in-process engine's
-/// models, then its multiplexer's page-ins, bytes paged in and page-in ns, then the tokens
-/// generated, on OpenCL the kernels launched and the host ns spent queueing them, the
-/// multiplexer's ns spent handing units out (page-ins included) and taking them back, and on
-/// OpenCL the fences queued and shared.
-fn step_counters(target: &Target, models: &[String]) -> Option<[u64; 15]> {
+/// Counters of an in-process engine, summed over its models (times in ns); a level's figures
+/// are the difference of two readings ([`StepCounters::since`]).
+#[derive(Clone, Copy, Default)]
+struct StepCounters {
+    steps: u64,
+    rows: u64,
+    tokens: u64,
+    forward_ns: u64,
+    sample_ns: u64,
+    gate_wait_ns: u64,
+    /// The multiplexer's page-ins, bytes paged in and time paging in.
+    page_ins: u64,
+    bytes_in: u64,
+    page_in_ns: u64,
+    /// The multiplexer's time handing units out (page-ins included) and taking them back.
+    acquire_ns: u64,
+    release_ns: u64,
+    /// On OpenCL: kernels launched, host time queueing them, fences queued and shared.
+    launches: u64,
+    queue_ns: u64,
+    fences_made: u64,
+    fences_shared: u64,
+}
+
+impl StepCounters {
+    /// What changed from `before` to `self`.
+    fn since(&self, before: &StepCounters) -> StepCounters {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        StepCounters {
+            steps: d(self.steps, before.steps),
+            rows: d(self.rows, before.rows),
+            tokens: d(self.tokens, before.tokens),
+            forward_ns: d(self.forward_ns, before.forward_ns),
+            sample_ns: d(self.sample_ns, before.sample_ns),
+            gate_wait_ns: d(self.gate_wait_ns, before.gate_wait_ns),
+            page_ins: d(self.page_ins, before.page_ins),
+            bytes_in: d(self.bytes_in, before.bytes_in),
+            page_in_ns: d(self.page_in_ns, before.page_in_ns),
+            acquire_ns: d(self.acquire_ns, before.acquire_ns),
+            release_ns: d(self.release_ns, before.release_ns),
+            launches: d(self.launches, before.launches),
+            queue_ns: d(self.queue_ns, before.queue_ns),
+            fences_made: d(self.fences_made, before.fences_made),
+            fences_shared: d(self.fences_shared, before.fences_shared),
+        }
+    }
+}
+
+/// The in-process engine's [`StepCounters`] now (none against a server).
+fn step_counters(target: &Target, models: &[String]) -> Option<StepCounters> {
     let Target::Local(engine) = target else {
         return None;
     };
-    let mut out = [0u64; 15];
+    let mut out = StepCounters::default();
     for m in models {
         let c = engine.metrics(m).ok()?;
-        for (o, v) in out.iter_mut().zip([
-            &c.steps,
-            &c.step_rows,
-            &c.forward_ns,
-            &c.sample_ns,
-            &c.gate_wait_ns,
-        ]) {
-            *o += v.load(Ordering::Relaxed);
-        }
-        out[8] += c.generated_tokens.load(Ordering::Relaxed);
+        let get = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+        out.steps += get(&c.steps);
+        out.rows += get(&c.step_rows);
+        out.forward_ns += get(&c.forward_ns);
+        out.sample_ns += get(&c.sample_ns);
+        out.gate_wait_ns += get(&c.gate_wait_ns);
+        out.tokens += get(&c.generated_tokens);
     }
     if let Placement::OpenCl(d) = engine.mux().placement() {
-        out[9] = d.launches();
-        out[10] = d.queue_time().as_nanos() as u64;
-        (out[13], out[14]) = d.fences();
+        out.launches = d.launches();
+        out.queue_ns = d.queue_time().as_nanos() as u64;
+        (out.fences_made, out.fences_shared) = d.fences();
     }
     let mux = engine.mux().stats();
-    out[5] = mux.misses();
-    out[6] = mux.bytes_in();
-    out[7] = mux
-        .models
-        .iter()
-        .map(|m| m.page_in_total.as_nanos() as u64)
-        .sum();
+    out.page_ins = mux.misses();
+    out.bytes_in = mux.bytes_in();
     for m in &mux.models {
-        out[11] += m.acquire_total.as_nanos() as u64;
-        out[12] += m.release_total.as_nanos() as u64;
+        out.page_in_ns += m.page_in_total.as_nanos() as u64;
+        out.acquire_ns += m.acquire_total.as_nanos() as u64;
+        out.release_ns += m.release_total.as_nanos() as u64;
     }
     Some(out)
 }
@@ -460,39 +497,41 @@ pub fn bench_concurrency(a: ConcArgs, out: &mut impl Write) -> Result<(), Failur
         });
         let after = step_counters(&target, &models);
         if let (Some(b), Some(a)) = (before, after) {
-            let steps = (a[0] - b[0]).max(1) as f64;
+            let c = a.since(&b);
+            let steps = c.steps.max(1) as f64;
+            let per_step_ms = |ns: u64| ns as f64 / steps / 1e6;
             eprintln!(
                 "  conc {conc}: {} batched steps, {:.1} rows/step, {:.1} tokens/step, {:.2} ms \
                  forward (of which {:.2} ms waiting on page-ins) + {:.2} ms sampling/streaming \
                  per step, {:.2} passes running at once on average; {:.2} s waiting at the gate, \
                  {} page-ins, {:.2} GB paged in",
-                a[0] - b[0],
-                (a[1] - b[1]) as f64 / steps,
-                (a[8] - b[8]) as f64 / steps,
-                (a[2] - b[2]) as f64 / steps / 1e6,
-                (a[7] - b[7]) as f64 / steps / 1e6,
-                (a[3] - b[3]) as f64 / steps / 1e6,
-                (a[2] - b[2]) as f64 / 1e9 / wall.max(1e-9),
-                (a[4] - b[4]) as f64 / 1e9,
-                a[5] - b[5],
-                (a[6] - b[6]) as f64 / 1e9
+                c.steps,
+                c.rows as f64 / steps,
+                c.tokens as f64 / steps,
+                per_step_ms(c.forward_ns),
+                per_step_ms(c.page_in_ns),
+                per_step_ms(c.sample_ns),
+                c.forward_ns as f64 / 1e9 / wall.max(1e-9),
+                c.gate_wait_ns as f64 / 1e9,
+                c.page_ins,
+                c.bytes_in as f64 / 1e9
             );
             eprintln!(
                 "  conc {conc}: {:.2} ms asking the multiplexer for units (page-ins included) and \
                  {:.2} ms giving them back (each use's fence) per step",
-                (a[11] - b[11]) as f64 / steps / 1e6,
-                (a[12] - b[12]) as f64 / steps / 1e6
+                per_step_ms(c.acquire_ns),
+                per_step_ms(c.release_ns)
             );
-            if a[9] > b[9] {
+            if c.launches > 0 {
                 eprintln!(
                     "  conc {conc}: {:.0} kernel launches per step, {:.2} ms of host time \
                      queueing them per step ({:.1} µs a launch); {:.1} fences queued and {:.1} \
                      shared per step",
-                    (a[9] - b[9]) as f64 / steps,
-                    (a[10] - b[10]) as f64 / steps / 1e6,
-                    (a[10] - b[10]) as f64 / (a[9] - b[9]) as f64 / 1e3,
-                    (a[13] - b[13]) as f64 / steps,
-                    (a[14] - b[14]) as f64 / steps
+                    c.launches as f64 / steps,
+                    per_step_ms(c.queue_ns),
+                    c.queue_ns as f64 / c.launches as f64 / 1e3,
+                    c.fences_made as f64 / steps,
+                    c.fences_shared as f64 / steps
                 );
             }
             if let Some(line) = device_timeline(&target, wall) {
