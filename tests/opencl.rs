@@ -180,7 +180,8 @@ fn page_in_cost_probes_run() {
 }
 
 /// The queue and launch-cost probes of `ternmux bench-device` run (two queues from one and two
-/// threads, kernels behind a busy device) and time something.
+/// threads, kernels behind a busy device, kernels of one, twelve and NULL buffer arguments) and
+/// time something.
 #[test]
 fn queue_and_launch_probes_run() {
     let Some(d) = device() else { return };
@@ -192,6 +193,9 @@ fn queue_and_launch_probes_run() {
     }
     let costs = ternmux::backend::opencl::bench::launch_cost_variants(&d, 256, 256, 8).unwrap();
     assert!(costs.iter().all(|&us| us > 0.0 && us < 1e6), "{costs:?}");
+    // The argument probes, the last with eleven NULL buffer arguments.
+    let args = ternmux::backend::opencl::bench::launch_arg_costs(&d, 8).unwrap();
+    assert!(args.iter().all(|&us| us > 0.0 && us < 1e6), "{args:?}");
 }
 
 fn read_f32(d: &ClDevice, b: &DevBuf, n: usize) -> Vec<f32> {

@@ -6,7 +6,7 @@
 //! least 88 MB for the smallest matrix measured (TQ1_0 2560 × 2560), above the 50 MB L2 of an
 //! H100/H200 — so they measure weights streamed from device memory, as in decoding.
 
-use super::device::{ClDevice, DevBuf, KernelTime, Pinned};
+use super::device::{Arg, ClDevice, DevBuf, KernelTime, Pinned};
 use super::ops::TernaryOut;
 use crate::error::Result;
 use opencl3::event::Event;
@@ -540,6 +540,44 @@ pub fn queue_overlap_probes(
         )
     })?;
     Ok([gemv, norm, one_group])
+}
+
+/// Host microseconds to queue one launch of a kernel that does next to nothing (`cl/probe.cl`),
+/// one thread, one queue, arguments unchanged between launches (so only the queueing call is
+/// timed): with one buffer argument, with twelve distinct buffers, and with one buffer and
+/// twelve ints, and with twelve of which eleven are the device's dummy buffer (passed as NULL
+/// pointers unless `TERNMUX_CL_NULL_ARGS=0`). The difference between the first two prices the
+/// buffer arguments the driver handles per launch. Each is the best of four rounds of
+/// `launches`.
+pub fn launch_arg_costs(dev: &ClDevice, launches: usize) -> Result<[f64; 4]> {
+    let bufs: Vec<DevBuf> = (0..12).map(|_| dev.alloc(64)).collect::<Result<_>>()?;
+    let n = launches.max(1);
+    let time = |name: &str, args: &[Arg<'_>]| -> Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..4 {
+            let t = Instant::now();
+            for _ in 0..n {
+                dev.launch(name, &[32], &[32], args)?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+            dev.finish()?;
+        }
+        Ok(best / n as f64 * 1e6)
+    };
+    let one = time("probe_buffers1", &[Arg::Buf(&bufs[0]), Arg::I32(1)])?;
+    let mut twelve: Vec<Arg<'_>> = bufs.iter().map(Arg::Buf).collect();
+    twelve.push(Arg::I32(1));
+    let twelve = time("probe_buffers12", &twelve)?;
+    let mut scalars = vec![Arg::Buf(&bufs[0])];
+    scalars.extend((0..12).map(Arg::I32));
+    let scalars = time("probe_scalars12", &scalars)?;
+    // Eleven of the twelve the device's dummy buffer: NULL pointers unless
+    // TERNMUX_CL_NULL_ARGS=0.
+    let mut nulls = vec![Arg::Buf(&bufs[0])];
+    nulls.extend((1..12).map(|_| Arg::Buf(dev.dummy())));
+    nulls.push(Arg::I32(1));
+    let nulls = time("probe_buffers12", &nulls)?;
+    Ok([one, twelve, scalars, nulls])
 }
 
 /// Host microseconds to queue one batch-1 TQ2_0 GEMV (`rows × cols`), one thread, one queue,
