@@ -544,9 +544,9 @@ pub fn queue_overlap_probes(
 
 /// Host microseconds to queue one launch of a kernel that does next to nothing (`cl/probe.cl`),
 /// one thread, one queue, arguments unchanged between launches (so only the queueing call is
-/// timed): with one buffer argument, with twelve distinct buffers, and with one buffer and
-/// twelve ints, and with twelve of which eleven are the device's dummy buffer (passed as NULL
-/// pointers unless `TERNMUX_CL_NULL_ARGS=0`). The difference between the first two prices the
+/// timed): with one buffer argument; with twelve distinct buffers; with one buffer and twelve
+/// ints; with twelve of which eleven are the device's dummy buffer (passed as NULL pointers
+/// unless `TERNMUX_CL_NULL_ARGS=0`). The difference between the first two prices the
 /// buffer arguments the driver handles per launch. Each is the best of four rounds of
 /// `launches`.
 pub fn launch_arg_costs(dev: &ClDevice, launches: usize) -> Result<[f64; 4]> {
