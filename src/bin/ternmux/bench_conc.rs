@@ -217,9 +217,11 @@ struct StepCounters {
     /// The multiplexer's time handing units out (page-ins included) and taking them back.
     acquire_ns: u64,
     release_ns: u64,
-    /// On OpenCL: kernels launched, host time queueing them, fences queued and shared.
+    /// On OpenCL: kernels launched, host time queueing them, kernel arguments set (those the
+    /// argument cache did not hold), fences queued and shared.
     launches: u64,
     queue_ns: u64,
+    arg_sets: u64,
     fences_made: u64,
     fences_shared: u64,
 }
@@ -242,6 +244,7 @@ impl StepCounters {
             release_ns: d(self.release_ns, before.release_ns),
             launches: d(self.launches, before.launches),
             queue_ns: d(self.queue_ns, before.queue_ns),
+            arg_sets: d(self.arg_sets, before.arg_sets),
             fences_made: d(self.fences_made, before.fences_made),
             fences_shared: d(self.fences_shared, before.fences_shared),
         }
@@ -267,6 +270,7 @@ fn step_counters(target: &Target, models: &[String]) -> Option<StepCounters> {
     if let Placement::OpenCl(d) = engine.mux().placement() {
         out.launches = d.launches();
         out.queue_ns = d.queue_time().as_nanos() as u64;
+        out.arg_sets = d.arg_sets();
         (out.fences_made, out.fences_shared) = d.fences();
     }
     let mux = engine.mux().stats();
@@ -525,11 +529,12 @@ pub fn bench_concurrency(a: ConcArgs, out: &mut impl Write) -> Result<(), Failur
             if c.launches > 0 {
                 eprintln!(
                     "  conc {conc}: {:.0} kernel launches per step, {:.2} ms of host time \
-                     queueing them per step ({:.1} µs a launch); {:.1} fences queued and {:.1} \
-                     shared per step",
+                     queueing them per step ({:.1} µs a launch, {:.1} arguments set a launch); \
+                     {:.1} fences queued and {:.1} shared per step",
                     c.launches as f64 / steps,
                     per_step_ms(c.queue_ns),
                     c.queue_ns as f64 / c.launches as f64 / 1e3,
+                    c.arg_sets as f64 / c.launches as f64,
                     c.fences_made as f64 / steps,
                     c.fences_shared as f64 / steps
                 );
