@@ -542,6 +542,27 @@ pub fn queue_overlap_probes(
     Ok([gemv, norm, one_group])
 }
 
+/// Host microseconds per call of `launch(i)` for `i` in `0..n`, the best of four rounds, each
+/// after `before` (not timed) and followed by a `finish` (not timed).
+fn best_queue_us(
+    dev: &ClDevice,
+    n: usize,
+    before: impl Fn() -> Result<()>,
+    launch: impl Fn(usize) -> Result<()>,
+) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..4 {
+        before()?;
+        let t = Instant::now();
+        for i in 0..n {
+            launch(i)?;
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+        dev.finish()?;
+    }
+    Ok(best / n as f64 * 1e6)
+}
+
 /// Host microseconds to queue one launch of a kernel that does next to nothing (`cl/probe.cl`),
 /// one thread, one queue, arguments unchanged between launches (so only the queueing call is
 /// timed): with one buffer argument; with twelve distinct buffers; with one buffer and twelve
@@ -552,17 +573,8 @@ pub fn queue_overlap_probes(
 pub fn launch_arg_costs(dev: &ClDevice, launches: usize) -> Result<[f64; 4]> {
     let bufs: Vec<DevBuf> = (0..12).map(|_| dev.alloc(64)).collect::<Result<_>>()?;
     let n = launches.max(1);
-    let time = |name: &str, args: &[Arg<'_>]| -> Result<f64> {
-        let mut best = f64::INFINITY;
-        for _ in 0..4 {
-            let t = Instant::now();
-            for _ in 0..n {
-                dev.launch(name, &[32], &[32], args)?;
-            }
-            best = best.min(t.elapsed().as_secs_f64());
-            dev.finish()?;
-        }
-        Ok(best / n as f64 * 1e6)
+    let time = |name: &str, args: &[Arg<'_>]| {
+        best_queue_us(dev, n, || Ok(()), |_| dev.launch(name, &[32], &[32], args))
     };
     let one = time("probe_buffers1", &[Arg::Buf(&bufs[0]), Arg::I32(1)])?;
     let mut twelve: Vec<Arg<'_>> = bufs.iter().map(Arg::Buf).collect();
@@ -618,27 +630,23 @@ pub fn launch_cost_variants(
     );
     let (lq, ls) = (dev.alloc(long)?, dev.alloc(4)?);
     let time = |bufs: &[DevBuf], busy: bool| -> Result<f64> {
-        let mut best = f64::INFINITY;
-        for _ in 0..4 {
+        let before = || {
             if busy {
                 let q = Some((&lq, &ls));
                 dev.norm_quant(&lx, long, 0, 1, Some(&lw), 1e-5, Some(&ly), q)?;
             }
-            let t = Instant::now();
-            for i in 0..n {
-                let o = TernaryOut {
-                    w: &bufs[i % bufs.len()],
-                    rows,
-                    out: &out,
-                    scale: 1.0,
-                    bias: None,
-                };
-                dev.ternary_matmul(fmt, cols, &q, &s, 1, &[o], false)?;
-            }
-            best = best.min(t.elapsed().as_secs_f64());
-            dev.finish()?;
-        }
-        Ok(best / n as f64 * 1e6)
+            Ok(())
+        };
+        best_queue_us(dev, n, before, |i| {
+            let o = TernaryOut {
+                w: &bufs[i % bufs.len()],
+                rows,
+                out: &out,
+                scale: 1.0,
+                bias: None,
+            };
+            dev.ternary_matmul(fmt, cols, &q, &s, 1, &[o], false)
+        })
     };
     let plain = time(&own, false)?;
     let viewed = time(&views, false)?;
