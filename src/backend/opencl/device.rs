@@ -446,6 +446,9 @@ pub struct Timeline {
     pub span_s: f64,
     /// Time at least one kernel ran.
     pub kernels_s: f64,
+    /// Every kernel's own time added up: above `kernels_s` by the time kernels of several
+    /// queues ran at once.
+    pub kernels_sum_s: f64,
     /// Time at least one copy ran.
     pub copies_s: f64,
     /// Time a kernel and a copy ran at once.
@@ -479,9 +482,11 @@ impl Timeline {
     /// let t = Timeline::from_intervals(vec![(0, 10), (5, 20)], vec![(15, 40)]);
     /// let ns = |s: f64| (s * 1e9).round() as u64;
     /// assert_eq!([t.span_s, t.kernels_s, t.copies_s, t.both_s].map(ns), [40, 20, 25, 5]);
+    /// assert_eq!(ns(t.kernels_sum_s), 25); // 5 ns of the two kernels ran at once
     /// assert_eq!(ns(t.idle_s()), 0);
     /// ```
     pub fn from_intervals(kernels: Vec<(u64, u64)>, copies: Vec<(u64, u64)>) -> Timeline {
+        let kernels_sum: u64 = kernels.iter().map(|i| i.1.saturating_sub(i.0)).sum();
         let kernels = union(kernels);
         let copies = union(copies);
         let first = kernels.iter().chain(&copies).map(|i| i.0).min();
@@ -502,6 +507,7 @@ impl Timeline {
         Timeline {
             span_s: s(last.unwrap_or(0) - first.unwrap_or(0)),
             kernels_s: s(total(&kernels)),
+            kernels_sum_s: s(kernels_sum),
             copies_s: s(total(&copies)),
             both_s: s(both),
         }

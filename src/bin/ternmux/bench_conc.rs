@@ -304,9 +304,10 @@ fn device_timeline(target: &Target, wall: f64) -> Option<String> {
     let kernels = commands.iter().filter(|c| c.is_kernel()).count();
     Some(format!(
         "device (profiled): {kernels} kernels; over the {wall:.2} s level kernels ran {:.2} s \
-         ({:.0}%), page-in copies {:.2} s, both at once {:.2} s, idle {:.2} s of a {:.2} s span",
+         ({:.0}%; their own times add up to {:.2} s), page-in copies {:.2} s, both at once {:.2} s, idle {:.2} s of a {:.2} s span",
         t.kernels_s,
         100.0 * t.kernels_s / wall.max(1e-9),
+        t.kernels_sum_s,
         t.copies_s,
         t.both_s,
         t.idle_s(),
