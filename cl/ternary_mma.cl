@@ -313,17 +313,20 @@ inline void mma_body(MMA_PARAMS, const int fmt) {
     }
 }
 
-// 1..8 tokens (the small batched steps of a few sequences decoding) on the int8 tensor cores: a
-// work-group of ks warps (the host's choice: a power of two, at most 8, each warp with about
-// MF_U / 2 blocks) owns 16 rows, each warp a share of their blocks (blocks w, w + ks, …), the
-// codes of MF_U of its blocks loaded before any is summed; the tokens are one mma n-tile,
-// their activations read straight from global memory (B fragments: token g, k = 4·tq..+3 and
-// 16 + 4·tq..+3 of each 32-weight slice; zeros past the last token). Per block the int32 sums
-// are exact, then the row's block scale; the warps' sums are added in warp order by warp 0, so
-// a token's outputs do not depend on how many tokens share the launch. Against the team-per-row
-// kernel (`ternary_few*`), whose cost grew with the tokens (a mask, a dp4a and a load per four
-// weights and token), the tensor core sums all eight tokens of 16 rows × 32 weights at once.
-// Grid: ⌈rows / 16⌉ · ks · 32 work-items, ks · 32 a work-group; local `red`: ks · 32 · 4 floats.
+// 1..8 · NT8 tokens (the small batched steps of a few sequences decoding) on the int8 tensor
+// cores: a work-group of ks warps (the host's choice: a power of two, at most 8, each warp with
+// about MF_U / 2 blocks) owns 16 rows, each warp a share of their blocks (blocks w, w + ks, …),
+// the codes of MF_U of its blocks loaded before any is summed; the tokens are NT8 mma n-tiles of
+// 8 (each entry point built for a fixed NT8: 1, 2 or 4), their activations read straight from
+// global memory (B fragments: token 8·n + g, k = 4·tq..+3 and 16 + 4·tq..+3 of each 32-weight
+// slice; zeros past the last token). The A fragments of a block are made once and used for
+// every n-tile. Per block the int32 sums are exact, then the row's block scale; the warps' sums
+// are added in warp order by warp 0, so a token's outputs do not depend on how many tokens
+// share the launch, nor on which of the entry points runs it. Against the team-per-row kernel
+// (`ternary_few*`), whose cost grew with the tokens (a mask, a dp4a and a load per four weights
+// and token), the tensor core sums eight tokens of 16 rows × 32 weights at once.
+// Grid: ⌈rows / 16⌉ · ks · 32 work-items, ks · 32 a work-group; local `red`: ks · 32 · 4 · NT8
+// floats.
 #define MF_U 4
 
 #define MMA_FEW_PARAMS                                                                      \
@@ -331,7 +334,7 @@ inline void mma_body(MMA_PARAMS, const int fmt) {
         int accumulate, __local float *red
 #define MMA_FEW_ARGS k, q, qsc, n_tok, ROW_ARGS, accumulate, red
 
-inline void mma_few_body(MMA_FEW_PARAMS, const int fmt) {
+inline void mma_few_body(MMA_FEW_PARAMS, const int fmt, const int NT8) {
     const int i2s = fmt == TFMT_I2_S;
     int lid = get_local_id(0);
     int lane = lid % 32, warp = lid / 32, ks = get_local_size(0) / 32;
@@ -347,9 +350,20 @@ inline void mma_few_body(MMA_FEW_PARAMS, const int fmt) {
         live[r] = xr[r].rr < xr[r].n;
         wrow[r] = xr[r].w + (size_t)(live[r] ? xr[r].rr : 0) * row_bytes;
     }
-    bool tok = g < n_tok;
-    const __global uint* qa = (const __global uint*)(q + (size_t)min(g, n_tok - 1) * k);
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // This work-item's token of each n-tile (B fragment column g), and whether it is real.
+    bool tok[4];
+    const __global uint* qa[4];
+#pragma unroll
+    for (int n = 0; n < NT8; n++) {
+        tok[n] = 8 * n + g < n_tok;
+        qa[n] = (const __global uint*)(q + (size_t)min(8 * n + g, n_tok - 1) * k);
+    }
+    float acc[4][4];
+#pragma unroll
+    for (int n = 0; n < NT8; n++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[n][i] = 0.0f;
+    }
     int nblk = k / 256;
     for (int b0 = warp; b0 < nblk; b0 += ks * MF_U) {
         uint cw[MF_U][2][2][2];
@@ -363,7 +377,12 @@ inline void mma_few_body(MMA_FEW_PARAMS, const int fmt) {
         for (int u = 0; u < MF_U; u++) {
             int blk = b0 + u * ks;
             if (blk < nblk) {
-                int c[4] = {0, 0, 0, 0};
+                int c[4][4];
+#pragma unroll
+                for (int n = 0; n < NT8; n++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) c[n][i] = 0;
+                }
 #pragma unroll
                 for (int s = 0; s < 8; s++) {
                     int h = s / 4, j = tplane(s % 4, i2s);
@@ -372,35 +391,51 @@ inline void mma_few_body(MMA_FEW_PARAMS, const int fmt) {
                     uint a2 = tq2_values(cw[u][0][h][1], j);
                     uint a3 = tq2_values(cw[u][1][h][1], j);
                     int at = blk * 64 + s * 8 + tq;
-                    uint bx = tok ? qa[at] : 0u, by = tok ? qa[at + 4] : 0u;
-                    MMA_S8(c, a0, a1, a2, a3, bx, by);
+#pragma unroll
+                    for (int n = 0; n < NT8; n++) {
+                        uint bx = tok[n] ? qa[n][at] : 0u, by = tok[n] ? qa[n][at + 4] : 0u;
+                        MMA_S8(c[n], a0, a1, a2, a3, bx, by);
+                    }
                 }
-                // c: rows g (0, 1) and g + 8 (2, 3), tokens 2·tq (0, 2) and 2·tq + 1 (1, 3).
-                acc[0] += (float)c[0] * d[u][0];
-                acc[1] += (float)c[1] * d[u][0];
-                acc[2] += (float)c[2] * d[u][1];
-                acc[3] += (float)c[3] * d[u][1];
+                // c[n]: rows g (0, 1) and g + 8 (2, 3), tokens 8·n + 2·tq (0, 2) and + 1 (1, 3).
+#pragma unroll
+                for (int n = 0; n < NT8; n++) {
+                    acc[n][0] += (float)c[n][0] * d[u][0];
+                    acc[n][1] += (float)c[n][1] * d[u][0];
+                    acc[n][2] += (float)c[n][2] * d[u][1];
+                    acc[n][3] += (float)c[n][3] * d[u][1];
+                }
             }
         }
     }
 #pragma unroll
-    for (int i = 0; i < 4; i++) red[(warp * 32 + lane) * 4 + i] = acc[i];
+    for (int n = 0; n < NT8; n++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) red[((warp * 32 + lane) * NT8 + n) * 4 + i] = acc[n][i];
+    }
     barrier(CLK_LOCAL_MEM_FENCE);
     if (warp == 0) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            float v = 0.0f;
-            for (int w = 0; w < ks; w++) v += red[(w * 32 + lane) * 4 + i];
-            int t = 2 * tq + (i & 1), r = i / 2;
-            if (t < n_tok && live[r]) tiled_store(xr[r], v, qsc, t, accumulate);
+        for (int n = 0; n < NT8; n++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                float v = 0.0f;
+                for (int w = 0; w < ks; w++) v += red[((w * 32 + lane) * NT8 + n) * 4 + i];
+                int t = 8 * n + 2 * tq + (i & 1), r = i / 2;
+                if (t < n_tok && live[r]) tiled_store(xr[r], v, qsc, t, accumulate);
+            }
         }
     }
 }
 
-__kernel void ternary_few_tq2_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_TQ2_0); }
+__kernel void ternary_few_tq2_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_TQ2_0, 1); }
+__kernel void ternary_few16_tq2_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_TQ2_0, 2); }
+__kernel void ternary_few32_tq2_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_TQ2_0, 4); }
 
 // The same over I2_S rows (a multiple of 256 long).
-__kernel void ternary_few_i2s_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_I2_S); }
+__kernel void ternary_few_i2s_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_I2_S, 1); }
+__kernel void ternary_few16_i2s_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_I2_S, 2); }
+__kernel void ternary_few32_i2s_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_I2_S, 4); }
 
 __kernel void ternary_matmul_tq2_mma(MMA_PARAMS) { mma_body(MMA_ARGS, TFMT_TQ2_0); }
 

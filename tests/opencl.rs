@@ -9,7 +9,8 @@ use proptest::prelude::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use ternmux::backend::opencl::{
-    ActTail, ClDevice, DevBuf, FEW_MAX_TOKENS, Places, RopeShape, RowTail, TernaryOut,
+    ActTail, ClDevice, DevBuf, FEW_MAX_TOKENS, FEW_MMA_MAX_TOKENS, Places, RopeShape, RowTail,
+    TernaryOut,
 };
 use ternmux::backend::{Device, Placement, RowPlace};
 use ternmux::gguf::GgmlType;
@@ -398,6 +399,10 @@ fn check_ternary(
         let few = direct(&|outs| d.ternary_few(fmt, k, &qb, &sb, n_tok, outs, accumulate));
         paths.push(("few", few));
     }
+    if ClDevice::gemv_takes(fmt, k) && n_tok <= FEW_MMA_MAX_TOKENS && d.mma() {
+        let few = direct(&|outs| d.ternary_few_mma(fmt, k, &qb, &sb, n_tok, outs, accumulate));
+        paths.push(("few mma", few));
+    }
     let nsb = k.div_ceil(256);
     for (path, got, (_, w, bias, scale, _)) in paths
         .iter()
@@ -436,7 +441,13 @@ fn check_ternary(
 #[test]
 fn ternary_matmul_split_rows_match_f64() {
     for fmt in [TernaryFormat::Tq2_0, TernaryFormat::I2S] {
-        for (rows, k, n_tok) in [(40, 6912, 40), (17, 2560, 70), (3, 4096, 20), (5, 2560, 9)] {
+        for (rows, k, n_tok) in [
+            (40, 6912, 40),
+            (17, 2560, 70),
+            (3, 4096, 20),
+            (5, 2560, 9),
+            (5, 2560, 17),
+        ] {
             check_ternary(fmt, rows, k, n_tok, rows as u64, 2, true).unwrap();
         }
     }
@@ -686,13 +697,14 @@ proptest! {
         }
     }
 
-    /// The few-token kernels (up to FEW_MAX_TOKENS tokens, matrices of different heights, a
-    /// bias, accumulating or not: the team-per-row kernel, and on NVIDIA sm_80+ the
-    /// tensor-core one) give each token the bits they give that token alone: within a kernel,
-    /// a sequence's outputs do not depend on which others share its step. More tokens than
-    /// they take are refused. (`check_ternary` holds both against f64.)
+    /// The few-token kernels (up to FEW_MAX_TOKENS tokens for the team-per-row kernel and
+    /// FEW_MMA_MAX_TOKENS for the tensor-core one on NVIDIA sm_80+, whose entry points hold
+    /// one, two or four tiles of eight; matrices of different heights, a bias, accumulating or
+    /// not) give each token the bits they give that token alone: within a kernel, a sequence's
+    /// outputs do not depend on which others share its step. More tokens than they take are
+    /// refused. (`check_ternary` holds both against f64.)
     #[test]
-    fn few_token_kernel_same_bits_alone(rows_a in prop_oneof![1usize..200, Just(2560usize)], rows_b in 1usize..70, kb in 1usize..20, n_tok in 2usize..=FEW_MAX_TOKENS, i2s in any::<bool>(), accumulate in any::<bool>(), seed in any::<u64>()) {
+    fn few_token_kernel_same_bits_alone(rows_a in prop_oneof![1usize..200, Just(2560usize)], rows_b in 1usize..70, kb in 1usize..20, tokens in 2usize..=FEW_MMA_MAX_TOKENS, i2s in any::<bool>(), accumulate in any::<bool>(), seed in any::<u64>()) {
         let Some(d) = device() else { return Ok(()) };
         let k = kb * 256;
         let mut r = Lcg(seed);
@@ -701,17 +713,23 @@ proptest! {
         let (wa, wb) = (trits(&mut r, rows_a * k, true), trits(&mut r, rows_b * k, true));
         let wab = d.upload(&quant::encode(ty, &wa, rows_a, k).unwrap()).unwrap();
         let wbb = d.upload(&quant::encode(ty, &wb, rows_b, k).unwrap()).unwrap();
-        let q: Vec<i8> = (0..n_tok * k).map(|_| ((r.next() % 255) as i32 - 127) as i8).collect();
-        let sc: Vec<f32> = (0..n_tok).map(|t| 20.0 + 7.5 * t as f32).collect();
+        let q: Vec<i8> = (0..tokens * k).map(|_| ((r.next() % 255) as i32 - 127) as i8).collect();
+        let sc: Vec<f32> = (0..tokens).map(|t| 20.0 + 7.5 * t as f32).collect();
         let bias: Vec<f32> = (0..rows_b).map(|_| r.f()).collect();
         let biasb = up_f32(&d, &bias);
-        let start_a: Vec<f32> = (0..n_tok * rows_a).map(|_| r.f()).collect();
-        let start_b: Vec<f32> = (0..n_tok * rows_b).map(|_| r.f()).collect();
+        let start_a: Vec<f32> = (0..tokens * rows_a).map(|_| r.f()).collect();
+        let start_b: Vec<f32> = (0..tokens * rows_b).map(|_| r.f()).collect();
         let (qb, sb) = (d.upload(bytemuck::cast_slice(&q)).unwrap(), up_f32(&d, &sc));
         for mma in [false, true] {
             if mma && !d.mma() {
                 continue;
             }
+            // The team-per-row kernel takes the first FEW_MAX_TOKENS of the tokens.
+            let (n_tok, most) = if mma {
+                (tokens, FEW_MMA_MAX_TOKENS)
+            } else {
+                (tokens.min(FEW_MAX_TOKENS), FEW_MAX_TOKENS)
+            };
             let few = |q: &DevBuf, s: &DevBuf, n: usize, outs: &[TernaryOut<'_>]| {
                 if mma {
                     d.ternary_few_mma(fmt, k, q, s, n, outs, accumulate)
@@ -736,14 +754,16 @@ proptest! {
                 let (wa1, wb1) = (read_f32(&d, &ea, rows_a), read_f32(&d, &eb, rows_b));
                 for (i, w) in wa1.iter().enumerate() {
                     let g = ga[t * rows_a + i];
-                    prop_assert_eq!(g.to_bits(), w.to_bits(), "token {} row {} of a: {} vs {}", t, i, g, w);
+                    prop_assert_eq!(g.to_bits(), w.to_bits(), "token {} row {} of a ({} tokens, mma {}): {} vs {}", t, i, n_tok, mma, g, w);
                 }
                 for (i, w) in wb1.iter().enumerate() {
                     let g = gb[t * rows_b + i];
-                    prop_assert_eq!(g.to_bits(), w.to_bits(), "token {} row {} of b: {} vs {}", t, i, g, w);
+                    prop_assert_eq!(g.to_bits(), w.to_bits(), "token {} row {} of b ({} tokens, mma {}): {} vs {}", t, i, n_tok, mma, g, w);
                 }
             }
-            let over = few(&qb, &sb, FEW_MAX_TOKENS + 1, &[TernaryOut { w: &wab, rows: rows_a, out: &oa, scale: 1.0, bias: None }]);
+            let many: Vec<i8> = (0..(most + 1) * k).map(|i| q[i % q.len()]).collect();
+            let (qm, sm) = (d.upload(bytemuck::cast_slice(&many)).unwrap(), up_f32(&d, &vec![1.0; most + 1]));
+            let over = few(&qm, &sm, most + 1, &[TernaryOut { w: &wab, rows: rows_a, out: &up_f32(&d, &vec![0.0; (most + 1) * rows_a]), scale: 1.0, bias: None }]);
             prop_assert!(over.is_err(), "more tokens than the kernel takes must be refused");
         }
     }

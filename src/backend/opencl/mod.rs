@@ -28,6 +28,6 @@ pub use device::{
 };
 pub use exec::{ClExec, ClKv, DevStorage, DevUnit};
 pub use ops::{
-    ActTail, FEW_MAX_TOKENS, FEW_MMA_MIN_TOKENS, Places, RopeShape, RowTail, TernaryOut,
-    pick_part_bytes,
+    ActTail, FEW_MAX_TOKENS, FEW_MMA_MAX_TOKENS, FEW_MMA_MIN_TOKENS, Places, RopeShape, RowTail,
+    TernaryOut, pick_part_bytes,
 };

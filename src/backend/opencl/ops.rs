@@ -68,6 +68,28 @@ const MF_U: usize = 4;
 /// The most warps of a work-group of the tensor-core few-token kernel.
 const MF_WARPS: usize = 8;
 
+/// The most tokens the tensor-core few-token kernel takes (its widest entry point,
+/// `ternary_few32_*_mma`: four n-tiles of eight).
+pub const FEW_MMA_MAX_TOKENS: usize = 32;
+
+/// Batches of [`FEW_MMA_MIN_TOKENS`] to this many tokens take the tensor-core few-token kernel
+/// (where the device has it), larger ones the tiled tensor-core GEMM: 16, for every row
+/// length. On the H100 it took 13.1–14.6 µs a launch at 9–16 tokens of a 2560 × 2560 TQ2_0
+/// matrix against 20.2–20.3 for the tiled GEMM, 24.2–30.7 against 63.1–63.3 for 4096 × 14336;
+/// its four-tile entry lost to the tiled GEMM at 24 and 32 tokens (BENCHMARKS.md, issue 6,
+/// session 26). `TERNMUX_CL_FEW_MMA_MAX` sets the count, to measure it (at most
+/// [`FEW_MMA_MAX_TOKENS`]).
+fn few_mma_max_tokens() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("TERNMUX_CL_FEW_MMA_MAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16)
+            .min(FEW_MMA_MAX_TOKENS)
+    })
+}
+
 /// The fewest tokens that take the tensor-core few-token kernel: at 2 tokens the team-per-row
 /// kernel was quicker (passes of the 2B shape on the H100, 3.12–3.14 ms against 3.27–3.68 for a
 /// first build of the tensor-core kernel; at 4 and 8 tokens this build takes 3.50–3.67 and
@@ -211,7 +233,11 @@ impl Tq2Like {
                 gemv_norm: "ternary_gemv_tq2_norm",
                 gemv_act: "ternary_gemv_tq2_act",
                 few: ["ternary_few2_tq2", "ternary_few4_tq2", "ternary_few8_tq2"],
-                few_mma: "ternary_few_tq2_mma",
+                few_mma: [
+                    "ternary_few_tq2_mma",
+                    "ternary_few16_tq2_mma",
+                    "ternary_few32_tq2_mma",
+                ],
                 pair: "ternary_matmul_tq2_pair",
                 tiled: "ternary_matmul_tq2_tiled",
                 mma: "ternary_matmul_tq2_mma",
@@ -221,7 +247,11 @@ impl Tq2Like {
                 gemv_norm: "ternary_gemv_i2s_norm",
                 gemv_act: "ternary_gemv_i2s_act",
                 few: ["ternary_few2_i2s", "ternary_few4_i2s", "ternary_few8_i2s"],
-                few_mma: "ternary_few_i2s_mma",
+                few_mma: [
+                    "ternary_few_i2s_mma",
+                    "ternary_few16_i2s_mma",
+                    "ternary_few32_i2s_mma",
+                ],
                 pair: "ternary_matmul_i2s_pair",
                 tiled: "ternary_matmul_i2s_tiled",
                 mma: "ternary_matmul_i2s_mma",
@@ -240,8 +270,9 @@ struct Tq2Kernels {
     gemv_act: &'static str,
     /// Up to 2, 4 and 8 tokens, each code word's masks applied to all of them.
     few: [&'static str; 3],
-    /// Up to 8 tokens on NVIDIA's int8 tensor cores (sm_80+), 16 rows a work-group.
-    few_mma: &'static str,
+    /// Up to 8, 16 and 32 tokens on NVIDIA's int8 tensor cores (sm_80+), 16 rows a
+    /// work-group.
+    few_mma: [&'static str; 3],
     /// Small batches, two rows per team.
     pair: &'static str,
     /// Batches from `TILED_MIN_TOKENS`, tiled in local memory.
@@ -586,11 +617,16 @@ impl ClDevice {
             return self.ternary_gemv(fmt, k, q, s, outs, accumulate, None);
         }
         // A few tokens: each block's weights read once and applied to all of them.
-        if like.is_some() && n_tok <= few_max_tokens(k) && self.gpu_kernels() {
-            if n_tok >= FEW_MMA_MIN_TOKENS && self.mma() && few_mma_enabled() {
+        if like.is_some() && self.gpu_kernels() {
+            if (FEW_MMA_MIN_TOKENS..=few_mma_max_tokens()).contains(&n_tok)
+                && self.mma()
+                && few_mma_enabled()
+            {
                 return self.ternary_few_mma(fmt, k, q, s, n_tok, outs, accumulate);
             }
-            return self.ternary_few(fmt, k, q, s, n_tok, outs, accumulate);
+            if n_tok <= few_max_tokens(k) {
+                return self.ternary_few(fmt, k, q, s, n_tok, outs, accumulate);
+            }
         }
         let mut args = vec![
             Arg::I32(ternary_format_id(fmt)),
@@ -881,10 +917,12 @@ impl ClDevice {
 
     /// What [`Self::ternary_few`] computes, on NVIDIA's int8 tensor cores (sm_80 and later:
     /// [`Self::mma`]): a work-group of warps per 16 rows, each warp a share of the blocks, the
-    /// 1..=[`FEW_MAX_TOKENS`] tokens one tile of the tensor core's `m16n8k32`. Its cost barely
+    /// 1..=[`FEW_MMA_MAX_TOKENS`] tokens one, two or four tiles of eight of the tensor core's
+    /// `m16n8k32`, each block's weight fragments made once for all of them. Its cost barely
     /// grows with the tokens (the team-per-row kernel's does), so batches of
-    /// [`FEW_MMA_MIN_TOKENS`] or more take it (H100, BENCHMARKS.md, issue 6, session 22). A
-    /// token's outputs are the same bits however many tokens share the launch.
+    /// [`FEW_MMA_MIN_TOKENS`] or more take it (H100, BENCHMARKS.md, issue 6, session 22), and
+    /// up to 16 tokens it is quicker than the tiled GEMM (session 26). A token's outputs are
+    /// the same bits however many tokens share the launch.
     #[allow(clippy::too_many_arguments)]
     pub fn ternary_few_mma(
         &self,
@@ -901,9 +939,20 @@ impl ClDevice {
                 "opencl: the tensor-core few-token kernel needs NVIDIA sm_80 or later".into(),
             ));
         }
-        few_tokens(n_tok)?;
+        if !(1..=FEW_MMA_MAX_TOKENS).contains(&n_tok) {
+            return Err(Error::Device(format!(
+                "opencl: the tensor-core few-token kernel takes 1 to {FEW_MMA_MAX_TOKENS} \
+                 tokens, not {n_tok}"
+            )));
+        }
         let (kernels, mut args, total) =
             self.gemv_args(fmt, k, q, s, Some(n_tok), outs, accumulate)?;
+        // The entry built for the fewest n-tiles of eight that hold the tokens.
+        let (tiles, name) = match n_tok {
+            ..=8 => (1, kernels.few_mma[0]),
+            9..=16 => (2, kernels.few_mma[1]),
+            _ => (4, kernels.few_mma[2]),
+        };
         // 16 rows per work-group of `ks` warps; their sums meet in local memory.
         let ks = (k / 256)
             .div_ceil(MF_U / 2)
@@ -911,7 +960,7 @@ impl ClDevice {
             .clamp(1, MF_WARPS);
         // The team sums' local buffer, which `gemv_args` puts last, sized for this kernel.
         match args.last_mut() {
-            Some(sums @ Arg::Local(_)) => *sums = Arg::Local(ks * TEAM * 4 * 4),
+            Some(sums @ Arg::Local(_)) => *sums = Arg::Local(ks * TEAM * 4 * tiles * 4),
             _ => {
                 return Err(Error::Device(
                     "opencl: the few-token arguments do not end with their local sums".into(),
@@ -919,7 +968,7 @@ impl ClDevice {
             }
         }
         let wg = ks * TEAM;
-        self.launch(kernels.few_mma, &[total.div_ceil(16) * wg], &[wg], &args)
+        self.launch(name, &[total.div_ceil(16) * wg], &[wg], &args)
     }
 
     /// Whether [`Self::ternary_gemv`] takes matrices of `fmt` with rows of `k`.
