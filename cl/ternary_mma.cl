@@ -317,7 +317,8 @@ inline void mma_body(MMA_PARAMS, const int fmt) {
 // cores: a work-group of ks warps (the host's choice: a power of two, at most 8, each warp with
 // about MF_U / 2 blocks) owns 16 rows, each warp a share of their blocks (blocks w, w + ks, …),
 // the codes of MF_U of its blocks loaded before any is summed; the tokens are NT8 mma n-tiles of
-// 8 (each entry point built for a fixed NT8: 1, 2 or 4), their activations read straight from
+// 8 (each entry point built for a fixed NT8: 1 or 2; four tiles lost to the tiled GEMM at 24
+// and 32 tokens on the H100), their activations read straight from
 // global memory (B fragments: token 8·n + g, k = 4·tq..+3 and 16 + 4·tq..+3 of each 32-weight
 // slice; zeros past the last token). The A fragments of a block are made once and used for
 // every n-tile. Per block the int32 sums are exact, then the row's block scale; the warps' sums
@@ -351,14 +352,14 @@ inline void mma_few_body(MMA_FEW_PARAMS, const int fmt, const int NT8) {
         wrow[r] = xr[r].w + (size_t)(live[r] ? xr[r].rr : 0) * row_bytes;
     }
     // This work-item's token of each n-tile (B fragment column g), and whether it is real.
-    bool tok[4];
-    const __global uint* qa[4];
+    bool tok[2];
+    const __global uint* qa[2];
 #pragma unroll
     for (int n = 0; n < NT8; n++) {
         tok[n] = 8 * n + g < n_tok;
         qa[n] = (const __global uint*)(q + (size_t)min(8 * n + g, n_tok - 1) * k);
     }
-    float acc[4][4];
+    float acc[2][4];
 #pragma unroll
     for (int n = 0; n < NT8; n++) {
 #pragma unroll
@@ -377,7 +378,7 @@ inline void mma_few_body(MMA_FEW_PARAMS, const int fmt, const int NT8) {
         for (int u = 0; u < MF_U; u++) {
             int blk = b0 + u * ks;
             if (blk < nblk) {
-                int c[4][4];
+                int c[2][4];
 #pragma unroll
                 for (int n = 0; n < NT8; n++) {
 #pragma unroll
@@ -430,12 +431,10 @@ inline void mma_few_body(MMA_FEW_PARAMS, const int fmt, const int NT8) {
 
 __kernel void ternary_few_tq2_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_TQ2_0, 1); }
 __kernel void ternary_few16_tq2_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_TQ2_0, 2); }
-__kernel void ternary_few32_tq2_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_TQ2_0, 4); }
 
 // The same over I2_S rows (a multiple of 256 long).
 __kernel void ternary_few_i2s_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_I2_S, 1); }
 __kernel void ternary_few16_i2s_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_I2_S, 2); }
-__kernel void ternary_few32_i2s_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_I2_S, 4); }
 
 __kernel void ternary_matmul_tq2_mma(MMA_PARAMS) { mma_body(MMA_ARGS, TFMT_TQ2_0); }
 

@@ -699,7 +699,7 @@ proptest! {
 
     /// The few-token kernels (up to FEW_MAX_TOKENS tokens for the team-per-row kernel and
     /// FEW_MMA_MAX_TOKENS for the tensor-core one on NVIDIA sm_80+, whose entry points hold
-    /// one, two or four tiles of eight; matrices of different heights, a bias, accumulating or
+    /// one or two tiles of eight; matrices of different heights, a bias, accumulating or
     /// not) give each token the bits they give that token alone: within a kernel, a sequence's
     /// outputs do not depend on which others share its step. More tokens than they take are
     /// refused. (`check_ternary` holds both against f64.)

@@ -68,24 +68,23 @@ const MF_U: usize = 4;
 /// The most warps of a work-group of the tensor-core few-token kernel.
 const MF_WARPS: usize = 8;
 
-/// The most tokens the tensor-core few-token kernel takes (its widest entry point,
-/// `ternary_few32_*_mma`: four n-tiles of eight).
-pub const FEW_MMA_MAX_TOKENS: usize = 32;
+/// The most tokens the tensor-core few-token kernel takes (its wider entry point,
+/// `ternary_few16_*_mma`: two n-tiles of eight).
+pub const FEW_MMA_MAX_TOKENS: usize = 16;
 
 /// Batches of [`FEW_MMA_MIN_TOKENS`] to this many tokens take the tensor-core few-token kernel
 /// (where the device has it), larger ones the tiled tensor-core GEMM: 16, for every row
 /// length. On the H100 it took 13.1–14.6 µs a launch at 9–16 tokens of a 2560 × 2560 TQ2_0
 /// matrix against 20.2–20.3 for the tiled GEMM, 24.2–30.7 against 63.1–63.3 for 4096 × 14336;
-/// its four-tile entry lost to the tiled GEMM at 24 and 32 tokens (BENCHMARKS.md, issue 6,
-/// session 26). `TERNMUX_CL_FEW_MMA_MAX` sets the count, to measure it (at most
-/// [`FEW_MMA_MAX_TOKENS`]).
+/// a four-tile entry lost to the tiled GEMM at 24 and 32 tokens (BENCHMARKS.md, issue 6,
+/// session 26). `TERNMUX_CL_FEW_MMA_MAX` lowers the count, to measure it.
 fn few_mma_max_tokens() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| {
         std::env::var("TERNMUX_CL_FEW_MMA_MAX")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(16)
+            .unwrap_or(FEW_MMA_MAX_TOKENS)
             .min(FEW_MMA_MAX_TOKENS)
     })
 }
@@ -233,11 +232,7 @@ impl Tq2Like {
                 gemv_norm: "ternary_gemv_tq2_norm",
                 gemv_act: "ternary_gemv_tq2_act",
                 few: ["ternary_few2_tq2", "ternary_few4_tq2", "ternary_few8_tq2"],
-                few_mma: [
-                    "ternary_few_tq2_mma",
-                    "ternary_few16_tq2_mma",
-                    "ternary_few32_tq2_mma",
-                ],
+                few_mma: ["ternary_few_tq2_mma", "ternary_few16_tq2_mma"],
                 pair: "ternary_matmul_tq2_pair",
                 tiled: "ternary_matmul_tq2_tiled",
                 mma: "ternary_matmul_tq2_mma",
@@ -247,11 +242,7 @@ impl Tq2Like {
                 gemv_norm: "ternary_gemv_i2s_norm",
                 gemv_act: "ternary_gemv_i2s_act",
                 few: ["ternary_few2_i2s", "ternary_few4_i2s", "ternary_few8_i2s"],
-                few_mma: [
-                    "ternary_few_i2s_mma",
-                    "ternary_few16_i2s_mma",
-                    "ternary_few32_i2s_mma",
-                ],
+                few_mma: ["ternary_few_i2s_mma", "ternary_few16_i2s_mma"],
                 pair: "ternary_matmul_i2s_pair",
                 tiled: "ternary_matmul_i2s_tiled",
                 mma: "ternary_matmul_i2s_mma",
@@ -270,9 +261,8 @@ struct Tq2Kernels {
     gemv_act: &'static str,
     /// Up to 2, 4 and 8 tokens, each code word's masks applied to all of them.
     few: [&'static str; 3],
-    /// Up to 8, 16 and 32 tokens on NVIDIA's int8 tensor cores (sm_80+), 16 rows a
-    /// work-group.
-    few_mma: [&'static str; 3],
+    /// Up to 8 and 16 tokens on NVIDIA's int8 tensor cores (sm_80+), 16 rows a work-group.
+    few_mma: [&'static str; 2],
     /// Small batches, two rows per team.
     pair: &'static str,
     /// Batches from `TILED_MIN_TOKENS`, tiled in local memory.
@@ -917,7 +907,7 @@ impl ClDevice {
 
     /// What [`Self::ternary_few`] computes, on NVIDIA's int8 tensor cores (sm_80 and later:
     /// [`Self::mma`]): a work-group of warps per 16 rows, each warp a share of the blocks, the
-    /// 1..=[`FEW_MMA_MAX_TOKENS`] tokens one, two or four tiles of eight of the tensor core's
+    /// 1..=[`FEW_MMA_MAX_TOKENS`] tokens one or two tiles of eight of the tensor core's
     /// `m16n8k32`, each block's weight fragments made once for all of them. Its cost barely
     /// grows with the tokens (the team-per-row kernel's does), so batches of
     /// [`FEW_MMA_MIN_TOKENS`] or more take it (H100, BENCHMARKS.md, issue 6, session 22), and
@@ -948,10 +938,10 @@ impl ClDevice {
         let (kernels, mut args, total) =
             self.gemv_args(fmt, k, q, s, Some(n_tok), outs, accumulate)?;
         // The entry built for the fewest n-tiles of eight that hold the tokens.
-        let (tiles, name) = match n_tok {
-            ..=8 => (1, kernels.few_mma[0]),
-            9..=16 => (2, kernels.few_mma[1]),
-            _ => (4, kernels.few_mma[2]),
+        let (tiles, name) = if n_tok <= 8 {
+            (1, kernels.few_mma[0])
+        } else {
+            (2, kernels.few_mma[1])
         };
         // 16 rows per work-group of `ks` warps; their sums meet in local memory.
         let ks = (k / 256)
