@@ -567,10 +567,11 @@ fn best_queue_us(
 /// one thread, one queue, arguments unchanged between launches (so only the queueing call is
 /// timed): with one buffer argument; with twelve distinct buffers; with one buffer and twelve
 /// ints; with twelve of which eleven are the device's dummy buffer (passed as NULL pointers
-/// unless `TERNMUX_CL_NULL_ARGS=0`). The difference between the first two prices the
-/// buffer arguments the driver handles per launch. Each is the best of four rounds of
-/// `launches`.
-pub fn launch_arg_costs(dev: &ClDevice, launches: usize) -> Result<[f64; 4]> {
+/// unless `TERNMUX_CL_NULL_ARGS=0`); with one buffer in all twelve slots. The difference
+/// between the first two prices the buffer arguments the driver handles per launch; the last
+/// tells whether it charges per argument or per distinct buffer. Each is the best of four
+/// rounds of `launches`.
+pub fn launch_arg_costs(dev: &ClDevice, launches: usize) -> Result<[f64; 5]> {
     let bufs: Vec<DevBuf> = (0..12).map(|_| dev.alloc(64)).collect::<Result<_>>()?;
     let n = launches.max(1);
     let time = |name: &str, args: &[Arg<'_>]| {
@@ -589,7 +590,12 @@ pub fn launch_arg_costs(dev: &ClDevice, launches: usize) -> Result<[f64; 4]> {
     nulls.extend((1..12).map(|_| Arg::Buf(dev.dummy())));
     nulls.push(Arg::I32(1));
     let nulls = time("probe_buffers12", &nulls)?;
-    Ok([one, twelve, scalars, nulls])
+    // One buffer in all twelve slots: whether the driver's cost is per argument or per
+    // distinct buffer.
+    let mut same: Vec<Arg<'_>> = (0..12).map(|_| Arg::Buf(&bufs[1])).collect();
+    same.push(Arg::I32(1));
+    let same = time("probe_buffers12", &same)?;
+    Ok([one, twelve, scalars, nulls, same])
 }
 
 /// Host microseconds to queue one batch-1 TQ2_0 GEMV (`rows × cols`), one thread, one queue,

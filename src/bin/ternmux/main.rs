@@ -503,14 +503,14 @@ fn launch_probes(
              {crowded:.1} (4096 more buffers alive)"
         ),
     )?;
-    let [one, twelve, scalars, nulls] = bench::launch_arg_costs(dev, 2000)?;
+    let [one, twelve, scalars, nulls, same] = bench::launch_arg_costs(dev, 2000)?;
     w(
         out,
         format!(
             "host µs to queue a do-nothing kernel: {one:.2} with one buffer argument, \
-             {twelve:.2} with twelve, {scalars:.2} with one buffer and twelve ints, {nulls:.2} \
-             with twelve of which eleven are the dummy buffer (NULL unless \
-             TERNMUX_CL_NULL_ARGS=0)"
+             {twelve:.2} with twelve, {same:.2} with one buffer in twelve slots, {scalars:.2} \
+             with one buffer and twelve ints, {nulls:.2} with twelve of which eleven are the \
+             dummy buffer (NULL unless TERNMUX_CL_NULL_ARGS=0)"
         ),
     )?;
     let p = bench::page_in_costs(dev, 101)?;
