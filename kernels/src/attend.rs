@@ -100,11 +100,13 @@ impl<'a> F16Cache<'a> {
     pub fn value(&self, p: usize) -> &'a [u8] {
         &self.values[2 * p * self.stride..2 * (p * self.stride + self.head_dim)]
     }
-    /// The key bytes from position 0 on (for kernels that step through them).
+    /// The key bytes from position 0 on (for kernels that step through them: the x86-64 tiles).
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn key_bytes(&self) -> &'a [u8] {
         self.keys
     }
     /// The value bytes from position 0 on.
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn value_bytes(&self) -> &'a [u8] {
         self.values
     }

@@ -532,7 +532,9 @@ struct TokJob<'a> {
     ptr: OutPtr,
     n: usize,
     tile: usize,
-    /// The CPU has AVX-512: the epilogue is compiled for it ([`TokJob::rows_avx512`]).
+    /// The CPU has AVX-512: the epilogue is compiled for it ([`TokJob::rows_avx512`]). Read on
+    /// x86-64 only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     wide: bool,
 }
 
