@@ -100,8 +100,8 @@ fn quantize_row(w: &[f32], codes: &mut [u8]) -> f32 {
 }
 
 impl Int8Matrix {
-    /// Requantizes every row of `w` (in parallel; the rows are dequantized with `kern`'s
-    /// converters). Rows whose largest magnitude is not finite become zero rows.
+    /// Requantizes every row of `w` (in parallel, except inside [`crate::serial::serial`]; the
+    /// rows are dequantized with `kern`'s converters). Rows whose largest magnitude is not finite become zero rows.
     ///
     /// Errors: a row length that is not a multiple of [`INT8_BLOCK`], or no memory for the
     /// codes.
@@ -138,13 +138,21 @@ impl Int8Matrix {
         let mut scales = try_filled(rows, 0.0f32, "int8 matrix scales")?;
         let f16_to_f32 = kern.f16_to_f32;
         let chunk_rows = chunk_rows.max(1);
+        // Inside [`crate::serial::serial`] the rows stay on the calling thread: no fork, so no
+        // join that could steal a job of the caller's (e.g. another part of a split pass that
+        // would then wait for this very matrix, made once under a `OnceLock`).
+        let min_len = if crate::serial::is_serial() {
+            usize::MAX
+        } else {
+            64
+        };
         for r0 in (0..rows).step_by(chunk_rows) {
             let r1 = (r0 + chunk_rows).min(rows);
             codes[r0 * cols..r1 * cols]
                 .par_chunks_mut(cols)
                 .zip(scales[r0..r1].par_iter_mut())
                 .enumerate()
-                .with_min_len(64)
+                .with_min_len(min_len)
                 .for_each_init(
                     || vec![0.0f32; cols],
                     |buf, (i, (c, d))| {

@@ -1,5 +1,6 @@
-//! Products kept on the calling thread: inside [`serial`], every product of this crate runs on
-//! the thread that calls it instead of splitting its rows between the rayon pool's threads.
+//! Products kept on the calling thread: inside [`serial`], every product of this crate (and the
+//! int8 requantization of a matrix) runs on the thread that calls it instead of splitting its
+//! rows between the rayon pool's threads.
 //!
 //! A caller that already spreads independent work over the threads (the rows of a batch split
 //! by sequence, each part a whole pass on one thread) runs each part serially: forking inside

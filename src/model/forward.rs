@@ -260,13 +260,6 @@ impl Model {
         match (parts, pins, &mut cache.store) {
             (Some(parts), Some(_pins), KvStorage::Cpu(kv)) => {
                 cache.picked_last = false;
-                // The int8 head is made here, before the parts run on pool threads. Made inside
-                // a part, its parallel quantization could steal another part, whose head
-                // request would then wait on the very initialization it runs under (a hang
-                // seen in CI: `a_split_batch_gives_each_sequence_its_own_logits`).
-                if self.int8_head_applies() {
-                    let _ = self.int8_head();
-                }
                 self.forward_parts(kv, &cache.lens, seqs, &parts, logits, picks)?;
             }
             _ => {
