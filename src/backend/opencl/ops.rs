@@ -95,13 +95,13 @@ fn few_mma_max_tokens() -> usize {
 /// 3.92–3.94 ms against 3.78–3.89 and 4.81–4.88: BENCHMARKS.md, issue 6, session 22).
 pub const FEW_MMA_MIN_TOKENS: usize = 3;
 
-/// Refuses a token count the few-token kernels do not take (1..=[`FEW_MAX_TOKENS`]).
-fn few_tokens(n_tok: usize) -> Result<()> {
-    if (1..=FEW_MAX_TOKENS).contains(&n_tok) {
+/// Refuses a token count the few-token kernel `what` does not take (1..=`most`).
+fn few_tokens(what: &str, n_tok: usize, most: usize) -> Result<()> {
+    if (1..=most).contains(&n_tok) {
         return Ok(());
     }
     Err(Error::Device(format!(
-        "opencl: the few-token kernels take 1 to {FEW_MAX_TOKENS} tokens, not {n_tok}"
+        "opencl: the {what} takes 1 to {most} tokens, not {n_tok}"
     )))
 }
 
@@ -893,7 +893,7 @@ impl ClDevice {
         outs: &[TernaryOut<'_>],
         accumulate: bool,
     ) -> Result<()> {
-        few_tokens(n_tok)?;
+        few_tokens("team-per-row few-token kernel", n_tok, FEW_MAX_TOKENS)?;
         let (kernels, args, total) = self.gemv_args(fmt, k, q, s, Some(n_tok), outs, accumulate)?;
         let wg = ROWS_PER_GROUP * TEAM;
         // The entry built for the fewest tokens that hold these.
@@ -929,20 +929,12 @@ impl ClDevice {
                 "opencl: the tensor-core few-token kernel needs NVIDIA sm_80 or later".into(),
             ));
         }
-        if !(1..=FEW_MMA_MAX_TOKENS).contains(&n_tok) {
-            return Err(Error::Device(format!(
-                "opencl: the tensor-core few-token kernel takes 1 to {FEW_MMA_MAX_TOKENS} \
-                 tokens, not {n_tok}"
-            )));
-        }
+        few_tokens("tensor-core few-token kernel", n_tok, FEW_MMA_MAX_TOKENS)?;
         let (kernels, mut args, total) =
             self.gemv_args(fmt, k, q, s, Some(n_tok), outs, accumulate)?;
         // The entry built for the fewest n-tiles of eight that hold the tokens.
-        let (tiles, name) = if n_tok <= 8 {
-            (1, kernels.few_mma[0])
-        } else {
-            (2, kernels.few_mma[1])
-        };
+        let tiles = n_tok.div_ceil(8);
+        let name = kernels.few_mma[tiles - 1];
         // 16 rows per work-group of `ks` warps; their sums meet in local memory.
         let ks = (k / 256)
             .div_ceil(MF_U / 2)
