@@ -20,3 +20,9 @@ __kernel void probe_scalars12(__global int* a0, int k, int k1, int k2, int k3, i
                               int k6, int k7, int k8, int k9, int k10, int k11) {
     if (get_global_id(0) == 0 && k < 0) a0[0] = k + k1 + k2 + k3 + k4 + k5 + k6 + k7 + k8 + k9 + k10 + k11;
 }
+
+// Copies `n` ints (`bench::svm_arg_costs` reads an SVM launch's outputs through it).
+__kernel void probe_copy_svm(__global const int* src, __global int* dst, int n) {
+    int i = get_global_id(0);
+    if (i < n) dst[i] = src[i];
+}

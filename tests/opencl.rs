@@ -156,6 +156,40 @@ fn reads_append_buffer_contents() {
     }
 }
 
+/// A kernel reaches shared virtual memory through an address argument at any offset into it,
+/// and a launch whose address changed gets the new one (the argument cache tells them apart).
+/// An offset past the allocation is refused.
+#[test]
+fn svm_arguments_reach_their_memory() {
+    use ternmux::backend::opencl::Arg;
+    let Some(d) = device() else { return };
+    if !d.svm_coarse() {
+        // CI's PoCL and the H100's driver both offer it.
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "no coarse-grained SVM on {}",
+            d.info().name
+        );
+        return;
+    }
+    let n = 1024usize;
+    let svm = d.svm_alloc(n * 4).unwrap();
+    let vals: Vec<i32> = (0..n as i32).map(|i| i * 7 - 300).collect();
+    d.svm_write(&svm, 0, bytemuck::cast_slice(&vals)).unwrap();
+    let dst = d.alloc(512 * 4).unwrap();
+    for from in [256usize, 0, 512] {
+        let args = [Arg::Svm(&svm, from * 4), Arg::Buf(&dst), Arg::I32(512)];
+        d.launch("probe_copy_svm", &[512], &[64], &args).unwrap();
+        let mut out = vec![0u8; 512 * 4];
+        d.read(&dst, 0, &mut out).unwrap();
+        let got: &[i32] = bytemuck::cast_slice(&out);
+        assert_eq!(got, &vals[from..from + 512], "copy from int {from}");
+    }
+    let past = [Arg::Svm(&svm, n * 4 + 4), Arg::Buf(&dst), Arg::I32(1)];
+    assert!(d.launch("probe_copy_svm", &[64], &[64], &past).is_err());
+    d.finish().unwrap();
+}
+
 /// The page-in cost probes of `ternmux bench-device` run and time something.
 #[test]
 fn page_in_cost_probes_run() {

@@ -662,3 +662,165 @@ pub fn launch_cost_variants(
     drop(crowd);
     Ok([plain, viewed, behind, crowded])
 }
+
+/// What buffer arguments passed as shared-virtual-memory addresses cost the driver's queueing,
+/// against memory objects ([`svm_arg_costs`]); µs per launch, the best of four rounds.
+#[derive(Clone, Copy, Debug)]
+pub struct SvmArgCosts {
+    /// The do-nothing kernel with twelve distinct buffers (memory objects).
+    pub mem12_us: f64,
+    /// The same with twelve SVM addresses, unchanged between launches.
+    pub svm12_us: f64,
+    /// The same with twelve SVM addresses that change every launch (each re-set).
+    pub svm12_reset_us: f64,
+    /// A 4-token tensor-core few-token launch of a Q/K/V triple (2560 × 2560, 640 × 2560 twice),
+    /// buffers as memory objects: host µs to queue, then wall µs per launch.
+    pub few_mem: Option<(f64, f64)>,
+    /// The same launch with every buffer an SVM address.
+    pub few_svm: Option<(f64, f64)>,
+}
+
+/// Measures [`SvmArgCosts`] (`None` where the device has no coarse-grained SVM).
+pub fn svm_arg_costs(dev: &ClDevice, launches: usize) -> Result<Option<SvmArgCosts>> {
+    if !dev.svm_coarse() {
+        return Ok(None);
+    }
+    let n = launches.max(1);
+    let bufs: Vec<DevBuf> = (0..12).map(|_| dev.alloc(64)).collect::<Result<_>>()?;
+    let svms: Vec<super::device::SvmBuf> =
+        (0..12).map(|_| dev.svm_alloc(128)).collect::<Result<_>>()?;
+    fn time<'a>(
+        dev: &ClDevice,
+        n: usize,
+        name: &str,
+        args: impl Fn(usize) -> Vec<Arg<'a>>,
+    ) -> Result<f64> {
+        best_queue_us(
+            dev,
+            n,
+            || Ok(()),
+            |i| dev.launch(name, &[32], &[32], &args(i)),
+        )
+    }
+    let mem12 = time(dev, n, "probe_buffers12", |_| {
+        let mut a: Vec<Arg<'_>> = bufs.iter().map(Arg::Buf).collect();
+        a.push(Arg::I32(1));
+        a
+    })?;
+    let svm12 = time(dev, n, "probe_buffers12", |_| {
+        let mut a: Vec<Arg<'_>> = svms.iter().map(|b| Arg::Svm(b, 0)).collect();
+        a.push(Arg::I32(1));
+        a
+    })?;
+    let svm12_reset = time(dev, n, "probe_buffers12", |i| {
+        let mut a: Vec<Arg<'_>> = svms.iter().map(|b| Arg::Svm(b, (i % 2) * 64)).collect();
+        a.push(Arg::I32(1));
+        a
+    })?;
+    let (few_mem, few_svm) = if dev.mma() {
+        let (k, n_tok) = (2560usize, 4usize);
+        let fmt = TernaryFormat::Tq2_0;
+        let shapes = [2560usize, 640, 640];
+        let w: Vec<DevBuf> = shapes
+            .iter()
+            .map(|&r| dev.upload(&weights(fmt, r, k, r as u64)))
+            .collect::<Result<_>>()?;
+        let o: Vec<DevBuf> = shapes
+            .iter()
+            .map(|&r| dev.alloc(r * n_tok * 4))
+            .collect::<Result<_>>()?;
+        let q = dev.upload(&vec![1u8; k * n_tok])?;
+        let s = dev.upload(bytemuck::cast_slice(&vec![1.0f32; n_tok]))?;
+        let outs: Vec<TernaryOut<'_>> = w
+            .iter()
+            .zip(&o)
+            .zip(shapes)
+            .map(|((w, o), rows)| TernaryOut {
+                w,
+                rows,
+                out: o,
+                scale: 1.0,
+                bias: None,
+            })
+            .collect();
+        let (name, global, local, args) =
+            dev.few_mma_launch(fmt, k, &q, &s, n_tok, &outs, false)?;
+        // The same buffers as SVM copies (the same sizes; weights copied).
+        let mut shadow: Vec<(u64, super::device::SvmBuf)> = Vec::new();
+        for a in &args {
+            if let Arg::Buf(b) = a {
+                if std::ptr::eq(*b, dev.dummy()) || shadow.iter().any(|(id, _)| *id == b.id()) {
+                    continue;
+                }
+                let sb = dev.svm_alloc(b.bytes())?;
+                let mut bytes = vec![0u8; b.bytes()];
+                dev.read(b, 0, &mut bytes)?;
+                dev.svm_write(&sb, 0, &bytes)?;
+                shadow.push((b.id(), sb));
+            }
+        }
+        let svm_args: Vec<Arg<'_>> = args
+            .iter()
+            .map(|a| match a {
+                Arg::Buf(b) => shadow
+                    .iter()
+                    .find(|(id, _)| *id == b.id())
+                    .map_or(*a, |(_, sb)| Arg::Svm(sb, 0)),
+                _ => *a,
+            })
+            .collect();
+        let run = |args: &[Arg<'_>]| -> Result<(f64, f64)> {
+            let queue = best_queue_us(
+                dev,
+                n,
+                || Ok(()),
+                |_| dev.launch(name, &[global], &[local], args),
+            )?;
+            let wall = time_best(3, || {
+                for _ in 0..n {
+                    dev.launch(name, &[global], &[local], args)?;
+                }
+                dev.finish()
+            })? / n as f64
+                * 1e6;
+            Ok((queue, wall))
+        };
+        let mem = run(&args)?;
+        let svm = run(&svm_args)?;
+        // Both wrote the same outputs from the same inputs.
+        let mut a = vec![0u8; o[0].bytes()];
+        dev.read(&o[0], 0, &mut a)?;
+        let mut b = vec![0u8; o[0].bytes()];
+        if let Some((_, sb)) = shadow.iter().find(|(id, _)| *id == o[0].id()) {
+            dev.finish()?;
+            let tmp = dev.alloc(sb.bytes())?;
+            dev.launch(
+                "probe_copy_svm",
+                &[sb.bytes() / 4],
+                &[64],
+                &[
+                    Arg::Svm(sb, 0),
+                    Arg::Buf(&tmp),
+                    Arg::I32((sb.bytes() / 4) as i32),
+                ],
+            )?;
+            dev.read(&tmp, 0, &mut b)?;
+            if a != b {
+                return Err(crate::Error::Device(
+                    "opencl: the SVM launch wrote other outputs than the buffer launch".into(),
+                ));
+            }
+        }
+        (Some(mem), Some(svm))
+    } else {
+        (None, None)
+    };
+    dev.finish()?;
+    Ok(Some(SvmArgCosts {
+        mem12_us: mem12,
+        svm12_us: svm12,
+        svm12_reset_us: svm12_reset,
+        few_mem,
+        few_svm,
+    }))
+}

@@ -241,6 +241,43 @@ pub enum Arg<'a> {
     F32(f32),
     /// Local memory of this many bytes.
     Local(usize),
+    /// A pointer `offset` bytes into coarse-grained shared virtual memory
+    /// (`clSetKernelArgSVMPointer`).
+    Svm(&'a SvmBuf, usize),
+}
+
+/// Coarse-grained shared virtual memory (`clSVMAlloc`): device memory a kernel argument
+/// reaches by address (`clSetKernelArgSVMPointer`), not as a memory object. Freed on drop.
+pub struct SvmBuf {
+    context: opencl3::types::cl_context,
+    ptr: *mut std::ffi::c_void,
+    bytes: usize,
+}
+
+// SAFETY: the allocation is owned by this value, and it holds its own reference on the
+// context (retained in `ClDevice::svm_alloc`, released on drop), so both stay valid on any
+// thread for as long as it lives.
+unsafe impl Send for SvmBuf {}
+// SAFETY: as above; `&SvmBuf` only reads the address and size.
+unsafe impl Sync for SvmBuf {}
+
+impl SvmBuf {
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for SvmBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `clSVMAlloc` on `context` and is freed once, here (callers
+        // finish the queues that used it before dropping it); the context reference this value
+        // retained is released after it.
+        unsafe {
+            let _ = cl3::memory::svm_free(self.context, self.ptr);
+            let _ = cl3::context::release_context(self.context);
+        }
+    }
 }
 
 /// Host memory the driver can copy from at full speed (`CL_MEM_ALLOC_HOST_PTR`, mapped).
@@ -300,6 +337,7 @@ enum ArgVal {
     I32(i32),
     F32(u32),
     Local(usize),
+    Svm(usize),
 }
 
 impl Arg<'_> {
@@ -309,6 +347,7 @@ impl Arg<'_> {
             Arg::I32(v) => ArgVal::I32(*v),
             Arg::F32(v) => ArgVal::F32(v.to_bits()),
             Arg::Local(n) => ArgVal::Local(*n),
+            Arg::Svm(b, off) => ArgVal::Svm(b.ptr as usize + off),
         }
     }
 }
@@ -1156,6 +1195,79 @@ impl ClDevice {
         Ok(())
     }
 
+    /// Whether the device offers coarse-grained shared virtual memory ([`SvmBuf`]).
+    pub fn svm_coarse(&self) -> bool {
+        let id = self.info.raw as opencl3::types::cl_device_id;
+        cl3::device::get_device_info(id, cl3::device::CL_DEVICE_SVM_CAPABILITIES)
+            .map(|v| u64::from(v) & cl3::device::CL_DEVICE_SVM_COARSE_GRAIN_BUFFER != 0)
+            .unwrap_or(false)
+    }
+
+    /// `bytes` of coarse-grained shared virtual memory, zeroed.
+    pub fn svm_alloc(&self, bytes: usize) -> Result<SvmBuf> {
+        if !self.svm_coarse() {
+            return Err(Error::Device(format!(
+                "opencl: {} offers no coarse-grained shared virtual memory",
+                self.info.name
+            )));
+        }
+        // SAFETY: a valid context; the flags ask for plain read-write device memory; a null
+        // result is turned into an error by cl3.
+        let ptr = unsafe {
+            cl3::memory::svm_alloc(
+                self.context.get(),
+                cl3::memory::CL_MEM_READ_WRITE,
+                bytes.max(1),
+                0,
+            )
+        }
+        .map_err(|e| cl_err("allocate shared virtual memory", ClError(e)))?;
+        // SAFETY: a valid context; the reference is released when the buffer drops.
+        if let Err(e) = unsafe { cl3::context::retain_context(self.context.get()) } {
+            // SAFETY: `ptr` was just allocated on this context and is not used elsewhere.
+            let _ = unsafe { cl3::memory::svm_free(self.context.get(), ptr) };
+            return Err(cl_err("retain the context", ClError(e)));
+        }
+        let buf = SvmBuf {
+            context: self.context.get(),
+            ptr,
+            bytes,
+        };
+        self.svm_write(&buf, 0, &vec![0u8; bytes])?;
+        Ok(buf)
+    }
+
+    /// Copies `data` into `dst` at byte `offset` (blocking).
+    pub fn svm_write(&self, dst: &SvmBuf, offset: usize, data: &[u8]) -> Result<()> {
+        if offset + data.len() > dst.bytes {
+            return Err(Error::Device(format!(
+                "opencl: SVM write of {} bytes at {offset} past {} bytes",
+                data.len(),
+                dst.bytes
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: bounds checked above; blocking, so `data` outlives the copy.
+        unsafe {
+            cl3::command_queue::enqueue_svm_mem_cpy(
+                self.lane().queue.get(),
+                CL_BLOCKING,
+                dst.ptr.cast::<u8>().add(offset).cast(),
+                data.as_ptr().cast(),
+                data.len(),
+                0,
+                ptr::null(),
+            )
+        }
+        .map(|ev| {
+            // SAFETY: the event the call returned, released once.
+            let _ = unsafe { cl3::event::release_event(ev) };
+        })
+        .map_err(|e| cl_err("SVM write", ClError(e)))
+    }
+
     /// Copies `out.len()` bytes from `src` at byte `offset` (blocking: waits for queued work).
     pub fn read(&self, src: &DevBuf, offset: usize, out: &mut [u8]) -> Result<()> {
         if offset + out.len() > src.bytes {
@@ -1627,6 +1739,14 @@ impl ClDevice {
                     Arg::I32(v) => k.set_arg(ix, v),
                     Arg::F32(v) => k.set_arg(ix, v),
                     Arg::Local(n) => k.set_arg_local_buffer(ix, *n),
+                    Arg::Svm(b, off) => {
+                        if *off > b.bytes {
+                            return Err(Error::Device(format!(
+                                "opencl: SVM argument {i} of {name} past its allocation"
+                            )));
+                        }
+                        k.set_arg_svm_pointer(ix, b.ptr.cast::<u8>().add(*off).cast())
+                    }
                 }
             };
             set.map_err(|e| cl_err(&format!("argument {i} of {name}"), e))?;

@@ -23,8 +23,8 @@ pub mod exec;
 pub mod ops;
 
 pub use device::{
-    Arg, ClDevice, CommandTimes, DevBuf, DeviceInfo, KernelTime, PROFILE_ENV, Pinned, Timeline,
-    Unavailable, list_devices,
+    Arg, ClDevice, CommandTimes, DevBuf, DeviceInfo, KernelTime, PROFILE_ENV, Pinned, SvmBuf,
+    Timeline, Unavailable, list_devices,
 };
 pub use exec::{ClExec, ClKv, DevStorage, DevUnit};
 pub use ops::{

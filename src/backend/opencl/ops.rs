@@ -929,6 +929,24 @@ impl ClDevice {
                 "opencl: the tensor-core few-token kernel needs NVIDIA sm_80 or later".into(),
             ));
         }
+        let (name, global, local, args) =
+            self.few_mma_launch(fmt, k, q, s, n_tok, outs, accumulate)?;
+        self.launch(name, &[global], &[local], &args)
+    }
+
+    /// The kernel, global and local sizes and arguments of [`Self::ternary_few_mma`] (whose
+    /// caller checks [`Self::mma`]).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub(crate) fn few_mma_launch<'b>(
+        &'b self,
+        fmt: TernaryFormat,
+        k: usize,
+        q: &'b DevBuf,
+        s: &'b DevBuf,
+        n_tok: usize,
+        outs: &[TernaryOut<'b>],
+        accumulate: bool,
+    ) -> Result<(&'static str, usize, usize, Vec<Arg<'b>>)> {
         few_tokens("tensor-core few-token kernel", n_tok, FEW_MMA_MAX_TOKENS)?;
         let (kernels, mut args, total) =
             self.gemv_args(fmt, k, q, s, Some(n_tok), outs, accumulate)?;
@@ -950,7 +968,7 @@ impl ClDevice {
             }
         }
         let wg = ks * TEAM;
-        self.launch(name, &[total.div_ceil(16) * wg], &[wg], &args)
+        Ok((name, total.div_ceil(16) * wg, wg, args))
     }
 
     /// Whether [`Self::ternary_gemv`] takes matrices of `fmt` with rows of `k`.

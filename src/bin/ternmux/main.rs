@@ -513,6 +513,32 @@ fn launch_probes(
              dummy buffer (NULL unless TERNMUX_CL_NULL_ARGS=0)"
         ),
     )?;
+    match bench::svm_arg_costs(dev, 2000)? {
+        None => w(
+            out,
+            "shared virtual memory: none (no SVM argument probe)".to_string(),
+        )?,
+        Some(c) => {
+            let pair = |p: Option<(f64, f64)>| {
+                p.map_or("n/a".to_string(), |(q, wall)| {
+                    format!("{q:.2} queued, {wall:.2} wall")
+                })
+            };
+            w(
+                out,
+                format!(
+                    "host µs to queue a do-nothing kernel with twelve buffers: {:.2} as memory \
+                     objects, {:.2} as SVM addresses, {:.2} as SVM addresses re-set each launch; \
+                     µs per 4-token few-token Q/K/V launch: {} (memory objects), {} (SVM)",
+                    c.mem12_us,
+                    c.svm12_us,
+                    c.svm12_reset_us,
+                    pair(c.few_mem),
+                    pair(c.few_svm)
+                ),
+            )?;
+        }
+    }
     let p = bench::page_in_costs(dev, 101)?;
     w(
         out,
