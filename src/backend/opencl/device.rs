@@ -412,6 +412,17 @@ fn read_wait() -> ReadWait {
     })
 }
 
+/// Checks that `len` bytes at `offset` lie inside `bytes`; `Ok(false)` when there is nothing
+/// to move (`what` names the transfer in the error).
+fn span(what: &str, offset: usize, len: usize, bytes: usize) -> Result<bool> {
+    match offset.checked_add(len) {
+        Some(end) if end <= bytes => Ok(len > 0),
+        _ => Err(Error::Device(format!(
+            "opencl: {what} of {len} bytes at {offset} past a {bytes}-byte buffer"
+        ))),
+    }
+}
+
 /// Waits for `event` by asking its status (`how`: [`ReadWait::Poll`] or [`ReadWait::Nap`]).
 fn poll_until_done(event: &Event, how: ReadWait) -> Result<()> {
     let mut asked = 0u32;
@@ -1175,14 +1186,7 @@ impl ClDevice {
 
     /// Copies `data` into `dst` at byte `offset` (blocking).
     pub fn write(&self, dst: &mut DevBuf, offset: usize, data: &[u8]) -> Result<()> {
-        if offset + data.len() > dst.bytes {
-            return Err(Error::Device(format!(
-                "opencl: write of {} bytes at {offset} past a {}-byte buffer",
-                data.len(),
-                dst.bytes
-            )));
-        }
-        if data.is_empty() {
+        if !span("write", offset, data.len(), dst.bytes)? {
             return Ok(());
         }
         // SAFETY: bounds checked above; blocking, so `data` outlives the transfer.
@@ -1239,14 +1243,7 @@ impl ClDevice {
 
     /// Copies `data` into `dst` at byte `offset` (blocking).
     pub fn svm_write(&self, dst: &SvmBuf, offset: usize, data: &[u8]) -> Result<()> {
-        if offset + data.len() > dst.bytes {
-            return Err(Error::Device(format!(
-                "opencl: SVM write of {} bytes at {offset} past {} bytes",
-                data.len(),
-                dst.bytes
-            )));
-        }
-        if data.is_empty() {
+        if !span("SVM write", offset, data.len(), dst.bytes)? {
             return Ok(());
         }
         // SAFETY: bounds checked above; blocking, so `data` outlives the copy.
@@ -1270,14 +1267,7 @@ impl ClDevice {
 
     /// Copies `out.len()` bytes from `src` at byte `offset` (blocking: waits for queued work).
     pub fn read(&self, src: &DevBuf, offset: usize, out: &mut [u8]) -> Result<()> {
-        if offset + out.len() > src.bytes {
-            return Err(Error::Device(format!(
-                "opencl: read of {} bytes at {offset} past a {}-byte buffer",
-                out.len(),
-                src.bytes
-            )));
-        }
-        if out.is_empty() {
+        if !span("read", offset, out.len(), src.bytes)? {
             return Ok(());
         }
         let queue = &self.lane().queue;
