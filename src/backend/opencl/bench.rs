@@ -790,26 +790,24 @@ pub fn svm_arg_costs(dev: &ClDevice, launches: usize) -> Result<Option<SvmArgCos
         // Both wrote the same outputs from the same inputs.
         let mut a = vec![0u8; o[0].bytes()];
         dev.read(&o[0], 0, &mut a)?;
+        let sb = shadow
+            .iter()
+            .find(|(id, _)| *id == o[0].id())
+            .map(|(_, sb)| sb)
+            .ok_or_else(|| {
+                crate::Error::Device("opencl: the SVM launch had no copy of its output".into())
+            })?;
+        let tmp = dev.alloc(sb.bytes())?;
+        let ints = i32::try_from(sb.bytes() / 4)
+            .map_err(|_| crate::Error::Device("opencl: SVM output too large to compare".into()))?;
+        let copy = [Arg::Svm(sb, 0), Arg::Buf(&tmp), Arg::I32(ints)];
+        dev.launch("probe_copy_svm", &[sb.bytes() / 4], &[64], &copy)?;
         let mut b = vec![0u8; o[0].bytes()];
-        if let Some((_, sb)) = shadow.iter().find(|(id, _)| *id == o[0].id()) {
-            dev.finish()?;
-            let tmp = dev.alloc(sb.bytes())?;
-            dev.launch(
-                "probe_copy_svm",
-                &[sb.bytes() / 4],
-                &[64],
-                &[
-                    Arg::Svm(sb, 0),
-                    Arg::Buf(&tmp),
-                    Arg::I32((sb.bytes() / 4) as i32),
-                ],
-            )?;
-            dev.read(&tmp, 0, &mut b)?;
-            if a != b {
-                return Err(crate::Error::Device(
-                    "opencl: the SVM launch wrote other outputs than the buffer launch".into(),
-                ));
-            }
+        dev.read(&tmp, 0, &mut b)?;
+        if a != b {
+            return Err(crate::Error::Device(
+                "opencl: the SVM launch wrote other outputs than the buffer launch".into(),
+            ));
         }
         (Some(mem), Some(svm))
     } else {
