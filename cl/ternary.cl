@@ -472,12 +472,16 @@ __kernel void ternary_gemv_i2s(int k, __global const char* q, __global const flo
     gemv_body(k, q, qsc, ROW_ARGS, accumulate, red, 1);
 }
 
-// One output of a batched GEMM (token t of row x): (Σ / s_token) · scale + bias, added when `accumulate`.
-inline void tiled_store(Row x, float v, const __global float* qsc, int t, int accumulate) {
-    v = v / qsc[t] * x.s;
+// One output of a batched GEMM (token t of row x): (Σ / s_token) · scale + bias, added when
+// `accumulate`; the token's scale `sc` given, or read from qsc[t].
+inline void tiled_store_s(Row x, float v, float sc, int t, int accumulate) {
+    v = v / sc * x.s;
     if (x.hb) v += x.bias[x.rr];
     size_t at = (size_t)t * x.n + x.rr;
     x.o[at] = accumulate ? x.o[at] + v : v;
+}
+inline void tiled_store(Row x, float v, const __global float* qsc, int t, int accumulate) {
+    tiled_store_s(x, v, qsc[t], t, accumulate);
 }
 
 // TQ2_0 (I2_S) × 1..FEW_T tokens (the small batched steps of several sequences decoding): the

@@ -335,7 +335,12 @@ inline void mma_body(MMA_PARAMS, const int fmt) {
         int accumulate, __local float *red
 #define MMA_FEW_ARGS k, q, qsc, n_tok, ROW_ARGS, accumulate, red
 
-inline void mma_few_body(MMA_FEW_PARAMS, const int fmt, const int NT8) {
+// The body. With `from_local` (a constant of the caller, so one of the two loads is compiled
+// out) the activations come from local memory instead of `q` / `qsc`: token t's row at
+// ql + t · lstride bytes, its scale lsc[t] (`mma_few_norm`, whose work-group normed and
+// quantized them itself).
+inline void mma_few_core(MMA_FEW_PARAMS, const int fmt, const int NT8, const int from_local,
+                         __local const char* ql, int lstride, __local const float* lsc) {
     const int i2s = fmt == TFMT_I2_S;
     int lid = get_local_id(0);
     int lane = lid % 32, warp = lid / 32, ks = get_local_size(0) / 32;
@@ -354,10 +359,16 @@ inline void mma_few_body(MMA_FEW_PARAMS, const int fmt, const int NT8) {
     // This work-item's token of each n-tile (B fragment column g), and whether it is real.
     bool tok[2];
     const __global uint* qa[2];
+    __local const uint* qla[2];
 #pragma unroll
     for (int n = 0; n < NT8; n++) {
         tok[n] = 8 * n + g < n_tok;
-        qa[n] = (const __global uint*)(q + (size_t)min(8 * n + g, n_tok - 1) * k);
+        int t = min(8 * n + g, n_tok - 1);
+        if (from_local) {
+            qla[n] = (__local const uint*)(ql + t * lstride);
+        } else {
+            qa[n] = (const __global uint*)(q + (size_t)t * k);
+        }
     }
     float acc[2][4];
 #pragma unroll
@@ -394,7 +405,14 @@ inline void mma_few_body(MMA_FEW_PARAMS, const int fmt, const int NT8) {
                     int at = blk * 64 + s * 8 + tq;
 #pragma unroll
                     for (int n = 0; n < NT8; n++) {
-                        uint bx = tok[n] ? qa[n][at] : 0u, by = tok[n] ? qa[n][at + 4] : 0u;
+                        uint bx = 0u, by = 0u;
+                        if (tok[n] && from_local) {
+                            bx = qla[n][at];
+                            by = qla[n][at + 4];
+                        } else if (tok[n]) {
+                            bx = qa[n][at];
+                            by = qa[n][at + 4];
+                        }
                         MMA_S8(c[n], a0, a1, a2, a3, bx, by);
                     }
                 }
@@ -423,10 +441,15 @@ inline void mma_few_body(MMA_FEW_PARAMS, const int fmt, const int NT8) {
                 float v = 0.0f;
                 for (int w = 0; w < ks; w++) v += red[((w * 32 + lane) * NT8 + n) * 4 + i];
                 int t = 8 * n + 2 * tq + (i & 1), r = i / 2;
-                if (t < n_tok && live[r]) tiled_store(xr[r], v, qsc, t, accumulate);
+                if (t < n_tok && live[r])
+                    tiled_store_s(xr[r], v, from_local ? lsc[t] : qsc[t], t, accumulate);
             }
         }
     }
+}
+
+inline void mma_few_body(MMA_FEW_PARAMS, const int fmt, const int NT8) {
+    mma_few_core(MMA_FEW_ARGS, fmt, NT8, 0, (__local const char*)red, 0, red);
 }
 
 __kernel void ternary_few_tq2_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_TQ2_0, 1); }
@@ -435,6 +458,96 @@ __kernel void ternary_few16_tq2_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS,
 // The same over I2_S rows (a multiple of 256 long).
 __kernel void ternary_few_i2s_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_I2_S, 1); }
 __kernel void ternary_few16_i2s_mma(MMA_FEW_PARAMS) { mma_few_body(MMA_FEW_ARGS, TFMT_I2_S, 2); }
+
+// RMSNorm · w and int8 quantization of up to 8 token rows of x (f32, row t at x + t · n) into
+// local rows (`ql`, `lstride` bytes apart; scales to `lsc`), as `norm_quant` does each row
+// alone: every work-item's chunks c = lid + i · wg in the same order, then each token's warp
+// shuffles and the warps in order (`wg_sum` / `wg_max` on NVIDIA), so the same bits where the
+// work-group has the row kernels' size (the host checks). All rows' loads are in flight together
+// and one pair of barriers serves every token. `scratch`: 8 · wg / 32 floats.
+inline void norm_quant_to_local(const __global float* x, int n, int n_tok,
+                                const __global float* w, float eps, __local char* ql,
+                                int lstride, __local float* lsc, __local float* scratch) {
+    int lid = get_local_id(0), wg = get_local_size(0), nc = (n + 3) / 4;
+    int lane = lid % 32, warp = lid / 32, nw = wg / 32;
+    float acc[8];
+#pragma unroll
+    for (int t = 0; t < 8; t++) acc[t] = 0.0f;
+    for (int c = lid; c < nc; c += wg) {
+#pragma unroll
+        for (int t = 0; t < 8; t++)
+            if (t < n_tok) acc[t] = sumsq4(acc[t], row_ld4(x + (size_t)t * n, c, n));
+    }
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        float v = warp_sum(acc[t]);
+        if (lane == 0) scratch[t * nw + warp] = v;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    float scale[8];
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        float r = 0.0f;
+        for (int i = 0; i < nw; i++) r += scratch[t * nw + i];
+        scale[t] = 1.0f / sqrt(r / (float)n + eps);
+        acc[t] = 0.0f;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int c = lid; c < nc; c += wg) {
+        float4 wv = row_ld4(w, c, n);
+#pragma unroll
+        for (int t = 0; t < 8; t++)
+            if (t < n_tok) acc[t] = amax4(acc[t], (row_ld4(x + (size_t)t * n, c, n) * scale[t]) * wv);
+    }
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        float v = warp_max(acc[t]);
+        if (lane == 0) scratch[t * nw + warp] = v;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    float s[8];
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        float r = scratch[t * nw];
+        for (int i = 1; i < nw; i++) r = fmax(r, scratch[t * nw + i]);
+        s[t] = 127.0f / fmax(r, 0.00001f);
+        if (lid == t && t < n_tok) lsc[t] = s[t];
+    }
+    for (int c = lid; c < nc; c += wg) {
+        float4 wv = row_ld4(w, c, n);
+#pragma unroll
+        for (int t = 0; t < 8; t++) {
+            if (t < n_tok) {
+                float4 v = (row_ld4(x + (size_t)t * n, c, n) * scale[t]) * wv;
+                *(__local char4*)(ql + t * lstride + 4 * c) =
+                    (char4)(quant_one(v.x, s[t]), quant_one(v.y, s[t]), quant_one(v.z, s[t]),
+                            quant_one(v.w, s[t]));
+            }
+        }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+}
+
+// The few-token product (up to 8 tokens) of RMSNorm(x) · nw, quantized by the work-group itself
+// (`norm_quant_to_local`) instead of by a `norm_quant` launch before it: a pass's QKV and
+// gate/up projections norm their own input, two launches a block fewer, with the bits of the
+// two launches. Rows in `ql` are k + 16 bytes apart (so the eight tokens' B-fragment loads
+// fall in different banks), after the eight scales; `red` as in `mma_few_body`, at least
+// 8 · work-group / 32 floats.
+#define MMA_FEW_NORM_PARAMS                                                                  \
+    int k, __global const float *x, __global const float *nw, float eps, int n_tok,          \
+        ROW_PARAMS, int accumulate, __local float *red, __local char *ql
+#define MMA_FEW_NORM_ARGS k, x, nw, eps, n_tok, ROW_ARGS, accumulate, red, ql
+
+inline void mma_few_norm(MMA_FEW_NORM_PARAMS, const int fmt) {
+    __local float* lsc = (__local float*)ql;
+    __local char* rows = ql + 32;
+    norm_quant_to_local(x, k, n_tok, nw, eps, rows, k + 16, lsc, red);
+    mma_few_core(k, 0, 0, n_tok, ROW_ARGS, accumulate, red, fmt, 1, 1, rows, k + 16, lsc);
+}
+
+__kernel void ternary_few_tq2_mma_norm(MMA_FEW_NORM_PARAMS) { mma_few_norm(MMA_FEW_NORM_ARGS, TFMT_TQ2_0); }
+__kernel void ternary_few_i2s_mma_norm(MMA_FEW_NORM_PARAMS) { mma_few_norm(MMA_FEW_NORM_ARGS, TFMT_I2_S); }
 
 __kernel void ternary_matmul_tq2_mma(MMA_PARAMS) { mma_body(MMA_ARGS, TFMT_TQ2_0); }
 

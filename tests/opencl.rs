@@ -802,6 +802,54 @@ proptest! {
         }
     }
 
+    /// The tensor-core few-token kernel that norms and quantizes its own input gives what
+    /// `norm_quant` then the few-token kernel give as two launches, bit for bit, for every
+    /// token (rows of each token drawn at their own scale, some past what the row kernels keep
+    /// in registers); where the device has no such kernel (PoCL; rows under 2304; 1, 2 or more
+    /// than 8 tokens) the launch is refused.
+    #[test]
+    fn few_token_norm_in_projection_equals_two_launches(rows_a in prop_oneof![1usize..200, Just(2560usize)], rows_b in 1usize..70, kb in prop_oneof![1usize..9, 9usize..40], tokens in 1usize..=10, i2s in any::<bool>(), accumulate in any::<bool>(), seed in any::<u64>()) {
+        let Some(d) = device() else { return Ok(()) };
+        let k = kb * 256;
+        let mut r = Lcg(seed);
+        let fmt = if i2s { TernaryFormat::I2S } else { TernaryFormat::Tq2_0 };
+        let ty = GgmlType::Ternary(fmt);
+        let (wa, wb) = (trits(&mut r, rows_a * k, true), trits(&mut r, rows_b * k, true));
+        let wab = d.upload(&quant::encode(ty, &wa, rows_a, k).unwrap()).unwrap();
+        let wbb = d.upload(&quant::encode(ty, &wb, rows_b, k).unwrap()).unwrap();
+        let x: Vec<f32> = (0..tokens * k).map(|i| r.f() * (1.0 + (i / k) as f32 * 3.0)).collect();
+        let norm: Vec<f32> = (0..k).map(|_| 0.5 + r.f()).collect();
+        let eps = 1e-5;
+        let (xb, nb) = (up_f32(&d, &x), up_f32(&d, &norm));
+        let start_a: Vec<f32> = (0..tokens * rows_a).map(|_| r.f()).collect();
+        let start_b: Vec<f32> = (0..tokens * rows_b).map(|_| r.f()).collect();
+        let outs = |oa: &DevBuf, ob: &DevBuf| {
+            d.ternary_few_mma_norm(fmt, k, &xb, &nb, eps, tokens, &[
+                TernaryOut { w: &wab, rows: rows_a, out: oa, scale: 0.75, bias: None },
+                TernaryOut { w: &wbb, rows: rows_b, out: ob, scale: 1.5, bias: None },
+            ], accumulate)
+        };
+        let (fa, fb) = (up_f32(&d, &start_a), up_f32(&d, &start_b));
+        if !d.few_mma_norm_takes(fmt, k, tokens) {
+            prop_assert!(outs(&fa, &fb).is_err(), "a launch the device does not take must be refused");
+            return Ok(());
+        }
+        outs(&fa, &fb).unwrap();
+        let (q, sc) = (d.alloc(tokens * k).unwrap(), d.alloc(tokens * 4).unwrap());
+        d.norm_quant(&xb, k, 0, tokens, Some(&nb), eps, None, Some((&q, &sc))).unwrap();
+        let (ea, eb) = (up_f32(&d, &start_a), up_f32(&d, &start_b));
+        d.ternary_few_mma(fmt, k, &q, &sc, tokens, &[
+            TernaryOut { w: &wab, rows: rows_a, out: &ea, scale: 0.75, bias: None },
+            TernaryOut { w: &wbb, rows: rows_b, out: &eb, scale: 1.5, bias: None },
+        ], accumulate).unwrap();
+        for (what, got, want, rows) in [("a", &fa, &ea, rows_a), ("b", &fb, &eb, rows_b)] {
+            let (g, w) = (read_f32(&d, got, tokens * rows), read_f32(&d, want, tokens * rows));
+            for (i, (g, w)) in g.iter().zip(&w).enumerate() {
+                prop_assert_eq!(g.to_bits(), w.to_bits(), "{} token {} row {} ({} tokens, k {}): {} vs {}", what, i / rows, i % rows, tokens, k, g, w);
+            }
+        }
+    }
+
     /// The gate/up GEMV with the FFN activation as its epilogue gives what the GEMV and
     /// `ffn_act_quant` give as two launches, bit for bit, and again on a second launch (the
     /// ticket is back at 0); SiLU and ReLU², with and without the sub-norm, rows past what the

@@ -358,6 +358,29 @@ pub trait Backend: Sync {
         self.project(u, inp, rows, &mut [(mat, &mut *x)], true)?;
         self.norm(u, norm, x, 0, rows, out)
     }
+    /// Whether a pass of `rows` tokens has its projections norm their own input
+    /// ([`Backend::norm_project`]) instead of ending each residual projection with the next
+    /// norm ([`Backend::project_residual_norm`]): where a projection does both in one launch.
+    fn norms_in_projections(&self, rows: usize) -> bool {
+        let _ = rows;
+        false
+    }
+    /// `h` = unit `u`'s `norm` of the first `rows` rows of `x`, then [`Backend::project`] of
+    /// `h` into `outs`: the two calls by default; a backend that norms inside the projection's
+    /// launch leaves `h` unwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_project(
+        &self,
+        u: &Self::Unit,
+        norm: Norm,
+        x: &Self::Buf,
+        rows: usize,
+        h: &mut Self::Buf,
+        outs: &mut [(Mat, &mut Self::Buf)],
+    ) -> Result<()> {
+        self.norm(u, norm, x, 0, rows, h)?;
+        self.project(u, h, rows, outs, false)
+    }
     /// `g = act(g) · u`, then unit `w`'s FFN sub-norm when `sub_norm`, for `rows` rows.
     #[allow(clippy::too_many_arguments)]
     fn ffn_act(

@@ -679,8 +679,11 @@ struct Acts<B: Backend> {
 }
 
 /// Block `li`'s ops over the pass's `t_n` rows: attention and FFN with their residual adds.
-/// Block 0 norms `a.x` itself; later blocks find their normed input in `a.h`, which the
-/// previous block's down projection made (`Norm::Next`). The last block leaves only `a.x`.
+/// Where the backend's projections norm their own input ([`Backend::norms_in_projections`],
+/// the same for every block of a pass), the QKV and gate/up projections take the residual
+/// stream `a.x` and their norms; otherwise block 0 norms `a.x` itself and later blocks find
+/// their normed input in `a.h`, which the previous block's down projection made
+/// (`Norm::Next`). The last block leaves only `a.x`.
 #[allow(clippy::too_many_arguments)]
 fn block<B: Backend>(
     be: &B,
@@ -694,35 +697,46 @@ fn block<B: Backend>(
 ) -> Result<()> {
     let layers = &model.weights.layers;
     let l = &layers[li];
-    if li == 0 {
-        be.norm(blk, Norm::Attn, &a.x, 0, t_n, &mut a.h)?;
+    let in_proj = be.norms_in_projections(t_n);
+    let qkv = &mut [
+        (Mat::Layer(LayerMat::Q), &mut a.q),
+        (Mat::Layer(LayerMat::K), &mut a.k),
+        (Mat::Layer(LayerMat::V), &mut a.v),
+    ];
+    if in_proj {
+        be.norm_project(blk, Norm::Attn, &a.x, t_n, &mut a.h, qkv)?;
+    } else {
+        if li == 0 {
+            be.norm(blk, Norm::Attn, &a.x, 0, t_n, &mut a.h)?;
+        }
+        be.project(blk, &a.h, t_n, qkv, false)?;
     }
-    be.project(
-        blk,
-        &a.h,
-        t_n,
-        &mut [
-            (Mat::Layer(LayerMat::Q), &mut a.q),
-            (Mat::Layer(LayerMat::K), &mut a.k),
-            (Mat::Layer(LayerMat::V), &mut a.v),
-        ],
-        false,
-    )?;
     let sub = l.attn_sub_norm.is_some().then_some(blk);
     be.rope_attention(kv, li, places, &a.q, &a.k, &a.v, &mut a.qr, &mut a.att, sub)?;
-    be.project_residual_norm(
-        blk,
-        &a.att,
-        t_n,
-        Mat::Layer(LayerMat::O),
-        &mut a.x,
-        Norm::Ffn,
-        &mut a.h,
-    )?;
     let ffn_act = model.config.ffn_act;
     let sub = l.ffn_sub_norm.is_some();
-    be.project_act(blk, &a.h, t_n, &mut a.g, &mut a.u, ffn_act, sub)?;
-    if li + 1 < layers.len() {
+    if in_proj {
+        let o = Mat::Layer(LayerMat::O);
+        be.project(blk, &a.att, t_n, &mut [(o, &mut a.x)], true)?;
+        let gate_up = &mut [
+            (Mat::Layer(LayerMat::Gate), &mut a.g),
+            (Mat::Layer(LayerMat::Up), &mut a.u),
+        ];
+        be.norm_project(blk, Norm::Ffn, &a.x, t_n, &mut a.h, gate_up)?;
+        be.ffn_act(blk, &mut a.g, &a.u, t_n, ffn_act, sub)?;
+    } else {
+        be.project_residual_norm(
+            blk,
+            &a.att,
+            t_n,
+            Mat::Layer(LayerMat::O),
+            &mut a.x,
+            Norm::Ffn,
+            &mut a.h,
+        )?;
+        be.project_act(blk, &a.h, t_n, &mut a.g, &mut a.u, ffn_act, sub)?;
+    }
+    if li + 1 < layers.len() && !in_proj {
         be.project_residual_norm(
             blk,
             &a.g,

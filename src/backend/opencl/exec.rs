@@ -11,6 +11,7 @@ use crate::backend::{Backend, LayerMat, Mat, Norm, Resident, RowPlace, project_a
 use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use crate::model::{FfnAct, KvType, Model};
+use crate::mux::UnitId;
 use crate::mux::meter::{Meter, Reservation};
 use crate::mux::units::{PieceKind, UnitLayout, piece_bytes};
 use opencl3::event::Event;
@@ -795,6 +796,64 @@ impl Backend for ClExec<'_> {
                 }
             }
         }
+        for (_, o) in outs.iter() {
+            o.quantized.set(false);
+        }
+        Ok(())
+    }
+
+    fn norms_in_projections(&self, rows: usize) -> bool {
+        let w = self.model.weights();
+        let k = self.model.config.n_embd;
+        [LayerMat::Q, LayerMat::Gate].iter().all(|&m| {
+            match w.matrix(UnitId::Block(0), Mat::Layer(m)).map(|(t, _, _)| t.ty) {
+                Some(GgmlType::Ternary(f)) => self.dev().few_mma_norm_takes(f, k, rows),
+                _ => false,
+            }
+        })
+    }
+
+    fn norm_project(
+        &self,
+        u: &DevUnit,
+        norm: Norm,
+        x: &ClBuf,
+        rows: usize,
+        h: &mut ClBuf,
+        outs: &mut [(Mat, &mut ClBuf)],
+    ) -> Result<()> {
+        let mats: Vec<&DevMat> = outs.iter().map(|(m, _)| u.mat(*m)).collect::<Result<_>>()?;
+        let k = self.model.config.n_embd;
+        // One ternary format of rows of n_embd, which the normed kernel takes: one launch.
+        let fmt = match mats.first().map(|m| m.ty) {
+            Some(GgmlType::Ternary(f))
+                if mats.iter().all(|m| m.ty == GgmlType::Ternary(f) && m.cols == k)
+                    && mats.len() <= 3
+                    && self.dev().few_mma_norm_takes(f, k, rows) =>
+            {
+                f
+            }
+            _ => {
+                self.norm(u, norm, x, 0, rows, h)?;
+                return self.project(u, h, rows, outs, false);
+            }
+        };
+        let raws: Vec<&Raw> = outs.iter().map(|(_, o)| o.raw()).collect::<Result<_>>()?;
+        let group: Vec<TernaryOut<'_>> = mats
+            .iter()
+            .zip(&raws)
+            .map(|(m, o)| ternary_out(m, o))
+            .collect();
+        self.dev().ternary_few_mma_norm(
+            fmt,
+            k,
+            &x.raw()?.f,
+            u.norm(norm)?,
+            self.model.config.rms_eps,
+            rows,
+            &group,
+            false,
+        )?;
         for (_, o) in outs.iter() {
             o.quantized.set(false);
         }

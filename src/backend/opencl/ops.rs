@@ -113,6 +113,28 @@ fn few_mma_enabled() -> bool {
     *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_FEW_MMA").is_none_or(|v| v != "0"))
 }
 
+/// Warps in a work-group of the tensor-core few-token kernel for rows of `k`: enough that each
+/// has about `MF_U / 2` of the row's blocks, a power of two, at most [`MF_WARPS`].
+fn few_mma_warps(k: usize) -> usize {
+    (k / 256)
+        .div_ceil(MF_U / 2)
+        .next_power_of_two()
+        .clamp(1, MF_WARPS)
+}
+
+/// Whether projections of a few tokens norm their own input where the device can
+/// ([`ClDevice::few_mma_norm_takes`]; `TERNMUX_CL_FUSE_NORM=0`: a `norm_quant` launch first).
+fn fuse_norm_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TERNMUX_CL_FUSE_NORM").is_none_or(|v| v != "0"))
+}
+
+/// Local bytes of the normed few-token kernel's rows: eight scales, then `n_tok` rows of `k`
+/// int8 values, `k + 16` bytes apart (cl/ternary_mma.cl `mma_few_norm`).
+fn few_norm_local(k: usize, n_tok: usize) -> usize {
+    32 + n_tok * (k + 16)
+}
+
 /// The tensor-core F16 GEMM (cl/float_mma.cl, NVIDIA sm_80+): rows and tokens of a
 /// work-group's tile (eight warps of 16 rows), elements per staged chunk, local words per
 /// staged token.
@@ -233,6 +255,7 @@ impl Tq2Like {
                 gemv_act: "ternary_gemv_tq2_act",
                 few: ["ternary_few2_tq2", "ternary_few4_tq2", "ternary_few8_tq2"],
                 few_mma: ["ternary_few_tq2_mma", "ternary_few16_tq2_mma"],
+                few_mma_norm: "ternary_few_tq2_mma_norm",
                 pair: "ternary_matmul_tq2_pair",
                 tiled: "ternary_matmul_tq2_tiled",
                 mma: "ternary_matmul_tq2_mma",
@@ -243,6 +266,7 @@ impl Tq2Like {
                 gemv_act: "ternary_gemv_i2s_act",
                 few: ["ternary_few2_i2s", "ternary_few4_i2s", "ternary_few8_i2s"],
                 few_mma: ["ternary_few_i2s_mma", "ternary_few16_i2s_mma"],
+                few_mma_norm: "ternary_few_i2s_mma_norm",
                 pair: "ternary_matmul_i2s_pair",
                 tiled: "ternary_matmul_i2s_tiled",
                 mma: "ternary_matmul_i2s_mma",
@@ -263,6 +287,9 @@ struct Tq2Kernels {
     few: [&'static str; 3],
     /// Up to 8 and 16 tokens on NVIDIA's int8 tensor cores (sm_80+), 16 rows a work-group.
     few_mma: [&'static str; 2],
+    /// Up to 8 tokens on the int8 tensor cores, the input normed and quantized by each
+    /// work-group itself.
+    few_mma_norm: &'static str,
     /// Small batches, two rows per team.
     pair: &'static str,
     /// Batches from `TILED_MIN_TOKENS`, tiled in local memory.
@@ -954,10 +981,7 @@ impl ClDevice {
         let tiles = n_tok.div_ceil(8);
         let name = kernels.few_mma[tiles - 1];
         // 16 rows per work-group of `ks` warps; their sums meet in local memory.
-        let ks = (k / 256)
-            .div_ceil(MF_U / 2)
-            .next_power_of_two()
-            .clamp(1, MF_WARPS);
+        let ks = few_mma_warps(k);
         // The team sums' local buffer, which `gemv_args` puts last, sized for this kernel.
         match args.last_mut() {
             Some(sums @ Arg::Local(_)) => *sums = Arg::Local(ks * TEAM * 4 * tiles * 4),
@@ -969,6 +993,81 @@ impl ClDevice {
         }
         let wg = ks * TEAM;
         Ok((name, total.div_ceil(16) * wg, wg, args))
+    }
+
+    /// Whether [`Self::ternary_few_mma_norm`] takes `n_tok` tokens of rows of `k` into
+    /// matrices of `fmt` on this device: NVIDIA's tensor cores with the GPU-shaped row
+    /// kernels, TQ2_0 (or I2_S with rows of a multiple of 256), [`FEW_MMA_MIN_TOKENS`] to 8
+    /// tokens (the batches that take the tensor-core few-token kernel's one-tile entry), rows
+    /// whose work-groups have the row kernels' size (256 work-items: rows of 2304 or more), so
+    /// that both the norm's order of sums and the product's are those of the two launches, and
+    /// the rows within local memory. `TERNMUX_CL_FUSE_NORM=0` turns it off, to compare.
+    pub fn few_mma_norm_takes(&self, fmt: TernaryFormat, k: usize, n_tok: usize) -> bool {
+        let wg = self.row_group();
+        Tq2Like::of(fmt, k).is_some()
+            && few_mma_warps(k) * TEAM == wg
+            && fuse_norm_enabled()
+            && few_mma_enabled()
+            && self.mma()
+            && self.gpu_kernels()
+            && (FEW_MMA_MIN_TOKENS..=few_mma_max_tokens().min(8)).contains(&n_tok)
+            && wg % TEAM == 0
+            && few_norm_local(k, n_tok) + wg * 16 + 1024 <= self.info().local_mem as usize
+    }
+
+    /// The few-token product on the tensor cores ([`Self::ternary_few_mma`]) of
+    /// `RMSNorm(x) · norm` (rows of `k`, the first `n_tok` of `x`), each work-group norming and
+    /// quantizing the rows itself as [`Self::norm_quant`] would (the same bits): one launch
+    /// instead of two. Only where [`Self::few_mma_norm_takes`] (an error otherwise).
+    #[allow(clippy::too_many_arguments)]
+    pub fn ternary_few_mma_norm(
+        &self,
+        fmt: TernaryFormat,
+        k: usize,
+        x: &DevBuf,
+        norm: &DevBuf,
+        eps: f32,
+        n_tok: usize,
+        outs: &[TernaryOut<'_>],
+        accumulate: bool,
+    ) -> Result<()> {
+        if !self.few_mma_norm_takes(fmt, k, n_tok) {
+            return Err(Error::Device(format!(
+                "opencl: no normed tensor-core few-token kernel here for {n_tok} tokens of {}                  rows of {k} (NVIDIA sm_80+, {FEW_MMA_MIN_TOKENS} to 8 tokens)",
+                fmt.name()
+            )));
+        }
+        let like = Tq2Like::of(fmt, k).ok_or_else(|| {
+            Error::Device(format!("opencl: {} rows of {k} for the tensor cores", fmt.name()))
+        })?;
+        if outs.is_empty() || outs.len() > 3 {
+            return Err(Error::Device(format!(
+                "opencl: a few-token launch of {} matrices (1 to 3)",
+                outs.len()
+            )));
+        }
+        need("norm input", x, n_tok * k * 4)?;
+        need("norm weight", norm, k * 4)?;
+        let wg = self.row_group();
+        let mut args = vec![
+            int(k)?,
+            Arg::Buf(x),
+            Arg::Buf(norm),
+            Arg::F32(eps),
+            int(n_tok)?,
+        ];
+        let total = self.push_outs(&mut args, outs, fmt, k, n_tok)?;
+        args.extend([
+            Arg::I32(i32::from(accumulate)),
+            Arg::Local(wg * 16),
+            Arg::Local(few_norm_local(k, n_tok)),
+        ]);
+        self.launch(
+            like.kernels().few_mma_norm,
+            &[total.div_ceil(16) * wg],
+            &[wg],
+            &args,
+        )
     }
 
     /// Whether [`Self::ternary_gemv`] takes matrices of `fmt` with rows of `k`.
